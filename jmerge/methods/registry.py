@@ -1,0 +1,144 @@
+"""The method registry and the one entry point, :func:`merge`.
+
+A method is a pure function ``fn(base, tvs, *, key, **hparams) -> merged`` over the
+base pytree and the experts' float32 task vectors (so any pre-processing of task
+vectors, such as LwPTV masks, composes with every method). Each registered method
+declares its hyper-parameters with defaults, which of them are static (they fix array
+sizes or code paths, so changing them recompiles), whether it needs a PRNG key, and a
+check run on the hyper-parameters before any heavy work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import jax
+
+from jmerge import tree as jtree
+from jmerge import validate
+
+PyTree = jtree.PyTree
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., PyTree]
+    defaults: dict[str, Any]
+    static: frozenset[str]
+    needs_key: bool
+    check: Callable[[int, dict[str, Any]], None]
+    summary: str = field(default="")
+
+    def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
+        for name in hparams:
+            if name not in self.defaults:
+                close = difflib.get_close_matches(name, list(self.defaults), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                known = ", ".join(sorted(self.defaults)) or "none"
+                raise validate.MergeInputError(
+                    f"method {self.name!r} has no hyper-parameter {name!r}{hint} (known: {known})"
+                )
+        resolved = {**self.defaults, **hparams}
+        resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
+        self.check(num_experts, resolved)
+        return resolved
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def _no_check(num_experts: int, hparams: dict[str, Any]) -> None:
+    del num_experts, hparams
+
+
+def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check):
+    """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
+
+    The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
+    """
+
+    def deco(fn):
+        params = inspect.signature(fn).parameters
+        defaults = {
+            k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "key"
+        }
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = Method(name, fn, defaults, frozenset(static), needs_key, check, summary)
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of all registered merge methods."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``; unknown names get the closest suggestion."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise validate.MergeInputError(f"unknown merge method {name!r}{hint} (available: {', '.join(available())})")
+    return _REGISTRY[name]
+
+
+_JITTED: dict[tuple[str, tuple[str, ...]], Callable] = {}
+
+
+def _jitted(method: Method, static_names: tuple[str, ...]) -> Callable:
+    cache_key = (method.name, static_names)
+    if cache_key not in _JITTED:
+
+        def run(base, experts, key, **hp):
+            tvs = jtree.task_vectors(base, experts)
+            return method.fn(base, tvs, key=key, **hp)
+
+        _JITTED[cache_key] = jax.jit(run, static_argnames=static_names)
+    return _JITTED[cache_key]
+
+
+def merge_task_vectors(
+    base: PyTree, tvs: Sequence[PyTree], method: str, *, key: jax.Array | None = None, **hparams
+) -> PyTree:
+    """Runs ``method`` on already computed (e.g. pre-processed) task vectors, under the caller's jit."""
+    m = get(method)
+    hp = m.resolve(len(tvs), hparams)
+    return m.fn(base, list(tvs), key=key, **hp)
+
+
+def merge(
+    base: PyTree,
+    experts: Sequence[PyTree],
+    method: str = "task_arithmetic",
+    *,
+    key: jax.Array | None = None,
+    check_finite: bool = True,
+    **hparams,
+) -> PyTree:
+    """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
+
+    Args:
+      base: the pre-trained parameters (any pytree of float arrays).
+      experts: fine-tuned parameters with the base's structure, shapes and dtypes.
+      method: a name from :func:`available`.
+      key: ``jax.random.key`` for stochastic methods (DARE, DELLA).
+      check_finite: refuse inputs holding NaN or infinities (one extra read of the inputs).
+      **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
+
+    Returns:
+      The merged parameters, with each leaf in the base leaf's dtype. Inputs sharded over a
+      mesh give outputs sharded the same way (the merge is one ``jax.jit``).
+    """
+    m = get(method)
+    hp = m.resolve(len(experts) if isinstance(experts, (list, tuple)) else 0, hparams)
+    validate.check_models(base, experts, check_finite=check_finite)
+    if m.needs_key and key is None:
+        raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
+    static = tuple(sorted(k for k in hp if k in m.static))
+    return _jitted(m, static)(base, list(experts), key, **hp)

@@ -1,0 +1,144 @@
+"""Task-arithmetic family: average, task arithmetic, TIES, DARE, breadcrumbs, DELLA,
+MagMax and TALL-mask consensus, each a preset of :mod:`jmerge.stages`.
+
+Where implementations disagree, the choice is a named hyper-parameter:
+
+* TIES trim scope: ``trim="global"`` (the paper and FusionBench rank over the whole
+  flattened task vector) or ``"tensor"`` (mergekit and PEFT rank within each tensor).
+* Sign election: ``sign="sum"`` (the paper's mass election, mergekit's default) or
+  ``"count"`` (mergekit's ``consensus_method: count``, PEFT's ``frequency``).
+* Disjoint combination: ``normalize=True`` divides by the summed weights of the agreeing
+  tasks (the paper's disjoint mean; mergekit's ``normalize``), ``False`` sums them
+  (AdaMerging and FusionBench's dis-sum).
+* ``weights`` multiply each task vector before election (mergekit's per-model ``weight``).
+"""
+
+from __future__ import annotations
+
+from jmerge import stages
+from jmerge import tree as jtree
+from jmerge import validate
+from jmerge.methods.registry import register
+
+
+def _check(num_experts, hp, fractions=("density",), min_experts=1):
+    if num_experts < min_experts:
+        raise validate.MergeInputError(f"this method needs at least {min_experts} experts, got {num_experts}")
+    for name in fractions:
+        if name in hp:
+            validate.check_fraction(name, hp[name], count=num_experts)
+    if hp.get("weights") is not None:
+        validate.check_weights(hp["weights"], num_experts)
+
+
+def _ties_check(num_experts, hp):
+    _check(num_experts, hp)
+    if hp["trim"] not in ("global", "tensor"):
+        raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
+    if hp["sign"] not in ("sum", "count"):
+        raise validate.MergeInputError(f"sign must be 'sum' or 'count', got {hp['sign']!r}")
+
+
+def _weighted(tvs, weights):
+    if weights is None:
+        return list(tvs)
+    return [jtree.scale(tv, w) for tv, w in zip(tvs, weights)]
+
+
+def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
+    """Shared tail of the TIES-style methods: weight, elect, disjoint combine, apply."""
+    weighted = _weighted(tvs, weights)
+    gamma = stages.elect_sign(weighted, sign)
+    masks = stages.agreement_masks(weighted, gamma)
+    merged = stages.combine(tvs, weights, masks=masks, normalize=normalize)
+    return jtree.apply(base, merged, scale)
+
+
+@register("average", check=_check)
+def average(base, tvs, *, key=None, weights=None):
+    """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup)."""
+    return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
+
+
+@register("task_arithmetic", check=_check)
+def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
+    """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3."""
+    return jtree.apply(base, stages.combine(tvs, weights), scale)
+
+
+@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check)
+def ties(base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True):
+    """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale."""
+    trimmed = stages.magnitude_trim(density, trim)(tvs)
+    return _elect_and_combine(base, trimmed, weights, sign, normalize, scale)
+
+
+@register("dare_linear", static=("density", "rescale"), needs_key=True, check=_check)
+def dare_linear(base, tvs, *, key=None, density=0.5, scale=1.0, weights=None, rescale=True):
+    """DARE + task arithmetic (Yu et al., 2024): drop with rate ``1 - density``, rescale, weighted sum."""
+    dropped = stages.dare(density, rescale)(tvs, key)
+    return jtree.apply(base, stages.combine(dropped, weights), scale)
+
+
+@register("dare_ties", static=("density", "rescale", "sign", "normalize"), needs_key=True, check=_check)
+def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
+    """DARE + TIES: random drop and rescale instead of the magnitude trim, then elect and disjoint mean."""
+    dropped = stages.dare(density, rescale)(tvs, key)
+    return _elect_and_combine(base, dropped, weights, sign, normalize, scale)
+
+
+def _breadcrumbs_check(num_experts, hp):
+    _check(num_experts, hp)
+    validate.check_fraction("gamma", hp["gamma"], low_open=False)
+
+
+@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check)
+def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None):
+    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum."""
+    kept = stages.breadcrumbs(density, gamma)(tvs)
+    return jtree.apply(base, stages.combine(kept, weights), scale)
+
+
+@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check)
+def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
+    """Breadcrumbs sparsification followed by TIES sign election and disjoint mean."""
+    kept = stages.breadcrumbs(density, gamma)(tvs)
+    return _elect_and_combine(base, kept, weights, sign, normalize, scale)
+
+
+def _della_check(num_experts, hp):
+    _check(num_experts, hp)
+    for d in stages.per_task(hp["density"], num_experts):
+        if not (0 < d - hp["epsilon"] and d + hp["epsilon"] <= 1):
+            raise validate.MergeInputError(
+                f"della needs 0 < density - epsilon and density + epsilon <= 1, got density={d}, epsilon={hp['epsilon']}"
+            )
+
+
+@register("della", static=("density", "epsilon", "rescale", "sign", "normalize"), needs_key=True, check=_della_check)
+def della(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
+    """DELLA (Deep et al., 2024): magnitude-ranked stochastic drop, sign election, disjoint mean."""
+    kept = stages.della(density, epsilon, rescale)(tvs, key)
+    return _elect_and_combine(base, kept, weights, sign, normalize, scale)
+
+
+@register("magmax", check=_check)
+def magmax(base, tvs, *, key=None, scale=0.5):
+    """MagMax (Marczak et al., 2024): per entry the largest-magnitude task-vector value, scaled by 0.5."""
+    return jtree.apply(base, stages.magnitude_max(tvs), scale)
+
+
+def _consensus_check(num_experts, hp):
+    _check(num_experts, hp)
+    if not 0 <= hp["k"] <= num_experts:
+        raise validate.MergeInputError(f"consensus k={hp['k']} must lie in [0, {num_experts}]")
+    validate.check_fraction("tall_lambda", hp["tall_lambda"], low_open=False, high=float("inf"), count=num_experts)
+
+
+@register("consensus", static=("k", "tall_lambda"), check=_consensus_check)
+def consensus(base, tvs, *, key=None, k=2, tall_lambda=0.6, scale=0.3):
+    """TALL-mask consensus (Wang et al., 2024): keep entries that >= k TALL masks keep, of the summed task vector."""
+    masks = stages.tall_masks(tvs, tall_lambda)
+    keep = stages.consensus_mask(masks, k)
+    total = jtree.add(*tvs)
+    return jtree.apply(base, jtree.masked(total, keep), scale)

@@ -1,0 +1,117 @@
+"""Pytree helpers: path-aware flattening, task vectors and their algebra.
+
+Any pytree of arrays is a model: nested dicts (HF Flax ``params``), ``nnx.State``,
+or a flat ``{"encoder.layer.0.attention.self.query.weight": array}`` dict read from
+safetensors. A parameter's *path* is its keys joined by ``/`` (a flat dict's key is
+kept as it is), and every rule in jmerge (layer grouping, per-parameter
+hyper-parameters, sharding) is a regex or callable over that path.
+
+Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and kept
+in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
+exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
+base dtype (research/jax_ecosystem.md §7.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+ACCUM_DTYPE = jnp.float32
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path) -> str:
+    """Joins a jax key path into ``a/b/0/c``."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def paths(tree: PyTree) -> list[str]:
+    """Path strings of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` in leaf order."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(like: PyTree, flat: dict[str, Any]) -> PyTree:
+    """Rebuilds a pytree with the structure of ``like`` from a ``{path: leaf}`` dict."""
+    treedef = jax.tree.structure(like)
+    return jax.tree.unflatten(treedef, [flat[p] for p in paths(like)])
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """``jax.tree.map`` whose function also receives the leaf's path string."""
+    return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
+
+
+def task_vector(base: PyTree, expert: PyTree) -> PyTree:
+    """``tau = expert - base`` in float32."""
+    return jax.tree.map(lambda b, e: e.astype(ACCUM_DTYPE) - b.astype(ACCUM_DTYPE), base, expert)
+
+
+def task_vectors(base: PyTree, experts: Sequence[PyTree]) -> list[PyTree]:
+    """One float32 task vector per expert."""
+    return [task_vector(base, e) for e in experts]
+
+
+def apply(base: PyTree, tv: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
+    """``theta_0 + scale * tau``, accumulated in float32, cast once to each base leaf's dtype."""
+    return jax.tree.map(lambda b, t: (b.astype(ACCUM_DTYPE) + scale * t).astype(b.dtype), base, tv)
+
+
+def add(*tvs: PyTree) -> PyTree:
+    """Elementwise sum of task vectors (an unrolled sum, which XLA:CPU fuses)."""
+    return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *tvs)
+
+
+def scale(tv: PyTree, factor: float | jax.Array) -> PyTree:
+    """``factor * tau``."""
+    return jax.tree.map(lambda t: factor * t, tv)
+
+
+def negate(tv: PyTree) -> PyTree:
+    """``-tau`` (task negation, Ilharco et al., 2023)."""
+    return jax.tree.map(jnp.negative, tv)
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    """A float32 task vector of zeros shaped like ``tree``."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, ACCUM_DTYPE), tree)
+
+
+def transpose_leaves(tvs: Sequence[PyTree]) -> tuple[list[tuple[Any, ...]], Any]:
+    """From K pytrees to a list (one per leaf) of K-tuples, plus the treedef."""
+    leaves = [jax.tree.leaves(t) for t in tvs]
+    return [tuple(ls) for ls in zip(*leaves)], jax.tree.structure(tvs[0])
+
+
+def map_tasks(fn: Callable[..., Any], tvs: Sequence[PyTree], *extra: PyTree) -> PyTree:
+    """Applies ``fn(path, (tau_1[p], ..., tau_K[p]), *extra[p])`` leaf by leaf.
+
+    ``fn`` returns one array (a combined leaf) or a K-tuple (per-task leaves); in the
+    second case the result is returned as a list of K pytrees.
+    """
+    per_leaf, treedef = transpose_leaves(tvs)
+    extra_leaves = [jax.tree.leaves(e) for e in extra]
+    names = paths(tvs[0])
+    out = [fn(n, ts, *(e[i] for e in extra_leaves)) for i, (n, ts) in enumerate(zip(names, per_leaf))]
+    if out and isinstance(out[0], tuple):
+        return [jax.tree.unflatten(treedef, [o[k] for o in out]) for k in range(len(tvs))]
+    return jax.tree.unflatten(treedef, out)
+
+
+def masked(tv: PyTree, mask: PyTree) -> PyTree:
+    """``mask ⊙ tau``: entries where ``mask`` is false become 0."""
+    return jax.tree.map(lambda t, m: jnp.where(m, t, 0.0), tv, mask)
