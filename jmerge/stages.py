@@ -19,6 +19,7 @@ on XLA:CPU, research/jax_ecosystem.md §7.4).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -32,30 +33,206 @@ Sparsifier = Callable[[Sequence[PyTree], jax.Array | None], list[PyTree]]
 
 
 # ---------------------------------------------------------------------------- thresholds
+_SORT_MAX = 1 << 14  # groups this small are sorted outright
+_SAMPLE = 1 << 15  # strided sample that brackets the threshold
+_Z = 4.0  # bracket half-width in sample standard deviations
+_ROW_MAX = 1 << 24  # float32 sums of 0/1 are exact below this many terms
+_FAST_LO = 0x0D800000  # bit pattern of 2**-100; fast counting is used in (2**-100, 2**100)
+_FAST_HI = 0x71800000  # bit pattern of 2**100
+_ABOVE_INF = 0x7F800001  # no finite value is >= this bit pattern (a NaN)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _value(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _rows(m: jax.Array) -> jax.Array | None:
+    """A 2-D view with rows short enough for exact float32 counts (None if there is none)."""
+    if m.ndim >= 2 and m.shape[-1] < _ROW_MAX:
+        return m.reshape(-1, m.shape[-1])
+    return m.reshape(1, -1) if m.size < _ROW_MAX else None
+
+
+def _at_least(rows: jax.Array, t: jax.Array, below: jax.Array, inv_gap: jax.Array) -> jax.Array:
+    """Exactly 1.0 where ``rows >= t`` and 0.0 elsewhere, for ``below`` the float just under
+    ``t`` (no value lies between them): ``min(x, t) - min(x, below)`` is 0 or the gap.
+
+    Written with min/sub/mul only because XLA:CPU fuses those into a vectorised reduction
+    while compare/select/integer reductions materialise a full-size temporary (4-7x slower,
+    bench/merge_bench.py)."""
+    return (jnp.minimum(rows, t) - jnp.minimum(rows, below)) * inv_gap
+
+
+def _by_threshold(bits: jax.Array, fast: Callable, exact: Callable) -> jax.Array:
+    """``fast(t, below, inv_gap)`` for thresholds where it is exact, else ``exact(bits)``
+    (integer comparisons of bit patterns: XLA:CPU flushes subnormal floats to zero)."""
+
+    def fast_branch(_):
+        t, below = _value(bits), _value(bits - 1)
+        return fast(t, below, 1.0 / (t - below))
+
+    ok = (bits > _FAST_LO) & (bits < _FAST_HI)  # the gap and its inverse are normal floats
+    return jax.lax.cond(ok, fast_branch, lambda _: exact(bits), None)
+
+
+def _count_at_least(mags: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
+    """Exact number (uint32) of entries ``>= value(bits)``."""
+
+    def fast(t, below, inv_gap):
+        total = jnp.uint32(0)
+        for m in mags:
+            rows = _rows(m)
+            if rows is None:
+                total += jnp.sum(m >= t, dtype=jnp.uint32)
+            else:  # row sums are exact small integers in float32
+                per_row = jnp.sum(_at_least(rows, t, below, inv_gap), axis=-1)
+                total += jnp.sum(per_row.astype(jnp.uint32), dtype=jnp.uint32)
+        return total
+
+    def exact(bits):
+        return sum((jnp.sum(_bits(m) >= bits, dtype=jnp.uint32) for m in mags), jnp.uint32(0))
+
+    return _by_threshold(bits, fast, exact)
+
+
+def _min_at_least(mags: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
+    """Bit pattern of the smallest entry ``>= value(bits)`` (there must be one)."""
+
+    def fast(t, below, inv_gap):
+        big = jnp.finfo(jnp.float32).max  # excluded entries become the largest float
+        parts = [jnp.min(jnp.maximum(m, (1.0 - _at_least(m, t, below, inv_gap)) * big)) for m in mags]
+        return _bits(jnp.min(jnp.stack(parts)))
+
+    def exact(bits):
+        top = jnp.iinfo(jnp.int32).max
+        return jnp.min(jnp.stack([jnp.min(jnp.where(_bits(m) >= bits, _bits(m), top)) for m in mags]))
+
+    return _by_threshold(bits, fast, exact)
+
+
+def _max_below(mags: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
+    """Bit pattern of the largest entry ``< value(bits)`` (0 if there is none)."""
+
+    def fast(t, below, inv_gap):
+        big = jnp.finfo(jnp.float32).max  # excluded entries become 0; subnormals need `exact`
+        best = jnp.max(jnp.stack([jnp.max(jnp.minimum(m, (1.0 - _at_least(m, t, below, inv_gap)) * big)) for m in mags]))
+        return jax.lax.cond(best >= jnp.finfo(jnp.float32).tiny, lambda: _bits(best), lambda: exact(bits))
+
+    def exact(bits):
+        return jnp.max(jnp.stack([jnp.max(jnp.where(_bits(m) < bits, _bits(m), 0)) for m in mags]))
+
+    return _by_threshold(bits, fast, exact)
+
+
+def _upper_bound(mags: Sequence[jax.Array]) -> jax.Array:
+    """A bit pattern above every entry (a float max is exact unless all entries are subnormal)."""
+    top = jnp.max(jnp.stack([jnp.max(m) for m in mags]))
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.where(top >= tiny, _bits(top) + 1, _bits(jnp.float32(tiny)))
+
+
+def _sample_bracket(mags: Sequence[jax.Array], n: int, k: int):
+    """Bit patterns ``lo < hi`` with ``count(>= lo) >= k > count(>= hi)`` and both counts.
+
+    Candidates come from a sorted strided sample, ``_Z`` standard deviations of the sample
+    rank either side of the k-th largest; two counting passes verify them, and a failed
+    side falls back to the whole range (the result stays exact, only slower)."""
+    stride = max(n // _SAMPLE, 1)
+    parts, offset = [], 0
+    for m in mags:
+        start = (-offset) % stride
+        if start < m.size:
+            parts.append(m.reshape(-1)[start::stride])
+        offset += m.size
+    sample = jnp.sort(_bits(jnp.concatenate(parts)))  # bit patterns sort like the values
+    s = sample.shape[0]
+    q = k / n
+    rank = (1.0 - q) * s  # ascending sample position of the k-th largest
+    spread = _Z * (math.sqrt(s * q * (1.0 - q)) + 1.0)
+    i_lo, i_hi = math.floor(rank - spread), math.ceil(rank + spread)
+    kk = jnp.uint32(k)
+    if i_lo >= 0:
+        lo = sample[i_lo]
+        c_lo = _count_at_least(mags, lo)
+    else:
+        lo, c_lo = jnp.int32(0), jnp.uint32(n)
+    if i_hi < s:
+        hi = sample[i_hi] + 1
+        c_hi = _count_at_least(mags, hi)
+    else:
+        hi, c_hi = _upper_bound(mags), jnp.uint32(0)
+    low_miss, high_miss = c_lo < kk, c_hi >= kk
+    return (
+        jnp.where(low_miss, 0, jnp.where(high_miss, hi, lo)),
+        jnp.where(low_miss, lo, jnp.where(high_miss, _ABOVE_INF, hi)),
+        jnp.where(low_miss, jnp.uint32(n), jnp.where(high_miss, c_hi, c_lo)),
+        jnp.where(low_miss, c_lo, jnp.where(high_miss, jnp.uint32(0), c_hi)),
+    )
+
+
+def _refine(mags, k: int, lo, hi, c_lo, c_hi):
+    """Shrinks the bracket by counting passes at ITP points (Oliveira & Takahashi, 2021:
+    regula falsi on the counts, truncated and projected so that it never takes more passes
+    than bisection plus one) until ``hi = lo + 1`` or a count hits ``k`` or ``k - 1``."""
+    kk = jnp.uint32(k)
+    w0 = (hi - lo).astype(jnp.float32)
+    n_max = jnp.ceil(jnp.log2(jnp.maximum(w0, 2.0))) + 1.0
+    kappa = 0.1 / w0
+
+    def running(state):
+        lo, hi, c_lo, c_hi, j = state
+        return (hi - lo > 1) & (c_lo != kk) & (c_hi != kk - 1) & (j < 64)
+
+    def step(state):
+        lo, hi, c_lo, c_hi, j = state
+        w = (hi - lo).astype(jnp.float32)
+        above = (c_lo - kk).astype(jnp.float32) + 0.5  # count(>= t) - k + 1/2 at both ends
+        below = (kk - c_hi).astype(jnp.float32) - 0.5
+        x_f = w * above / (above + below)
+        x_h = 0.5 * w
+        radius = jnp.maximum(0.5 * jnp.exp2(n_max - j.astype(jnp.float32)) - x_h, 0.0)
+        delta = kappa * w * w
+        sigma = jnp.sign(x_h - x_f)
+        x_t = jnp.where(delta <= jnp.abs(x_h - x_f), x_f + sigma * delta, x_h)
+        x = jnp.where(jnp.abs(x_t - x_h) <= radius, x_t, x_h - sigma * radius)
+        offset = jnp.clip(jnp.round(x), 1.0, 2.0**30).astype(jnp.int32)
+        t = lo + jnp.minimum(offset, hi - lo - 1)
+        c = _count_at_least(mags, t)
+        ok = c >= kk
+        return (jnp.where(ok, t, lo), jnp.where(ok, hi, t), jnp.where(ok, c, c_lo), jnp.where(ok, c_hi, c), j + 1)
+
+    lo, hi, c_lo, c_hi, _ = jax.lax.while_loop(running, step, (lo, hi, c_lo, c_hi, jnp.int32(0)))
+    return lo, hi, c_lo, c_hi
+
+
 def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int) -> jax.Array:
     """Exact k-th largest ``|x|`` over all entries of ``arrays`` (1 <= k <= total size).
 
-    Bisection on the int32 bit pattern of non-negative float32 values, which is monotone
-    in the value: after 31 passes of "count entries >= t" the lower end is exactly the
-    k-th largest magnitude. Counts are uint32 (up to 4.29e9 entries per call).
+    Small inputs are sorted. Larger ones are searched on the float32 bit pattern, which is
+    monotone in the value for non-negative floats: a strided sample brackets the answer, a
+    few exact counting passes (``count(|x| >= t)``) narrow the bracket, and the search ends
+    when the bracket is one bit pattern wide or a count equals ``k`` (then one more pass
+    takes the smallest kept entry) or ``k - 1`` (the largest entry below the bracket).
+    A full sort of millions of entries takes seconds on XLA:CPU (research/jax_ecosystem.md
+    §7.4); a counting pass is one fused read. Counts are uint32 (up to 4.29e9 entries).
     """
-    mags = [jnp.abs(a.astype(jnp.float32)) for a in arrays]
-
-    def count_at_least(bits):
-        t = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        return sum(jnp.sum(m >= t, dtype=jnp.uint32) for m in mags)
-
-    hi = jax.lax.bitcast_convert_type(jnp.max(jnp.stack([jnp.max(m) for m in mags])), jnp.int32) + 1
-    lo = jnp.int32(0)  # count(>= 0.0) = everything >= k
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        ok = count_at_least(mid) >= jnp.uint32(k)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+    mags = [jnp.abs(jnp.asarray(a).astype(jnp.float32)) for a in arrays]
+    n = sum(int(m.size) for m in mags)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must lie in [1, {n}]")
+    if n <= _SORT_MAX:
+        return _value(jnp.sort(jnp.concatenate([_bits(m).reshape(-1) for m in mags]))[n - k])
+    if k == 1:
+        return _value(_max_below(mags, jnp.int32(_ABOVE_INF)))
+    lo, hi, c_lo, c_hi = _refine(mags, k, *_sample_bracket(mags, n, k))
+    kk = jnp.uint32(k)
+    case = jnp.where(hi - lo <= 1, 0, jnp.where(c_lo == kk, 1, 2))
+    found = jax.lax.switch(case, [lambda: lo, lambda: _min_at_least(mags, lo), lambda: _max_below(mags, hi)])
+    return _value(found)
 
 
 def _keep_count(density: float, size: int) -> int:
@@ -63,16 +240,22 @@ def _keep_count(density: float, size: int) -> int:
     return int(density * size)
 
 
+def top_k_magnitude_mask(arrays: Sequence[jax.Array], k: int) -> list[jax.Array]:
+    """Boolean masks keeping the ``k`` largest ``|x|`` jointly over ``arrays`` (entries tied
+    with the k-th largest are kept too)."""
+    n = sum(int(np.prod(a.shape)) for a in arrays)
+    if k >= n:
+        return [jnp.ones(a.shape, bool) for a in arrays]
+    if k <= 0:
+        return [jnp.zeros(a.shape, bool) for a in arrays]
+    t = _bits(kth_largest_magnitude(arrays, k))
+    return [_bits(jnp.abs(a.astype(jnp.float32))) >= t for a in arrays]  # exact for subnormals too
+
+
 def top_magnitude_mask(arrays: Sequence[jax.Array], density: float) -> list[jax.Array]:
     """Boolean masks keeping the ``int(density * n)`` largest ``|x|`` jointly over ``arrays``."""
     n = sum(int(np.prod(a.shape)) for a in arrays)
-    k = _keep_count(density, n)
-    if k >= n:
-        return [jnp.ones(a.shape, bool) for a in arrays]
-    if k == 0:
-        return [jnp.zeros(a.shape, bool) for a in arrays]
-    t = kth_largest_magnitude(arrays, k)
-    return [jnp.abs(a) >= t for a in arrays]
+    return top_k_magnitude_mask(arrays, _keep_count(density, n))
 
 
 def per_task(value, k_tasks: int) -> list:
@@ -106,6 +289,21 @@ def magnitude_trim(density: float | Sequence[float], scope: str = "global") -> S
                 masks = [top_magnitude_mask([x], d)[0] for x in leaves]
             out.append(jax.tree.unflatten(treedef, [jnp.where(m, x, 0.0) for m, x in zip(masks, leaves)]))
         return out
+
+    return trim
+
+
+def threshold_trim(thresholds: Sequence[float] | jax.Array) -> Sparsifier:
+    """Keeps the entries of ``tau_t`` with ``|tau_t| >= thresholds[t]``, zeroes the rest.
+
+    With ``thresholds[t]`` the k-th largest magnitude of the whole task vector this is the
+    global TIES trim applied tensor by tensor (how :mod:`jmerge.streaming` trims after a
+    first pass over the model): ``0`` keeps everything, ``inf`` nothing.
+    """
+
+    def trim(tvs, key=None):
+        ts = jnp.asarray(thresholds, jnp.float32).reshape(-1)
+        return [jax.tree.map(lambda x, t=ts[i]: jnp.where(jnp.abs(x) >= t, x, 0.0), tv) for i, tv in enumerate(tvs)]
 
     return trim
 

@@ -119,6 +119,7 @@ def merge(
     *,
     key: jax.Array | None = None,
     check_finite: bool = True,
+    lwptv=None,
     **hparams,
 ) -> PyTree:
     """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
@@ -129,6 +130,9 @@ def merge(
       method: a name from :func:`available`.
       key: ``jax.random.key`` for stochastic methods (DARE, DELLA).
       check_finite: refuse inputs holding NaN or infinities (one extra read of the inputs).
+      lwptv: layer-wise pruning of the task vectors before the method, a
+        ``jmerge.lwptv.LwPTV`` config or an explicit ``jmerge.lwptv.LayerMask``; layers no
+        task keeps hold the base weights exactly (see :mod:`jmerge.lwptv`).
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
     Returns:
@@ -141,4 +145,8 @@ def merge(
     if m.needs_key and key is None:
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     static = tuple(sorted(k for k in hp if k in m.static))
+    if lwptv is not None:
+        from jmerge.lwptv.stage import merge_with_lwptv  # lazy: the registry loads without lwptv
+
+        return merge_with_lwptv(m, base, experts, key, static, hp, lwptv)
     return _jitted(m, static)(base, list(experts), key, **hp)

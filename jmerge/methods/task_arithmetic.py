@@ -15,6 +15,8 @@ Where implementations disagree, the choice is a named hyper-parameter:
 
 from __future__ import annotations
 
+import numpy as np
+
 from jmerge import stages
 from jmerge import tree as jtree
 from jmerge import validate
@@ -37,6 +39,10 @@ def _ties_check(num_experts, hp):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
     if hp["sign"] not in ("sum", "count"):
         raise validate.MergeInputError(f"sign must be 'sum' or 'count', got {hp['sign']!r}")
+    if hp.get("thresholds") is not None:
+        th = np.atleast_1d(np.asarray(hp["thresholds"], dtype=np.float64))
+        if th.size != num_experts or np.any(np.isnan(th)) or np.any(th < 0):
+            raise validate.MergeInputError(f"thresholds must be {num_experts} magnitudes >= 0, got {hp['thresholds']!r}")
 
 
 def _weighted(tvs, weights):
@@ -67,9 +73,16 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
 
 
 @register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check)
-def ties(base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True):
-    """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale."""
-    trimmed = stages.magnitude_trim(density, trim)(tvs)
+def ties(
+    base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, thresholds=None
+):
+    """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale.
+
+    ``thresholds`` (one magnitude per task, e.g. the global k-th largest computed by a
+    streaming first pass) replaces the ranking: entries with ``|tau_t| >= thresholds[t]`` are kept.
+    """
+    trim_fn = stages.threshold_trim(thresholds) if thresholds is not None else stages.magnitude_trim(density, trim)
+    trimmed = trim_fn(tvs)
     return _elect_and_combine(base, trimmed, weights, sign, normalize, scale)
 
 

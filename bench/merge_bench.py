@@ -1,0 +1,157 @@
+"""Merge speed against the memory-bandwidth floor, on a GPT-2-124M-shaped pytree.
+
+Run: ``.venv/bin/python -m bench.merge_bench`` (writes ``bench/results/merge_bench.md``).
+
+A merge must read the base and every expert once and write the result once, so its floor
+is ``(K + 2) * model_bytes / streaming_rate``, the rate measured in the same run with a
+jitted ``a + b`` over large float32 arrays (best of several; it includes allocating the
+output, as a merge must). Each method is timed through :func:`jmerge.merge` (validation
+included, ``check_finite=False``), median of several runs after a compile/warm-up run;
+``check_finite`` is timed on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jmerge
+from jmerge import validate
+
+RESULTS = Path(__file__).parent / "results" / "merge_bench.md"
+
+
+def gpt2_shapes(vocab: int = 50257, positions: int = 1024, d: int = 768, layers: int = 12) -> dict:
+    """Parameter shapes of GPT-2 124M as in Hugging Face's FlaxGPT2LMHeadModel."""
+    block = {
+        "ln_1": {"scale": (d,), "bias": (d,)},
+        "attn": {"c_attn": {"kernel": (d, 3 * d), "bias": (3 * d,)}, "c_proj": {"kernel": (d, d), "bias": (d,)}},
+        "ln_2": {"scale": (d,), "bias": (d,)},
+        "mlp": {"c_fc": {"kernel": (d, 4 * d), "bias": (4 * d,)}, "c_proj": {"kernel": (4 * d, d), "bias": (d,)}},
+    }
+    return {
+        "transformer": {
+            "wte": {"embedding": (vocab, d)},
+            "wpe": {"embedding": (positions, d)},
+            "h": {str(i): block for i in range(layers)},
+            "ln_f": {"scale": (d,), "bias": (d,)},
+        }
+    }
+
+
+def random_models(shapes: dict, num_experts: int, seed: int = 0):
+    """A random float32 base and experts = base + 0.01 * noise."""
+    is_shape = lambda s: isinstance(s, tuple)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+    gen = jax.jit(lambda key, base, scale: base + scale * jax.random.normal(key, base.shape, jnp.float32))
+    key = jax.random.key(seed)
+    base_leaves = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) for i, s in enumerate(leaves)]
+    base = jax.tree.unflatten(treedef, base_leaves)
+    experts = []
+    for t in range(num_experts):
+        k = jax.random.fold_in(key, 10_000 + t)
+        experts.append(jax.tree.unflatten(treedef, [gen(jax.random.fold_in(k, i), b, 0.01) for i, b in enumerate(base_leaves)]))
+    jax.block_until_ready((base, experts))
+    return base, experts
+
+
+def timed(fn, reps: int) -> list[float]:
+    jax.block_until_ready(fn())  # compile / warm up
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def streaming_rate(num_floats: int = 1 << 26, reps: int = 7) -> float:
+    """Bytes per second of a jitted ``a + b`` (reads 2 arrays, writes 1), best of ``reps``."""
+    a = jnp.ones((num_floats,), jnp.float32)
+    b = jnp.full((num_floats,), 2.0, jnp.float32)
+    add = jax.jit(lambda x, y: x + y)
+    best = min(timed(lambda: add(a, b), reps))
+    return 3 * 4 * num_floats / best
+
+
+CASES = [
+    ("task_arithmetic", {}),
+    ("ties", {"trim": "global"}),
+    ("ties", {"trim": "tensor"}),
+    ("dare_linear", {}),
+    ("dare_ties", {}),
+]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12 for the real 124M shapes)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    base, experts = random_models(gpt2_shapes(layers=args.layers), args.experts)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(base))
+    model_bytes = 4 * n_params
+    rate = streaming_rate()
+    floor = (args.experts + 2) * model_bytes / rate
+    key = jax.random.key(0)
+
+    rows = []
+    for method, hp in CASES:
+        kwargs = dict(hp, key=key) if jmerge.get(method).needs_key else dict(hp)
+        compile_start = time.perf_counter()
+        jax.block_until_ready(jmerge.merge(base, experts, method, check_finite=False, **kwargs))
+        first = time.perf_counter() - compile_start
+        times = timed(lambda: jmerge.merge(base, experts, method, check_finite=False, **kwargs), args.reps)
+        med = statistics.median(times)
+        label = method + "".join(f" {k}={v}" for k, v in hp.items())
+        rows.append((label, med, min(times), first, med / floor))
+        print(f"{label:28s} median {med:7.3f} s  min {min(times):7.3f} s  first call {first:6.1f} s  {med / floor:5.2f}x floor", flush=True)
+
+    finite = timed(lambda: validate.check_models(base, experts, check_finite=True), args.reps)
+    finite_med = statistics.median(finite)
+    print(f"check_finite (base + {args.experts} experts): median {finite_med:.3f} s", flush=True)
+
+    lines = [
+        "# Merge speed vs the memory-bandwidth floor",
+        "",
+        f"Command: `.venv/bin/python -m bench.merge_bench{' ' + ' '.join(argv) if argv else ''}`",
+        "",
+        f"GPT-2-124M-shaped float32 pytree ({n_params / 1e6:.1f} M parameters, {model_bytes / 2**20:.0f} MiB per model), "
+        f"base + {args.experts} random experts; jax {jax.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, backend {jax.default_backend()}.",
+        f"Streaming rate (jitted `a + b` over 3 x 256 MiB, best of 7): {rate / 1e9:.2f} GB/s. "
+        f"Floor = {args.experts + 2} model reads/writes / rate = {floor:.3f} s.",
+        f"Times: `jmerge.merge(..., check_finite=False)`, median of {args.reps} after a warm-up call "
+        "(validation and dispatch included). 'first call' includes compilation.",
+        "",
+        "| method | median s | min s | first call s | floor s | median / floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, med, lo, first, ratio in rows:
+        lines.append(f"| {label} | {med:.3f} | {lo:.3f} | {first:.1f} | {floor:.3f} | {ratio:.2f} |")
+    lines += [
+        "",
+        f"`check_finite=True` adds one read of every model: {finite_med:.3f} s median "
+        f"(`validate.check_models` on base + {args.experts} experts).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Hand-written collectives over a mesh (``jax.shard_map``), where they beat the partitioner.
+
+Plain ``jax.jit`` on sharded task vectors already runs every data-free merge without
+gathering a full tensor (docs/scaling.md lists what each method moves): the TIES threshold
+of :func:`jmerge.stages.kth_largest_magnitude` is counts and maxima, which XLA turns into
+scalar all-reduces. This module adds the version that still pays at scale:
+
+* **one bisection for every threshold**: all tasks (and, for per-tensor trimming, all
+  tensors) are bisected together, so each of the 32 steps is *one* ``psum`` of a small
+  vector instead of one loop with its own all-reduce per task or per tensor;
+* **exact counts past 2**32 entries**: per-device counts are split in 16-bit halves before
+  the ``psum`` and recombined with a carry, so a task vector of a 70B model (7e10 entries)
+  is ranked exactly; the single-device version counts in uint32 (4.29e9 entries).
+
+Thresholds are bit-for-bit those of :func:`jmerge.stages.kth_largest_magnitude` (same
+bisection on the float32 bit pattern, same bounds, same 32 steps).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jmerge import stages
+from jmerge import tree as jtree
+from jmerge.shard import Rule, spec_for
+
+PyTree = jtree.PyTree
+_HALF = 16
+_LOW = (1 << _HALF) - 1
+
+
+def _spec_of(x, mesh: Mesh) -> P:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape:
+        return sharding.spec
+    return P()
+
+
+def _axes_in(spec: P) -> set[str]:
+    used = set()
+    for entry in spec:
+        if entry is not None:
+            used.update(entry if isinstance(entry, tuple) else (entry,))
+    return used
+
+
+def kth_largest_magnitudes(
+    groups: Sequence[Sequence[jax.Array]],
+    ks: Sequence[int],
+    mesh: Mesh,
+    specs: Sequence[Sequence[P]] | None = None,
+) -> jax.Array:
+    """For each group of arrays, the exact ``ks[g]``-th largest ``|x|`` over the group.
+
+    Runs as one ``jax.shard_map`` over ``mesh``: each device counts ``|x| >= t`` on its own
+    blocks (a replicated block is counted by one device only), and one ``psum`` of the
+    per-group counts per bisection step makes them global. ``specs`` are the arrays'
+    ``PartitionSpec``s on ``mesh``; by default they are read from the arrays' shardings
+    (pass them explicitly inside ``jit``, where arrays are tracers). Needs
+    ``1 <= ks[g] <= size of group g`` and fewer than 2**32 entries of a group per device.
+
+    Returns:
+      float32 array of shape ``(len(groups),)``, replicated.
+    """
+    groups = [list(g) for g in groups]
+    if len(ks) != len(groups):
+        raise ValueError(f"{len(groups)} groups but {len(ks)} values of k")
+    for g, (arrays, k) in enumerate(zip(groups, ks)):
+        n = sum(int(np.prod(a.shape)) for a in arrays)
+        if not 1 <= k <= n:
+            raise ValueError(f"group {g}: k={k} must lie in [1, {n}] (its number of entries)")
+        if n >= 1 << (2 * _HALF + 16):
+            raise ValueError(f"group {g}: {n} entries exceed the 2**48 this count supports")
+    if specs is None:
+        specs = [[_spec_of(a, mesh) for a in arrays] for arrays in groups]
+    flat = [a for arrays in groups for a in arrays]
+    flat_specs = tuple(s for group_specs in specs for s in group_specs)
+    fn = _bisection(mesh, flat_specs, tuple(len(arrays) for arrays in groups))
+    k_hi = np.asarray([k >> _HALF for k in ks], np.uint32)
+    k_lo = np.asarray([k & _LOW for k in ks], np.uint32)
+    return fn(k_hi, k_lo, *flat)
+
+
+@functools.lru_cache(maxsize=128)
+def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
+    """The jitted shard_map for one layout of groups (cached: calls with new k reuse it)."""
+    all_axes = tuple(mesh.axis_names)
+    bounds = np.cumsum((0,) + sizes)
+    members = [range(bounds[g], bounds[g + 1]) for g in range(len(sizes))]
+
+    def local(k_hi, k_lo, *blocks):
+        mags, owner = [], []
+        for block, spec in zip(blocks, flat_specs):
+            mags.append(jnp.abs(block.astype(jnp.float32)))
+            mine = jnp.bool_(True)  # this device is the first replica of the block
+            for axis in sorted(set(all_axes) - _axes_in(spec)):
+                mine = mine & (jax.lax.axis_index(axis) == 0)
+            owner.append(mine)
+
+        def count_at_least(bits):
+            t = jax.lax.bitcast_convert_type(bits, jnp.float32)
+            c = jnp.stack([
+                sum(jnp.where(owner[i], jnp.sum(mags[i] >= t[g], dtype=jnp.uint32), jnp.uint32(0)) for i in idx)
+                for g, idx in enumerate(members)
+            ])
+            halves = jax.lax.psum(jnp.stack([c & _LOW, c >> _HALF]), all_axes)
+            return halves[1] + (halves[0] >> _HALF), halves[0] & _LOW
+
+        local_max = jnp.stack([jnp.max(jnp.stack([jnp.max(mags[i]) for i in idx])) for idx in members])
+        hi = jax.lax.bitcast_convert_type(jax.lax.pmax(local_max, all_axes), jnp.int32) + 1
+        lo = jnp.zeros_like(hi)
+
+        def body(_, lohi):
+            lo, hi = lohi
+            mid = lo + (hi - lo) // 2
+            c_hi, c_lo = count_at_least(mid)
+            ok = (c_hi > k_hi) | ((c_hi == k_hi) & (c_lo >= k_lo))
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+        return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P()) + flat_specs, out_specs=P()))
+
+
+def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int, mesh: Mesh, specs: Sequence[P] | None = None) -> jax.Array:
+    """Sharded :func:`jmerge.stages.kth_largest_magnitude`: the exact k-th largest ``|x|``."""
+    return kth_largest_magnitudes([arrays], [k], mesh, None if specs is None else [specs])[0]
+
+
+def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = spec_for, scope: str = "global"):
+    """Sharded :func:`jmerge.stages.magnitude_trim` (the TIES trim), same results.
+
+    Every task's threshold (``scope="global"``) or every tensor's of every task
+    (``scope="tensor"``) comes from one :func:`kth_largest_magnitudes` call. ``rule`` gives
+    the task vectors' specs from their paths (the rule the inputs were placed with), so the
+    sparsifier works inside ``jit``.
+    """
+    if scope not in ("global", "tensor"):
+        raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
+
+    def trim(tvs, key=None):
+        del key
+        flat = [jtree.flatten(tv) for tv in tvs]
+        paths = list(flat[0])
+        specs = {p: rule(p, tuple(flat[0][p].shape), mesh) for p in paths}
+        units = [[p] for p in paths] if scope == "tensor" else [paths]
+        groups, ks, gspecs, where = [], [], [], []
+        thresholds = {}  # (task, unit) -> threshold, or True (keep all) / False (keep none)
+        for t, (tv, d) in enumerate(zip(flat, stages.per_task(density, len(tvs)))):
+            for u, unit in enumerate(units):
+                n = sum(int(np.prod(tv[p].shape)) for p in unit)
+                k = stages._keep_count(d, n)
+                if k >= n or k == 0:
+                    thresholds[t, u] = k >= n
+                    continue
+                groups.append([tv[p] for p in unit])
+                gspecs.append([specs[p] for p in unit])
+                ks.append(k)
+                where.append((t, u))
+        if groups:
+            values = kth_largest_magnitudes(groups, ks, mesh, gspecs)
+            thresholds.update({tu: values[i] for i, tu in enumerate(where)})
+        out = []
+        for t, tv in enumerate(flat):
+            trimmed = {}
+            for u, unit in enumerate(units):
+                th = thresholds[t, u]
+                for p in unit:
+                    x = tv[p]
+                    if th is True:
+                        trimmed[p] = x
+                    elif th is False:
+                        trimmed[p] = jnp.zeros_like(x)
+                    else:
+                        trimmed[p] = jnp.where(jnp.abs(x) >= th, x, 0.0)
+            out.append(jtree.unflatten(tvs[t], trimmed))
+        return out
+
+    return trim

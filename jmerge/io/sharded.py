@@ -1,0 +1,152 @@
+"""Streaming and sharding together: safetensors blocks straight onto a mesh, merge, orbax out.
+
+:func:`read_sharded` places every tensor of a safetensors checkpoint (one file, or HF shards
+with an index) on a mesh with the sharding rule of :mod:`jmerge.shard`, reading from disk
+only the blocks this process's devices hold (``safe_open(...).get_slice(name)[index]``
+inside ``jax.make_array_from_callback``; a handle per read, so no mmap pages stay
+resident). No process ever holds a whole tensor it does not own, and a host's memory never
+holds more than one block. :func:`save_sharded` writes a sharded pytree with orbax, every
+process writing its own blocks, atomically, in the layout :mod:`jmerge.io.orbax_io`
+restores. :func:`merge_to_orbax` chains them: headers checked first, base and experts read
+sharded, one jitted merge, sharded save.
+
+Memory per device for a model of P parameters, K experts, N devices: about
+``(K + 1) P b / N`` for the inputs (b bytes per stored parameter) plus the merge's float32
+intermediates (see bench/results/scale_bench.md); host memory: one block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from safetensors import SafetensorError, safe_open
+
+from jmerge import methods
+from jmerge.io import orbax_io
+from jmerge.io import safetensors_io as st
+from jmerge.shard import Rule, spec_for
+
+
+def _read_block(info: st.TensorInfo, index: tuple) -> np.ndarray:
+    try:
+        with safe_open(str(info.file), framework="numpy") as f:
+            return f.get_slice(info.name)[index]
+    except (SafetensorError, OSError) as e:
+        raise st.CheckpointError(f"{info.file}: cannot read tensor {info.name!r} block {index}: {e}") from None
+
+
+def read_tensor_sharded(info: st.TensorInfo, sharding: NamedSharding) -> jax.Array:
+    """One tensor as a global array with ``sharding``; reads only this process's blocks,
+    each distinct block once (devices holding the same replica share the read)."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def block(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = _read_block(info, tuple(index))
+        return blocks[key]
+
+    return jax.make_array_from_callback(info.shape, sharding, block)
+
+
+def read_sharded(
+    checkpoint: str | os.PathLike | st.Checkpoint, mesh: Mesh, rule: Rule = spec_for, *, names: Sequence[str] | None = None
+) -> dict[str, jax.Array]:
+    """A safetensors checkpoint as a flat ``{name: global array}`` dict placed by ``rule``.
+
+    ``checkpoint`` is a path (file, ``*.index.json`` or HF directory) or an opened
+    :class:`jmerge.io.Checkpoint`; ``names`` restricts the tensors read (default all).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, st.Checkpoint) else st.open_checkpoint(checkpoint)
+    names = ckpt.names if names is None else list(names)
+    unknown = [n for n in names if n not in ckpt.tensors]
+    if unknown:
+        raise st.CheckpointError(f"{ckpt.path}: no tensor(s) named {unknown[:5]}")
+    out = {}
+    for name in names:
+        info = ckpt.tensors[name]
+        out[name] = read_tensor_sharded(info, NamedSharding(mesh, rule(name, info.shape, mesh)))
+    return out
+
+
+def save_sharded(path: str | os.PathLike, tree, *, metadata: dict | None = None, force: bool = False) -> Path:
+    """Saves a (sharded, possibly multi-process) pytree with orbax in :mod:`jmerge.io.orbax_io`'s
+    layout (``PATH/pytree`` + ``PATH/jmerge.json``); every process must call it.
+
+    Atomic: all processes write into one temporary directory beside ``path`` (its name
+    chosen by process 0 and broadcast), and process 0 renames it into place once orbax has
+    committed; ``path`` must not exist unless ``force``. Restore with
+    ``jmerge.io.orbax_io.restore(path, jmerge.shard.abstract_for(like, mesh))``.
+    """
+    path = Path(path).absolute()
+    if (path.exists() or path.is_symlink()) and not force:
+        raise st.OutputError(f"output {path} already exists; pass force=True to replace it")
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(random.getrandbits(31))))
+    tmp = path.with_name(f".{path.name}.tmp-{token:08x}")
+    lead = jax.process_index() == 0
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / orbax_io.PYTREE_DIR, tree)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        if lead:
+            (tmp / orbax_io.META_NAME).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True) + "\n")
+            if path.exists() or path.is_symlink():
+                old = path.with_name(f".{path.name}.old-{token:08x}")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+    except BaseException:
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    multihost_utils.sync_global_devices(f"jmerge.save_sharded:{path}")
+    return path
+
+
+def merge_to_orbax(
+    base: str | os.PathLike,
+    experts: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "task_arithmetic",
+    *,
+    mesh: Mesh,
+    rule: Rule = spec_for,
+    key: jax.Array | None = None,
+    force: bool = False,
+    **hparams,
+) -> Path:
+    """Merges safetensors checkpoints on ``mesh`` and saves the sharded result with orbax.
+
+    Headers are checked (names, shapes, float dtypes) and the method's hyper-parameters
+    resolved before any tensor is read. Float tensors are merged; other tensors (integer
+    buffers) are copied from the base. Returns ``out``.
+    """
+    base_ckpt = st.open_checkpoint(base)
+    expert_ckpts = [st.open_checkpoint(e) for e in experts]
+    for e in expert_ckpts:
+        st.check_compatible(base_ckpt, e)
+    m = methods.get(method)
+    m.resolve(len(expert_ckpts), hparams)
+    if m.needs_key and key is None:
+        raise st.CheckpointError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
+    floats = [n for n, info in base_ckpt.tensors.items() if info.is_float]
+    base_tree = read_sharded(base_ckpt, mesh, rule)
+    expert_trees = [read_sharded(e, mesh, rule, names=floats) for e in expert_ckpts]
+    merged = methods.merge({n: base_tree[n] for n in floats}, expert_trees, method, key=key, **hparams)
+    merged = {n: merged.get(n, base_tree[n]) for n in base_ckpt.names}
+    meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
+            "base": str(base), "experts": [str(e) for e in experts]}
+    return save_sharded(out, merged, metadata=meta, force=force)

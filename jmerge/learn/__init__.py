@@ -1,0 +1,33 @@
+"""Learned merge coefficients: DivMerge (divergence to each expert) and AdaMerging (entropy).
+
+``fit_coefficients(base, tvs, apply_fn, unlabeled, objective=..., granularity=...)`` learns
+Γ in ``θ0 + Σ_t Γ_t^l τ_t`` with optax on unlabelled inputs of each task; see
+:mod:`jmerge.learn.engine`. Pieces: :mod:`~jmerge.learn.objectives` (JS, KL, entropy in log
+space), :mod:`~jmerge.learn.coefficients` (granularity, constraints, θ(Γ)),
+:mod:`~jmerge.learn.targets` (expert targets, cached; the causal-LM protocol).
+"""
+
+from jmerge.learn.coefficients import CoefficientLayout, layout, merged_params
+from jmerge.learn.engine import LearnResult, NonFiniteLossError, adamerging, batch_schedule, clear_cache, divmerge, fit_coefficients
+from jmerge.learn.objectives import entropy, js, kl, masked_mean
+from jmerge.learn.targets import TaskTargets, classifier_targets, lm_targets
+
+__all__ = [
+    "CoefficientLayout",
+    "LearnResult",
+    "NonFiniteLossError",
+    "TaskTargets",
+    "adamerging",
+    "batch_schedule",
+    "classifier_targets",
+    "clear_cache",
+    "divmerge",
+    "entropy",
+    "fit_coefficients",
+    "js",
+    "kl",
+    "layout",
+    "lm_targets",
+    "masked_mean",
+    "merged_params",
+]

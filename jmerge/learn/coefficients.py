@@ -1,0 +1,133 @@
+"""Merge coefficients Γ: their granularity, initial values, constraints, and θ(Γ).
+
+Task arithmetic with learned coefficients (DivMerge Eq. 3; AdaMerging):
+
+    θ(Γ)^p = θ0^p + Σ_t Γ_t^{l(p)} τ_t^p
+
+where ``l(p)`` is the layer of parameter ``p``. Granularities:
+
+* ``"task"``: one Γ_t per task, coefficients of shape ``(K,)`` (DivMerge/AdaMerging "task level").
+* ``"layer"``: one Γ_t^l per task and layer, shape ``(K, L)``, layers from a
+  :func:`jmerge.layers.group_layers` rule (e.g. ``r"layer/\\d+"`` for transformer blocks).
+* ``"tensor"``: one per task and parameter tensor, ``(K, #tensors)`` (AdaMerging's
+  "layer-wise", research/papers.md §3.4).
+
+The base coefficient is fixed at 1. Coefficients are unconstrained reals (DivMerge) or, by
+option, projected after every update onto ``[0, 1]`` (``"clip01"``, AdaMerging's clamp) or
+onto the probability simplex over tasks, separately for each layer (``"simplex"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmerge import tree as jtree
+from jmerge.layers import LayerGrouping, LayerRule, group_layers
+from jmerge.validate import MergeInputError
+
+PyTree = jtree.PyTree
+GRANULARITIES = ("task", "layer", "tensor")
+CONSTRAINTS = (None, "clip01", "simplex")
+
+
+def _closest(kind: str, name, known) -> MergeInputError:
+    names = [k for k in known if k is not None]
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return MergeInputError(f"unknown {kind} {name!r}{hint} (known: {', '.join(map(repr, known))})")
+
+
+@dataclass(frozen=True)
+class CoefficientLayout:
+    """Which coefficient scales each parameter: ``grouping.leaf_layer[i]`` for leaf ``i``."""
+
+    granularity: str
+    num_tasks: int
+    grouping: LayerGrouping
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.granularity == "task":
+            return (self.num_tasks,)
+        return (self.num_tasks, self.grouping.num_layers)
+
+    @property
+    def layer_names(self) -> tuple[str, ...] | None:
+        return None if self.granularity == "task" else self.grouping.names
+
+
+def layout(base: PyTree, num_tasks: int, granularity: str = "task", layers: LayerRule | LayerGrouping = None) -> CoefficientLayout:
+    """The coefficient layout for ``base``; ``layers`` is a layer rule or a ready grouping
+    (``"layer"`` only; ``"layer"`` without a rule is one layer per tensor)."""
+    if granularity not in GRANULARITIES:
+        raise _closest("granularity", granularity, GRANULARITIES)
+    if layers is not None and granularity != "layer":
+        raise MergeInputError(f"layers={layers!r} is only used with granularity='layer', not {granularity!r}")
+    paths = tuple(jtree.paths(base))
+    if granularity == "task":
+        grouping = LayerGrouping(("all",), (0,) * len(paths), paths)
+    elif isinstance(layers, LayerGrouping):
+        if layers.leaf_paths != paths:
+            raise MergeInputError("the layer grouping was made for other parameters than base")
+        grouping = layers
+    else:
+        try:
+            grouping = group_layers(base, "tensor" if granularity == "tensor" else layers)
+        except (ValueError, TypeError) as e:
+            raise MergeInputError(str(e)) from e
+    return CoefficientLayout(granularity, num_tasks, grouping)
+
+
+def initial(lay: CoefficientLayout, init=None) -> jax.Array:
+    """Initial Γ: ``None`` is ``1/K`` (DivMerge Algorithm 1); a scalar (0.5: DivMerge Table 9,
+    0.3: AdaMerging); one value per task ``(K,)``; or the full ``lay.shape``."""
+    k = lay.num_tasks
+    value = np.full(lay.shape, 1.0 / k) if init is None else np.asarray(init, np.float64)
+    if value.ndim == 1 and value.shape == (k,) and len(lay.shape) == 2:
+        value = np.repeat(value[:, None], lay.shape[1], axis=1)
+    if value.ndim == 0:
+        value = np.full(lay.shape, float(value))
+    if value.shape != lay.shape:
+        raise MergeInputError(f"init has shape {value.shape}; {lay.granularity}-level coefficients need {lay.shape} (or a scalar, or one per task)")
+    if not np.all(np.isfinite(value)):
+        raise MergeInputError(f"init holds non-finite values: {value}")
+    return jnp.asarray(value, jnp.float32)
+
+
+def project(coefficients: jax.Array, constraint: str | None) -> jax.Array:
+    """Γ projected onto the feasible set of ``constraint`` (identity for ``None``)."""
+    if constraint is None:
+        return coefficients
+    if constraint == "clip01":
+        return optax.projections.projection_box(coefficients, 0.0, 1.0)
+    if constraint == "simplex":
+        if coefficients.ndim == 1:
+            return optax.projections.projection_simplex(coefficients)
+        return jax.vmap(optax.projections.projection_simplex, in_axes=1, out_axes=1)(coefficients)
+    raise _closest("constraint", constraint, CONSTRAINTS)
+
+
+def check_constraint(constraint) -> None:
+    if constraint not in CONSTRAINTS:
+        raise _closest("constraint", constraint, CONSTRAINTS)
+
+
+def merged_params(base: PyTree, tvs, coefficients: jax.Array, lay: CoefficientLayout) -> PyTree:
+    """``θ0 + Σ_t Γ_t^{l(p)} τ_t`` leaf by leaf (an unrolled sum over tasks, float32
+    accumulation, cast once to each base leaf's dtype); differentiable in ``coefficients``."""
+    c = jnp.reshape(coefficients, (lay.num_tasks, -1)).astype(jtree.ACCUM_DTYPE)
+    layer_of = dict(zip(lay.grouping.leaf_paths, lay.grouping.leaf_layer))
+
+    def leaf(path, taus, b):
+        total = b.astype(jtree.ACCUM_DTYPE)
+        for t, tau in enumerate(taus):
+            total = total + c[t, layer_of[path]] * tau
+        return total.astype(b.dtype)
+
+    return jtree.map_tasks(leaf, list(tvs), base)

@@ -1,0 +1,267 @@
+"""Per-task, per-layer saliency scores of task vectors for LwPTV.
+
+A score is a function ``(tvs, base, grouping, **hparams) -> (num_tasks, num_layers)``
+float32 array, traceable under ``jax.jit``. **Higher means more salient, so the layer is
+kept**; the mask rules in :mod:`jmerge.lwptv.masks` drop the lowest-scoring layers of each task.
+
+Origin. The LwPTV abstract (Zhang et al., 2025, arXiv 2506.09093) says only that the score
+"measur[es] the redundancy of parameters in task vectors" and yields a layer mask per
+task; its formula is not available to us (research/papers.md §1). **Every score here is
+our own design** in the spirit of that sentence; none claims to reproduce the paper.
+
+Each score works on all tasks and layers at once: the task vectors are stacked per leaf
+(``(K, ...)``), per-leaf partial sums are reduced over the non-task axes, and
+:func:`layer_sum` adds the leaves of each layer with one segment-sum. Scores do not depend
+on the order of the tasks (permuting tasks permutes the rows, up to float rounding of sums
+over tasks in :func:`cross_task_agreement` and :func:`sign_agreement`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmerge import layers as jlayers
+from jmerge import stages
+from jmerge import tree as jtree
+from jmerge.validate import MergeInputError, check_fraction
+
+PyTree = jtree.PyTree
+ScoreFn = Callable[..., jax.Array]
+
+
+# ---------------------------------------------------------------------------- helpers
+def stack_tasks(tvs: Sequence[PyTree]) -> list[jax.Array]:
+    """One ``(K, *shape)`` float32 array per leaf (leaf order) from K task-vector pytrees."""
+    return [jnp.stack([t.astype(jnp.float32) for t in ts]) for ts in zip(*(jax.tree.leaves(tv) for tv in tvs))]
+
+
+def _per_task(x: jax.Array) -> jax.Array:
+    """Sum over every axis but the leading task axis: ``(K, ...) -> (K,)``."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def layer_sum(per_leaf: Sequence[jax.Array], grouping: jlayers.LayerGrouping) -> jax.Array:
+    """Adds per-leaf values (each ``(K,)`` or scalar) into per-layer ones, ``(K, L)`` or ``(L,)``,
+    with one segment-sum over ``grouping.leaf_layer``."""
+    parts = jnp.stack([jnp.asarray(p, jnp.float32) for p in per_leaf], axis=0)  # (n_leaves, [K])
+    ids = jnp.asarray(np.asarray(grouping.leaf_layer, np.int32))
+    out = jax.ops.segment_sum(parts, ids, num_segments=grouping.num_layers)  # (L, [K])
+    return out.T
+
+
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den``, and 0 where ``den`` is 0 (a layer with no update scores 0)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _choice(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise MergeInputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- scores
+def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "energy") -> jax.Array:
+    """Share of a layer's update that survives a global top-``density`` magnitude trim.
+
+    ``m_t = 1[|tau_t| >= kth_t]``, ``kth_t`` the ``int(density * n)``-th largest ``|tau_t|``
+    over the whole task vector (the TIES trim at the same density, ``jmerge.stages.top_magnitude_mask``).
+    ``measure="energy"``: ``s_t^l = sum_{i in l} m_ti tau_ti^2 / sum_{i in l} tau_ti^2``;
+    ``measure="count"``: ``s_t^l = #{i in l: m_ti, tau_ti != 0} / n_l``.
+
+    Orientation: a layer whose update is mostly trimmed away holds only small, redundant
+    entries of the task vector (low score, dropped first); a layer that keeps many of the
+    task's largest entries scores high. Origin: our own design, reading the abstract's
+    "redundancy of parameters in task vectors" through TIES' observation that small
+    entries are redundant (Yadav et al., 2023).
+    """
+    check_fraction("density", density)
+    _choice("measure", measure, ("energy", "count"))
+    stacked = stack_tasks(tvs)
+    keep = jax.vmap(lambda *ls: stages.top_magnitude_mask(list(ls), density))(*stacked)
+    if measure == "energy":
+        num = [_per_task(jnp.where(m, x * x, 0.0)) for m, x in zip(keep, stacked)]
+        den = [_per_task(x * x) for x in stacked]
+        return _ratio(layer_sum(num, grouping), layer_sum(den, grouping))
+    num = [_per_task((m & (x != 0)).astype(jnp.float32)) for m, x in zip(keep, stacked)]
+    den = [jnp.float32(np.prod(x.shape[1:])) for x in stacked]
+    return _ratio(layer_sum(num, grouping), layer_sum(den, grouping)[None, :])
+
+
+def relative_update(tvs, base, grouping) -> jax.Array:
+    """Size of the update relative to the pre-trained weights: ``s_t^l = ||tau_t^l||_F / ||theta_0^l||_F``.
+
+    Norms are over all entries of the layer; ``||theta_0^l||_F`` is floored at 1e-12. Orientation:
+    a layer the fine-tuning barely moved (relative to its own scale) is redundant for the
+    task (low score, dropped first). Origin: our own design (a candidate listed in
+    research/papers.md §1.4; the abstract does not say the score involves the base weights).
+    """
+    stacked = stack_tasks(tvs)
+    tau_sq = layer_sum([_per_task(x * x) for x in stacked], grouping)
+    base_sq = layer_sum([jnp.sum(jnp.square(b.astype(jnp.float32))) for b in jax.tree.leaves(base)], grouping)
+    return jnp.sqrt(tau_sq) / jnp.maximum(jnp.sqrt(base_sq), 1e-12)[None, :]
+
+
+def cross_task_agreement(tvs, base, grouping) -> jax.Array:
+    """Cosine between a task's layer update and the other tasks' summed update:
+    ``s_t^l = <tau_t^l, o_t^l> / (||tau_t^l|| ||o_t^l||)``, ``o_t^l = sum_{j != t} tau_j^l``,
+    in [-1, 1]; 0 when either vector is 0 (so every layer scores 0 with one task).
+
+    Orientation: a layer whose update conflicts with the other tasks (negative cosine) or
+    is orthogonal to them (task-specific) scores low and is dropped first; layers whose
+    update is shared with other tasks are kept. Origin: our own design (cross-task
+    conflict, research/papers.md §1.4 (c)).
+    """
+    stacked = stack_tasks(tvs)
+    total = jax.tree.leaves(jtree.add(*tvs))
+    others = [s[None].astype(jnp.float32) - x for s, x in zip(total, stacked)]
+    dot = layer_sum([_per_task(x * o) for x, o in zip(stacked, others)], grouping)
+    nx = layer_sum([_per_task(x * x) for x in stacked], grouping)
+    no = layer_sum([_per_task(o * o) for o in others], grouping)
+    return _ratio(dot, jnp.sqrt(nx) * jnp.sqrt(no))
+
+
+def sign_agreement(tvs, base, grouping, *, sign: str = "sum", weighting: str = "magnitude") -> jax.Array:
+    """Share of a layer's update that agrees with the TIES elected sign.
+
+    ``gamma = jmerge.stages.elect_sign(tvs, sign)``; ``a_ti = 1[sign(tau_ti) = gamma_i]``.
+    ``weighting="magnitude"``: ``s_t^l = sum_{i in l} a_ti |tau_ti| / sum_{i in l} |tau_ti|``
+    (the share of the layer's L1 mass TIES' disjoint merge would use);
+    ``weighting="count"``: ``s_t^l = #{i in l: a_ti} / #{i in l: tau_ti != 0}``.
+
+    Orientation: layers whose update is mostly outvoted by the other tasks' signs score low
+    and are dropped first. Origin: our own design, built on TIES' sign election (Yadav et al., 2023).
+    """
+    _choice("sign", sign, ("sum", "count"))
+    _choice("weighting", weighting, ("magnitude", "count"))
+    stacked = stack_tasks(tvs)
+    agree = stack_tasks(stages.agreement_masks(tvs, stages.elect_sign(tvs, sign)))
+    if weighting == "magnitude":
+        num = [_per_task(a * jnp.abs(x)) for a, x in zip(agree, stacked)]
+        den = [_per_task(jnp.abs(x)) for x in stacked]
+    else:
+        num = [_per_task(a) for a in agree]
+        den = [_per_task((x != 0).astype(jnp.float32)) for x in stacked]
+    return _ratio(layer_sum(num, grouping), layer_sum(den, grouping))
+
+
+def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array:
+    """Share of a layer's update energy held by its largest entries:
+    ``s_t^l = sum_{i in l, |tau_ti| >= kth_tl} tau_ti^2 / ||tau_t^l||^2``, ``kth_tl`` the
+    ``max(1, int(top * n_l))``-th largest ``|tau_t|`` within layer l.
+
+    Orientation: a concentrated (sparse, structured) update scores high and is kept; an
+    update spread evenly over the layer's entries, like noise, scores low and is dropped
+    first (i.i.d. Gaussian entries give about 0.28 at ``top=0.05``; a constant update gives
+    ``top``). Origin:
+    our own design (research/papers.md §1.4 (b), the entry-wise variant; TSV's finding
+    that task matrices are low-rank motivates it).
+    """
+    check_fraction("top", top)
+    stacked = stack_tasks(tvs)
+    members = [[i for i, l in enumerate(grouping.leaf_layer) if l == layer] for layer in range(grouping.num_layers)]
+    num = [None] * len(stacked)
+    for idx in members:
+        leaves = [stacked[i] for i in idx]
+        k = max(1, int(top * sum(int(np.prod(x.shape[1:])) for x in leaves)))
+        kth = jax.vmap(lambda *ls, k=k: stages.kth_largest_magnitude(ls, k))(*leaves)  # (K,)
+        for i, x in zip(idx, leaves):
+            t = kth.reshape((-1,) + (1,) * (x.ndim - 1))
+            num[i] = _per_task(jnp.where(jnp.abs(x) >= t, x * x, 0.0))
+    den = [_per_task(x * x) for x in stacked]
+    return _ratio(layer_sum(num, grouping), layer_sum(den, grouping))
+
+
+SCORES: dict[str, ScoreFn] = {
+    "trim_survival": trim_survival,
+    "relative_update": relative_update,
+    "cross_task_agreement": cross_task_agreement,
+    "sign_agreement": sign_agreement,
+    "energy_concentration": energy_concentration,
+}
+
+
+def get_score(score: str | ScoreFn) -> ScoreFn:
+    """A score function by name (closest name suggested for typos), or ``score`` if callable."""
+    if callable(score):
+        return score
+    if score not in SCORES:
+        close = difflib.get_close_matches(str(score), list(SCORES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise MergeInputError(f"unknown saliency score {score!r}{hint} (available: {', '.join(SCORES)})")
+    return SCORES[score]
+
+
+def _check_kwargs(fn: ScoreFn, kwargs: dict) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise MergeInputError(
+                f"score {getattr(fn, '__name__', fn)!r} has no parameter {name!r}{hint} (known: {', '.join(known) or 'none'})"
+            )
+
+
+def check_inputs(tvs: Sequence[PyTree], base: PyTree, grouping: jlayers.LayerGrouping) -> None:
+    """At least one task vector, each with the base's parameters, all grouped by ``grouping``."""
+    if not isinstance(tvs, (list, tuple)) or len(tvs) == 0:
+        raise MergeInputError("saliency scores need a non-empty list of task vectors")
+    base_paths = tuple(jtree.paths(base))
+    if base_paths != tuple(grouping.leaf_paths):
+        extra = sorted(set(base_paths) - set(grouping.leaf_paths))[:5]
+        missing = sorted(set(grouping.leaf_paths) - set(base_paths))[:5]
+        raise MergeInputError(
+            f"the layer grouping was built for other parameters: not grouped {extra}, grouped but absent {missing}"
+        )
+    for t, tv in enumerate(tvs):
+        if tuple(jtree.paths(tv)) != base_paths:
+            raise MergeInputError(f"task vector {t} does not have the base's parameters")
+
+
+_JITTED: dict = {}
+
+
+def _jitted(fn: ScoreFn, grouping, kwargs: dict, from_experts: bool):
+    key = (fn, grouping, tuple(sorted(kwargs.items())), from_experts)
+    if key not in _JITTED:
+
+        def run(base, models):
+            tvs = jtree.task_vectors(base, models) if from_experts else models
+            return fn(list(tvs), base, grouping, **kwargs).astype(jnp.float32)
+
+        _JITTED[key] = jax.jit(run)
+    return _JITTED[key]
+
+
+def compute(tvs, base, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
+    """Scores ``(num_tasks, num_layers)`` of task vectors ``tvs``, in one ``jax.jit``."""
+    fn = get_score(score)
+    _check_kwargs(fn, kwargs)
+    check_inputs(tvs, base, grouping)
+    return _check_shape(_jitted(fn, grouping, kwargs, False)(base, list(tvs)), len(tvs), grouping, fn)
+
+
+def compute_from_experts(base, experts, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
+    """Like :func:`compute`, with the task vectors ``experts - base`` formed inside the jit."""
+    fn = get_score(score)
+    _check_kwargs(fn, kwargs)
+    return _check_shape(_jitted(fn, grouping, kwargs, True)(base, list(experts)), len(experts), grouping, fn)
+
+
+def _check_shape(scores: jax.Array, k: int, grouping, fn) -> jax.Array:
+    if scores.shape != (k, grouping.num_layers):
+        raise MergeInputError(
+            f"score {getattr(fn, '__name__', fn)!r} returned shape {scores.shape}, expected "
+            f"(num_tasks, num_layers) = ({k}, {grouping.num_layers})"
+        )
+    return scores

@@ -1,0 +1,229 @@
+"""The LwPTV stage: score layers, mask them per task, prune the task vectors, merge.
+
+``jmerge.merge(base, experts, method, lwptv=LwPTV(layers="bert", score=..., rule=..., value=...))``
+(or ``lwptv=`` a :class:`~jmerge.lwptv.masks.LayerMask`) runs
+
+1. saliency scores ``s = score(tvs, base, grouping)``, ``(K, L)``, in one jit;
+2. the mask rule on the host, giving an explicit ``(K, L)`` :class:`LayerMask`;
+3. in one jit: ``tau~_t^l = m_t^l tau_t^l`` (:func:`prune`), the method on the pruned
+   task vectors, and :func:`keep_base`, which puts the base weights back, bit for bit, in
+   every layer no task keeps ("only keeping the pre-trained model parameters at the
+   corresponding layer", the LwPTV abstract). Methods that do not map zero task vectors
+   exactly to the base (rounding, SLERP) therefore still give the base there.
+
+An all-True mask reproduces the method exactly. :func:`prune` and :func:`keep_base` are
+pure functions on task-vector pytrees, usable inside any jit (e.g. before learning merge
+coefficients, ``jmerge.learn``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmerge import layers as jlayers
+from jmerge import tree as jtree
+from jmerge import validate
+from jmerge.lwptv import masks as jmasks
+from jmerge.lwptv import presets
+from jmerge.lwptv import scores as jscores
+from jmerge.lwptv.masks import LayerMask
+from jmerge.validate import MergeInputError
+
+PyTree = jtree.PyTree
+
+
+@dataclass(frozen=True)
+class LwPTV:
+    """How LwPTV picks the layers to keep.
+
+    Attributes:
+      layers: the layer grouping: a preset name (``"bert"``, ``"gpt2"``, ``"llama"``,
+        ``"vit"``, ``"clip"``, ``"jmerge_bert"``), ``"tensor"``, a regex or a callable
+        (see :func:`jmerge.lwptv.presets.group`).
+      score: a name from ``jmerge.lwptv.SCORES`` or a callable ``(tvs, base, grouping) -> (K, L)``.
+        The default is provisional until the experiments (issue "LwPTV" item 6) choose one.
+      rule: ``"keep_ratio"``, ``"top_k"`` or ``"threshold"`` (:mod:`jmerge.lwptv.masks`).
+      value: the rule's parameter: the ratio in [0, 1], k, or tau.
+      score_kwargs: the score's hyper-parameters, e.g. ``{"density": 0.1}``.
+      normalize: per-task score normalisation before a threshold (None, "max", "minmax").
+      unassigned: what to do with parameters the layer rule misses ("error", "own", "rest").
+      task_names: names for the mask's rows (default ``task_0``, ``task_1``, ...).
+    """
+
+    layers: Any
+    score: Any = "trim_survival"
+    rule: str = "keep_ratio"
+    value: float = 0.8
+    score_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    normalize: str | None = None
+    unassigned: str = "error"
+    task_names: Sequence[str] | None = None
+
+    def check(self, num_layers: int | None = None) -> None:
+        """Validates names and values (``k <= num_layers`` once the grouping is known)."""
+        jscores._check_kwargs(jscores.get_score(self.score), dict(self.score_kwargs))
+        if self.rule not in jmasks.RULES:
+            raise MergeInputError(f"unknown mask rule {self.rule!r} (rules: {', '.join(jmasks.RULES)})")
+        if self.rule == "keep_ratio":
+            validate.check_fraction("keep ratio", self.value, low_open=False)
+        elif self.rule == "top_k":
+            k = self.value
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+                raise MergeInputError(f"top_k value k={k!r} must be a non-negative integer")
+            if num_layers is not None and k > num_layers:
+                raise MergeInputError(f"top_k value k={k} exceeds the {num_layers} layers")
+        elif not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise MergeInputError(f"threshold value tau={self.value!r} must be a finite number")
+        if self.normalize not in (None, "max", "minmax"):
+            raise MergeInputError(f"normalize must be None, 'max' or 'minmax', got {self.normalize!r}")
+        if self.unassigned not in ("error", "own", "rest"):
+            raise MergeInputError(f"unassigned must be 'error', 'own' or 'rest', got {self.unassigned!r}")
+
+
+def _mask_array(mask, grouping: jlayers.LayerGrouping, num_tasks: int):
+    """The ``(K, L)`` boolean array of ``mask`` in ``grouping``'s layer order, checked."""
+    if isinstance(mask, LayerMask):
+        if mask.layer_names != grouping.names:
+            if set(mask.layer_names) != set(grouping.names):
+                missing = [n for n in grouping.names if n not in mask.layer_names]
+                unexpected = [n for n in mask.layer_names if n not in grouping.names]
+                raise MergeInputError(
+                    f"the mask's layers do not match the grouping's: expected {list(grouping.names)[:8]}"
+                    f"{'...' if grouping.num_layers > 8 else ''}, got {list(mask.layer_names)[:8]}"
+                    f"{'...' if mask.num_layers > 8 else ''}; missing from the mask {missing[:5]}, "
+                    f"not in the grouping {unexpected[:5]}"
+                )
+            cols = [mask.layer_names.index(n) for n in grouping.names]
+            mask = dataclasses.replace(mask, mask=mask.mask[:, cols], layer_names=grouping.names)
+        arr = mask.mask
+    else:
+        arr = mask
+    shape = tuple(getattr(arr, "shape", np.shape(arr)))
+    expected = (num_tasks, grouping.num_layers)
+    if shape != expected:
+        raise MergeInputError(
+            f"layer mask has shape {shape}, expected (num_tasks, num_layers) = {expected} "
+            f"(layers: {list(grouping.names)[:8]}{'...' if grouping.num_layers > 8 else ''})"
+        )
+    return arr
+
+
+def _grouping_for(params, layers, mask, unassigned: str = "error") -> jlayers.LayerGrouping:
+    if isinstance(layers, jlayers.LayerGrouping):
+        return layers
+    if layers is None:
+        layers = mask.layers if isinstance(mask, LayerMask) else None
+        if layers is None:
+            raise MergeInputError("pass the layer grouping (a LayerGrouping, preset name, regex or callable)")
+    return presets.group(params, layers, unassigned=unassigned)
+
+
+def prune(tvs: Sequence[PyTree], mask, grouping=None) -> list[PyTree]:
+    """LwPTV's layer-wise pruning: ``tau~_t^l = m_t^l * tau_t^l``.
+
+    Args:
+      tvs: K task-vector pytrees.
+      mask: a :class:`LayerMask` or a ``(K, L)`` boolean array (numpy, or jax, also traced).
+      grouping: a ``LayerGrouping`` or a layer spec (preset name, regex, callable); default the
+        mask's own ``layers``.
+
+    Returns K pytrees in which every dropped layer is 0 and every kept one is ``tau`` unchanged.
+    """
+    if not isinstance(tvs, (list, tuple)) or not tvs:
+        raise MergeInputError("prune needs a non-empty list of task vectors")
+    grouping = _grouping_for(tvs[0], grouping, mask)
+    arr = jnp.asarray(_mask_array(mask, grouping, len(tvs)), bool)
+    out = []
+    for t, tv in enumerate(tvs):
+        leaves, treedef = jax.tree.flatten(tv)
+        if len(leaves) != len(grouping.leaf_layer):
+            raise MergeInputError(f"task vector {t} has {len(leaves)} parameters, the grouping {len(grouping.leaf_layer)}")
+        out.append(jax.tree.unflatten(treedef, [jnp.where(arr[t, l], x, 0) for x, l in zip(leaves, grouping.leaf_layer)]))
+    return out
+
+
+def keep_base(merged: PyTree, base: PyTree, mask, grouping) -> PyTree:
+    """``merged`` with each layer that no task keeps replaced by the base layer, bit for bit."""
+    grouping = _grouping_for(base, grouping, mask)
+    arr = mask.mask if isinstance(mask, LayerMask) else mask
+    arr = jnp.asarray(_mask_array(mask, grouping, arr.shape[0]), bool)
+    dropped = ~jnp.any(arr, axis=0)
+    m_leaves, treedef = jax.tree.flatten(merged)
+    b_leaves = jax.tree.leaves(base)
+    return jax.tree.unflatten(
+        treedef,
+        [jnp.where(dropped[l], b, m.astype(b.dtype)) for m, b, l in zip(m_leaves, b_leaves, grouping.leaf_layer)],
+    )
+
+
+def select(base: PyTree, experts: Sequence[PyTree], config: LwPTV) -> tuple[jlayers.LayerGrouping, jax.Array, LayerMask]:
+    """Grouping, scores and mask for ``config`` (no model validation: see :func:`inspect`)."""
+    config.check()
+    grouping = presets.group(base, config.layers, unassigned=config.unassigned)
+    config.check(grouping.num_layers)
+    k = len(experts)
+    if config.task_names is not None and len(config.task_names) != k:
+        raise MergeInputError(f"LwPTV task_names has {len(config.task_names)} names for {k} experts")
+    s = jscores.compute_from_experts(base, experts, grouping, config.score, **dict(config.score_kwargs))
+    mask = jmasks.make_mask(
+        np.asarray(s),
+        config.rule,
+        config.value,
+        layer_names=grouping.names,
+        task_names=config.task_names,
+        normalize_by=config.normalize,
+        layers=None if callable(config.layers) and not isinstance(config.layers, presets.Preset) else config.layers,
+    )
+    return grouping, s, mask
+
+
+def inspect(base: PyTree, experts: Sequence[PyTree], config: LwPTV | None = None, **fields) -> tuple[np.ndarray, LayerMask]:
+    """Scores ``(K, L)`` and the mask LwPTV would use, for tables and plots.
+
+    ``config`` is an :class:`LwPTV`, or pass its fields: ``inspect(base, experts, layers="bert",
+    score="relative_update", rule="keep_ratio", value=0.8)``.
+    """
+    if config is None:
+        config = LwPTV(**fields)
+    elif fields:
+        config = dataclasses.replace(config, **fields)
+    validate.check_models(base, experts)
+    _, s, mask = select(base, list(experts), config)
+    return np.asarray(s), mask
+
+
+_JITTED: dict = {}
+
+
+def _jitted_merge(method, static_names: tuple[str, ...], grouping: jlayers.LayerGrouping):
+    cache_key = (method.name, method.fn, static_names, grouping)
+    if cache_key not in _JITTED:
+
+        def run(base, experts, key, mask, **hp):
+            tvs = jtree.task_vectors(base, experts)
+            merged = method.fn(base, prune(tvs, mask, grouping), key=key, **hp)
+            return keep_base(merged, base, mask, grouping)
+
+        _JITTED[cache_key] = jax.jit(run, static_argnames=static_names)
+    return _JITTED[cache_key]
+
+
+def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv) -> PyTree:
+    """The ``lwptv=`` path of :func:`jmerge.merge` (inputs and hyper-parameters already validated)."""
+    experts = list(experts)
+    if isinstance(lwptv, LwPTV):
+        grouping, _, mask = select(base, experts, lwptv)
+    elif isinstance(lwptv, LayerMask):
+        mask = lwptv
+        grouping = _grouping_for(base, None, mask)
+    else:
+        raise MergeInputError(f"lwptv must be an LwPTV config or a LayerMask, got {type(lwptv).__name__}")
+    arr = jnp.asarray(_mask_array(mask, grouping, len(experts)), bool)
+    return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **hparams)

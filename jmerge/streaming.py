@@ -1,0 +1,350 @@
+"""Out-of-core merging: stream tensors from safetensors checkpoints, write the output shard by shard.
+
+Every method that works tensor by tensor (task arithmetic, average, TIES with
+``trim="tensor"``, DARE, breadcrumbs, DELLA, MagMax, consensus, SLERP, Multi-SLERP, Model
+Stock, TSV-M, Iso-C, Iso-CTS) is run by calling :func:`jmerge.merge` on one-tensor
+pytrees, so a streamed merge computes what the in-memory merge computes. Per tensor we read
+the base and the K experts (each through a scoped ``safe_open``), merge, and write the result
+straight to its place in the output shard; peak memory is a few copies of one tensor times
+K + 1, not the model size.
+
+TIES trims by thresholds found on the host: with ``trim="tensor"`` (mergekit's scope) the
+exact k-th largest ``|tau_t|`` of each tensor by ``np.partition`` (:func:`tensor_thresholds`;
+on 2 CPU cores 3x faster than the jitted bisection), passed to ``ties(..., thresholds=...)``.
+Global-trim TIES (the paper's ``trim="global"``, jmerge's default) ranks magnitudes over the
+whole task vector. It runs in three passes: two cheap passes find, for each task, the exact
+k-th largest ``|tau_t|`` over all float tensors by a two-level histogram of the float32 bit
+patterns (non-negative float32 values order like their bits; 2^15 buckets of the high 16
+bits, then 2^16 buckets of the low bits inside the bucket holding the k-th value), and the
+merge pass trims with that threshold (``ties(..., thresholds=...)``,
+:func:`jmerge.stages.threshold_trim`). The result equals the in-memory global TIES.
+
+Details that differ from an in-memory merge of the same dicts:
+
+* Pytree key. Each call merges ``{"tensor": x}``, so ``jax.jit`` compiles once per distinct
+  (shape, dtype) rather than once per tensor name. Methods whose hyper-parameters look at
+  parameter paths (``svd_filter``) get ``{name: x}`` instead.
+* PRNG keys (DARE, DELLA). Tensor ``name`` gets ``fold_in(key, h(name))``, ``h`` a stable
+  31-bit BLAKE2 hash of the name, so a streamed stochastic merge is deterministic and
+  independent of tensor order, but it draws other masks than the in-memory merge (which
+  folds in the leaf index).
+* Non-float tensors (e.g. int64 ``position_ids`` buffers) are copied from the base.
+* Experts may store another float dtype than the base: that tensor is then merged in
+  float32 (exact for bf16/f16 inputs) and cast to the output dtype (``out_dtype``, default
+  the base tensor's dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jmerge import stages
+from jmerge.io import safetensors_io as st
+from jmerge.methods import registry
+from jmerge.validate import MergeInputError
+
+STREAMABLE = frozenset(
+    {
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "magmax",
+        "consensus",
+        "slerp",
+        "multislerp",
+        "model_stock",
+        "tsv",
+        "iso_c",
+        "iso_cts",
+    }
+)
+PATH_PARAMS = ("svd_filter",)
+LEAF = "tensor"
+
+Progress = Callable[[str, str], None]  # (phase, tensor name), called after each tensor
+
+
+def name_hash(name: str) -> int:
+    """A stable 31-bit hash of a tensor name (BLAKE2b), independent of Python's hash seed."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def tensor_key(key: jax.Array, name: str) -> jax.Array:
+    """The PRNG key of tensor ``name``: ``fold_in(key, name_hash(name))``."""
+    return jax.random.fold_in(key, name_hash(name))
+
+
+def _open(ckpt: st.Checkpoint | str | os.PathLike) -> st.Checkpoint:
+    return ckpt if isinstance(ckpt, st.Checkpoint) else st.open_checkpoint(ckpt)
+
+
+def prepare(
+    base, experts: Sequence, method: str, *, key: jax.Array | None = None, in_memory: bool = False, **hparams
+) -> tuple[st.Checkpoint, list[st.Checkpoint], dict[str, Any]]:
+    """Opens the checkpoints (headers only), checks they match and the method and its
+    hyper-parameters can be streamed (or run ``in_memory``); returns ``(base, experts, resolved hparams)``."""
+    m = registry.get(method)
+    if method not in STREAMABLE and not in_memory:
+        raise MergeInputError(
+            f"method {method!r} does not work tensor by tensor, so it cannot be streamed; merge in memory"
+        )
+    base = _open(base)
+    experts = [_open(e) for e in experts]
+    if not experts:
+        raise MergeInputError("no experts: a merge needs at least one fine-tuned model")
+    for i, e in enumerate(experts):
+        st.check_compatible(base, e, f"expert {i} ({e.path})")
+    hp = m.resolve(len(experts), hparams)
+    if m.needs_key and key is None:
+        raise MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
+    if not any(t.is_float for t in base.tensors.values()):
+        raise MergeInputError(f"{base.path}: no float tensors to merge")
+    return base, experts, hp
+
+
+def _read_float32_tvs(base: st.Checkpoint, experts: Sequence[st.Checkpoint], name: str) -> list[np.ndarray]:
+    b = base.read(name).astype(np.float32)
+    return [e.read(name).astype(np.float32) - b for e in experts]
+
+
+def _kth_from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th largest value (buckets ordered by value) and its rank inside it."""
+    from_top = np.cumsum(counts[::-1])
+    idx = int(np.searchsorted(from_top, k))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return len(counts) - 1 - idx, k - above
+
+
+def global_thresholds(
+    base, experts: Sequence, density: float | Sequence[float], *, progress: Progress | None = None
+) -> np.ndarray:
+    """Per task, the exact k-th largest ``|tau_t|`` over all float tensors, ``k = int(d_t N)``.
+
+    Two streamed passes of histograms over float32 bit patterns (module docstring); the
+    value equals :func:`jmerge.stages.kth_largest_magnitude` on the whole task vector.
+    ``k >= N`` gives 0 (keep all), ``k = 0`` gives ``inf`` (keep none).
+    """
+    base, experts = _open(base), [_open(e) for e in experts]
+    names = [n for n, t in base.tensors.items() if t.is_float]
+    total = sum(base.tensors[n].size for n in names)
+    ks = [stages._keep_count(d, total) for d in stages.per_task(density, len(experts))]
+    out = np.array([0.0 if k >= total else np.inf for k in ks], np.float32)
+    todo = [t for t, k in enumerate(ks) if 0 < k < total]
+    if not todo:
+        return out
+    high = np.zeros((len(experts), 1 << 15), np.int64)
+    for name in names:
+        tvs = _read_float32_tvs(base, experts, name)
+        for t in todo:
+            high[t] += np.bincount((np.abs(tvs[t]).view(np.uint32) >> 16).ravel(), minlength=1 << 15)
+        if progress:
+            progress("threshold pass 1", name)
+    bucket, rank = {}, {}
+    for t in todo:
+        bucket[t], rank[t] = _kth_from_top(high[t], ks[t])
+    low = np.zeros((len(experts), 1 << 16), np.int64)
+    for name in names:
+        tvs = _read_float32_tvs(base, experts, name)
+        for t in todo:
+            bits = np.abs(tvs[t]).view(np.uint32).ravel()
+            low[t] += np.bincount(bits[(bits >> 16) == bucket[t]] & 0xFFFF, minlength=1 << 16)
+        if progress:
+            progress("threshold pass 2", name)
+    for t in todo:
+        lo, _ = _kth_from_top(low[t], rank[t])
+        out[t] = np.array((bucket[t] << 16) | lo, np.uint32).view(np.float32)
+    return out
+
+
+def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
+    """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by
+    ``np.partition`` on the host (O(n); faster on CPU than the jitted bisection the in-memory
+    per-tensor trim uses, same value). 0 keeps all, ``inf`` none."""
+    b = base.astype(np.float32)
+    out = []
+    for e, d in zip(experts, stages.per_task(density, len(experts))):
+        mags = np.abs(e.astype(np.float32) - b).ravel()
+        k = stages._keep_count(d, mags.size)
+        out.append(0.0 if k >= mags.size else np.inf if k == 0 else float(np.partition(mags, mags.size - k)[mags.size - k]))
+    return tuple(out)
+
+
+def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
+    if not np.all(np.isfinite(x)):
+        raise MergeInputError(f"{ckpt.path}: tensor {name!r} holds NaN or infinite values")
+
+
+def iter_merged(
+    base,
+    experts: Sequence,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    out_dtype: Any = None,
+    check_finite: bool = True,
+    progress: Progress | None = None,
+    **hparams,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(name, merged tensor)`` in the base's tensor order, one tensor in memory at a time.
+
+    ``out_dtype`` (e.g. ``"bfloat16"``) casts float outputs; the default keeps each base
+    tensor's dtype. Hyper-parameters are those of ``jmerge.methods.get(method)``.
+    """
+    base, experts, hp = prepare(base, experts, method, key=key, **hparams)
+    if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
+        hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
+    per_tensor_trim = method == "ties" and hp["trim"] == "tensor" and hp.get("thresholds") is None
+    use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
+    cast = _np_dtype(out_dtype)
+    for name, info in base.tensors.items():
+        b = base.read(name)
+        if not info.is_float:
+            yield name, b
+            if progress:
+                progress("merge", name)
+            continue
+        es = [e.read(name) for e in experts]
+        if check_finite:
+            for ckpt, x in zip([base, *experts], [b, *es]):
+                _check_finite(ckpt, name, x)
+        if any(x.dtype != b.dtype for x in es):
+            b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
+        leaf = name if use_names else LEAF
+        extra = {"thresholds": tensor_thresholds(b, es, hp["density"])} if per_tensor_trim else {}
+        merged = registry.merge(
+            {leaf: b},
+            [{leaf: x} for x in es],
+            method,
+            key=None if key is None else tensor_key(key, name),
+            check_finite=False,
+            **hparams,
+            **extra,
+        )[leaf]
+        del es
+        yield name, np.asarray(merged).astype(cast or info.dtype, copy=False)
+        if progress:
+            progress("merge", name)
+
+
+def iter_merged_in_memory(
+    base,
+    experts: Sequence,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    out_dtype: Any = None,
+    check_finite: bool = True,
+    lwptv: Any = None,
+    **hparams,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The in-memory counterpart of :func:`iter_merged`: loads every float tensor of every
+    model and runs one :func:`jmerge.merge` on flat ``{name: array}`` dicts, for what needs
+    the whole model at once (``lwptv=``, a ``jmerge.lwptv.LwPTV`` or ``LayerMask``; methods
+    not in :data:`STREAMABLE`). Memory: all inputs at once."""
+    base, experts, _ = prepare(base, experts, method, key=key, in_memory=True, **hparams)
+    floats = [n for n, t in base.tensors.items() if t.is_float]
+    b = {n: base.read(n) for n in floats}
+    es = [{n: e.read(n) for n in floats} for e in experts]
+    for n in floats:  # mixed float dtypes: that tensor is merged in float32
+        if any(e[n].dtype != b[n].dtype for e in es):
+            b[n] = b[n].astype(np.float32)
+            for e in es:
+                e[n] = e[n].astype(np.float32)
+    extra = {} if lwptv is None else {"lwptv": lwptv}
+    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hparams)
+    del es
+    cast = _np_dtype(out_dtype)
+    for name, info in base.tensors.items():
+        yield name, (np.asarray(merged[name]).astype(cast or info.dtype, copy=False) if info.is_float else base.read(name))
+
+
+def _np_dtype(dtype: Any) -> np.dtype | None:
+    if dtype is None:
+        return None
+    return st.numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """What :func:`merge_to_dir` wrote."""
+
+    out: Path
+    files: tuple[str, ...]
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def output_plan(base: st.Checkpoint, out_dtype: Any = None, shard_size: int | str = st.DEFAULT_SHARD_SIZE) -> st.ShardPlan:
+    """The output shards of a merge of ``base``: its tensors, float ones cast to ``out_dtype``."""
+    code = None if out_dtype is None else st.dtype_code(_np_dtype(out_dtype))
+    specs = [(n, t.shape, code if (code and t.is_float) else t.code) for n, t in base.tensors.items()]
+    return st.ShardPlan.build(specs, st.parse_size(shard_size))
+
+
+def merge_to_dir(
+    out: str | os.PathLike,
+    base,
+    experts: Sequence,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    out_dtype: Any = None,
+    shard_size: int | str = st.DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    card: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    check_finite: bool = True,
+    in_memory: bool = False,
+    lwptv: Any = None,
+    progress: Progress | None = None,
+    **hparams,
+) -> StreamResult:
+    """Merges into an HF directory ``out``: sharded safetensors + index, the base's
+    ``config.json`` and tokenizer files, ``card`` as README.md, ``extra_files`` as given.
+
+    Streams tensor by tensor (:func:`iter_merged`) unless ``in_memory`` or ``lwptv`` is given
+    (:func:`iter_merged_in_memory`). Written atomically: nothing appears at ``out`` unless
+    every tensor was written, and an existing ``out`` is replaced only with ``force``.
+    """
+    start = time.perf_counter()
+    in_memory = in_memory or lwptv is not None
+    base, experts, _ = prepare(base, experts, method, key=key, in_memory=in_memory, **hparams)
+    plan = output_plan(base, out_dtype, shard_size)
+    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite, **hparams)
+    if in_memory:
+        tensors = iter_merged_in_memory(base, experts, method, lwptv=lwptv, **common)
+    else:
+        tensors = iter_merged(base, experts, method, progress=progress, **common)
+    with st.atomic_dir(out, force=force, protect=[base.path, *(e.path for e in experts)]) as tmp:
+        writer = st.ShardWriter(tmp, plan)
+        try:
+            for name, array in tensors:
+                writer.write(name, array)
+                if in_memory and progress:
+                    progress("write", name)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if base.path.is_dir():
+            st.copy_model_files(base.path, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    out = Path(out)
+    return StreamResult(out, tuple(p.name for p in files), len(base.tensors), st.dir_size(out), time.perf_counter() - start)

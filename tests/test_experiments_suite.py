@@ -1,0 +1,175 @@
+"""experiments/: expert fine-tuning + cache and Suite evaluation, on a tiny random BERT
+with synthetic keyword tasks (no real data or weights needed)."""
+
+import itertools
+import json
+import zlib
+from dataclasses import replace
+
+import jax
+import numpy as np
+import pytest
+
+import jmerge
+from experiments import finetune, suite_t
+from experiments.evaluate import Tokens, embed, probe_accuracy, trim
+from jmerge.data import Task
+from jmerge.models.bert import Bert, BertConfig
+
+CFG = BertConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=16)
+MAX_LEN = 8
+
+
+def tokenizer(texts):
+    """Word-hash tokenizer: [CLS]=1, words -> 3 + crc32 % 61, [SEP]=2, padded with 0."""
+    ids = np.zeros((len(texts), MAX_LEN), np.int32)
+    for i, t in enumerate(texts):
+        toks = [1] + [3 + zlib.crc32(w.encode()) % 61 for w in t.split()][: MAX_LEN - 2] + [2]
+        ids[i, : len(toks)] = toks
+    return ids, (ids > 0).astype(np.int32)
+
+
+def synthetic_task(name, keywords, n=240, seed=0):
+    """Class c iff the text contains keyword c, among random filler words."""
+    rng = np.random.default_rng(seed)
+    filler = [f"w{i}" for i in range(20)]
+    texts, labels = [], []
+    for i in range(n):
+        c = i % len(keywords)
+        words = list(rng.choice(filler, rng.integers(1, 5))) + [keywords[c]]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(c)
+    return Task.from_records(name, texts, labels, seed=seed)
+
+
+TASKS = {
+    "alpha": synthetic_task("alpha", ["apple", "banana"], seed=1),
+    "beta": synthetic_task("beta", ["red", "green", "blue"], seed=2),
+    "gamma": synthetic_task("gamma", ["cat", "dog"], seed=3),
+    "delta": synthetic_task("delta", ["up", "down"], seed=4),  # OOD, no expert
+}
+RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, head_lr=3e-2, max_len=MAX_LEN, train_size=150)
+CONFIG = suite_t.SuiteConfig(tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",), recipe=RECIPE,
+                             validation_size=24, test_size=24, probe_train=60)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JMERGE_CACHE_DIR", str(cache))
+    bert = Bert(CFG)
+    base = bert.init(jax.random.key(0))
+    kw = dict(bert=bert, base=base, tokenizer=tokenizer, loader=TASKS.__getitem__, log=lambda m: None)
+    suite = suite_t.build_suite(CONFIG, **kw)
+    again = suite_t.build_suite(CONFIG, **kw)
+    smaller_eval = suite_t.build_suite(replace(CONFIG, validation_size=12), **kw)
+    yield suite, again, cache, smaller_eval
+    mp.undo()
+
+
+def test_experts_learn_and_are_cached(built):
+    suite, again, cache, smaller_eval = built
+    for name in CONFIG.tasks:
+        m = suite.expert_metrics[name]
+        assert not m["cached"] and again.expert_metrics[name]["cached"]
+        assert m["validation_acc"] > 100.0 / TASKS[name].num_classes + 15  # well above chance
+        folder = cache / "experts" / m["cache"].rsplit("/", 1)[1]
+        files = {p.name for p in folder.iterdir()}
+        assert {"encoder.safetensors", "head.safetensors", "metrics.json"} < files
+        # A different validation subset reuses the expert and scores it again, beside the first scores.
+        small = smaller_eval.expert_metrics[name]
+        assert small["cached"] and small["cache"] == m["cache"] and small["validation_size"] == 12
+        assert small["test_acc"] == m["test_acc"]
+        assert len([f for f in files if f.startswith("eval-")]) == 2
+        assert json.loads((folder / "metrics.json").read_text())["recipe"]["steps"] == RECIPE.steps
+        for a, b in zip(jax.tree.leaves(suite.experts[name]), jax.tree.leaves(again.experts[name])):
+            np.testing.assert_array_equal(a, b)
+        assert jmerge.tree.paths(suite.experts[name]) == jmerge.tree.paths(suite.base)
+    assert not list(cache.glob("experts/.*"))  # no temp folders left behind
+
+
+def test_cache_key_depends_on_recipe_data_and_base():
+    k = finetune.expert_key(RECIPE, "alpha", "d0", "b0")
+    assert k == finetune.expert_key(RECIPE, "alpha", "d0", "b0")
+    assert len({k, finetune.expert_key(replace(RECIPE, steps=41), "alpha", "d0", "b0"),
+                finetune.expert_key(RECIPE, "alpha", "d1", "b0"), finetune.expert_key(RECIPE, "alpha", "d0", "b1"),
+                finetune.expert_key(RECIPE, "beta", "d0", "b0")}) == 5
+
+
+def test_evaluate_expert_reproduces_its_metrics(built):
+    suite = built[0]
+    res = suite.evaluate(suite.experts["beta"], "validation", tasks=["beta"])
+    assert res["id"]["beta"] == pytest.approx(suite.expert_metrics["beta"]["validation_acc"])
+    assert res["normalized"]["beta"] == pytest.approx(100.0)
+    assert set(res["ood"]) == {"delta"} and 0 <= res["ood_acc"] <= 100
+    test = suite.evaluate(suite.experts["beta"], "test", tasks=["beta"], probes=[])
+    assert test["id"]["beta"] == pytest.approx(suite.expert_metrics["beta"]["test_acc"]) and test["ood_acc"] is None
+    with pytest.raises(ValueError, match="split"):
+        suite.evaluate(suite.base, "train")
+
+
+def test_evaluate_means_and_reference_rows(built):
+    suite = built[0]
+    merged = jmerge.merge(suite.base, suite.experts_for(suite.names), "task_arithmetic", scale=0.5)
+    res = suite.evaluate(merged)
+    assert set(res["id"]) == set(CONFIG.tasks)
+    assert res["id_acc"] == pytest.approx(np.mean(list(res["id"].values())))
+    for t in CONFIG.tasks:
+        assert res["normalized"][t] == pytest.approx(100 * res["id"][t] / suite.expert_metrics[t]["validation_acc"])
+    rows = suite.reference_rows("validation")
+    assert rows["experts"]["normalized_acc"] == 100.0 and set(rows["base"]["probe_id"]) == set(CONFIG.tasks)
+
+
+def test_rotation_holds_out_each_subset(built):
+    suite = built[0]
+    calls = []
+
+    def merge_fn(names):
+        calls.append(names)
+        return jmerge.merge(suite.base, suite.experts_for(names), "average")
+
+    rot = suite.rotation(merge_fn, k=1)
+    assert calls == [("beta", "gamma"), ("alpha", "gamma"), ("alpha", "beta")]
+    assert [f["held_out"] for f in rot["folds"]] == [("alpha",), ("beta",), ("gamma",)]
+    for f in rot["folds"]:
+        assert set(f["id"]) == set(f["merged"]) and set(f["ood"]) == set(f["held_out"]) | {"delta"}
+    assert rot["heldout_acc"] == pytest.approx(np.mean([f["ood"][f["held_out"][0]] for f in rot["folds"]]))
+    assert len(suite.rotation(merge_fn, k=2)["folds"]) == len(list(itertools.combinations(CONFIG.tasks, 2)))
+    with pytest.raises(ValueError, match="k must"):
+        suite.rotation(merge_fn, k=3)
+
+
+def test_logits_and_unlabeled_pool(built):
+    suite = built[0]
+    pool = suite.unlabeled("alpha", 10, seed=1)
+    assert pool["ids"].shape == pool["mask"].shape == (10, MAX_LEN)
+    logits = suite.logits(suite.experts["alpha"], "alpha", pool["ids"], pool["mask"])
+    assert logits.shape == (10, 2)
+    fn = suite.apply_fn("alpha")
+    assert fn is suite.apply_fn("alpha")  # stable, so jmerge.learn reuses its compiled steps
+    np.testing.assert_allclose(fn(suite.experts["alpha"], pool), logits, atol=1e-6)
+    with pytest.raises(ValueError, match="asked for 10000"):
+        suite.unlabeled("alpha", 10_000)
+
+
+def test_embed_is_order_and_batch_invariant():
+    bert = Bert(CFG)
+    params = bert.init(jax.random.key(2))
+    ids, mask = tokenizer([" ".join(["w"] * (i % 6)) + f" x{i}" for i in range(37)])
+    t = Tokens(ids, mask, np.zeros(37, np.int32))
+    full = np.asarray(bert.encode(params, ids, mask))
+    np.testing.assert_allclose(embed(bert, params, t, batch_size=8), full, atol=1e-5)
+    np.testing.assert_allclose(embed(bert, params, t, batch_size=64), full, atol=1e-5)
+    short_ids, short_mask = trim(ids[:1], mask[:1])
+    assert short_ids.shape[1] == MAX_LEN if mask[0].sum() > 16 else short_ids.shape[1] in (MAX_LEN, 16)
+
+
+def test_probe_accuracy_on_separable_and_random_data():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    x = rng.normal(size=(200, 5)) + 4.0 * y[:, None]
+    assert probe_accuracy(x[:100], y[:100], x[100:], y[100:]) == 100.0
+    noise = rng.normal(size=(200, 5))
+    assert probe_accuracy(noise[:100], y[:100], noise[100:], y[100:]) < 75.0

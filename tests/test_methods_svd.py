@@ -1,0 +1,217 @@
+"""TSV-M, Iso-C and Iso-CTS against plain-numpy (float64) references of the papers' formulas."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge import MergeInputError
+from jmerge.methods.svd import iso_cts_sizes
+from _methods_testing import as_np, assert_matches, make_models, mesh, np_task_vectors, shard, transpose_matrices
+
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+# ----------------------------------------------------------------------------- numpy references
+def np_svd(x):
+    return np.linalg.svd(x, full_matrices=False)
+
+
+def np_procrustes(x):
+    p, _, qt = np_svd(x)
+    return p @ qt
+
+
+def np_tsv(ts):
+    k = min(ts[0].shape) // len(ts)
+    if k == 0:
+        return np.zeros_like(ts[0])
+    parts = [np_svd(x) for x in ts]
+    u = np_procrustes(np.hstack([u[:, :k] for u, _, _ in parts]))
+    s = np.concatenate([s[:k] for _, s, _ in parts])
+    vt = np_procrustes(np.vstack([vt[:k] for _, _, vt in parts]))
+    return u @ np.diag(s) @ vt
+
+
+def np_iso_c(ts):
+    u, s, vt = np_svd(sum(ts))
+    return s.mean() * u @ vt
+
+
+def np_iso_cts_torch(ts, fraction):
+    """Iso-CTS on (out, in) matrices: project out the sum's top-k *left* singular space."""
+    r, n_tasks = min(ts[0].shape), len(ts)
+    k = int(r * fraction)
+    per_task = round((r - k) / n_tasks)
+    if per_task * n_tasks > r:
+        per_task = r // n_tasks
+    k = r - per_task * n_tasks
+    u, s, vt = np_svd(sum(ts))
+    us, ss, vts = [u[:, :k]], [s[:k]], [vt[:k]]
+    for x in ts:
+        ut, st, vtt = np_svd(x - u[:, :k] @ u[:, :k].T @ x)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vts.append(vtt[:per_task])
+    return np.concatenate(ss).mean() * np_procrustes(np.hstack(us)) @ np_procrustes(np.vstack(vts))
+
+
+def np_iso_cts_flax(ts, fraction):
+    return np_iso_cts_torch([x.T for x in ts], fraction).T
+
+
+def np_merge(base, experts, matrix_fn, scale=1.0, selected=lambda path: True):
+    """``theta_0 + scale * Delta``: ``matrix_fn`` on selected 2-D leaves, the task-vector mean elsewhere."""
+    b, taus = np_task_vectors(base, experts)
+    out = {}
+    for p in b:
+        ts = [tau[p] for tau in taus]
+        delta = matrix_fn(ts) if ts[0].ndim == 2 and selected(p) else np.mean(ts, axis=0)
+        out[p] = b[p] + scale * delta
+    return out
+
+
+REFERENCES = {
+    "tsv": np_tsv,
+    "iso_c": np_iso_c,
+    "iso_cts": lambda ts: np_iso_cts_flax(ts, 0.8),
+}
+
+
+# ----------------------------------------------------------------------------- agreement with numpy
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_matches_numpy(method, dtype):
+    base, experts = make_models(0, 3, dtype)
+    out = jmerge.merge(base, experts, method)
+    assert_matches(out, np_merge(base, experts, REFERENCES[method]), dtype)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0, 1.0])
+def test_iso_cts_fraction_and_scale_match_numpy(fraction):
+    base, experts = make_models(1, 3)
+    out = jmerge.merge(base, experts, "iso_cts", common_space_fraction=fraction, scale=1.5)
+    assert_matches(out, np_merge(base, experts, lambda ts: np_iso_cts_flax(ts, fraction), scale=1.5), jnp.float32)
+
+
+def test_tsv_scale_and_svd_filter_match_numpy():
+    base, experts = make_models(2, 4)
+    # e.g. leave embeddings (or here the head) out of the SVD: they get the mean task vector
+    out = jmerge.merge(base, experts, "tsv", scale=0.6, svd_filter=r"^(?!head/)")
+    want = np_merge(base, experts, np_tsv, scale=0.6, selected=lambda p: not p.startswith("head/"))
+    assert_matches(out, want, jnp.float32)
+    head_mean = np_merge(base, experts, np_tsv, scale=0.6, selected=lambda p: False)["head/kernel"]
+    np.testing.assert_allclose(as_np(out)["head/kernel"], head_mean, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "r, tasks, fraction, want",
+    [(16, 3, 0.8, (13, 1)), (8, 3, 0.8, (5, 1)), (768, 8, 0.8, (616, 19)), (4, 8, 0.8, (4, 0)), (5, 3, 0.0, (2, 1)), (10, 2, 1.0, (10, 0))],
+)
+def test_iso_cts_sizes(r, tasks, fraction, want):
+    k, s = iso_cts_sizes(r, tasks, fraction)
+    assert (k, s) == want
+    assert k + s * tasks == r and k >= 0 and s >= 0
+
+
+# ----------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_expert(dtype):
+    """TSV-M of one expert keeps all r components: the expert itself. Iso-C flattens the
+    expert's singular spectrum to its mean; Iso-CTS of one expert gives the same as Iso-C
+    (the common and task-specific spaces together are all of the expert's singular vectors)."""
+    base, experts = make_models(3, 1, dtype)
+    assert_matches(jmerge.merge(base, experts, "tsv"), as_np(experts[0]), dtype)
+    iso = np_merge(base, experts, np_iso_c)
+    out = jmerge.merge(base, experts, "iso_c")
+    assert_matches(out, iso, dtype)
+    assert_matches(jmerge.merge(base, experts, "iso_cts"), iso, dtype)
+    if dtype == jnp.float32:
+        delta = as_np(out)["block/dense/kernel"] - as_np(base)["block/dense/kernel"]
+        s = np.linalg.svd(delta, compute_uv=False)
+        np.testing.assert_allclose(s, s.mean(), rtol=1e-4)
+
+
+def test_tsv_of_orthogonal_low_rank_task_matrices_is_their_sum():
+    """Task matrices of rank <= k = floor(r/T) in mutually orthogonal subspaces: nothing to
+    truncate or orthogonalise. (With rank < k the extra, arbitrary null directions of one task
+    overlap the others' and the Procrustes step rotates everything: TSV-M is not the sum then.)"""
+    rng = np.random.default_rng(4)
+    base, _ = make_models(4, 3)
+    b = as_np(base)
+    flat_experts = [dict(b) for _ in range(3)]
+    for path in ("block/dense/kernel", "block/out/kernel", "head/kernel"):
+        m, n = b[path].shape
+        k = min(m, n) // 3
+        u, _ = np.linalg.qr(rng.normal(size=(m, 3 * k)))
+        v, _ = np.linalg.qr(rng.normal(size=(n, 3 * k)))
+        sigma = np.linspace(2.0, 0.5, 3 * k)
+        for t in range(3):
+            cols = slice(t * k, (t + 1) * k)
+            flat_experts[t][path] = b[path] + u[:, cols] @ np.diag(sigma[cols]) @ v[:, cols].T
+    experts = [jmerge.tree.unflatten(base, {p: jnp.asarray(x, jnp.float32) for p, x in e.items()}) for e in flat_experts]
+    out = as_np(jmerge.merge(base, experts, "tsv"))
+    _, taus = np_task_vectors(base, experts)
+    for path in ("block/dense/kernel", "block/out/kernel", "head/kernel"):
+        np.testing.assert_allclose(out[path], b[path] + sum(t[path] for t in taus), rtol=1e-5, atol=2e-5)
+
+
+def test_tsv_matrix_of_rank_below_task_count_is_left_unchanged():
+    """k = floor(r/T) = 0: the reference code's zero update; svd_filter can average it instead."""
+    rng = np.random.default_rng(5)
+    base = {"w": jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)}
+    experts = [{"w": base["w"] + jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)} for _ in range(3)]
+    np.testing.assert_array_equal(jmerge.merge(base, experts, "tsv")["w"], base["w"])
+    averaged = jmerge.merge(base, experts, "tsv", svd_filter="^$")
+    assert_matches(averaged, np_merge(base, experts, np_tsv, selected=lambda p: False), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- layout
+def test_iso_cts_torch_layout_is_the_transpose_of_flax_layout():
+    base, experts = make_models(6, 3)
+    flax_out = jmerge.merge(base, experts, "iso_cts")
+    torch_out = jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], "iso_cts", layout="torch")
+    np.testing.assert_equal(jax.device_get(transpose_matrices(torch_out)), jax.device_get(flax_out))
+    # and the layout matters: the projection picks the output side of the matrix
+    wrong = as_np(jmerge.merge(base, experts, "iso_cts", layout="torch"))
+    assert np.max(np.abs(wrong["block/dense/kernel"] - as_np(flax_out)["block/dense/kernel"])) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+def test_tsv_and_iso_c_are_transpose_invariant(method):
+    base, experts = make_models(7, 3)
+    out = as_np(jmerge.merge(base, experts, method))
+    out_t = as_np(transpose_matrices(jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], method)))
+    for p in out:
+        np.testing.assert_allclose(out_t[p], out[p], rtol=1e-5, atol=2e-5, err_msg=p)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "method, hp, match",
+    [
+        ("iso_cts", {"layout": "jax"}, "layout"),
+        ("iso_cts", {"common_space_fraction": 1.5}, "common_space_fraction"),
+        ("iso_cts", {"common_space_fraction": -0.1}, "common_space_fraction"),
+        ("tsv", {"svd_filter": "(kernel"}, "not a valid regex"),
+        ("iso_c", {"svd_filter": 3}, "regex string"),
+        ("tsv", {"rank": 4}, "no hyper-parameter 'rank'"),
+    ],
+)
+def test_bad_input(method, hp, match):
+    base, experts = make_models(8, 2)
+    with pytest.raises(MergeInputError, match=match):
+        jmerge.merge(base, experts, method, **hp)
+
+
+# ----------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_sharded_equals_unsharded(method):
+    base, experts = make_models(9, 3)
+    want = jmerge.merge(base, experts, method)
+    m = mesh()
+    got = jmerge.merge(shard(base, m), [shard(e, m) for e in experts], method)
+    assert len(jax.tree.leaves(got)[0].sharding.device_set) == 8
+    chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,312 @@
+"""Sharding: the spec rule, every method sharded == unsharded with sharded outputs, what
+each compiled merge moves between devices, and the shard_map TIES threshold."""
+
+import functools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jmerge
+from jmerge import collectives, shard, stages
+from jmerge import tree as jtree
+from jmerge.validate import MergeInputError
+
+RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
+SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return shard.make_mesh(model=8)
+
+
+def _model(key, scale=1.0):
+    ks = jax.random.split(key, 5)
+    return {
+        "dense": {"kernel": scale * jax.random.normal(ks[0], (64, 32)), "bias": scale * jax.random.normal(ks[1], (5,))},
+        "proj": {"kernel": scale * jax.random.normal(ks[2], (16, 128))},  # sharded on its last axis
+        "odd": scale * jax.random.normal(ks[3], (6, 10)),  # no axis divisible by 8: replicated
+        "conv": scale * jax.random.normal(ks[4], (3, 3, 4, 16)),
+    }
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = _model(jax.random.key(0))
+    experts = [jax.tree.map(jnp.add, base, _model(jax.random.key(10 + i), 0.1)) for i in range(2)]
+    return base, experts
+
+
+@pytest.fixture(scope="module")
+def placed(models, mesh):
+    base, experts = models
+    return shard.shard_params(base, mesh, RULE), [shard.shard_params(e, mesh, RULE) for e in experts]
+
+
+def _hparams(name):
+    return {"key": jax.random.key(0)} if jmerge.get(name).needs_key else {}
+
+
+def _compiled(name, base, experts):
+    """The method compiled for these inputs, and a call running it (one compilation for both)."""
+    m = jmerge.get(name)
+    hp = m.resolve(len(experts), {})
+    static = tuple(sorted(k for k in hp if k in m.static))
+    key = _hparams(name).get("key")
+    fn = jax.jit(lambda b, e, key, **hp: m.fn(b, jtree.task_vectors(b, e), key=key, **hp), static_argnames=static)
+    compiled = fn.lower(base, experts, key, **hp).compile()
+    return compiled, lambda: compiled(base, experts, key, **{k: v for k, v in hp.items() if k not in static})
+
+
+def _all_gathers(text):
+    return re.findall(r"= (\S+) all-gather(?:-start)?\(", text)
+
+
+# ---------------------------------------------------------------------------- mesh and rule
+def test_make_mesh_axes_and_errors():
+    mesh = shard.make_mesh(data=2)
+    assert dict(mesh.shape) == {"data": 2, "model": 4}
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert shard.make_mesh(model=8, explicit=True).axis_types == (AxisType.Explicit, AxisType.Explicit)
+    assert dict(shard.make_mesh(devices=jax.devices()[:2]).shape) == {"data": 1, "model": 2}
+    with pytest.raises(MergeInputError, match="data=3"):
+        shard.make_mesh(data=3)
+    with pytest.raises(MergeInputError, match="needs 6 devices"):
+        shard.make_mesh(data=2, model=3)
+
+
+@pytest.mark.parametrize(
+    "shape, spec",
+    [
+        ((64, 32), P("model")),  # both divisible: the largest
+        ((16, 128), P(None, "model")),  # largest is the last
+        ((12, 24), P(None, "model")),  # only the last is divisible
+        ((24, 12), P("model")),
+        ((32, 32), P("model")),  # tie: the earliest
+        ((3, 3, 4, 16), P(None, None, None, "model")),
+        ((6, 10), P()),  # indivisible: replicated
+        ((5,), P()),
+        ((), P()),
+    ],
+)
+def test_spec_for_shards_largest_divisible_dimension(mesh, shape, spec):
+    assert RULE("w", shape, mesh) == spec
+
+
+def test_spec_for_replicates_small_tensors(mesh):
+    assert shard.spec_for("w", (64, 32), mesh) == P()  # 2048 < DEFAULT_MIN_SIZE
+    assert shard.spec_for("w", (512, 128), mesh) == P("model")
+    assert shard.spec_for("w", (64, 32), mesh, min_size=2048) == P("model")
+    assert shard.spec_for("w", (64, 32), mesh, min_size=2049) == P()
+
+
+def test_spec_for_axis_of_size_one_and_tuple_axes():
+    assert RULE("w", (64, 32), shard.make_mesh(data=8)) == P()  # model axis has 1 device
+    mesh = shard.make_mesh(data=2, model=4)
+    assert RULE("w", (12, 8), mesh) == P("model")  # 12 % 4 == 0
+    assert RULE("w", (12, 8), mesh, axis=("data", "model")) == P(None, ("data", "model"))
+    with pytest.raises(MergeInputError, match="no axis 'x'"):
+        RULE("w", (8,), mesh, axis="x")
+
+
+def test_spec_for_overrides_first_match_wins(mesh):
+    overrides = [(r"emb", P(None, "model")), (r"emb|dense", P()), (re.compile(r"kernel$"), P("model", None))]
+    rule = functools.partial(RULE, overrides=overrides)
+    assert rule("emb", (40, 24), mesh) == P(None, "model")  # default would shard dim 0
+    assert rule("dense/kernel", (64, 32), mesh) == P()  # second pattern before the third
+    assert rule("proj/kernel", (16, 128), mesh) == P("model", None)
+    assert rule("other", (16, 128), mesh) == P(None, "model")  # no match: default rule
+
+
+def test_spec_for_bad_override_names_the_parameter(mesh):
+    with pytest.raises(MergeInputError, match=r"'odd'.*not divisible"):
+        RULE("odd", (6, 10), mesh, overrides=[("odd", P("model"))])
+    with pytest.raises(MergeInputError, match=r"'b'.*more entries"):
+        RULE("b", (8,), mesh, overrides=[("b", P(None, "model"))])
+
+
+def test_shard_params_places_host_and_device_leaves(models, mesh):
+    base, _ = models
+    host = jax.tree.map(np.asarray, base)
+    for tree in (base, host):
+        placed = shard.shard_params(tree, mesh, RULE)
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, placed), host)
+        for path, x in jtree.flatten(placed).items():
+            assert x.sharding.spec == RULE(path, x.shape, mesh), path
+    assert placed["dense"]["kernel"].addressable_shards[0].data.shape == (8, 32)
+    chex.assert_tree_is_sharded(placed["proj"], devices=mesh.devices.flatten().tolist())
+
+
+def test_abstract_for_and_shardings_for(models, mesh):
+    base, _ = models
+    abstract = shard.abstract_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), mesh, RULE)
+    leaf = abstract["proj"]["kernel"]
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (16, 128)
+    assert leaf.sharding == NamedSharding(mesh, P(None, "model"))
+    assert jax.tree.structure(shard.shardings_for(base, mesh, RULE)) == jax.tree.structure(base)
+    table = {p: s for p, _, s in shard.spec_table(base, mesh, RULE)}
+    assert table["odd"] == P() and table["dense/kernel"] == P("model")
+
+
+# ---------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("name", jmerge.available())
+def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models, placed):
+    """Same result, outputs sharded like the base, and no all-gather unless the method
+    factorises whole matrices (SVD methods) or ranks along the last axis (DELLA)."""
+    base, experts = models
+    base_s, experts_s = placed
+    ref = jmerge.merge(base, experts, name, **_hparams(name))
+    compiled, run = _compiled(name, base_s, experts_s)
+    out = run()
+    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
+    for path, (o, b) in zip(jtree.paths(base), zip(jax.tree.leaves(out), jax.tree.leaves(base_s))):
+        assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, path, o.sharding, b.sharding)
+    if name not in SVD_METHODS | {"della"}:
+        assert _all_gathers(compiled.as_text()) == [], name
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "magmax", "consensus"])
+def test_elementwise_and_threshold_methods_are_bit_exact_sharded(name, models, placed):
+    base, experts = models
+    ref = jmerge.merge(base, experts, name, **_hparams(name))
+    out = jmerge.merge(*placed, name, **_hparams(name))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+
+
+def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh):
+    """DELLA ranks entries along the last axis: a rule that never shards it moves nothing."""
+    base, experts = models
+    rule = lambda path, shape, mesh: RULE(path, tuple(shape[:-1]) + (1,), mesh)  # noqa: E731
+    base_s, experts_s = shard.shard_params(base, mesh, rule), [shard.shard_params(e, mesh, rule) for e in experts]
+    assert base_s["conv"].sharding.is_fully_replicated  # (3, 3, 4): nothing divisible by 8
+    compiled, _ = _compiled("della", base_s, experts_s)
+    assert not re.search(r" (all-gather|all-to-all)(-start)?\(", compiled.as_text())
+
+
+def test_svd_methods_gather_each_matrix_whole(placed):
+    """TSV-M factorises whole matrices: XLA all-gathers each sharded 2-D task vector."""
+    base_s, experts_s = placed
+    gathered = set(_all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
+    shapes = {tuple(int(d) for d in re.match(r"f32\[([\d,]+)\]", g).group(1).split(",")) for g in gathered}
+    sharded_2d = {x.shape for x in jax.tree.leaves(base_s) if x.ndim == 2 and not x.sharding.is_fully_replicated}
+    assert shapes == sharded_2d
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties"])
+def test_explicit_mesh_merges(name, models):
+    base, experts = models
+    mesh = shard.make_mesh(model=8, explicit=True)
+    base_s, experts_s = shard.shard_params(base, mesh, RULE), [shard.shard_params(e, mesh, RULE) for e in experts]
+    with jax.set_mesh(mesh):
+        out = jmerge.merge(base_s, experts_s, name, **_hparams(name))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, jmerge.merge(base, experts, name, **_hparams(name))))
+    assert jax.typeof(out["proj"]["kernel"]).sharding.spec == P(None, "model")
+
+
+def test_lwptv_merge_sharded_equals_unsharded(models, placed):
+    from jmerge.lwptv import LwPTV
+
+    base, experts = models
+    config = LwPTV(layers="tensor", score="relative_update", rule="top_k", value=3)
+    ref = jmerge.merge(base, experts, "ties", lwptv=config)
+    out = jmerge.merge(*placed, "ties", lwptv=config)
+    chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert out["dense"]["kernel"].sharding.spec == P("model")
+
+
+def test_learned_coefficients_sharded_equal_unsharded(models, placed):
+    from jmerge.learn import fit_coefficients
+
+    base, experts = models
+    base_s, experts_s = placed
+    x = jax.random.normal(jax.random.key(5), (8, 16))
+
+    def apply_fn(params, batch):
+        return batch @ params["proj"]["kernel"][:, :10]
+
+    def fit(b, es):
+        return fit_coefficients(b, jtree.task_vectors(b, es), apply_fn, [x] * 2, epochs=1, batch_per_task=4, progress=False)
+
+    ref, out = fit(base, experts), fit(base_s, experts_s)
+    np.testing.assert_allclose(out.coefficients, ref.coefficients, rtol=1e-5, atol=1e-6)
+    assert out.params["proj"]["kernel"].sharding.spec == P(None, "model")
+
+
+# ---------------------------------------------------------------------------- shard_map threshold
+@pytest.fixture(scope="module")
+def big_task_vector(mesh):
+    """About 140k entries (counts above 2**16 exercise the carry of the split count), mixed specs."""
+    k = jax.random.split(jax.random.key(3), 3)
+    tv = {"a": jax.random.normal(k[0], (256, 512)), "b": jax.random.laplace(k[1], (24, 320)), "c": jax.random.normal(k[2], (7, 9))}
+    return tv, shard.shard_params(tv, mesh, RULE)
+
+
+KS = [1, 2, 1000, 65535, 65536, 65537, 100_000, 256 * 512 + 24 * 320 + 63]
+
+
+def _reference_thresholds(leaves, ks):
+    one = jax.jit(stages.kth_largest_magnitude)  # k traced: one compilation for every k
+    return np.asarray([one(leaves, jnp.int32(k)) for k in ks])
+
+
+def test_sharded_threshold_equals_single_device(big_task_vector, mesh):
+    tv, tv_s = big_task_vector
+    leaves_s = jax.tree.leaves(tv_s)
+    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
+    np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
+    assert np.asarray(collectives.kth_largest_magnitude(leaves_s, 1000, mesh)) == out[2]
+
+
+def test_sharded_threshold_on_2d_mesh_counts_replicas_once(big_task_vector):
+    tv, _ = big_task_vector
+    mesh = shard.make_mesh(data=2, model=4)
+    leaves_s = jax.tree.leaves(shard.shard_params(tv, mesh, RULE))  # replicated over "data", "c" everywhere
+    assert leaves_s[2].sharding.is_fully_replicated
+    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
+    np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
+
+
+def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh):
+    tv, tv_s = big_task_vector
+    leaves, leaves_s = jax.tree.leaves(tv), jax.tree.leaves(tv_s)
+    specs = [x.sharding.spec for x in leaves_s]
+    groups, ks = [leaves, leaves[:1], leaves[2:]], [10, 300, 7]
+    fn = jax.jit(lambda ls: collectives.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh, [specs, specs[:1], specs[2:]]))
+    out = np.asarray(fn(leaves_s))
+    ref = np.asarray([stages.kth_largest_magnitude(g, k) for g, k in zip(groups, ks)])
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="k=0"):
+        collectives.kth_largest_magnitude(leaves_s, 0, mesh)
+
+
+@pytest.mark.parametrize("scope, density", [("global", 0.2), ("tensor", (0.1, 1.0)), ("global", (1e-5, 0.3))])
+def test_sharded_magnitude_trim_equals_stages(models, placed, mesh, scope, density):
+    base, experts = models
+    base_s, experts_s = placed
+    ref = stages.magnitude_trim(density, scope)(jtree.task_vectors(base, experts))
+    trim = collectives.magnitude_trim(density, mesh, RULE, scope)
+    out = jax.jit(lambda b, es: trim(jtree.task_vectors(b, es)))(base_s, experts_s)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+
+
+def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
+    base, experts = models
+
+    @jax.jit
+    def ties(b, es):
+        trimmed = collectives.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
+        masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
+        return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
+
+    out = ties(*placed)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, jmerge.merge(base, experts, "ties")))
+    assert out["proj"]["kernel"].sharding.spec == P(None, "model")
+    text = ties.lower(*placed).compile().as_text()
+    assert _all_gathers(text) == []
+    # one bisection loop for both tasks: one psum of a (2, 2) count vector per step
+    assert len(re.findall(r"u32\[2,2\]\S* all-reduce", text)) == 1

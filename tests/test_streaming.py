@@ -1,0 +1,185 @@
+"""Streamed (out-of-core) merges equal in-memory merges, method by method."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge import stages, streaming
+from jmerge.io import safetensors_io as st
+from jmerge.methods import registry
+
+NAMES = ["emb.weight", "l0.w", "l0.b", "l1.w"]
+
+
+def _shape(name):
+    return (8,) if name.endswith(".b") else (8, 8)
+
+
+def _models(k=3, seed=0):
+    r = np.random.default_rng(seed)
+    base = {n: r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES}
+    experts = [{n: base[n] + 0.1 * r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES} for _ in range(k)]
+    return base, experts
+
+
+def _write(root, name, tensors):
+    d = root / name
+    d.mkdir()
+    ids = {"position_ids": np.arange(5, dtype=np.int64).reshape(1, 5)}
+    st.save_safetensors(d, {**tensors, **ids}, shard_size=600)  # several shards
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    base, experts = _models()
+    paths = [_write(root, "base", base)] + [_write(root, f"e{i}", e) for i, e in enumerate(experts)]
+    assert (paths[0] / st.INDEX_NAME).exists()
+    return root, base, experts, paths
+
+
+def _streamed(paths, method, n_experts=None, **hp):
+    base, *experts = paths
+    experts = experts[:n_experts] if n_experts else experts
+    return dict(streaming.iter_merged(base, experts, method, **hp))
+
+
+PER_TENSOR = [
+    ("average", {"weights": (1.0, 2.0, 0.5)}),
+    ("task_arithmetic", {"scale": 0.7, "weights": (1.0, 0.5, 2.0)}),
+    ("ties", {"trim": "tensor", "density": (0.3, 0.5, 0.7)}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
+    ("magmax", {}),
+    ("consensus", {"k": 2}),
+    ("multislerp", {}),
+    ("model_stock", {}),
+    ("tsv", {}),
+    ("iso_c", {}),
+    ("iso_cts", {"svd_filter": r"^l0\."}),  # path-sensitive: streamed with real names
+]
+
+
+def test_every_streamable_method_is_covered():
+    covered = {m for m, _ in PER_TENSOR} | {"ties", "slerp", "dare_linear", "dare_ties", "della"}
+    assert covered == set(streaming.STREAMABLE)
+
+
+@pytest.mark.parametrize("method,hp", PER_TENSOR, ids=[m for m, _ in PER_TENSOR])
+def test_streamed_equals_in_memory(ckpts, method, hp):
+    _, base, experts, paths = ckpts
+    got = _streamed(paths, method, **hp)
+    ref = jmerge.merge(base, experts, method, **hp)
+    for n in NAMES:
+        np.testing.assert_allclose(got[n], np.asarray(ref[n]), rtol=0, atol=1e-6, err_msg=n)
+        assert got[n].dtype == np.float32
+    np.testing.assert_array_equal(got["position_ids"], np.arange(5).reshape(1, 5))  # copied from the base
+
+
+def test_slerp_two_experts(ckpts):
+    _, base, experts, paths = ckpts
+    got = _streamed(paths, "slerp", n_experts=2, t=0.3)
+    ref = jmerge.merge(base, experts[:2], "slerp", t=0.3)
+    for n in NAMES:
+        np.testing.assert_allclose(got[n], np.asarray(ref[n]), atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, (0.05, 0.5, 0.9)])
+def test_global_ties_equals_in_memory(ckpts, density):
+    _, base, experts, paths = ckpts
+    got = _streamed(paths, "ties", density=density, weights=(1.0, 0.5, 2.0))  # trim="global" is the default
+    ref = jmerge.merge(base, experts, "ties", density=density, weights=(1.0, 0.5, 2.0))
+    for n in NAMES:
+        np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
+    tensor_trim = _streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
+    assert any(not np.array_equal(got[n], tensor_trim[n]) for n in NAMES)  # the scopes really differ
+
+
+def test_global_thresholds_are_exact(ckpts):
+    _, base, experts, paths = ckpts
+    n_total = sum(np.prod(_shape(n)) for n in NAMES)
+    densities = [1e-4, 0.37, 1.0]  # k = 0, a middle k, k = N
+    th = streaming.global_thresholds(paths[0], paths[1:], densities)
+    assert th[0] == np.inf and th[2] == 0.0
+    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
+    k = int(0.37 * n_total)
+    assert th[1] == float(stages.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
+
+
+@pytest.mark.parametrize("method,hp", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
+                                       ("della", {"density": 0.6, "epsilon": 0.1})])
+def test_stochastic_methods_use_per_name_keys(ckpts, method, hp):
+    """Streamed DARE/DELLA: deterministic, and each tensor equals an in-memory merge of that
+    tensor alone with key fold_in(key, hash(name))."""
+    _, base, experts, paths = ckpts
+    key = jax.random.key(7)
+    got = _streamed(paths, method, key=key, **hp)
+    again = _streamed(paths, method, key=key, **hp)
+    for n in NAMES:
+        np.testing.assert_array_equal(got[n], again[n])
+        one = jmerge.merge({"tensor": base[n]}, [{"tensor": e[n]} for e in experts], method,
+                           key=streaming.tensor_key(key, n), **hp)["tensor"]
+        np.testing.assert_array_equal(got[n], np.asarray(one))
+    other = _streamed(paths, method, key=jax.random.key(8), **hp)
+    assert any(not np.array_equal(got[n], other[n]) for n in NAMES)
+
+
+def test_name_hash_is_stable():
+    assert streaming.name_hash("model.layers.0.mlp.up_proj.weight") == streaming.name_hash("model.layers.0.mlp.up_proj.weight")
+    assert streaming.name_hash("a") != streaming.name_hash("b")
+    assert 0 <= streaming.name_hash("x") < 2**31
+
+
+def test_mixed_dtypes_and_out_dtype(tmp_path):
+    base, experts = _models(2, seed=3)
+    b = _write(tmp_path, "base", base)
+    e0 = _write(tmp_path, "e0", {n: x.astype(ml_dtypes.bfloat16) for n, x in experts[0].items()})
+    e1 = _write(tmp_path, "e1", experts[1])
+    got = dict(streaming.iter_merged(b, [e0, e1], "task_arithmetic", scale=0.5, out_dtype="bfloat16"))
+    e0_up = {n: x.astype(ml_dtypes.bfloat16).astype(np.float32) for n, x in experts[0].items()}
+    ref = jmerge.merge(base, [e0_up, experts[1]], "task_arithmetic", scale=0.5)
+    for n in NAMES:
+        assert got[n].dtype == np.dtype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(got[n], np.asarray(ref[n]).astype(ml_dtypes.bfloat16))
+
+
+def test_merge_to_dir_writes_a_sharded_hf_dir(ckpts, tmp_path):
+    _, base, experts, paths = ckpts
+    (paths[0] / "config.json").write_text("{}")
+    res = streaming.merge_to_dir(tmp_path / "out", paths[0], paths[1:], "ties", trim="tensor", density=0.5,
+                                 shard_size=700, card="# card\n")
+    assert (tmp_path / "out" / st.INDEX_NAME).exists() and len(res.files) > 2
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "README.md").read_text() == "# card\n"
+    ref = jmerge.merge(base, experts, "ties", trim="tensor", density=0.5)
+    out = st.load(tmp_path / "out")
+    for n in NAMES:
+        np.testing.assert_allclose(out[n], np.asarray(ref[n]), atol=1e-6)
+    assert res.tensors == len(NAMES) + 1 and res.bytes_written == st.dir_size(tmp_path / "out")
+
+
+def test_bad_inputs(ckpts, tmp_path):
+    _, base, experts, paths = ckpts
+    bad = dict(experts[0])
+    bad["l1.w"] = bad["l1.w"].copy()
+    bad["l1.w"][2, 3] = np.nan
+    nan_dir = _write(tmp_path, "nan", bad)
+    out = tmp_path / "out"
+    with pytest.raises(jmerge.MergeInputError, match=r"nan: tensor 'l1.w' holds NaN"):
+        streaming.merge_to_dir(out, paths[0], [paths[1], nan_dir], "task_arithmetic")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    with pytest.raises(jmerge.MergeInputError, match="stochastic"):
+        streaming.prepare(paths[0], paths[1:], "dare_linear")
+    with pytest.raises(jmerge.MergeInputError, match="no hyper-parameter 'densty'; did you mean 'density'"):
+        streaming.prepare(paths[0], paths[1:], "ties", densty=0.2)
+    registry.register("test_whole_model_only")(lambda base, tvs, *, key=None: base)
+    try:
+        with pytest.raises(jmerge.MergeInputError, match="cannot be streamed"):
+            streaming.prepare(paths[0], paths[1:], "test_whole_model_only")
+    finally:
+        registry._REGISTRY.pop("test_whole_model_only")
+    short = _write(tmp_path, "short", {n: x for n, x in experts[0].items() if n != "l1.w"})
+    with pytest.raises(st.CheckpointError, match=r"missing 1 tensor\(s\) of the base: l1.w"):
+        streaming.prepare(paths[0], [short], "task_arithmetic")
