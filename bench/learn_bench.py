@@ -10,7 +10,8 @@ step, ``--epochs`` passes over ``--samples`` unlabelled inputs per task.
 "cold" is the first call (expert targets, tracing and XLA compilation included); "warm" is
 the same call again (targets cached in memory, compiled step reused): warm / steps is the
 cost of one step. "temp" is XLA's scratch memory for one step (``memory_analysis``) in
-units of one copy of the parameters.
+units of one copy of the parameters; "total" adds the step's inputs (base and K task
+vectors, K + 1 copies).
 
     .venv/bin/python bench/learn_bench.py            # writes bench/results/learn_bench.md
 """
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jmerge
 from jmerge import learn
 from jmerge.learn import coefficients as coef
 from jmerge.learn import engine
@@ -72,7 +72,7 @@ def step_temp_bytes(base, tvs, apply_fns, unlabeled, granularity, layers) -> int
     lay = coef.layout(base, len(tvs), granularity, layers)
     data = learn.classifier_targets(base, tvs, apply_fns, unlabeled)
     c = coef.initial(lay)
-    jstep, _, _ = engine._get_compiled(tuple(apply_fns), lay, "js", False, engine.DEFAULT_OPTIMIZER, None)
+    jstep, _, _ = engine._get_compiled(tuple(apply_fns), lay, "js", engine.DEFAULT_OPTIMIZER, None)
     idx = np.zeros((len(tvs), 4), np.int32)
     compiled = jstep.lower(c, engine.DEFAULT_OPTIMIZER.init(c), base, tvs, data, idx).compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -112,13 +112,13 @@ def run(args) -> str:
         f"{nbytes / 4 / 1e6:.2f} M float32 parameters; one fixed head per task ({args.classes} classes).  ",
         f"Data: {args.samples} unlabelled inputs per task, 4 per task per step, {args.epochs} epoch(s).  ",
         "cold = first call (targets + compile + steps); warm = same call again; step = warm / steps; "
-        "temp = XLA scratch memory of one step in parameter copies.",
+        "temp = XLA scratch memory of one step in parameter copies; total = temp + the inputs (K + 1 copies).",
         "",
-        "| tasks | level | coefficients | steps | cold s | warm s | s / step | temp (× params) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| tasks | level | coefficients | steps | cold s | warm s | s / step | temp (× params) | total (× params) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for k, g, shape, steps, cold, warm, per, temp in rows:
-        lines.append(f"| {k} | {g} | {shape} | {steps} | {cold:.2f} | {warm:.2f} | {per:.4f} | {temp:.2f} |")
+        lines.append(f"| {k} | {g} | {shape} | {steps} | {cold:.2f} | {warm:.2f} | {per:.4f} | {temp:.2f} | {temp + k + 1:.2f} |")
     by = {(k, g): per for k, g, _, _, _, _, per, _ in rows}
     ks = sorted({k for k, *_ in rows})
     if len(ks) > 1:

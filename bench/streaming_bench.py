@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     lines = [
         "# Streaming merge benchmark",
         "",
-        f"Command: `.venv/bin/python -m bench.streaming_bench {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join([".venv/bin/python -m bench.streaming_bench", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "",
         f"Inputs: base + {args.experts} experts, each {args.tensors} float32 {args.side}x{args.side} matrices "
         f"(+ a bias), {input_bytes / 1e9:.2f} GB together on disk. Memory budget: {args.cap_mb} MiB "

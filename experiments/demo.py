@@ -26,6 +26,7 @@ import numpy as np
 
 import jmerge
 from experiments import suite_t
+from experiments.finetune import cache_root
 
 SPLIT = "test"
 POOL = 64  # unlabelled inputs per task for DivMerge
@@ -89,6 +90,8 @@ def _table(rows: dict[str, dict], caption: str):
 def main() -> dict[str, dict]:
     from rich.console import Console
 
+    # Compiled XLA programs are cached on disk too, so a rerun skips most compilation.
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     t0 = time.perf_counter()
     suite = suite_t.build_suite(suite_t.DEMO, log=_log)
     _log(f"suite ready in {time.perf_counter() - t0:.0f} s; evaluating")

@@ -1,19 +1,23 @@
 """Hand-written collectives over a mesh (``jax.shard_map``), where they beat the partitioner.
 
-Plain ``jax.jit`` on sharded task vectors already runs every data-free merge without
-gathering a full tensor (docs/scaling.md lists what each method moves): the TIES threshold
-of :func:`jmerge.stages.kth_largest_magnitude` is counts and maxima, which XLA turns into
-scalar all-reduces. This module adds the version that still pays at scale:
+Under plain ``jax.jit`` the elementwise merges need no collective at all, and the exact
+TIES threshold of :func:`jmerge.stages.kth_largest_magnitude` becomes scalar all-reduces
+of counts plus all-gathers of a small strided sample (and, for groups under 2**14 entries,
+of the whole group, which it sorts); it also does not type-check under ``Explicit`` mesh
+axes. :func:`kth_largest_magnitudes` computes the same exact value with nothing but local
+work and one ``psum`` per step (docs/scaling.md lists what every method moves):
 
 * **one bisection for every threshold**: all tasks (and, for per-tensor trimming, all
-  tensors) are bisected together, so each of the 32 steps is *one* ``psum`` of a small
-  vector instead of one loop with its own all-reduce per task or per tensor;
+  tensors) are bisected together, so each of the 32 steps is *one* ``psum`` of a ``(2, G)``
+  uint32 count vector for G thresholds;
 * **exact counts past 2**32 entries**: per-device counts are split in 16-bit halves before
   the ``psum`` and recombined with a carry, so a task vector of a 70B model (7e10 entries)
-  is ranked exactly; the single-device version counts in uint32 (4.29e9 entries).
+  is ranked exactly; ``jmerge.stages`` counts in uint32 (4.29e9 entries per call);
+* **no gather, any axis types**: each device reads only its own blocks (a block replicated
+  over some mesh axes is counted by its first replica only).
 
-Thresholds are bit-for-bit those of :func:`jmerge.stages.kth_largest_magnitude` (same
-bisection on the float32 bit pattern, same bounds, same 32 steps).
+Counting reuses ``jmerge.stages``' exact counting pass (bit-pattern comparisons where
+XLA:CPU would flush subnormals), so the thresholds equal ``stages``' bit for bit.
 """
 
 from __future__ import annotations
@@ -92,28 +96,34 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
     """The jitted shard_map for one layout of groups (cached: calls with new k reuse it)."""
     all_axes = tuple(mesh.axis_names)
     bounds = np.cumsum((0,) + sizes)
-    members = [range(bounds[g], bounds[g + 1]) for g in range(len(sizes))]
+    # Within a group, blocks replicated over the same mesh axes share one owner predicate.
+    classes = []
+    for g in range(len(sizes)):
+        by_unused: dict[tuple[str, ...], list[int]] = {}
+        for i in range(bounds[g], bounds[g + 1]):
+            by_unused.setdefault(tuple(sorted(set(all_axes) - _axes_in(flat_specs[i]))), []).append(i)
+        classes.append(list(by_unused.items()))
 
     def local(k_hi, k_lo, *blocks):
-        mags, owner = [], []
-        for block, spec in zip(blocks, flat_specs):
-            mags.append(jnp.abs(block.astype(jnp.float32)))
-            mine = jnp.bool_(True)  # this device is the first replica of the block
-            for axis in sorted(set(all_axes) - _axes_in(spec)):
+        mags = [jnp.abs(b.astype(jnp.float32)) for b in blocks]
+
+        def owner(unused):  # this device holds the first replica of such blocks
+            mine = jnp.bool_(True)
+            for axis in unused:
                 mine = mine & (jax.lax.axis_index(axis) == 0)
-            owner.append(mine)
+            return mine
 
         def count_at_least(bits):
-            t = jax.lax.bitcast_convert_type(bits, jnp.float32)
             c = jnp.stack([
-                sum(jnp.where(owner[i], jnp.sum(mags[i] >= t[g], dtype=jnp.uint32), jnp.uint32(0)) for i in idx)
-                for g, idx in enumerate(members)
+                sum(jnp.where(owner(unused), stages._count_at_least([mags[i] for i in idx], bits[g]), jnp.uint32(0))
+                    for unused, idx in group)
+                for g, group in enumerate(classes)
             ])
             halves = jax.lax.psum(jnp.stack([c & _LOW, c >> _HALF]), all_axes)
             return halves[1] + (halves[0] >> _HALF), halves[0] & _LOW
 
-        local_max = jnp.stack([jnp.max(jnp.stack([jnp.max(mags[i]) for i in idx])) for idx in members])
-        hi = jax.lax.bitcast_convert_type(jax.lax.pmax(local_max, all_axes), jnp.int32) + 1
+        local_hi = jnp.stack([stages._upper_bound(mags[bounds[g]:bounds[g + 1]]) for g in range(len(sizes))])
+        hi = jax.lax.pmax(local_hi, all_axes)  # bit patterns of non-negative floats order like the values
         lo = jnp.zeros_like(hi)
 
         def body(_, lohi):
@@ -178,8 +188,9 @@ def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = sp
                         trimmed[p] = x
                     elif th is False:
                         trimmed[p] = jnp.zeros_like(x)
-                    else:
-                        trimmed[p] = jnp.where(jnp.abs(x) >= th, x, 0.0)
+                    else:  # bit patterns: exact for subnormals, as jmerge.stages' masks
+                        keep = stages._bits(jnp.abs(x.astype(jnp.float32))) >= stages._bits(th)
+                        trimmed[p] = jnp.where(keep, x, 0.0)
             out.append(jtree.unflatten(tvs[t], trimmed))
         return out
 

@@ -16,7 +16,11 @@ closest known name) and resolved to a :class:`MergePlan` before any tensor is re
       trim: global             # the TIES paper's global trim instead of mergekit's per tensor
       seed: 0                  # PRNG seed of DARE / DELLA
       parameters: {sign: count}  # any jmerge hyper-parameter of the method, passed as is
-      lwptv: {layers: gpt2, score: trim_survival, rule: keep_ratio, value: 0.8}
+      lwptv: {layers: gpt2, score: trim_survival, rule: keep_ratio, value: 0.8}  # LwPTV (in memory)
+      # method: iso_cts        # run this jmerge method instead, global parameters passed as is
+      # in_memory: false       # load whole models instead of streaming
+      # check_finite: true     # refuse NaN/inf inputs
+      # learn: ...             # DivMerge/AdaMerging: rejected for now ("not supported yet")
 
 mergekit methods and how they map (defaults are mergekit's, read from
 ``mergekit/merge_methods/registry.py`` and ``generalized_task_arithmetic.py``; a model's

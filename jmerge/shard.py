@@ -52,9 +52,11 @@ def make_mesh(data: int = 1, model: int | None = None, *, explicit: bool = False
     ("sharding in types", ``jax.make_mesh``'s own default since jax 0.8): every array's
     sharding is part of its type (``jax.typeof(x)`` shows ``f32[64@model,32]``) and an op
     whose output sharding is ambiguous is a ``ShardingTypeError`` instead of a silent
-    reshard. jmerge's merges run there when base and experts go through one rule (every
-    task vector then has its base leaf's sharding); methods that sort along a sharded
-    dimension (DELLA) or factorise whole matrices (SVD methods) need ``Auto`` axes.
+    reshard. The elementwise merges (average, task arithmetic, MagMax, consensus, DARE)
+    and TIES with :func:`jmerge.collectives.magnitude_trim` run there; methods that sort or
+    reshape along a sharded dimension (``jmerge.stages``' thresholds, DELLA, Model Stock,
+    Multi-SLERP) or factorise whole matrices (SVD methods) need ``Auto`` axes
+    (docs/scaling.md).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)

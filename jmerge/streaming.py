@@ -8,16 +8,17 @@ the base and the K experts (each through a scoped ``safe_open``), merge, and wri
 straight to its place in the output shard; peak memory is a few copies of one tensor times
 K + 1, not the model size.
 
-TIES trims by thresholds found on the host: with ``trim="tensor"`` (mergekit's scope) the
-exact k-th largest ``|tau_t|`` of each tensor by ``np.partition`` (:func:`tensor_thresholds`;
-on 2 CPU cores 3x faster than the jitted bisection), passed to ``ties(..., thresholds=...)``.
-Global-trim TIES (the paper's ``trim="global"``, jmerge's default) ranks magnitudes over the
-whole task vector. It runs in three passes: two cheap passes find, for each task, the exact
-k-th largest ``|tau_t|`` over all float tensors by a two-level histogram of the float32 bit
-patterns (non-negative float32 values order like their bits; 2^15 buckets of the high 16
-bits, then 2^16 buckets of the low bits inside the bucket holding the k-th value), and the
-merge pass trims with that threshold (``ties(..., thresholds=...)``,
-:func:`jmerge.stages.threshold_trim`). The result equals the in-memory global TIES.
+TIES trims by magnitude thresholds found on the host, then passed to
+``ties(..., thresholds=...)`` (:func:`jmerge.stages.threshold_trim`). The threshold is the
+exact k-th largest ``|tau_t|``, found by a two-level histogram of float32 bit patterns
+(non-negative float32 values order like their bits: 2^15 buckets of the high 16 bits, then
+2^16 buckets of the low bits inside the bucket holding the k-th value; two counting passes,
+no sort). With ``trim="tensor"`` (mergekit's scope) it is computed per tensor
+(:func:`tensor_thresholds`; on 2 CPU cores several times faster than the jitted bisection
+of the in-memory path, same value). Global-trim TIES (the paper's ``trim="global"``, jmerge's
+default) ranks over the whole task vector, so it runs in three passes: two cheap ones add
+up the histograms over all tensors (:func:`global_thresholds`), the merge pass trims. Both
+equal the in-memory TIES exactly.
 
 Details that differ from an in-memory merge of the same dicts:
 
@@ -116,8 +117,26 @@ def prepare(
 
 
 def _read_float32_tvs(base: st.Checkpoint, experts: Sequence[st.Checkpoint], name: str) -> list[np.ndarray]:
-    b = base.read(name).astype(np.float32)
-    return [e.read(name).astype(np.float32) - b for e in experts]
+    b = base.read(name).astype(np.float32, copy=False)
+    return [e.read(name).astype(np.float32, copy=False) - b for e in experts]
+
+
+# Exact k-th largest magnitude by a two-level histogram of float32 bit patterns: non-negative
+# float32 values order like their uint32 bits, so counting the high 16 bits (2^15 buckets,
+# the sign bit is 0) finds the bucket holding the k-th largest value, and counting the low 16
+# bits inside that bucket finds the value itself. Two counting passes, no sort; counts add
+# up over tensors, which is how the global threshold streams.
+def _bits(mags: np.ndarray) -> np.ndarray:
+    return mags.reshape(-1).view(np.uint32)
+
+
+def _high_counts(mags: np.ndarray) -> np.ndarray:
+    return np.bincount(_bits(mags) >> 16, minlength=1 << 15)
+
+
+def _low_counts(mags: np.ndarray, bucket: int) -> np.ndarray:
+    bits = _bits(mags)
+    return np.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
 
 
 def _kth_from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -128,58 +147,69 @@ def _kth_from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
     return len(counts) - 1 - idx, k - above
 
 
+def _value(bucket: int, low: int) -> float:
+    return float(np.array((bucket << 16) | low, np.uint32).view(np.float32))
+
+
+def _threshold_or_none(k: int, n: int) -> float | None:
+    """0 when everything is kept, inf when nothing is, None when a k-th value is needed."""
+    return 0.0 if k >= n else np.inf if k == 0 else None
+
+
+def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
+    """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by the
+    bit-pattern histogram on the host (same value as the jitted bisection of the in-memory
+    per-tensor trim; on 2 CPU cores it is several times faster). 0 keeps all, ``inf`` none."""
+    b = base.astype(np.float32, copy=False)
+    out = []
+    for e, d in zip(experts, stages.per_task(density, len(experts))):
+        mags = np.abs(e.astype(np.float32, copy=False) - b)
+        k = stages._keep_count(d, mags.size)
+        t = _threshold_or_none(k, mags.size)
+        if t is None:
+            bucket, rank = _kth_from_top(_high_counts(mags), k)
+            t = _value(bucket, _kth_from_top(_low_counts(mags, bucket), rank)[0])
+        out.append(t)
+    return tuple(out)
+
+
 def global_thresholds(
     base, experts: Sequence, density: float | Sequence[float], *, progress: Progress | None = None
 ) -> np.ndarray:
     """Per task, the exact k-th largest ``|tau_t|`` over all float tensors, ``k = int(d_t N)``.
 
-    Two streamed passes of histograms over float32 bit patterns (module docstring); the
-    value equals :func:`jmerge.stages.kth_largest_magnitude` on the whole task vector.
-    ``k >= N`` gives 0 (keep all), ``k = 0`` gives ``inf`` (keep none).
+    Two streamed passes of the bit-pattern histogram (high bits, then low bits in the bucket
+    found); the value equals :func:`jmerge.stages.kth_largest_magnitude` on the whole task
+    vector. ``k >= N`` gives 0 (keep all), ``k = 0`` gives ``inf`` (keep none).
     """
     base, experts = _open(base), [_open(e) for e in experts]
     names = [n for n, t in base.tensors.items() if t.is_float]
     total = sum(base.tensors[n].size for n in names)
     ks = [stages._keep_count(d, total) for d in stages.per_task(density, len(experts))]
-    out = np.array([0.0 if k >= total else np.inf for k in ks], np.float32)
-    todo = [t for t, k in enumerate(ks) if 0 < k < total]
+    fixed = [_threshold_or_none(k, total) for k in ks]
+    out = np.array([np.nan if t is None else t for t in fixed], np.float32)
+    todo = [t for t, f in enumerate(fixed) if f is None]
     if not todo:
         return out
     high = np.zeros((len(experts), 1 << 15), np.int64)
     for name in names:
         tvs = _read_float32_tvs(base, experts, name)
         for t in todo:
-            high[t] += np.bincount((np.abs(tvs[t]).view(np.uint32) >> 16).ravel(), minlength=1 << 15)
+            high[t] += _high_counts(np.abs(tvs[t]))
         if progress:
             progress("threshold pass 1", name)
-    bucket, rank = {}, {}
-    for t in todo:
-        bucket[t], rank[t] = _kth_from_top(high[t], ks[t])
+    found = {t: _kth_from_top(high[t], ks[t]) for t in todo}
     low = np.zeros((len(experts), 1 << 16), np.int64)
     for name in names:
         tvs = _read_float32_tvs(base, experts, name)
         for t in todo:
-            bits = np.abs(tvs[t]).view(np.uint32).ravel()
-            low[t] += np.bincount(bits[(bits >> 16) == bucket[t]] & 0xFFFF, minlength=1 << 16)
+            low[t] += _low_counts(np.abs(tvs[t]), found[t][0])
         if progress:
             progress("threshold pass 2", name)
     for t in todo:
-        lo, _ = _kth_from_top(low[t], rank[t])
-        out[t] = np.array((bucket[t] << 16) | lo, np.uint32).view(np.float32)
+        bucket, rank = found[t]
+        out[t] = _value(bucket, _kth_from_top(low[t], rank)[0])
     return out
-
-
-def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
-    """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by
-    ``np.partition`` on the host (O(n); faster on CPU than the jitted bisection the in-memory
-    per-tensor trim uses, same value). 0 keeps all, ``inf`` none."""
-    b = base.astype(np.float32)
-    out = []
-    for e, d in zip(experts, stages.per_task(density, len(experts))):
-        mags = np.abs(e.astype(np.float32) - b).ravel()
-        k = stages._keep_count(d, mags.size)
-        out.append(0.0 if k >= mags.size else np.inf if k == 0 else float(np.partition(mags, mags.size - k)[mags.size - k]))
-    return tuple(out)
 
 
 def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
@@ -209,13 +239,12 @@ def iter_merged(
     per_tensor_trim = method == "ties" and hp["trim"] == "tensor" and hp.get("thresholds") is None
     use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
     cast = _np_dtype(out_dtype)
-    for name, info in base.tensors.items():
+
+    def dispatch(name: str, info: st.TensorInfo):
+        """Reads one tensor of every model and starts its merge; JAX runs it asynchronously."""
         b = base.read(name)
         if not info.is_float:
-            yield name, b
-            if progress:
-                progress("merge", name)
-            continue
+            return b
         es = [e.read(name) for e in experts]
         if check_finite:
             for ckpt, x in zip([base, *experts], [b, *es]):
@@ -224,7 +253,7 @@ def iter_merged(
             b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
         leaf = name if use_names else LEAF
         extra = {"thresholds": tensor_thresholds(b, es, hp["density"])} if per_tensor_trim else {}
-        merged = registry.merge(
+        return registry.merge(
             {leaf: b},
             [{leaf: x} for x in es],
             method,
@@ -233,10 +262,18 @@ def iter_merged(
             **hparams,
             **extra,
         )[leaf]
-        del es
-        yield name, np.asarray(merged).astype(cast or info.dtype, copy=False)
-        if progress:
-            progress("merge", name)
+
+    # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while
+    # XLA merges tensor i, so disk, numpy and XLA overlap; memory stays at two tensors.
+    pending = None
+    for name, info in [*base.tensors.items(), (None, None)]:
+        current = None if name is None else (name, info, dispatch(name, info))
+        if pending is not None:
+            pname, pinfo, result = pending
+            yield pname, np.asarray(result).astype(cast or pinfo.dtype, copy=False) if pinfo.is_float else result
+            if progress:
+                progress("merge", pname)
+        pending = current
 
 
 def iter_merged_in_memory(

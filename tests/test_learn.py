@@ -168,14 +168,12 @@ def test_layer_level_recovers_per_layer_optimum():
     assert tl.losses[-1] > 10 * r.losses[-1]
 
 
-def test_progress_loop_and_remat_equal_scan():
+def test_progress_loop_equals_scan():
     base, taus, xs = linear_problem()
     a = L.fit_coefficients(base, taus, linear_apply, xs, optimizer=optax.adam(0.05), epochs=2, progress=False)
     b = L.fit_coefficients(base, taus, linear_apply, xs, optimizer=optax.adam(0.05), epochs=2, progress=True)
     np.testing.assert_allclose(a.coefficients, b.coefficients, rtol=1e-6)
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6)
-    c = L.fit_coefficients(base, taus, linear_apply, xs, optimizer=optax.adam(0.05), epochs=2, progress=False, remat=True)
-    np.testing.assert_allclose(a.coefficients, c.coefficients, rtol=1e-6)
 
 
 def heads_problem(seed=0, n=12):
@@ -214,6 +212,40 @@ def test_first_step_loss_matches_numpy_with_task_heads(objective):
             ref = {"js": np_js, "kl": np_kl, "reverse_kl": lambda p, q: np_kl(q, p), "entropy": lambda p, q: np_entropy(q)}[objective]
             expected += ref(np.exp(lp), np.exp(lq)).mean()
         np.testing.assert_allclose(r.losses[s], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_step_gradient_and_memory():
+    """The sequential-task gradient equals plain autodiff, and the step's scratch memory does
+    not grow with the number of tasks (one task's gradient alive at a time)."""
+    from jmerge.learn import coefficients as coef, engine
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (64, 256), "w2": (256, 64)}
+    base = {k: jnp.asarray(rng.normal(size=s) / 16, jnp.float32) for k, s in shapes.items()}
+    apply = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+    temps = {}
+    for k in (2, 5):
+        taus = [{n: jnp.asarray(rng.normal(size=s) / 16, jnp.float32) for n, s in shapes.items()} for _ in range(k)]
+        xs = [rng.normal(size=(4, 64)).astype(np.float32) for _ in range(k)]
+        data = L.classifier_targets(base, taus, apply, xs)
+        lay = coef.layout(base, k, "layer", r"w\d")
+        c = jnp.asarray(rng.random(lay.shape), jnp.float32)
+        idx = np.tile(np.arange(4, dtype=np.int32), (k, 1))
+        vg = engine._value_and_grad_fn([apply] * k, lay, objectives.OBJECTIVES["js"])
+        compiled = jax.jit(vg).lower(c, base, taus, data, idx).compile()
+        temps[k] = compiled.memory_analysis().temp_size_in_bytes
+        (loss, per), grad = compiled(c, base, taus, data, idx)
+
+        def plain(c):
+            p = coef.merged_params(base, taus, c, lay)
+            return sum(L.masked_mean(L.js(d.log_probs, jax.nn.log_softmax(apply(p, d.inputs)))) for d in data)
+
+        ref_loss, ref_grad = jax.jit(jax.value_and_grad(plain))(c)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
+    assert temps[5] - temps[2] < 0.5 * param_bytes, (temps, param_bytes)  # unrolled: +1.7 copies
+    assert temps[2] < 4 * param_bytes
 
 
 def test_batch_schedule_covers_each_task_per_epoch():
@@ -255,7 +287,7 @@ def test_constraints_and_adamerging():
 # ---------------------------------------------------------------------------- targets and caching
 def test_classifier_targets_and_cache(tmp_path):
     base, taus, xs = linear_problem()
-    L.clear_cache()
+    targets_mod.clear_memory()
     t1 = L.classifier_targets(base, taus, linear_apply, xs, batch_size=5, cache_dir=tmp_path)  # padded chunks
     for t in range(2):
         expert = np_merged(base, [taus[t]], [1.0])
@@ -269,7 +301,7 @@ def test_classifier_targets_and_cache(tmp_path):
 
     broken.__qualname__ = linear_apply.__qualname__  # same cache key as linear_apply
     broken.__module__ = linear_apply.__module__
-    L.clear_cache()
+    targets_mod.clear_memory()
     t2 = L.classifier_targets(base, taus, broken, xs, cache_dir=tmp_path)
     for a, b in zip(t1, t2):
         np.testing.assert_array_equal(a.log_probs, b.log_probs)
@@ -281,12 +313,12 @@ def test_classifier_targets_and_cache(tmp_path):
     assert L.classifier_targets(base, taus, with_head(2 * head), xs)[0].log_probs is not a
     # a different task vector is another key
     other = [jax.tree.map(lambda a: a * 1.01, taus[0]), taus[1]]
-    L.clear_cache()
+    targets_mod.clear_memory()
     with pytest.raises(AssertionError, match="disk cache"):
         L.classifier_targets(base, other, broken, xs, cache_dir=tmp_path)
     # fitting from cached targets gives identical coefficients
     fresh = L.fit_coefficients(base, taus, linear_apply, xs, epochs=1, progress=False)
-    L.clear_cache()
+    targets_mod.clear_memory()
     from_disk = L.fit_coefficients(base, taus, linear_apply, xs, epochs=1, progress=False, cache_dir=tmp_path)
     np.testing.assert_array_equal(fresh.coefficients, from_disk.coefficients)
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
@@ -317,7 +349,7 @@ def test_sharded_equals_unsharded():
     place = lambda tree: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "model"))), tree)
     kw = dict(granularity="layer", layers=r"dense\d", optimizer=optax.adam(0.05), epochs=3, progress=False)
     plain = L.fit_coefficients(base, taus, mlp_apply, xs, **kw)
-    L.clear_cache()
+    targets_mod.clear_memory()
     sharded = L.fit_coefficients(place(base), [place(t) for t in taus], mlp_apply, xs, **kw)
     assert len(sharded.params["dense1"]["kernel"].sharding.device_set) == 8
     np.testing.assert_allclose(sharded.coefficients, plain.coefficients, rtol=1e-5, atol=1e-6)
@@ -377,7 +409,7 @@ def test_lm_targets_greedy_protocol(tmp_path):
         np.testing.assert_array_equal(tt.inputs[i, 3 : 3 + n], gen)
         assert np.all(tt.inputs[i, 3 + n :] == eos)  # padded with eos after the end
         np.testing.assert_allclose(tt.log_probs[i, :n], lps, atol=1e-4)
-    L.clear_cache()
+    targets_mod.clear_memory()
     again = L.lm_targets(lm_apply, params, prompts, T, eos, cache_dir=tmp_path)
     np.testing.assert_array_equal(again.log_probs, tt.log_probs)
 

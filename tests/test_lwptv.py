@@ -18,7 +18,7 @@ K = 3  # tasks
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _bert_like(num_layers=3, hidden=8):
+def _bert_like(num_layers=2, hidden=8):
     """A tiny nested param tree with Hugging Face Flax BERT paths (plus a classifier head)."""
     blocks = {
         str(i): {
@@ -38,7 +38,7 @@ def _bert_like(num_layers=3, hidden=8):
     }
 
 
-def make_models(num_tasks=K, seed=0, num_layers=3):
+def make_models(num_tasks=K, seed=0, num_layers=2):
     """Base weights ~N(0,1) and experts base + tau_t, with a scale varying by task and leaf."""
     shapes = _bert_like(num_layers)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -91,7 +91,7 @@ def _assign(paths, preset, **kw):
 
 def test_bert_preset_nested(models):
     g = lwptv.group(models[0], "bert")
-    assert g.names == ("embeddings", "layer.0", "layer.1", "layer.2", "pooler", "head")
+    assert g.names == ("embeddings", "layer.0", "layer.1", "pooler", "head")
     assert set(g.members("layer.1")) == {p for p in jtree.paths(models[0]) if "/layer/1/" in p}
     assert g.members("head") == ["classifier/bias", "classifier/kernel"]
     assert sorted(g.members("embeddings")) == sorted(p for p in jtree.paths(models[0]) if "embeddings" in p)
@@ -436,6 +436,25 @@ def test_masked_layers_are_base_and_full_mask_is_identity(models, grouping, meth
         np.testing.assert_array_equal(np.asarray(flat_out[path]), np.asarray(want), err_msg=path)
 
 
+def test_prune_composes_with_learned_coefficients(models, grouping):
+    from jmerge.learn import layout, merged_params
+
+    base, experts = models
+    mask = _drop_mask(grouping)
+    pruned = lwptv.prune(jmerge.task_vectors(base, experts), mask, grouping)
+    lay = layout(base, K, "layer", grouping)
+    coeffs = jnp.asarray(np.random.default_rng(0).uniform(0.1, 1.0, lay.shape), jnp.float32)
+    merged = jax.jit(merged_params, static_argnums=3)(base, pruned, coeffs, lay)
+    dropped = [grouping.names.index(n) for n in mask.dropped_by_all()]
+    for path, x in jtree.flatten(merged).items():
+        if grouping.leaf_layer[grouping.leaf_paths.index(path)] in dropped:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(jtree.flatten(base)[path]))
+    # no gradient flows to the coefficients of dropped task-layers
+    loss = lambda c: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(merged_params(base, pruned, c, lay)))
+    grad = np.asarray(jax.jit(jax.grad(loss))(coeffs))
+    assert np.all(grad[~mask.mask] == 0) and np.all(grad[mask.mask] != 0)
+
+
 def test_keep_base_restores_base_even_when_a_method_does_not(models, grouping):
     base, _ = models
     off = jax.tree.map(lambda b: b + 1e-3, base)  # a "method" that moves every weight
@@ -452,6 +471,8 @@ def test_lwptv_merge_sharded_equals_unsharded_and_uses_the_scores(models, groupi
     scores, mask = lwptv.inspect(base, experts, cfg)
     np.testing.assert_array_equal(mask.mask, lwptv.top_k(scores, 2))
     assert mask.layers == "bert" and mask.layer_names == grouping.names
+    _, same = lwptv.inspect(base, experts, cfg, layers=grouping)  # a ready LayerGrouping works too
+    assert np.array_equal(same.mask, mask.mask) and same.layers is None
     out = jmerge.merge(base, experts, "ties", lwptv=cfg)
     out_s = jmerge.merge(_shard(base, mesh), _shard(experts, mesh), "ties", lwptv=cfg)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), out_s, out)
@@ -463,17 +484,17 @@ def test_lwptv_merge_sharded_equals_unsharded_and_uses_the_scores(models, groupi
 def test_lwptv_bad_input(models, grouping):
     base, experts = models
     good = np.ones((K, grouping.num_layers), bool)
-    with pytest.raises(MergeInputError, match=r"shape \(2, 6\), expected \(num_tasks, num_layers\) = \(3, 6\)"):
+    with pytest.raises(MergeInputError, match=r"shape \(2, 5\), expected \(num_tasks, num_layers\) = \(3, 5\)"):
         jmerge.merge(base, experts, lwptv=LayerMask(good[:2], grouping.names, layers="bert"))
     wrong = LayerMask(good, [*grouping.names[:-1], "classifier"], layers="bert")
     with pytest.raises(MergeInputError, match=r"missing from the mask \['head'\], not in the grouping \['classifier'\]"):
         jmerge.merge(base, experts, lwptv=wrong)
-    with pytest.raises(MergeInputError, match="pass the layer grouping"):
+    with pytest.raises(MergeInputError, match="which layer rule its names come from"):
         jmerge.merge(base, experts, lwptv=LayerMask(good, grouping.names))
     with pytest.raises(MergeInputError, match="keep ratio"):
         jmerge.merge(base, experts, lwptv=LwPTV(layers="bert", value=1.2))
-    with pytest.raises(MergeInputError, match="exceeds the 6 layers"):
-        jmerge.merge(base, experts, lwptv=LwPTV(layers="bert", rule="top_k", value=7))
+    with pytest.raises(MergeInputError, match="exceeds the 5 layers"):
+        jmerge.merge(base, experts, lwptv=LwPTV(layers="bert", rule="top_k", value=6))
     with pytest.raises(MergeInputError, match="did you mean 'relative_update'"):
         jmerge.merge(base, experts, lwptv=LwPTV(layers="bert", score="relative_updates"))
     with pytest.raises(MergeInputError, match="unknown mask rule"):

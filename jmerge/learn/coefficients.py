@@ -131,3 +131,14 @@ def merged_params(base: PyTree, tvs, coefficients: jax.Array, lay: CoefficientLa
         return total.astype(b.dtype)
 
     return jtree.map_tasks(leaf, list(tvs), base)
+
+
+def coefficient_grad(grad_params: PyTree, tvs, lay: CoefficientLayout) -> jax.Array:
+    """Chain rule through :func:`merged_params`: ``dL/dΓ_t^l = Σ_{p ∈ l} ⟨∂L/∂θ_p, τ_t^p⟩``
+    (float32), shaped like the coefficients."""
+    out = jnp.zeros((lay.num_tasks, lay.grouping.num_layers), jtree.ACCUM_DTYPE)
+    per_leaf, _ = jtree.transpose_leaves(list(tvs))
+    for g, taus, l in zip(jax.tree.leaves(grad_params), per_leaf, lay.grouping.leaf_layer):
+        g = g.astype(jtree.ACCUM_DTYPE)
+        out = out.at[:, l].add(jnp.stack([jnp.sum(g * tau) for tau in taus]))
+    return out.reshape(lay.shape)

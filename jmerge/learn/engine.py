@@ -8,9 +8,10 @@ with ``merged_Γ = θ0 + Σ_t Γ_t^l τ_t`` (:mod:`jmerge.learn.coefficients`). 
 ``t``'s loss uses only its own inputs, targets and apply function (head). The whole step
 (merge, K forwards, backward, optimizer update, projection) is one ``jax.jit``; the loop
 is a Python loop over that step with a progress bar, or one ``lax.scan`` when
-``progress=False``. Both give the same coefficients. Memory: base, the K task vectors,
-the merged parameters and their gradient (about K + 3 parameter copies) plus activations
-(``remat=True`` recomputes each task's forward in the backward pass instead of keeping it).
+``progress=False``. Both give the same coefficients. Memory: base and the K task vectors
+(inputs), plus the merged parameters, one task's parameter gradient, a float32 gradient
+accumulator and one task's activations (tasks run one after another inside the step); use
+``jax.checkpoint`` inside ``apply_fn`` (e.g. per block) to cut activations further.
 """
 
 from __future__ import annotations
@@ -187,32 +188,48 @@ def batch_schedule(key: jax.Array, sizes: Sequence[int], batch_per_task: int, ep
     return np.stack(cols, 1).astype(np.int32)
 
 
-def _loss_fn(fns, lay, objective_fn, remat: bool):
-    if remat:
-        fns = [jax.checkpoint(f) for f in fns]
+def _value_and_grad_fn(fns, lay, objective_fn):
+    """``(coeffs, base, tvs, data, idx) -> ((loss, per-task losses), dloss/dΓ)``.
 
-    def loss(coeffs, base, tvs, data, idx):
+    θ(Γ) is built once; the tasks then run one after another in a ``fori_loop`` (a
+    ``lax.switch`` picks task ``t``'s apply function and data), each adding its parameter
+    gradient ``∂L_t/∂θ`` to one float32 accumulator, so only one task's activations and
+    gradient are alive at a time (an unrolled sum let XLA keep all K gradients, measured in
+    ``bench/learn_bench.py``). Finally ``dL/dΓ_t^l = Σ_{p ∈ l} ⟨∂L/∂θ_p, τ_t^p⟩``
+    (:func:`jmerge.learn.coefficients.coefficient_grad`).
+    """
+
+    def task_loss(t, params, data, idx):
+        d = data[t]
+        take = lambda a: jnp.take(a, idx[t], axis=0)
+        logits = fns[t](params, jax.tree.map(take, d.inputs))
+        if d.logits_slice is not None:
+            logits = logits[:, d.logits_slice[0] : d.logits_slice[1]]
+        log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
+        log_p = None if d.log_probs is None else take(d.log_probs)
+        return obj.masked_mean(objective_fn(log_p, log_q), None if d.mask is None else take(d.mask))
+
+    branches = [jax.value_and_grad(functools.partial(task_loss, t)) for t in range(len(fns))]
+
+    def value_and_grad(coeffs, base, tvs, data, idx):
         params = coef.merged_params(base, tvs, coeffs, lay)
-        per_task_loss = []
-        for t, (fn, d) in enumerate(zip(fns, data)):
-            take = lambda a, t=t: jnp.take(a, idx[t], axis=0)
-            logits = fn(params, jax.tree.map(take, d.inputs))
-            if d.logits_slice is not None:
-                logits = logits[:, d.logits_slice[0] : d.logits_slice[1]]
-            log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
-            log_p = None if d.log_probs is None else take(d.log_probs)
-            per_task_loss.append(obj.masked_mean(objective_fn(log_p, log_q), None if d.mask is None else take(d.mask)))
-        per_task_loss = jnp.stack(per_task_loss)
-        return jnp.sum(per_task_loss), per_task_loss
 
-    return loss
+        def body(t, carry):
+            acc, losses = carry
+            loss, grad = jax.lax.switch(t, branches, params, data, idx)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jtree.ACCUM_DTYPE), acc, grad)
+            return acc, losses.at[t].set(loss)
+
+        init = (jtree.zeros_like(params), jnp.zeros((len(fns),), jnp.float32))
+        grad_params, losses = jax.lax.fori_loop(0, len(fns), body, init)
+        return (jnp.sum(losses), losses), coef.coefficient_grad(grad_params, tvs, lay)
+
+    return value_and_grad
 
 
-def _step_fn(loss_fn, optimizer: optax.GradientTransformation, constraint):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
+def _step_fn(value_and_grad, optimizer: optax.GradientTransformation, constraint):
     def step(coeffs, opt_state, base, tvs, data, idx):
-        (loss, per_task_loss), grad = grad_fn(coeffs, base, tvs, data, idx)
+        (loss, per_task_loss), grad = value_and_grad(coeffs, base, tvs, data, idx)
         updates, new_state = optimizer.update(grad, opt_state, coeffs)
         new = coef.project(optax.apply_updates(coeffs, updates), constraint)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new))
@@ -247,10 +264,10 @@ def _scan_fn(step, num_tasks: int, merge):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(fns: tuple, lay: coef.CoefficientLayout, objective: str, remat: bool, optimizer, constraint):
+def _compiled(fns: tuple, lay: coef.CoefficientLayout, objective: str, optimizer, constraint):
     """The jitted step, scan and merge, reused by calls with the same functions and settings
     (``clear_cache`` empties this)."""
-    step = _step_fn(_loss_fn(list(fns), lay, obj.get_objective(objective), remat), optimizer, constraint)
+    step = _step_fn(_value_and_grad_fn(list(fns), lay, obj.get_objective(objective)), optimizer, constraint)
     merge = lambda b, ts, c: coef.merged_params(b, ts, c, lay)
     return jax.jit(step), jax.jit(_scan_fn(step, len(fns), merge)), jax.jit(merge)
 
@@ -319,7 +336,6 @@ def fit_coefficients(
     constraint: str | None = None,
     targets: Sequence[TaskTargets] | Sequence[Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
-    remat: bool = False,
     key: jax.Array | int | None = None,
     progress: bool = True,
 ) -> LearnResult:
@@ -348,7 +364,6 @@ def fit_coefficients(
         results, or one ``(N_t, ..., C)`` log-prob array per task aligned with ``unlabeled``.
         Compute them from the unprocessed task vectors when ``tvs`` are pre-processed.
       cache_dir: where computed targets are cached on disk (they are always cached in memory).
-      remat: ``jax.checkpoint`` each apply (less activation memory, one more forward).
       key: PRNG key (or int seed) fixing the batch order; default ``jax.random.key(0)``.
       progress: a rich progress bar over a jitted step; ``False`` runs one ``lax.scan``.
 
@@ -381,7 +396,7 @@ def fit_coefficients(
     schedule = batch_schedule(key, sizes, batch_per_task, epochs)
     steps_per_epoch = len(schedule) // epochs
     base, tvs, data = _as_device(base), _as_device(list(tvs)), _as_device(data)
-    jstep, jscan, jmerge_params = _get_compiled(tuple(fns), lay, objective, bool(remat), optimizer, constraint)
+    jstep, jscan, jmerge_params = _get_compiled(tuple(fns), lay, objective, optimizer, constraint)
     opt_state = optimizer.init(coeffs)
 
     if progress:

@@ -50,7 +50,7 @@ def kl(log_p, log_q, axis: int = -1):
 
 def js(log_p, log_q, axis: int = -1):
     """Jensen-Shannon divergence in nats: symmetric, in ``[0, log 2]``, exactly 0 for ``p = q``,
-    finite for any inputs."""
+    finite for any log-probabilities in [-inf, 0] (NaN propagates)."""
     hi = jnp.maximum(log_p, log_q)
     gap = jnp.where(hi > -jnp.inf, jnp.abs(log_p - log_q), 0.0)
     log_m = hi + (jnp.log1p(jnp.exp(-gap)) - _LOG2)  # exactly log p where q = p

@@ -125,10 +125,10 @@ def _fn_parts(fn: Callable) -> list:
         leaves = jax.tree.leaves(value)
         if isinstance(value, (str, int, float, bool, type(None))):
             parts.append(repr(value))
-        elif callable(value) and not hasattr(value, "shape"):
-            parts.append(_fn_name(value))
-        elif leaves and all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
+        elif leaves and all(isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in leaves):
             parts.append(value)
+        elif callable(value):
+            parts.append(_fn_name(value))
         else:
             parts.append(type(value).__qualname__)
     return parts

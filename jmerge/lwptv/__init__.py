@@ -29,7 +29,8 @@ from jmerge.lwptv.scores import (
     layer_sum,
     relative_update,
     sign_agreement,
-    stack_tasks,
+    task_leaf_sums,
+    layer_kth_largest_magnitude,
     trim_survival,
 )
 from jmerge.lwptv.stage import LwPTV, inspect, keep_base, prune, select
@@ -59,7 +60,8 @@ __all__ = [
     "relative_update",
     "select",
     "sign_agreement",
-    "stack_tasks",
+    "task_leaf_sums",
+    "layer_kth_largest_magnitude",
     "table",
     "threshold",
     "top_k",

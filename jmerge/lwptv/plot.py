@@ -66,8 +66,8 @@ def plot_scores(
 
 
 def plot_mask(mask: LayerMask, path, *, title: str | None = None, overwrite: bool = False):
-    """Writes the mask as a two-colour grid to ``path`` (PNG): dark = kept, light = dropped,
-    with the layers no task keeps (base weights in the merge) marked below."""
+    """Writes the mask as a two-colour grid to ``path`` (PNG): dark = kept, light = dropped;
+    the labels of layers no task keeps (base weights in the merge) are red."""
     from matplotlib.colors import ListedColormap
 
     if not isinstance(mask, LayerMask):
@@ -81,9 +81,11 @@ def plot_mask(mask: LayerMask, path, *, title: str | None = None, overwrite: boo
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
     _axes_labels(ax, list(mask.layer_names), list(mask.task_names))
-    for l in np.nonzero(~mask.mask.any(axis=0))[0]:
-        ax.annotate("base", (l, mask.num_tasks - 0.5), xytext=(0, -2), textcoords="offset points",
-                    ha="center", va="top", fontsize=6, color="#a33", annotation_clip=False)
+    base_layers = set(mask.dropped_by_all())
+    for label in ax.get_xticklabels():
+        if label.get_text() in base_layers:
+            label.set_color("#b22222")
     kept = int(mask.mask.sum())
-    ax.set_title(title or f"LwPTV layer mask: {kept}/{mask.mask.size} task-layers kept (dark)", fontsize=10)
+    note = f"; red: {len(base_layers)} layer(s) kept by no task = base weights" if base_layers else ""
+    ax.set_title(title or f"LwPTV layer mask: {kept}/{mask.mask.size} task-layers kept (dark){note}", fontsize=10)
     return _save(fig, path, overwrite)

@@ -204,17 +204,22 @@ def describe(layers: LayerSpec) -> str:
 
 
 def group(params, layers: LayerSpec = "tensor", *, unassigned: str = "error") -> jlayers.LayerGrouping:
-    """Groups the leaves of ``params`` into layers with a preset, regex or callable.
+    """Groups the leaves of ``params`` into layers with a preset, regex or callable (a ready
+    ``LayerGrouping`` is checked against ``params`` and returned as is).
 
     Layers are ordered as in the model for presets (embeddings, blocks by number, final
     norm, pooler, head) and in natural order of their names otherwise (``layer/2`` before
     ``layer/10``). Raises :class:`MergeInputError` naming the parameters a rule leaves
     without a layer (unless ``unassigned`` is ``"own"`` or ``"rest"``).
     """
-    rule, preset = _as_rule(layers)
     all_paths = jtree.paths(params)
     if not all_paths:
         raise MergeInputError("params has no leaves to group into layers")
+    if isinstance(layers, jlayers.LayerGrouping):
+        if tuple(all_paths) != layers.leaf_paths:
+            raise MergeInputError("the layer grouping was made for other parameters than these")
+        return layers
+    rule, preset = _as_rule(layers)
     try:
         fn = jlayers._rule_fn(rule)
     except re.error as e:

@@ -11,7 +11,7 @@
    corresponding layer", the LwPTV abstract). Methods that do not map zero task vectors
    exactly to the base (rounding, SLERP) therefore still give the base there.
 
-An all-True mask reproduces the method exactly. :func:`prune` and :func:`keep_base` are
+An all-True mask runs the method itself, so it reproduces it bit for bit. :func:`prune` and :func:`keep_base` are
 pure functions on task-vector pytrees, usable inside any jit (e.g. before learning merge
 coefficients, ``jmerge.learn``).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -45,8 +46,8 @@ class LwPTV:
 
     Attributes:
       layers: the layer grouping: a preset name (``"bert"``, ``"gpt2"``, ``"llama"``,
-        ``"vit"``, ``"clip"``, ``"jmerge_bert"``), ``"tensor"``, a regex or a callable
-        (see :func:`jmerge.lwptv.presets.group`).
+        ``"vit"``, ``"clip"``, ``"jmerge_bert"``), ``"tensor"``, a regex, a callable or a ready
+        ``LayerGrouping`` (see :func:`jmerge.lwptv.presets.group`).
       score: a name from ``jmerge.lwptv.SCORES`` or a callable ``(tvs, base, grouping) -> (K, L)``.
         The default is provisional until the experiments (issue "LwPTV" item 6) choose one.
       rule: ``"keep_ratio"``, ``"top_k"`` or ``"threshold"`` (:mod:`jmerge.lwptv.masks`).
@@ -105,7 +106,7 @@ def _mask_array(mask, grouping: jlayers.LayerGrouping, num_tasks: int):
         arr = mask.mask
     else:
         arr = mask
-    shape = tuple(getattr(arr, "shape", np.shape(arr)))
+    shape = tuple(np.shape(arr))
     expected = (num_tasks, grouping.num_layers)
     if shape != expected:
         raise MergeInputError(
@@ -115,14 +116,17 @@ def _mask_array(mask, grouping: jlayers.LayerGrouping, num_tasks: int):
     return arr
 
 
-def _grouping_for(params, layers, mask, unassigned: str = "error") -> jlayers.LayerGrouping:
+def _grouping_for(params, layers, mask) -> jlayers.LayerGrouping:
     if isinstance(layers, jlayers.LayerGrouping):
         return layers
     if layers is None:
         layers = mask.layers if isinstance(mask, LayerMask) else None
         if layers is None:
-            raise MergeInputError("pass the layer grouping (a LayerGrouping, preset name, regex or callable)")
-    return presets.group(params, layers, unassigned=unassigned)
+            raise MergeInputError(
+                "the mask does not say which layer rule its names come from: build it with "
+                "LayerMask(..., layers='bert' or a regex), or pass the grouping"
+            )
+    return presets.group(params, layers)
 
 
 def prune(tvs: Sequence[PyTree], mask, grouping=None) -> list[PyTree]:
@@ -179,7 +183,7 @@ def select(base: PyTree, experts: Sequence[PyTree], config: LwPTV) -> tuple[jlay
         layer_names=grouping.names,
         task_names=config.task_names,
         normalize_by=config.normalize,
-        layers=None if callable(config.layers) and not isinstance(config.layers, presets.Preset) else config.layers,
+        layers=config.layers if isinstance(config.layers, (str, presets.Preset, re.Pattern)) else None,
     )
     return grouping, s, mask
 
@@ -215,8 +219,13 @@ def _jitted_merge(method, static_names: tuple[str, ...], grouping: jlayers.Layer
     return _JITTED[cache_key]
 
 
-def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv) -> PyTree:
-    """The ``lwptv=`` path of :func:`jmerge.merge` (inputs and hyper-parameters already validated)."""
+def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, plain=None) -> PyTree:
+    """The ``lwptv=`` path of :func:`jmerge.merge` (inputs and hyper-parameters already validated).
+
+    ``plain`` is the method's own compiled merge ``(base, experts, key, **hparams)``; an
+    all-True mask runs it, so keeping every layer is the method bit for bit (recompiling the
+    method inside the LwPTV jit can change the last bit of some methods, e.g. multislerp).
+    """
     experts = list(experts)
     if isinstance(lwptv, LwPTV):
         grouping, _, mask = select(base, experts, lwptv)
@@ -225,5 +234,7 @@ def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv) -
         grouping = _grouping_for(base, None, mask)
     else:
         raise MergeInputError(f"lwptv must be an LwPTV config or a LayerMask, got {type(lwptv).__name__}")
-    arr = jnp.asarray(_mask_array(mask, grouping, len(experts)), bool)
+    arr = np.asarray(_mask_array(mask, grouping, len(experts)), bool)
+    if plain is not None and arr.all():
+        return plain(base, experts, key, **hparams)
     return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **hparams)

@@ -148,5 +148,5 @@ def merge(
     if lwptv is not None:
         from jmerge.lwptv.stage import merge_with_lwptv  # lazy: the registry loads without lwptv
 
-        return merge_with_lwptv(m, base, experts, key, static, hp, lwptv)
+        return merge_with_lwptv(m, base, experts, key, static, hp, lwptv, plain=_jitted(m, static))
     return _jitted(m, static)(base, list(experts), key, **hp)

@@ -95,15 +95,28 @@ def _per_matrix(tvs, svd_filter, merge_matrix):
     return jtree.map_tasks(leaf, tvs)
 
 
+def _task_svds(ts, k):
+    """Top-``k`` triplets of each matrix, side by side: ``U (m, Tk)``, ``S (Tk,)``, ``V^T (Tk, n)``.
+
+    One SVD per matrix on purpose: batched ``jnp.linalg.svd`` calls (jaxlib's
+    ``ParallelBatchMap``) running concurrently in one jit deadlocked XLA:CPU's intra-op pool
+    on jaxlib 0.10.2 (40 of them on a 2-core machine; gdb showed every pool thread blocked
+    in ``ParallelBatchMap``'s counter).
+    """
+    us, ss, vts = zip(*(_svd(x) for x in ts))
+    return (
+        jnp.concatenate([u[:, :k] for u in us], axis=1),
+        jnp.concatenate([s[:k] for s in ss]),
+        jnp.concatenate([vt[:k] for vt in vts], axis=0),
+    )
+
+
 def _tsv_matrix(ts):
     k = min(ts[0].shape) // len(ts)
     if k == 0:
         return jnp.zeros_like(ts[0])
-    us, ss, vts = zip(*(_svd(x) for x in ts))
-    u = _orthogonalise(jnp.concatenate([u[:, :k] for u in us], axis=1))
-    vt = _orthogonalise(jnp.concatenate([vt[:k] for vt in vts], axis=0))
-    s = jnp.concatenate([s[:k] for s in ss])
-    return _mm(u * s, vt)
+    u, s, vt = _task_svds(ts, k)
+    return _mm(_orthogonalise(u) * s, _orthogonalise(vt))
 
 
 def _iso_c_matrix(ts):
@@ -124,12 +137,9 @@ def _iso_cts_matrix(ts, fraction):
     u, sv, vt = _svd(sum(ts[1:], ts[0]))
     us, svs, vts = [u[:, :k]], [sv[:k]], [vt[:k]]
     if s > 0:
-        for x in ts:
-            uk = us[0]
-            ut, st, vtt = _svd(x - _mm(uk, _mm(uk.T, x)))
-            us.append(ut[:, :s])
-            svs.append(st[:s])
-            vts.append(vtt[:s])
+        residuals = [x - _mm(us[0], _mm(us[0].T, x)) for x in ts]  # tau_t - U_k U_k^T tau_t
+        for parts, part in zip((us, svs, vts), _task_svds(residuals, s)):
+            parts.append(part)
     u_star = _orthogonalise(jnp.concatenate(us, axis=1))
     vt_star = _orthogonalise(jnp.concatenate(vts, axis=0))
     return jnp.mean(jnp.concatenate(svs)) * _mm(u_star, vt_star)

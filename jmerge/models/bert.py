@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -283,8 +283,3 @@ class Tokenizer:
 def minilm_tokenizer(max_len: int = 128) -> Tokenizer:
     """The all-MiniLM-L6-v2 tokenizer (uncased WordPiece, 30522 tokens)."""
     return Tokenizer(minilm_path() / "tokenizer.json", max_len)
-
-
-def config_dict(config: BertConfig) -> dict:
-    """The config as a plain dict (for cache keys and metadata)."""
-    return asdict(config)

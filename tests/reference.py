@@ -1,0 +1,168 @@
+"""Plain-numpy reference implementations of the merge formulas, for tests.
+
+Models are flat ``{path: np.ndarray}`` dicts (use :func:`flat`). Task vectors are float32,
+as in jmerge (``e.astype(f32) - b.astype(f32)`` rounds identically in numpy and XLA), so
+masks that depend on exact magnitudes (top-k trims, sign agreement) can be compared bit for
+bit; sums are taken in float64 and compared with a tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jmerge
+
+F32 = np.float32
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """``{path: numpy array}`` of a pytree (bfloat16 stays bfloat16 via ml_dtypes)."""
+    return {p: np.asarray(x) for p, x in jmerge.tree.flatten(tree).items()}
+
+
+def task_vectors(base: dict, experts: list[dict]) -> list[dict]:
+    """``tau_t = theta_t - theta_0`` in float32 (Ilharco et al., 2023)."""
+    return [{p: e[p].astype(F32) - base[p].astype(F32) for p in base} for e in experts]
+
+
+def apply(base: dict, tv: dict, scale: float = 1.0) -> dict:
+    """``theta_0 + scale * tau`` in float64, cast once to each base dtype."""
+    return {p: (base[p].astype(np.float64) + scale * tv[p].astype(np.float64)).astype(base[p].dtype) for p in base}
+
+
+def weighted_sum(tvs: list[dict], weights=None) -> dict:
+    w = np.ones(len(tvs)) if weights is None else np.asarray(weights, np.float64)
+    return {p: sum(w[i] * tvs[i][p].astype(np.float64) for i in range(len(tvs))) for p in tvs[0]}
+
+
+def task_arithmetic(base, experts, scale=0.3, weights=None) -> dict:
+    """``theta_0 + lambda * sum_t w_t tau_t``."""
+    return apply(base, weighted_sum(task_vectors(base, experts), weights), scale)
+
+
+def average(base, experts, weights=None) -> dict:
+    """``sum_t w_t theta_t / sum_t w_t``, computed directly on the experts."""
+    w = np.ones(len(experts)) if weights is None else np.asarray(weights, np.float64)
+    return {
+        p: (sum(w[i] * experts[i][p].astype(np.float64) for i in range(len(experts))) / w.sum()).astype(base[p].dtype)
+        for p in base
+    }
+
+
+# ---------------------------------------------------------------------------- magnitude ranks
+def kth_largest(values: np.ndarray, k: int) -> np.float32:
+    """k-th largest of ``values`` (1-based) by a full sort."""
+    return np.sort(values.reshape(-1))[::-1][k - 1]
+
+
+def top_mask(tv: dict, density: float, scope: str = "global") -> dict:
+    """Keeps the ``int(density * n)`` largest ``|tau|`` over the whole task vector (``global``)
+    or within each tensor (``tensor``); entries tied with the k-th largest are kept too."""
+
+    def mask_of(arrays: dict) -> dict:
+        mags = np.concatenate([np.abs(a).reshape(-1) for a in arrays.values()])
+        k = int(density * mags.size)
+        if k >= mags.size:
+            return {p: np.ones(a.shape, bool) for p, a in arrays.items()}
+        if k == 0:
+            return {p: np.zeros(a.shape, bool) for p, a in arrays.items()}
+        t = kth_largest(mags, k)
+        return {p: np.abs(a) >= t for p, a in arrays.items()}
+
+    if scope == "global":
+        return mask_of(tv)
+    return {p: mask_of({p: a})[p] for p, a in tv.items()}
+
+
+def trim(tv: dict, density: float, scope: str = "global") -> dict:
+    m = top_mask(tv, density, scope)
+    return {p: np.where(m[p], tv[p], F32(0)) for p in tv}
+
+
+def sum32(arrays) -> np.ndarray:
+    """Left-to-right float32 sum (jmerge's order), so signs of near-zero sums match exactly."""
+    arrays = list(arrays)
+    out = arrays[0].astype(F32)
+    for a in arrays[1:]:
+        out = out + a.astype(F32)
+    return out
+
+
+def elect_sign(tvs: list[dict], method: str = "sum") -> dict:
+    """``sign(sum_t tau_t)`` or ``sign(sum_t sign(tau_t))``; 0 elects +1."""
+    f = (lambda x: x) if method == "sum" else np.sign
+    return {p: np.where(sum32(f(tv[p]) for tv in tvs) >= 0, 1.0, -1.0) for p in tvs[0]}
+
+
+def disjoint_merge(tvs: list[dict], weights=None, sign: str = "sum", normalize: bool = True) -> dict:
+    """TIES disjoint mean (``normalize``) or sum over the tasks agreeing with the elected sign;
+    weights multiply each task vector before the election."""
+    w = np.ones(len(tvs)) if weights is None else np.asarray(weights, np.float64)
+    weighted = [{p: F32(w[i]) * tv[p] for p in tv} for i, tv in enumerate(tvs)]
+    gamma = elect_sign(weighted, sign)
+    out = {}
+    for p in tvs[0]:
+        agree = [np.sign(tv[p]) == gamma[p] for tv in weighted]
+        total = sum(np.where(a, tv[p].astype(np.float64), 0.0) for a, tv in zip(agree, weighted))
+        if normalize:
+            div = sum(w[i] * agree[i] for i in range(len(tvs)))
+            total = np.where(np.abs(div) > 1e-8, total / np.where(np.abs(div) > 1e-8, div, 1.0), 0.0)
+        out[p] = total
+    return out
+
+
+def ties(base, experts, density=0.2, scale=1.0, trim_scope="global", sign="sum", weights=None, normalize=True):
+    """TIES-merging (Yadav et al., 2023): trim, elect, disjoint merge, scale."""
+    tvs = [trim(tv, density, trim_scope) for tv in task_vectors(base, experts)]
+    return apply(base, disjoint_merge(tvs, weights, sign, normalize), scale)
+
+
+def breadcrumbs_mask(x: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """Per tensor: drop the ``int(gamma n)`` largest ``|x|`` and keep the next ``int(density n)``
+    (mergekit's ``magnitude_outliers``, on data without tied magnitudes)."""
+    n = x.size
+    n_keep = int(density * n)
+    n_top = min(int(gamma * n), n - n_keep)
+    order = np.argsort(-np.abs(x).reshape(-1), kind="stable")
+    mask = np.zeros(n, bool)
+    mask[order[n_top : n_top + n_keep]] = True
+    return mask.reshape(x.shape)
+
+
+def breadcrumbs(base, experts, density=0.9, gamma=0.01, scale=1.0, weights=None):
+    tvs = task_vectors(base, experts)
+    kept = [{p: np.where(breadcrumbs_mask(tv[p], density, gamma), tv[p], F32(0)) for p in tv} for tv in tvs]
+    return apply(base, weighted_sum(kept, weights), scale)
+
+
+def breadcrumbs_ties(base, experts, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
+    tvs = task_vectors(base, experts)
+    kept = [{p: np.where(breadcrumbs_mask(tv[p], density, gamma), tv[p], F32(0)) for p in tv} for tv in tvs]
+    return apply(base, disjoint_merge(kept, weights, sign, normalize), scale)
+
+
+def magmax(base, experts, scale=0.5):
+    """MagMax (Marczak et al., 2024): per entry the value of largest ``|tau_t|`` (first wins ties)."""
+    tvs = task_vectors(base, experts)
+    out = {}
+    for p in base:
+        stack = np.stack([tv[p] for tv in tvs])
+        idx = np.argmax(np.abs(stack), axis=0)  # first maximal index
+        out[p] = np.take_along_axis(stack, idx[None], axis=0)[0]
+    return apply(base, out, scale)
+
+
+def tall_masks(tvs: list[dict], lambdas=0.6) -> list[dict]:
+    """``m_t = 1[|tau_t| > lambda_t |tau_MTL - tau_t|]``, ``tau_MTL = sum_t tau_t`` (Wang et al., 2024)."""
+    lams = np.broadcast_to(np.asarray(lambdas, F32), (len(tvs),))
+    total = {p: sum32(tv[p] for tv in tvs) for p in tvs[0]}  # float32 like jmerge: masks match exactly
+    return [{p: np.abs(tv[p]) > lam * np.abs(total[p] - tv[p]) for p in tv} for tv, lam in zip(tvs, lams)]
+
+
+def consensus(base, experts, k=2, tall_lambda=0.6, scale=0.3):
+    """TALL-mask consensus: ``theta_0 + alpha * 1[sum_t m_t >= k] * tau_MTL``."""
+    tvs = task_vectors(base, experts)
+    masks = tall_masks(tvs, tall_lambda)
+    total = weighted_sum(tvs)
+    keep = {p: sum(m[p].astype(int) for m in masks) >= k for p in base}
+    return apply(base, {p: np.where(keep[p], total[p], 0.0) for p in base}, scale)
