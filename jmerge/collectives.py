@@ -16,8 +16,10 @@ work and one ``psum`` per step (docs/scaling.md lists what every method moves):
 * **no gather, any axis types**: each device reads only its own blocks (a block replicated
   over some mesh axes is counted by its first replica only).
 
-Counting reuses ``jmerge.stages``' exact counting pass (bit-pattern comparisons where
-XLA:CPU would flush subnormals), so the thresholds equal ``stages``' bit for bit.
+Counts compare float32 bit patterns as integers (exact for subnormals, which XLA:CPU
+flushes in float comparisons), and both searches are exact, so the thresholds equal
+``stages``' bit for bit. The price on XLA:CPU: integer compare-and-sum passes are slower
+than ``stages``' fused float counting, and 32 of them always run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from jmerge.shard import Rule, spec_for
 PyTree = jtree.PyTree
 _HALF = 16
 _LOW = (1 << _HALF) - 1
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
 def _spec_of(x, mesh: Mesh) -> P:
@@ -105,7 +111,9 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
         classes.append(list(by_unused.items()))
 
     def local(k_hi, k_lo, *blocks):
-        mags = [jnp.abs(b.astype(jnp.float32)) for b in blocks]
+        # Bit patterns of |x| order like the values and compare exactly (XLA:CPU flushes
+        # subnormal floats to zero in float comparisons).
+        bits = [_bits(jnp.abs(b.astype(jnp.float32))) for b in blocks]
 
         def owner(unused):  # this device holds the first replica of such blocks
             mine = jnp.bool_(True)
@@ -113,17 +121,18 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
                 mine = mine & (jax.lax.axis_index(axis) == 0)
             return mine
 
-        def count_at_least(bits):
+        def count_at_least(t):
             c = jnp.stack([
-                sum(jnp.where(owner(unused), stages._count_at_least([mags[i] for i in idx], bits[g]), jnp.uint32(0))
+                sum(jnp.where(owner(unused), sum(jnp.sum(bits[i] >= t[g], dtype=jnp.uint32) for i in idx), jnp.uint32(0))
                     for unused, idx in group)
                 for g, group in enumerate(classes)
             ])
             halves = jax.lax.psum(jnp.stack([c & _LOW, c >> _HALF]), all_axes)
             return halves[1] + (halves[0] >> _HALF), halves[0] & _LOW
 
-        local_hi = jnp.stack([stages._upper_bound(mags[bounds[g]:bounds[g + 1]]) for g in range(len(sizes))])
-        hi = jax.lax.pmax(local_hi, all_axes)  # bit patterns of non-negative floats order like the values
+        local_max = jnp.stack([jnp.max(jnp.stack([jnp.max(bits[i]) for i in range(bounds[g], bounds[g + 1])]))
+                               for g in range(len(sizes))])
+        hi = jax.lax.pmax(local_max, all_axes) + 1  # count(>= hi) = 0 < k <= count(>= 0)
         lo = jnp.zeros_like(hi)
 
         def body(_, lohi):
@@ -133,7 +142,7 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
             ok = (c_hi > k_hi) | ((c_hi == k_hi) & (c_lo >= k_lo))
             return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-        lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+        lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))  # 32 halvings of a < 2**31 wide bracket
         return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P()) + flat_specs, out_specs=P()))
@@ -189,7 +198,7 @@ def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = sp
                     elif th is False:
                         trimmed[p] = jnp.zeros_like(x)
                     else:  # bit patterns: exact for subnormals, as jmerge.stages' masks
-                        keep = stages._bits(jnp.abs(x.astype(jnp.float32))) >= stages._bits(th)
+                        keep = _bits(jnp.abs(x.astype(jnp.float32))) >= _bits(th)
                         trimmed[p] = jnp.where(keep, x, 0.0)
             out.append(jtree.unflatten(tvs[t], trimmed))
         return out

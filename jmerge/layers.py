@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import jax
 import numpy as np
 
 from jmerge import tree as jtree
@@ -96,6 +97,9 @@ def group_layers(params, rule: LayerRule = None, *, unassigned: str = "error") -
 def layer_sizes(params, grouping: LayerGrouping) -> np.ndarray:
     """Number of scalars in each layer."""
     sizes = np.zeros(grouping.num_layers, np.int64)
-    for leaf, l in zip(jtree.flatten(params).values(), grouping.leaf_layer):
+    leaves = jax.tree.leaves(params)
+    if len(leaves) != len(grouping.leaf_layer):
+        raise ValueError(f"params has {len(leaves)} leaves but the grouping was made for {len(grouping.leaf_layer)}")
+    for leaf, l in zip(leaves, grouping.leaf_layer):
         sizes[l] += int(np.prod(leaf.shape))
     return sizes

@@ -33,15 +33,26 @@ Sparsifier = Callable[[Sequence[PyTree], jax.Array | None], list[PyTree]]
 
 
 # ---------------------------------------------------------------------------- thresholds
+# Exact k-th largest magnitudes without sorting (a sort of millions of entries takes seconds
+# on XLA:CPU, research/jax_ecosystem.md §7.4). The search runs on float32 bit patterns, which
+# order non-negative floats like their values, with exact counting passes ``count(|x| >= t)``:
+# a strided sample brackets the answer, ITP steps (Oliveira & Takahashi, 2021: regula falsi
+# on the counts, truncated and projected so that it never needs more steps than bisection
+# plus one) shrink the bracket, and min/max passes snap its ends to actual entries. Typically
+# 6-10 passes instead of bisection's 31 (bench/merge_bench.py).
 _SORT_MAX = 1 << 14  # groups this small are sorted outright
 _CHUNK = 1 << 23  # float32 sums of 0/1 values are exact below 2**24 terms
 _PACK = 1 << 16  # arrays smaller than this are packed into one buffer for counting
 _SAMPLE = 1 << 15  # strided sample that brackets the threshold
 _Z = 3.5  # bracket half-width in sample standard deviations
 _KAPPA = 0.02  # ITP truncation constant (relative to the initial bracket width)
-_TINY, _HUGE = 2.0**-100, 2.0**100  # magnitudes are clamped to [_TINY, _HUGE] for fast counting
+_TINY, _HUGE = 2.0**-100, 2.0**100  # the search runs on magnitudes clamped to [_TINY, _HUGE]
 _TINY_BITS, _HUGE_BITS = 0x0D800000, 0x71800000  # their bit patterns
 _ABOVE_INF = 0x7F800001  # no finite float is >= this bit pattern (a NaN's)
+_MAX_PASSES = 96
+# search phases; each loop iteration is one pass over the magnitudes
+_BRACKET_LO, _BRACKET_HI, _SEARCH, _SNAP_LO, _SNAP_HI, _FINAL_MIN, _FINAL_MAX, _DONE = range(8)
+_COUNT, _MIN, _MAX = range(3)  # pass kinds
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -53,55 +64,60 @@ def _value(bits: jax.Array) -> jax.Array:
 
 
 def _magnitude_chunks(arrays: Sequence[jax.Array]) -> list[jax.Array]:
-    """``|x|`` clamped to ``[_TINY, _HUGE]``, as 1-D chunks of at most ``_CHUNK`` entries
-    (small arrays packed together). Clamping leaves ``count(|x| >= t)`` unchanged for every
-    ``t`` in ``(_TINY, _HUGE]``; the chunks are written once and read by every pass."""
-    flat = [jnp.clip(jnp.abs(a.astype(jnp.float32)), _TINY, _HUGE).reshape(-1) for a in arrays]
+    """``|x|`` as 1-D float32 chunks of at most ``_CHUNK`` entries, small arrays packed
+    together: written once, read by every pass."""
+    flat = [jnp.abs(a.astype(jnp.float32)).reshape(-1) for a in arrays]
     small = [f for f in flat if f.size < _PACK]
     pieces = [f for f in flat if f.size >= _PACK] + ([jnp.concatenate(small)] if small else [])
     return [p[i : i + _CHUNK] for p in pieces for i in range(0, p.size, _CHUNK)]
 
 
-def _indicator(chunk: jax.Array, bits: jax.Array) -> jax.Array:
-    """Exactly 1.0 where ``chunk >= value(bits)``, else 0.0 (for ``bits`` in the clamped range).
+def _at_least(chunk: jax.Array, bits: jax.Array) -> jax.Array:
+    """Exactly 1.0 where ``chunk >= t = value(bits)``, else 0.0, for normal ``t`` and its
+    predecessor ``below``: ``clip(x, below, t) - below`` is 0 or the gap ``t - below``.
 
-    With ``below`` the float just under ``t``, ``clip(x, below, t) - below`` is 0 or the gap.
-    It is written with max/min/sub/mul because XLA:CPU fuses those into a vectorised full
+    Written with max/min/sub/mul because XLA:CPU fuses those into a vectorised full
     reduction, while compare/select or integer reductions materialise a full-size temporary
-    and run 4-10x slower (measured for bench/merge_bench.py)."""
+    and run 4-10x slower (measured on this project's benchmark machine)."""
     t, below = _value(bits), _value(bits - 1)
     inv_gap = 1.0 / (t - below)
-    # Adding a zero read from this chunk keeps XLA from sharing the scalars' broadcasts
-    # between same-shaped chunks, which would materialise them as full-size arrays (3x slower).
+    # A zero read from this chunk keeps XLA from sharing the scalars' broadcasts between
+    # same-shaped chunks, which would materialise them as full-size arrays (3x slower).
     zero = chunk[0] * 0.0
     t, below, inv_gap = t + zero, below + zero, inv_gap + zero
     return (jnp.minimum(jnp.maximum(chunk, below), t) - below) * inv_gap
 
 
-def _count_at_least(chunks: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
-    """Exact number (uint32) of entries ``>= value(bits)``: one full reduction per chunk."""
-    return sum((jnp.sum(_indicator(c, bits)).astype(jnp.uint32) for c in chunks), jnp.uint32(0))
-
-
-def _min_at_least(chunks: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
-    """Bit pattern of the smallest entry ``>= value(bits)`` (excluded entries become the
-    largest float)."""
+def _pass(chunks: Sequence[jax.Array], kind: jax.Array, bits: jax.Array) -> jax.Array:
+    """One read of the magnitudes, clamped to ``[_TINY, _HUGE]`` (``bits`` in its interior):
+    ``_COUNT``: number of entries ``>= value(bits)`` (exact: one float32 full reduction per
+    chunk of < 2**24 zeros and ones); ``_MIN``: bit pattern of the smallest entry
+    ``>= value(bits)``; ``_MAX``: that of the largest entry ``< value(bits)``. uint32."""
     big = jnp.finfo(jnp.float32).max
-    return _bits(jnp.min(jnp.stack([jnp.min(jnp.maximum(c, (1.0 - _indicator(c, bits)) * big)) for c in chunks])))
+
+    def count():
+        sums = jnp.stack([jnp.sum(_at_least(c, bits)) for c in chunks])
+        return jnp.sum(sums.astype(jnp.uint32))
+
+    def smallest():  # excluded entries become the largest float
+        mins = [jnp.min(jnp.maximum(jnp.clip(c, _TINY, _HUGE), (1.0 - _at_least(c, bits)) * big)) for c in chunks]
+        return _bits(jnp.min(jnp.stack(mins))).astype(jnp.uint32)
+
+    def largest():  # excluded entries become 0
+        maxs = [jnp.max(jnp.minimum(jnp.clip(c, _TINY, _HUGE), (1.0 - _at_least(c, bits)) * big)) for c in chunks]
+        return _bits(jnp.max(jnp.stack(maxs))).astype(jnp.uint32)
+
+    return jax.lax.switch(kind, [count, smallest, largest])
 
 
-def _max_below(chunks: Sequence[jax.Array], bits: jax.Array) -> jax.Array:
-    """Bit pattern of the largest entry ``< value(bits)`` (excluded entries become 0)."""
-    big = jnp.finfo(jnp.float32).max
-    return _bits(jnp.max(jnp.stack([jnp.max(jnp.minimum(c, (1.0 - _indicator(c, bits)) * big)) for c in chunks])))
+def _search(chunks: Sequence[jax.Array], n: int, k: jax.Array) -> jax.Array:
+    """Bit pattern of the k-th largest of the clamped magnitudes (``k`` may be traced).
 
-
-def _sample_bracket(chunks: Sequence[jax.Array], n: int, k: int):
-    """Bit patterns ``lo < hi`` with ``count(>= lo) >= k > count(>= hi)``, and both counts.
-
-    The candidates lie ``_Z`` standard deviations of the sample rank either side of the k-th
-    largest in a sorted strided sample; two counting passes verify them, and a side that
-    fails falls back to the end of the clamped range (still exact, only more passes)."""
+    Counts at thresholds in ``(_TINY, _HUGE]`` are the same for clamped and raw magnitudes,
+    so the search only ever counts there; the answer is exact for the raw magnitudes when
+    it lies strictly inside ``(_TINY, _HUGE)``."""
+    k = jnp.asarray(k).astype(jnp.uint32)
+    kf = k.astype(jnp.float32)
     stride = max(n // _SAMPLE, 1)
     parts, offset = [], 0
     for c in chunks:
@@ -109,116 +125,131 @@ def _sample_bracket(chunks: Sequence[jax.Array], n: int, k: int):
         if start < c.size:
             parts.append(c[start::stride])
         offset += c.size
-    sample = jnp.sort(_bits(jnp.concatenate(parts)))  # positive floats sort like their bits
+    sample = jnp.sort(jnp.clip(_bits(jnp.concatenate(parts)), _TINY_BITS, _HUGE_BITS))  # sorts like the values
     s = sample.shape[0]
-    q = k / n
+    q = kf / n
     rank = (1.0 - q) * s  # ascending sample position of the k-th largest
-    spread = _Z * (math.sqrt(s * q * (1.0 - q)) + 1.0)
-    i_lo, i_hi = math.floor(rank - spread), math.ceil(rank + spread)
-    kk = jnp.uint32(k)
-    lo, c_lo = (sample[i_lo], _count_at_least(chunks, sample[i_lo])) if i_lo >= 0 else (jnp.int32(_TINY_BITS), jnp.uint32(n))
-    if i_hi < s:
-        hi, c_hi = sample[i_hi] + 1, _count_at_least(chunks, sample[i_hi] + 1)
-    else:
-        hi, c_hi = _bits(jnp.max(jnp.stack([jnp.max(c) for c in chunks]))) + 1, jnp.uint32(0)
-    low_miss, high_miss = c_lo < kk, c_hi >= kk
-    return (
-        jnp.where(low_miss, _TINY_BITS, jnp.where(high_miss, hi, lo)),
-        jnp.where(low_miss, lo, jnp.where(high_miss, _HUGE_BITS + 1, hi)),
-        jnp.where(low_miss, jnp.uint32(n), jnp.where(high_miss, c_hi, c_lo)),
-        jnp.where(low_miss, c_lo, jnp.where(high_miss, jnp.uint32(0), c_hi)),
-    )
+    spread = _Z * (jnp.sqrt(s * q * (1.0 - q)) + 1.0)
+    i_lo = jnp.floor(rank - spread).astype(jnp.int32)
+    i_hi = jnp.ceil(rank + spread).astype(jnp.int32)
+    cand_lo = sample[jnp.clip(i_lo, 0, s - 1)]
+    cand_hi = sample[jnp.clip(i_hi, 0, s - 1)] + 1
 
+    def action(st):
+        lo, hi, _, _, phase, *_ = st
+        kind = jnp.select(
+            [phase <= _SEARCH, (phase == _SNAP_LO) | (phase == _FINAL_MIN)], [_COUNT, _MIN], _MAX
+        )
+        kind = jnp.where((phase == _BRACKET_HI) & (i_hi >= s), _MAX, kind)  # no upper candidate: max
+        bits = jnp.select(
+            [phase == _BRACKET_LO, phase == _BRACKET_HI, phase == _SEARCH, kind == _MIN],
+            [cand_lo, jnp.where(i_hi >= s, _HUGE_BITS + 1, cand_hi), itp_point(st), lo],
+            hi,
+        )
+        return kind, bits
 
-def _refine(chunks, k: int, lo, hi, c_lo, c_hi):
-    """Shrinks the bracket until ``hi = lo + 1`` or a count equals ``k`` or ``k - 1``.
-
-    Each step counts at the ITP point (Oliveira & Takahashi, 2021: regula falsi on the counts,
-    truncated and projected so that it never needs more steps than bisection plus one). When
-    a count shows an empty gap (it equals an end's count), the next step snaps both ends to
-    the nearest entries (a min and a max pass), which ends searches over discrete values
-    (e.g. differences of bfloat16 weights) quickly. Returns the bracket, its counts and the
-    number of passes."""
-    kk = jnp.uint32(k)
-    w0 = (hi - lo).astype(jnp.float32)
-    n_max = jnp.ceil(jnp.log2(jnp.maximum(w0, 2.0))) + 1.0
-    kappa = _KAPPA / w0
-
-    def running(state):
-        lo, hi, c_lo, c_hi, j, _, passes = state
-        return (hi - lo > 1) & (c_lo != kk) & (c_hi != kk - 1) & (passes < 96)
-
-    def snap(state):
-        lo, hi, c_lo, c_hi, j, _, passes = state
-        return _min_at_least(chunks, lo), _max_below(chunks, hi) + 1, c_lo, c_hi, j, False, passes + 2
-
-    def count(state):
-        lo, hi, c_lo, c_hi, j, _, passes = state
+    def itp_point(st):
+        lo, hi, c_lo, c_hi, _, j, w0, *_ = st
         w = (hi - lo).astype(jnp.float32)
-        above = (c_lo - kk).astype(jnp.float32) + 0.5  # count(>= t) - k + 1/2 at both ends
-        below = (kk - c_hi).astype(jnp.float32) - 0.5
+        w0 = jnp.where(w0 > 0, w0, w)
+        n_max = jnp.ceil(jnp.log2(jnp.maximum(w0, 2.0))) + 1.0
+        above = (c_lo - k).astype(jnp.float32) + 0.5  # count(>= t) - k + 1/2 at both ends
+        below = (k - c_hi).astype(jnp.float32) - 0.5
         x_f = w * above / (above + below)
         x_h = 0.5 * w
         radius = jnp.maximum(0.5 * jnp.exp2(n_max - j.astype(jnp.float32)) - x_h, 0.0)
-        delta = kappa * w * w
+        delta = _KAPPA / w0 * w * w
         sigma = jnp.sign(x_h - x_f)
         x_t = jnp.where(delta <= jnp.abs(x_h - x_f), x_f + sigma * delta, x_h)
         x = jnp.where(jnp.abs(x_t - x_h) <= radius, x_t, x_h - sigma * radius)
-        t = lo + jnp.minimum(jnp.clip(jnp.round(x), 1.0, 2.0**30).astype(jnp.int32), hi - lo - 1)
-        c = _count_at_least(chunks, t)
-        ok = c >= kk
-        gap = (c == c_lo) | (c == c_hi)
-        return (
-            jnp.where(ok, t, lo), jnp.where(ok, hi, t), jnp.where(ok, c, c_lo), jnp.where(ok, c_hi, c),
-            j + 1, gap, passes + 1,
+        return lo + jnp.minimum(jnp.clip(jnp.round(x), 1.0, 2.0**30).astype(jnp.int32), hi - lo - 1)
+
+    def step(st):
+        lo, hi, c_lo, c_hi, phase, j, w0, passes, answer = st
+        kind, bits = action(st)
+        r = _pass(chunks, kind, bits)
+        found = r.astype(jnp.int32)
+        counted = kind == _COUNT
+        ok = counted & (r >= k)  # the k-th largest is >= value(bits)
+        short = counted & (r < k)
+        gap = counted & (phase == _SEARCH) & ((r == c_lo) | (r == c_hi))  # no entry between
+        n_lo = jnp.select([ok, (kind == _MIN) & (phase == _SNAP_LO)], [bits, found], lo)
+        n_hi = jnp.select([short, (kind == _MAX) & (phase != _FINAL_MAX)], [bits, found + 1], hi)
+        n_c_lo = jnp.where(ok, r, c_lo)
+        n_c_hi = jnp.where(short, r, jnp.where((kind == _MAX) & (phase == _BRACKET_HI), 0, c_hi))
+        final = (phase == _FINAL_MIN) | (phase == _FINAL_MAX)
+        # next phase: bracket, then search; a gap triggers both snaps; exact counts finish
+        nxt = jnp.select(
+            [final, (phase == _BRACKET_LO) & ok, phase == _SNAP_LO, gap], [_DONE, _BRACKET_HI, _SNAP_HI, _SNAP_LO], _SEARCH
         )
+        done_width = (n_hi - n_lo <= 1) & ~final
+        nxt = jnp.select(
+            [final, done_width, n_c_lo == k, n_c_hi == k - 1], [_DONE, _DONE, _FINAL_MIN, _FINAL_MAX], nxt
+        )
+        answer = jnp.select([final, done_width], [found, n_lo], answer)
+        w0 = jnp.where((phase == _SEARCH) & (w0 == 0), (hi - lo).astype(jnp.float32), w0)
+        return n_lo, n_hi, n_c_lo, n_c_hi, nxt, j + (phase == _SEARCH), w0, passes + 1, answer
 
-    state = (lo, hi, c_lo, c_hi, jnp.int32(0), jnp.bool_(False), jnp.int32(0))
-    state = jax.lax.while_loop(running, lambda s: jax.lax.cond(s[5], snap, count, s), state)
-    lo, hi, c_lo, c_hi, _, _, passes = state
-    return lo, hi, c_lo, c_hi, passes
+    first = jnp.where(i_lo >= 0, _BRACKET_LO, _BRACKET_HI)
+    state = (
+        jnp.int32(_TINY_BITS), jnp.int32(_HUGE_BITS + 1), jnp.uint32(n), jnp.uint32(0), first,
+        jnp.int32(0), jnp.float32(0), jnp.int32(0), jnp.int32(0),
+    )
+    state = jax.lax.while_loop(lambda st: (st[4] != _DONE) & (st[7] < _MAX_PASSES), step, state)
+    return state[-1], state[7]
 
 
-def _bisect(arrays: Sequence[jax.Array], k: int) -> jax.Array:
-    """Exact k-th largest ``|x|`` by 31 passes of integer bisection on the bit patterns (the
-    fallback when it lies outside ``(_TINY, _HUGE)``; integer comparisons see subnormals,
-    which XLA:CPU's float comparisons flush to zero)."""
-    bits = [_bits(jnp.abs(a.astype(jnp.float32))) for a in arrays]
+def _bisect(chunks: Sequence[jax.Array], k: jax.Array) -> jax.Array:
+    """Bit pattern of the exact k-th largest by 31 passes of integer bisection: the fallback
+    for answers outside ``(_TINY, _HUGE)``, where integer comparisons also see subnormals
+    (XLA:CPU's float comparisons flush them to zero)."""
+    bits = [_bits(c) for c in chunks]
+    k = jnp.asarray(k).astype(jnp.uint32)
 
     def body(_, lohi):
         lo, hi = lohi
         mid = lo + (hi - lo) // 2
-        ok = sum((jnp.sum(b >= mid, dtype=jnp.uint32) for b in bits), jnp.uint32(0)) >= jnp.uint32(k)
+        ok = sum((jnp.sum(b >= mid, dtype=jnp.uint32) for b in bits), jnp.uint32(0)) >= k
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_ABOVE_INF)))
-    return _value(lo)
+    return jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_ABOVE_INF)))[0]
+
+
+def _kth_of_chunks(chunks: Sequence[jax.Array], n: int, k: jax.Array) -> jax.Array:
+    found, _ = _search(chunks, n, k)
+    inside = (found > _TINY_BITS) & (found < _HUGE_BITS)  # else clamping may have changed it
+    return _value(jax.lax.cond(inside, lambda: found, lambda: _bisect(chunks, k)))
+
+
+def kth_largest_magnitudes(groups: Sequence[Sequence[jax.Array]], ks: Sequence[int]) -> jax.Array:
+    """Exact ``k_g``-th largest ``|x|`` over all entries of each group (``1 <= k_g <= size``).
+
+    Groups must hold arrays of the same shapes; they share one compiled search
+    (``jax.lax.map``), so many same-shaped tensors (per-tensor trims) or many tasks (global
+    trims) cost one compilation. Groups of up to ``_SORT_MAX`` entries are sorted.
+    Counts are uint32 (up to 4.29e9 entries per group)."""
+    groups = [[jnp.asarray(a) for a in g] for g in groups]
+    shapes = [tuple(a.shape) for a in groups[0]]
+    if any([tuple(a.shape) for a in g] != shapes for g in groups):
+        raise ValueError("kth_largest_magnitudes: every group must hold arrays of the same shapes")
+    n = sum(int(np.prod(s)) for s in shapes)
+    if len(ks) != len(groups) or not all(1 <= k <= n for k in ks):
+        raise ValueError(f"need one k in [1, {n}] per group, got {list(ks)}")
+    ks_arr = jnp.asarray(ks, jnp.int32)
+    if n <= _SORT_MAX:
+        bits = jnp.stack([jnp.concatenate([_bits(jnp.abs(a.astype(jnp.float32))).reshape(-1) for a in g]) for g in groups])
+        ranked = jnp.sort(bits, axis=-1)
+        return _value(jnp.take_along_axis(ranked, (n - ks_arr)[:, None], axis=-1)[:, 0])
+    if len(groups) == 1:
+        return _kth_of_chunks(_magnitude_chunks(groups[0]), n, ks_arr[0])[None]
+    stacked = [jnp.stack(cs) for cs in zip(*(_magnitude_chunks(g) for g in groups))]
+    return jax.lax.map(lambda args: _kth_of_chunks(list(args[0]), n, args[1]), (stacked, ks_arr))
 
 
 def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int) -> jax.Array:
-    """Exact k-th largest ``|x|`` over all entries of ``arrays`` (1 <= k <= total size).
-
-    Up to ``_SORT_MAX`` entries are sorted. Larger inputs are searched on the float32 bit
-    pattern, monotone in the value for non-negative floats: a strided sample brackets the
-    answer, and exact counting passes (``count(|x| >= t)``, one fused read of the magnitudes)
-    narrow the bracket until it is one bit pattern wide or a count equals ``k`` (one more
-    pass takes the smallest entry at or above the bracket) or ``k - 1`` (the largest entry
-    below it); typically 5-10 passes instead of bisection's 31. A full sort of millions of
-    entries takes seconds on XLA:CPU (research/jax_ecosystem.md §7.4). Counts are uint32
-    (up to 4.29e9 entries).
-    """
-    arrays = [jnp.asarray(a) for a in arrays]
-    n = sum(int(a.size) for a in arrays)
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must lie in [1, {n}]")
-    if n <= _SORT_MAX:
-        return _value(jnp.sort(jnp.concatenate([_bits(jnp.abs(a.astype(jnp.float32))).reshape(-1) for a in arrays]))[n - k])
-    chunks = _magnitude_chunks(arrays)
-    lo, hi, c_lo, c_hi, _ = _refine(chunks, k, *_sample_bracket(chunks, n, k))
-    case = jnp.where(hi - lo <= 1, 0, jnp.where(c_lo == jnp.uint32(k), 1, 2))
-    found = jax.lax.switch(case, [lambda: lo, lambda: _min_at_least(chunks, lo), lambda: _max_below(chunks, hi)])
-    inside = (found > _TINY_BITS) & (found < _HUGE_BITS)  # else clamping may have changed the answer
-    return jax.lax.cond(inside, lambda: _value(found), lambda: _bisect(arrays, k))
+    """Exact k-th largest ``|x|`` over all entries of ``arrays`` (``1 <= k <= total size``);
+    see :func:`kth_largest_magnitudes`."""
+    return kth_largest_magnitudes([arrays], [k])[0]
 
 
 def _keep_count(density: float, size: int) -> int:
@@ -226,16 +257,32 @@ def _keep_count(density: float, size: int) -> int:
     return int(density * size)
 
 
+def top_k_magnitude_masks(queries: Sequence[tuple[Sequence[jax.Array], int]]) -> list[list[jax.Array]]:
+    """For each ``(arrays, k)`` query, boolean masks keeping the ``k`` largest ``|x|`` jointly
+    over ``arrays`` (entries tied with the k-th largest are kept too). Queries over arrays of
+    the same shapes share one compiled search (:func:`kth_largest_magnitudes`)."""
+    out: list = [None] * len(queries)
+    batches: dict[tuple, list[int]] = {}
+    for i, (arrays, k) in enumerate(queries):
+        n = sum(int(np.prod(a.shape)) for a in arrays)
+        if k >= n:
+            out[i] = [jnp.ones(a.shape, bool) for a in arrays]
+        elif k <= 0:
+            out[i] = [jnp.zeros(a.shape, bool) for a in arrays]
+        else:
+            batches.setdefault(tuple(tuple(a.shape) for a in arrays), []).append(i)
+    for idx in batches.values():
+        ts = kth_largest_magnitudes([queries[i][0] for i in idx], [queries[i][1] for i in idx])
+        for j, i in enumerate(idx):
+            t = _bits(ts[j])  # compare bit patterns: exact for subnormals too
+            out[i] = [_bits(jnp.abs(a.astype(jnp.float32))) >= t for a in queries[i][0]]
+    return out
+
+
 def top_k_magnitude_mask(arrays: Sequence[jax.Array], k: int) -> list[jax.Array]:
     """Boolean masks keeping the ``k`` largest ``|x|`` jointly over ``arrays`` (entries tied
     with the k-th largest are kept too)."""
-    n = sum(int(np.prod(a.shape)) for a in arrays)
-    if k >= n:
-        return [jnp.ones(a.shape, bool) for a in arrays]
-    if k <= 0:
-        return [jnp.zeros(a.shape, bool) for a in arrays]
-    t = _bits(kth_largest_magnitude(arrays, k))
-    return [_bits(jnp.abs(a.astype(jnp.float32))) >= t for a in arrays]  # exact for subnormals too
+    return top_k_magnitude_masks([(arrays, k)])[0]
 
 
 def top_magnitude_mask(arrays: Sequence[jax.Array], density: float) -> list[jax.Array]:
@@ -244,9 +291,11 @@ def top_magnitude_mask(arrays: Sequence[jax.Array], density: float) -> list[jax.
     return top_k_magnitude_mask(arrays, _keep_count(density, n))
 
 
-def per_task(value, k_tasks: int) -> list:
-    """One value per task from a scalar or a length-K sequence."""
-    values = list(np.atleast_1d(np.asarray(value, dtype=np.float64)))
+def per_task(value, k_tasks: int) -> list[float]:
+    """One Python float per task from a scalar or a length-K sequence."""
+    values = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64))]
+    if len(values) not in (1, k_tasks):
+        raise ValueError(f"expected one value or {k_tasks} (one per task), got {len(values)}")
     return values * k_tasks if len(values) == 1 else values
 
 
@@ -266,15 +315,19 @@ def magnitude_trim(density: float | Sequence[float], scope: str = "global") -> S
         raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
 
     def trim(tvs, key=None):
-        out = []
-        for tv, d in zip(tvs, per_task(density, len(tvs))):
-            leaves, treedef = jax.tree.flatten(tv)
-            if scope == "global":
-                masks = top_magnitude_mask(leaves, d)
-            else:
-                masks = [top_magnitude_mask([x], d)[0] for x in leaves]
-            out.append(jax.tree.unflatten(treedef, [jnp.where(m, x, 0.0) for m, x in zip(masks, leaves)]))
-        return out
+        flat = [jax.tree.flatten(tv) for tv in tvs]
+        densities = per_task(density, len(tvs))
+        if scope == "global":
+            queries = [(leaves, _keep_count(d, sum(int(x.size) for x in leaves))) for (leaves, _), d in zip(flat, densities)]
+            masks = top_k_magnitude_masks(queries)
+        else:
+            queries = [([x], _keep_count(d, int(x.size))) for (leaves, _), d in zip(flat, densities) for x in leaves]
+            per_leaf = iter(m for (m,) in top_k_magnitude_masks(queries))
+            masks = [[next(per_leaf) for _ in leaves] for leaves, _ in flat]
+        return [
+            jax.tree.unflatten(treedef, [jnp.where(m, x, 0.0) for m, x in zip(ms, leaves)])
+            for (leaves, treedef), ms in zip(flat, masks)
+        ]
 
     return trim
 
@@ -320,21 +373,19 @@ def breadcrumbs(density: float | Sequence[float], gamma: float = 0.01) -> Sparsi
     a ``density`` fraction survives."""
 
     def crumbs(tvs, key=None):
-        out = []
-        for tv, d in zip(tvs, per_task(density, len(tvs))):
-            new = []
-            for x in jax.tree.leaves(tv):
-                n = int(np.prod(x.shape))
+        flat = [jax.tree.flatten(tv) for tv in tvs]
+        queries = []  # per leaf: keep the top n_keep + n_top, then drop the top n_top
+        for (leaves, _), d in zip(flat, per_task(density, len(tvs))):
+            for x in leaves:
+                n = int(x.size)
                 n_keep = _keep_count(d, n)
-                n_top = int(gamma * n)
-                if n_keep + n_top > n:
-                    n_top = n - n_keep
-                keep = top_magnitude_mask([x], (n_keep + n_top) / n)[0] if n_keep + n_top < n else jnp.ones(x.shape, bool)
-                if n_top > 0:
-                    keep = keep & ~(jnp.abs(x) >= kth_largest_magnitude([x], n_top))
-                new.append(jnp.where(keep, x, 0.0))
-            out.append(jax.tree.unflatten(jax.tree.structure(tv), new))
-        return out
+                n_top = min(int(gamma * n), n - n_keep)
+                queries += [([x], n_keep + n_top), ([x], n_top)]
+        masks = iter(m for (m,) in top_k_magnitude_masks(queries))
+        return [
+            jax.tree.unflatten(treedef, [jnp.where(next(masks) & ~next(masks), x, 0.0) for x in leaves])
+            for leaves, treedef in flat
+        ]
 
     return crumbs
 

@@ -339,6 +339,22 @@ def test_score_bad_input(models, grouping):
         lwptv.compute_scores([], base, grouping)
 
 
+def test_custom_score_callable(models, grouping):
+    base, experts = models
+
+    def mean_abs(tvs, base, grouping):  # built from the public helpers
+        num = lwptv.layer_sum(lwptv.task_leaf_sums(lambda x: jnp.sum(jnp.abs(x)), tvs), grouping)
+        return num / jnp.asarray(jmerge.layers.layer_sizes(base, grouping), jnp.float32)[None]
+
+    scores, mask = lwptv.inspect(base, experts, layers="bert", score=mean_abs, rule="top_k", value=1)
+    tvs = jmerge.task_vectors(base, experts)
+    ref = np.array([[np.abs(x).mean() for x in _np_layers(tv, grouping)] for tv in tvs])
+    np.testing.assert_allclose(scores, ref, rtol=1e-5)
+    assert mask.mask.sum(axis=1).tolist() == [1] * K
+    with pytest.raises(MergeInputError, match=r"returned shape \(5,\), expected"):
+        lwptv.compute_scores(tvs, base, grouping, lambda tvs, base, grouping: jnp.zeros(5))
+
+
 # ---------------------------------------------------------------------------- masks
 def test_mask_rules_semantics():
     s = np.array([[0.5, 0.1, 0.9, 0.3, 0.3], [1.0, 2.0, 3.0, 4.0, 5.0]])

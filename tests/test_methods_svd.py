@@ -108,7 +108,14 @@ def test_tsv_scale_and_svd_filter_match_numpy():
 
 @pytest.mark.parametrize(
     "r, tasks, fraction, want",
-    [(16, 3, 0.8, (13, 1)), (8, 3, 0.8, (5, 1)), (768, 8, 0.8, (616, 19)), (4, 8, 0.8, (4, 0)), (5, 3, 0.0, (2, 1)), (10, 2, 1.0, (10, 0))],
+    [
+        (16, 3, 0.8, (13, 1)),
+        (8, 3, 0.8, (5, 1)),
+        (768, 8, 0.8, (616, 19)),  # ViT-B: int(614.4) = 614, round(154/8) = 19 per task
+        (4, 8, 0.8, (4, 0)),
+        (5, 3, 0.0, (2, 1)),  # round(5/3) = 2 would need 6 > r directions: capped at r // T
+        (10, 2, 1.0, (10, 0)),
+    ],
 )
 def test_iso_cts_sizes(r, tasks, fraction, want):
     k, s = iso_cts_sizes(r, tasks, fraction)

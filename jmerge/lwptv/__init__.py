@@ -30,7 +30,6 @@ from jmerge.lwptv.scores import (
     relative_update,
     sign_agreement,
     task_leaf_sums,
-    layer_kth_largest_magnitude,
     trim_survival,
 )
 from jmerge.lwptv.stage import LwPTV, inspect, keep_base, prune, select
@@ -61,7 +60,6 @@ __all__ = [
     "select",
     "sign_agreement",
     "task_leaf_sums",
-    "layer_kth_largest_magnitude",
     "table",
     "threshold",
     "top_k",

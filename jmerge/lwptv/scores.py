@@ -41,8 +41,8 @@ def task_leaf_sums(fn: Callable[..., jax.Array], *task_trees: Sequence[PyTree]) 
 
     ``task_trees`` are lists of K pytrees each (task vectors, masks, ...); ``fn`` reduces
     leaves to a scalar. The loop over tasks is unrolled at trace time, which XLA fuses into
-    one pass per leaf: stacking the task vectors instead was 3-6x slower and materialised
-    ``K x model`` (bench in the LwPTV report).
+    one pass per leaf; stacking the task vectors instead was slower and materialised
+    ``K x model`` (bench/lwptv_bench.py).
     """
     leaves = [[jax.tree.leaves(tree) for tree in trees] for trees in task_trees]  # [arg][task][leaf]
     num_tasks, num_leaves = len(leaves[0]), len(leaves[0][0])
@@ -73,36 +73,6 @@ def _f32(tvs: Sequence[PyTree]) -> list[PyTree]:
 
 
 _sq = lambda x: jnp.sum(x * x)
-
-
-def layer_kth_largest_magnitude(tvs: Sequence[PyTree], grouping: jlayers.LayerGrouping, k: np.ndarray) -> jax.Array:
-    """``(K, L)``: the exact ``k[l]``-th largest ``|tau_t|`` within each layer of each task.
-
-    The bisection of ``jmerge.stages.kth_largest_magnitude`` on the float32 bit pattern,
-    run for all tasks and layers at once: each of the 32 passes counts ``|tau_t| >= t_tl``
-    per leaf and adds the counts per layer with a segment-sum. ``1 <= k[l] <= n_l``.
-    """
-    mags = [[jnp.abs(x.astype(jnp.float32)) for x in jax.tree.leaves(tv)] for tv in tvs]
-    leaf_layer = np.asarray(grouping.leaf_layer)
-    ids = jnp.asarray(leaf_layer.astype(np.int32))
-    need = jnp.asarray(np.asarray(k, np.uint32))[None, :]
-    top = jnp.stack([jnp.stack([jnp.max(m) for m in ms]) for ms in mags], axis=1)  # (n_leaves, K)
-    hi = jax.lax.bitcast_convert_type(jax.ops.segment_max(top, ids, num_segments=grouping.num_layers).T, jnp.int32) + 1
-    lo = jnp.zeros_like(hi)
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        t = jax.lax.bitcast_convert_type(mid, jnp.float32)
-        counts = [
-            jnp.stack([jnp.sum(ms[i] >= t[j, leaf_layer[i]], dtype=jnp.uint32) for j, ms in enumerate(mags)])
-            for i in range(len(leaf_layer))
-        ]
-        ok = layer_sum(counts, grouping) >= need
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 # ---------------------------------------------------------------------------- scores
@@ -200,14 +170,14 @@ def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array
     """
     check_fraction("top", top)
     tvs = _f32(tvs)
-    sizes = jlayers.layer_sizes(base, grouping)
-    kth = layer_kth_largest_magnitude(tvs, grouping, np.maximum(1, (top * sizes).astype(np.int64)))
-    leaf_layer = grouping.leaf_layer
-    num = [
-        jnp.stack([jnp.sum(jnp.where(jnp.abs(x) >= kth[t, leaf_layer[i]], x * x, 0.0)) for t, x in enumerate(xs)])
-        for i, xs in enumerate(jtree.transpose_leaves(tvs)[0])
-    ]
-    return _ratio(layer_sum(num, grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
+    k = np.maximum(1, (top * jlayers.layer_sizes(base, grouping)).astype(np.int64))
+    members = [[i for i, l in enumerate(grouping.leaf_layer) if l == layer] for layer in range(grouping.num_layers)]
+    num = []
+    for tv in tvs:  # one bisection per task and layer: faster than one joint bisection (bench/lwptv_bench.py)
+        leaves = jax.tree.leaves(tv)
+        kth = [stages.kth_largest_magnitude([leaves[i] for i in idx], int(k[l])) for l, idx in enumerate(members)]
+        num.append(jnp.stack([jnp.sum(jnp.where(jnp.abs(x) >= kth[l], x * x, 0.0)) for x, l in zip(leaves, grouping.leaf_layer)]))
+    return _ratio(layer_sum(list(jnp.stack(num, axis=1)), grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
 
 
 SCORES: dict[str, ScoreFn] = {
