@@ -93,10 +93,10 @@ def joint_bisection_energy_concentration(tvs, base, grouping, top=0.05):
 # ---------------------------------------------------------------------------- bench
 def measure(fn, base, experts, grouping, reference=None):
     f = jax.jit(lambda b, es: fn(jtree.task_vectors(b, es), b, grouping))
-    temp = f.lower(base, experts).compile().memory_analysis().temp_size_in_bytes
     t = time.perf_counter()
     out = np.asarray(f(base, experts))
     cold = time.perf_counter() - t
+    temp = f.lower(base, experts).compile().memory_analysis().temp_size_in_bytes
     warm = []
     for _ in range(2):
         t = time.perf_counter()

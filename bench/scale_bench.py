@@ -30,7 +30,6 @@ block. Experts are ``base + 0.01 * noise`` (noise drawn once, rolled per expert)
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import re
@@ -45,7 +44,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 import jmerge  # noqa: E402
 from jmerge import collectives, shard, stages  # noqa: E402
@@ -120,14 +118,19 @@ def memory(compiled) -> dict:
 
 
 def collectives_in(text: str) -> str:
-    """Collective ops of a compiled HLO module, with the bytes of their largest result."""
+    """Collective ops of a compiled HLO module, with the bytes of the largest array one of
+    them produces (an op may produce a tuple: XLA combines small collectives)."""
     found = {}
-    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1}
-    for m in re.finditer(r"= \(?([a-z0-9]+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(", text):
-        dtype, dims, op = m.groups()
-        nbytes = sizes.get(dtype, 4) * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
-        count, biggest = found.get(op, (0, 0))
-        found[op] = (count + 1, max(biggest, nbytes))
+    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8, "u64": 8}
+    ops = "all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute"
+    for line in text.splitlines():
+        m = re.search(rf"^\s*%?\S+ = (.*?) ({ops})(?:-start)?\(", line)
+        if not m:
+            continue
+        arrays = re.findall(r"([a-z]+[0-9]*)\[([\d,]*)\]", m.group(1))
+        nbytes = max((sizes.get(t, 4) * int(np.prod([int(x) for x in d.split(",") if x] or [1])) for t, d in arrays), default=0)
+        count, biggest = found.get(m.group(2), (0, 0))
+        found[m.group(2)] = (count + 1, max(biggest, nbytes))
     if not found:
         return "none"
     return ", ".join(f"{op} x{c} (largest {_fmt_bytes(b)})" for op, (c, b) in sorted(found.items()))

@@ -1,6 +1,6 @@
 """jmerge: model merging for JAX, as pure functions on parameter pytrees."""
 
-from jmerge import layers, stages, tree, validate
+from jmerge import layers, learn, lwptv, stages, tree, validate
 from jmerge.methods import available, get, merge, merge_task_vectors
 from jmerge.tree import apply, task_vector, task_vectors
 from jmerge.validate import MergeInputError
@@ -13,6 +13,8 @@ __all__ = [
     "available",
     "get",
     "layers",
+    "learn",
+    "lwptv",
     "merge",
     "merge_task_vectors",
     "stages",

@@ -74,6 +74,10 @@ def top_mask(tv: dict, density: float, scope: str = "global") -> dict:
     return {p: mask_of({p: a})[p] for p, a in tv.items()}
 
 
+def per_task(value, k: int) -> list[float]:
+    return [float(v) for v in np.broadcast_to(np.asarray(value, np.float64), (k,))]
+
+
 def trim(tv: dict, density: float, scope: str = "global") -> dict:
     m = top_mask(tv, density, scope)
     return {p: np.where(m[p], tv[p], F32(0)) for p in tv}
@@ -113,31 +117,37 @@ def disjoint_merge(tvs: list[dict], weights=None, sign: str = "sum", normalize: 
 
 def ties(base, experts, density=0.2, scale=1.0, trim_scope="global", sign="sum", weights=None, normalize=True):
     """TIES-merging (Yadav et al., 2023): trim, elect, disjoint merge, scale."""
-    tvs = [trim(tv, density, trim_scope) for tv in task_vectors(base, experts)]
+    tvs = [trim(tv, d, trim_scope) for tv, d in zip(task_vectors(base, experts), per_task(density, len(experts)))]
     return apply(base, disjoint_merge(tvs, weights, sign, normalize), scale)
 
 
 def breadcrumbs_mask(x: np.ndarray, density: float, gamma: float) -> np.ndarray:
-    """Per tensor: drop the ``int(gamma n)`` largest ``|x|`` and keep the next ``int(density n)``
-    (mergekit's ``magnitude_outliers``, on data without tied magnitudes)."""
+    """Per tensor: drop the ``int(gamma n)`` largest ``|x|`` (outliers) and keep the next ones up
+    to ``int(density n)`` survivors (mergekit's ``magnitude_outliers``). Entries tied with a cut's
+    k-th largest fall on the same side of it (on tie-free data exactly ``int(density n)`` survive)."""
     n = x.size
     n_keep = int(density * n)
     n_top = min(int(gamma * n), n - n_keep)
-    order = np.argsort(-np.abs(x).reshape(-1), kind="stable")
-    mask = np.zeros(n, bool)
-    mask[order[n_top : n_top + n_keep]] = True
-    return mask.reshape(x.shape)
+    mags = np.abs(x)
+    if n_keep == 0:
+        return np.zeros(x.shape, bool)
+    keep = np.ones(x.shape, bool) if n_keep + n_top >= n else mags >= kth_largest(mags, n_keep + n_top)
+    if n_top > 0:
+        keep &= ~(mags >= kth_largest(mags, n_top))
+    return keep
 
 
 def breadcrumbs(base, experts, density=0.9, gamma=0.01, scale=1.0, weights=None):
     tvs = task_vectors(base, experts)
-    kept = [{p: np.where(breadcrumbs_mask(tv[p], density, gamma), tv[p], F32(0)) for p in tv} for tv in tvs]
+    dens = per_task(density, len(tvs))
+    kept = [{p: np.where(breadcrumbs_mask(tv[p], d, gamma), tv[p], F32(0)) for p in tv} for tv, d in zip(tvs, dens)]
     return apply(base, weighted_sum(kept, weights), scale)
 
 
 def breadcrumbs_ties(base, experts, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
     tvs = task_vectors(base, experts)
-    kept = [{p: np.where(breadcrumbs_mask(tv[p], density, gamma), tv[p], F32(0)) for p in tv} for tv in tvs]
+    dens = per_task(density, len(tvs))
+    kept = [{p: np.where(breadcrumbs_mask(tv[p], d, gamma), tv[p], F32(0)) for p in tv} for tv, d in zip(tvs, dens)]
     return apply(base, disjoint_merge(kept, weights, sign, normalize), scale)
 
 

@@ -72,7 +72,8 @@ def _compiled(name, base, experts):
 
 
 def _all_gathers(text):
-    return re.findall(r"= (\S+) all-gather(?:-start)?\(", text)
+    """Result types of the all-gathers in compiled HLO text (tuples when XLA combined some)."""
+    return [m.group(1) for line in text.splitlines() if (m := re.search(r" = (.*?) all-gather(?:-start)?\(", line))]
 
 
 def _ties_with_sharded_trim(mesh):
@@ -215,13 +216,13 @@ def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh):
 def test_svd_methods_gather_each_matrix_whole(placed):
     """TSV-M factorises whole matrices: XLA all-gathers each sharded 2-D task vector."""
     base_s, experts_s = placed
-    gathered = set(_all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
-    shapes = {tuple(int(d) for d in re.match(r"f32\[([\d,]+)\]", g).group(1).split(",")) for g in gathered}
+    gathered = " ".join(_all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
+    shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", gathered)}
     sharded_2d = {x.shape for x in jax.tree.leaves(base_s) if x.ndim == 2 and not x.sharding.is_fully_replicated}
     assert {s[-2:] for s in shapes} == sharded_2d  # whole matrices (possibly stacked over tasks)
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "dare_linear", "ties_sharded_trim"])
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties_sharded_trim"])
 def test_explicit_mesh_merges(name, models):
     """With Explicit axes shardings are types; the elementwise merges and TIES with the
     shard_map trim type-check (jmerge.stages' threshold reshapes, which Explicit mode rejects)."""

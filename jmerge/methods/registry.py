@@ -88,19 +88,35 @@ def get(name: str) -> Method:
     return _REGISTRY[name]
 
 
-_JITTED: dict[tuple[str, tuple[str, ...]], Callable] = {}
+_JITTED: dict[tuple, Callable] = {}
 
 
-def _jitted(method: Method, static_names: tuple[str, ...]) -> Callable:
-    cache_key = (method.name, static_names)
+def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:
+    """Hyper-parameters passed to ``jax.jit`` as static: the method's declared ones, plus any
+    string or bool value (they select code paths and cannot be traced)."""
+    return tuple(sorted(k for k, v in hparams.items() if k in method.static or isinstance(v, (str, bool))))
+
+
+def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False) -> Callable:
+    cache_key = (method.name, method.fn, static_names, donate_base)
     if cache_key not in _JITTED:
 
         def run(base, experts, key, **hp):
             tvs = jtree.task_vectors(base, experts)
             return method.fn(base, tvs, key=key, **hp)
 
-        _JITTED[cache_key] = jax.jit(run, static_argnames=static_names)
+        _JITTED[cache_key] = jax.jit(run, static_argnames=static_names, donate_argnums=(0,) if donate_base else ())
     return _JITTED[cache_key]
+
+
+def _placed_like(out: PyTree, shardings: list) -> PyTree:
+    """Puts each output leaf on its base leaf's sharding where XLA chose another one."""
+    leaves, treedef = jax.tree.flatten(out)
+    placed = [
+        x if s is None or x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s)
+        for x, s in zip(leaves, shardings)
+    ]
+    return jax.tree.unflatten(treedef, placed)
 
 
 def merge_task_vectors(
@@ -120,6 +136,7 @@ def merge(
     key: jax.Array | None = None,
     check_finite: bool = True,
     lwptv=None,
+    donate_base: bool = False,
     **hparams,
 ) -> PyTree:
     """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
@@ -133,20 +150,31 @@ def merge(
       lwptv: layer-wise pruning of the task vectors before the method, a
         ``jmerge.lwptv.LwPTV`` config or an explicit ``jmerge.lwptv.LayerMask``; layers no
         task keeps hold the base weights exactly (see :mod:`jmerge.lwptv`).
+      donate_base: let the merge reuse ``base``'s buffers for its output (``base`` must not
+        be used afterwards). Skips allocating the output, which on CPU costs as much as
+        reading the inputs (bench/merge_bench.py).
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
+    All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
+    merge is compiled, and errors name the offending parameter or hyper-parameter.
+
     Returns:
-      The merged parameters, with each leaf in the base leaf's dtype. Inputs sharded over a
-      mesh give outputs sharded the same way (the merge is one ``jax.jit``).
+      The merged parameters, with each leaf in the base leaf's dtype and on the base leaf's
+      sharding (the merge is one ``jax.jit``).
     """
     m = get(method)
-    hp = m.resolve(len(experts) if isinstance(experts, (list, tuple)) else 0, hparams)
-    validate.check_models(base, experts, check_finite=check_finite)
+    validate.check_models(base, experts, check_finite=False)  # structure, shapes, dtypes
+    hp = m.resolve(len(experts), hparams)
     if m.needs_key and key is None:
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
-    static = tuple(sorted(k for k in hp if k in m.static))
+    if check_finite:
+        validate.check_all_finite(base, experts)
+    static = static_names(m, hp)
+    shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
     if lwptv is not None:
         from jmerge.lwptv.stage import merge_with_lwptv  # lazy: the registry loads without lwptv
 
-        return merge_with_lwptv(m, base, experts, key, static, hp, lwptv, plain=_jitted(m, static))
-    return _jitted(m, static)(base, list(experts), key, **hp)
+        out = merge_with_lwptv(m, base, experts, key, static, hp, lwptv, plain=_jitted(m, static, donate_base))
+    else:
+        out = _jitted(m, static, donate_base)(base, list(experts), key, **hp)
+    return _placed_like(out, shardings)

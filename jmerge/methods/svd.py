@@ -21,7 +21,8 @@ nearest matrix with orthonormal columns (rows) to ``X = P D Q^T`` is ``P Q^T``.
   expert gives ``tau`` with its singular values replaced by their mean.
 * ``iso_cts`` (Iso-CTS, same paper): common space = top ``k`` left singular vectors of
   ``sum_t tau_t``, ``k = int(r * common_space_fraction)`` then adjusted so that
-  ``s = round((r - k)/T)`` task-specific directions per task fill the rest (``k = r - sT``);
+  ``s = round((r - k)/T)`` (at most ``floor(r/T)``) task-specific directions per task fill
+  the rest (``k = r - sT``);
   each task's ``tau_t - U_k U_k^T tau_t`` contributes its top ``s`` triplets;
   ``Delta = mean(all kept singular values) U*_perp V*_perp^T``. A single expert gives the
   same result as ``iso_c``.

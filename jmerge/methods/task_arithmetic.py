@@ -24,6 +24,7 @@ from jmerge.methods.registry import register
 
 
 def _check(num_experts, hp, fractions=("density",), min_experts=1):
+    """Checks shared by the family: expert count, fractions, weights, scale, sign and flags."""
     if num_experts < min_experts:
         raise validate.MergeInputError(f"this method needs at least {min_experts} experts, got {num_experts}")
     for name in fractions:
@@ -31,14 +32,25 @@ def _check(num_experts, hp, fractions=("density",), min_experts=1):
             validate.check_fraction(name, hp[name], count=num_experts)
     if hp.get("weights") is not None:
         validate.check_weights(hp["weights"], num_experts)
+    if "scale" in hp:
+        validate.check_finite_number("scale", hp["scale"])
+    if "sign" in hp and hp["sign"] not in ("sum", "count"):
+        raise validate.MergeInputError(f"sign must be 'sum' or 'count', got {hp['sign']!r}")
+    for flag in ("normalize", "rescale"):
+        if flag in hp and not isinstance(hp[flag], bool):
+            raise validate.MergeInputError(f"{flag} must be True or False, got {hp[flag]!r}")
+
+
+def _average_check(num_experts, hp):
+    _check(num_experts, hp)
+    if hp["weights"] is not None and validate.concrete(hp["weights"]) and float(np.sum(hp["weights"])) == 0.0:
+        raise validate.MergeInputError(f"average needs weights with a non-zero sum, got {hp['weights']!r}")
 
 
 def _ties_check(num_experts, hp):
     _check(num_experts, hp)
     if hp["trim"] not in ("global", "tensor"):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
-    if hp["sign"] not in ("sum", "count"):
-        raise validate.MergeInputError(f"sign must be 'sum' or 'count', got {hp['sign']!r}")
     if hp.get("thresholds") is not None:
         th = np.atleast_1d(np.asarray(hp["thresholds"], dtype=np.float64))
         if th.size != num_experts or np.any(np.isnan(th)) or np.any(th < 0):
@@ -60,7 +72,7 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
     return jtree.apply(base, merged, scale)
 
 
-@register("average", check=_check)
+@register("average", check=_average_check)
 def average(base, tvs, *, key=None, weights=None):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup)."""
     return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
@@ -121,6 +133,7 @@ def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0,
 
 def _della_check(num_experts, hp):
     _check(num_experts, hp)
+    validate.check_fraction("epsilon", hp["epsilon"], low_open=False)
     for d in stages.per_task(hp["density"], num_experts):
         if not (0 < d - hp["epsilon"] and d + hp["epsilon"] <= 1):
             raise validate.MergeInputError(
@@ -143,7 +156,7 @@ def magmax(base, tvs, *, key=None, scale=0.5):
 
 def _consensus_check(num_experts, hp):
     _check(num_experts, hp)
-    if not 0 <= hp["k"] <= num_experts:
+    if not isinstance(hp["k"], (int, np.integer)) or not 0 <= hp["k"] <= num_experts:
         raise validate.MergeInputError(f"consensus k={hp['k']} must lie in [0, {num_experts}]")
     validate.check_fraction("tall_lambda", hp["tall_lambda"], low_open=False, high=float("inf"), count=num_experts)
 
