@@ -85,14 +85,27 @@ def head_accuracy(head: dict, emb: np.ndarray, labels: np.ndarray) -> float:
     return float(100.0 * (pred == labels).mean())
 
 
+def fit_linear_head(emb: np.ndarray, labels: np.ndarray, num_classes: int, *, c: float = 1.0) -> dict:
+    """A linear head ``{kernel [d, C], bias [C]}`` from an L2 logistic regression (sklearn,
+    lbfgs, ``C=c``) fit on standardised embeddings, with the standardisation folded in:
+    ``kernel = (W / s)^T``, ``bias = b - (W / s) mu``. A binary problem becomes logits
+    ``[0, z]`` (same softmax as sigmoid(z)); classes absent from ``labels`` get bias -1e4."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = emb.mean(0), emb.std(0) + 1e-6
+    clf = LogisticRegression(C=c, max_iter=2000).fit((emb - mu) / sd, labels)
+    w, b = clf.coef_ / sd, clf.intercept_
+    if len(clf.classes_) == 2:
+        w, b = np.concatenate([np.zeros_like(w), w]), np.concatenate([[0.0], b])
+    kernel = np.zeros((emb.shape[1], num_classes), np.float32)
+    bias = np.full((num_classes,), -1e4, np.float32)
+    kernel[:, clf.classes_] = w.T
+    bias[clf.classes_] = b - w @ mu
+    return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+
+
 def probe_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, eval_emb: np.ndarray, eval_labels: np.ndarray,
                    *, c: float = 1.0) -> float:
-    """Accuracy in percent of a logistic-regression probe (sklearn, L2, ``C=c``, standardised features)
-    fit on ``train_emb`` and scored on ``eval_emb``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    clf.fit(train_emb, train_labels)
-    return float(100.0 * clf.score(eval_emb, eval_labels))
+    """Accuracy in percent of a linear probe (:func:`fit_linear_head`) fit on ``train_emb``, scored on ``eval_emb``."""
+    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
+    return head_accuracy(fit_linear_head(train_emb, train_labels, num_classes, c=c), eval_emb, eval_labels)

@@ -12,7 +12,7 @@ import pytest
 
 import jmerge
 from experiments import finetune, suite_t
-from experiments.evaluate import Tokens, embed, probe_accuracy, trim
+from experiments.evaluate import Tokens, embed, fit_linear_head, head_accuracy, probe_accuracy, trim
 from jmerge.data import Task
 from jmerge.models.bert import Bert, BertConfig
 
@@ -49,7 +49,7 @@ TASKS = {
     "gamma": synthetic_task("gamma", ["cat", "dog"], seed=3),
     "delta": synthetic_task("delta", ["up", "down"], seed=4),  # OOD, no expert
 }
-RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, head_lr=3e-2, max_len=MAX_LEN, train_size=150)
+RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, max_len=MAX_LEN, train_size=150, head_fit=100)
 CONFIG = suite_t.SuiteConfig(tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",), recipe=RECIPE,
                              validation_size=24, test_size=24, probe_train=60)
 
@@ -164,6 +164,35 @@ def test_embed_is_order_and_batch_invariant():
     np.testing.assert_allclose(embed(bert, params, t, batch_size=64), full, atol=1e-5)
     short_ids, short_mask = trim(ids[:1], mask[:1])
     assert short_ids.shape[1] == MAX_LEN if mask[0].sum() > 16 else short_ids.shape[1] in (MAX_LEN, 16)
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_fit_linear_head_folds_the_standardisation(num_classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(num_classes)
+    x = rng.normal(size=(120, 6)) * rng.uniform(0.1, 10, 6) + rng.normal(size=6)
+    y = rng.integers(0, num_classes, 120)
+    y[y == num_classes - 1] = 0 if num_classes > 2 else y[y == num_classes - 1]  # last class absent when C > 2
+    head = fit_linear_head(x, y, num_classes)
+    assert head["kernel"].shape == (6, num_classes) and head["bias"].shape == (num_classes,)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
+    logits = np.asarray(x @ head["kernel"] + head["bias"])
+    np.testing.assert_array_equal(logits.argmax(1), ref.predict(x))
+    # Same probabilities as sklearn on the classes it saw; an unseen class gets none.
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[:, ref.classes_], ref.predict_proba(x), atol=1e-4)
+    assert head_accuracy(head, x, y) == pytest.approx(100 * ref.score(x, y))
+
+
+def test_base_with_expert_head_scores_the_probe(built):
+    suite = built[0]
+    for name in CONFIG.tasks:  # the expert's head is the base's probe, so the base starts there
+        m = suite.expert_metrics[name]
+        assert suite.id_accuracy(suite.base, name) < m["validation_acc"]
 
 
 def test_probe_accuracy_on_separable_and_random_data():

@@ -142,9 +142,12 @@ SCALED = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", 
 
 @pytest.mark.parametrize("method", SCALED)
 def test_scale_zero_returns_base_exactly(method):
-    base, experts = STRUCTURES["nested"](3)
-    key = jax.random.key(0) if jmerge.get(method).needs_key else None
-    out = jmerge.merge(base, experts, method, key=key, scale=0.0, **HP.get(method, {}))
+    if jmerge.get(method).needs_key:  # the sharding test's models: one compilation for both
+        base, experts = _models_for(method)
+        out = jmerge.merge(base, experts, method, key=jax.random.key(3), scale=0.0)
+    else:
+        base, experts = STRUCTURES["nested"](3)
+        out = jmerge.merge(base, experts, method, scale=0.0, **HP.get(method, {}))
     chex.assert_trees_all_equal(out, base)
     chex.assert_trees_all_equal_dtypes(out, base)
 
@@ -162,7 +165,7 @@ def test_single_expert_at_scale_one_is_that_expert(method, hp):
 
 
 # ---------------------------------------------------------------------------- permutation invariance
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), perm=st.permutations([0, 1, 2, 3]))
 def test_permuting_experts_leaves_the_merge_unchanged(seed, perm):
     base, experts = random_models(nested_shapes(), 4, seed)
@@ -183,11 +186,10 @@ def test_permuting_experts_leaves_the_merge_unchanged(seed, perm):
 # ---------------------------------------------------------------------------- keys
 @pytest.mark.parametrize("method", [m for m in jmerge.available() if jmerge.get(m).needs_key])
 def test_stochastic_methods_are_deterministic_per_key(method):
-    base, experts = STRUCTURES["nested"](3)
-    hp = HP.get(method, {})
-    a = jmerge.merge(base, experts, method, key=jax.random.key(1), **hp)
-    b = jmerge.merge(base, experts, method, key=jax.random.key(1), **hp)
-    c = jmerge.merge(base, experts, method, key=jax.random.key(2), **hp)
+    base, experts = _models_for(method)
+    a = jmerge.merge(base, experts, method, key=jax.random.key(1))
+    b = jmerge.merge(base, experts, method, key=jax.random.key(1))
+    c = jmerge.merge(base, experts, method, key=jax.random.key(2))
     chex.assert_trees_all_equal(a, b)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
 

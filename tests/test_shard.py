@@ -22,10 +22,6 @@ SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered 
 # under plain jit; jmerge.collectives.magnitude_trim moves only counts (tests at the end).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 # Gathers that need not happen, reported for a fix (the test passes once they are gone).
-KNOWN_GATHERS = {
-    "model_stock": "reshape(1, -1) of tensors sharded on a later axis; contract with einsum over the axes instead",
-    "multislerp": "x.reshape(-1) for the norms; jnp.sqrt(jnp.sum(x * x)) per task needs no reshape",
-}
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +186,6 @@ def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models,
         assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, path, o.sharding, b.sharding)
     if name not in SVD_METHODS | STAGES_THRESHOLD_METHODS | {"della"}:
         gathers = _all_gathers(compiled.as_text())
-        if name in KNOWN_GATHERS and gathers:
-            pytest.xfail(f"{name} gathers {gathers}: {KNOWN_GATHERS[name]}")
         assert gathers == [], name
 
 

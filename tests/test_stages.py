@@ -34,6 +34,7 @@ def _distributions(n: int, rng) -> dict[str, np.ndarray]:
     return {
         "normal": normal,
         "half zeros": np.where(rng.random(n) < 0.5, 0.0, normal).astype(np.float32),
+        "90% zeros": np.where(rng.random(n) < 0.9, 0.0, normal).astype(np.float32),
         "quantized": (np.round(normal * 100) / 100).astype(np.float32),
         "bf16 deltas": expert.astype(np.float32) - base.astype(np.float32),
         "mixed scales": (normal * 10.0 ** rng.integers(-6, 3, n)).astype(np.float32),

@@ -32,12 +32,16 @@ def _check(num_experts, hp):
 def _mean_pairwise_cosine(ts, rows: bool):
     """Mean over pairs of the clipped cosine, per first-axis row (``rows``) or over the whole tensor.
 
-    All inner products come from one Gram matmul of the stacked task vectors: K(K-1)/2
-    separate reductions per tensor compiled several times slower for the same memory.
+    All inner products come from one Gram contraction of the stacked task vectors (K(K-1)/2
+    separate reductions per tensor compiled several times slower for the same memory); the
+    contraction runs over the tensor's own axes, with no reshape, so sharded axes stay sharded.
     """
     k = len(ts)
-    flat = jnp.stack([x.reshape(x.shape[0], -1) if rows else x.reshape(1, -1) for x in ts], axis=1)  # (R, K, n)
-    gram = jnp.einsum("rin,rjn->rij", flat, flat, precision=jax.lax.Precision.HIGHEST)
+    stacked = jnp.stack(ts)  # (K, *shape)
+    if rows:
+        gram = jnp.einsum("ir...,jr...->rij", stacked, stacked, precision=jax.lax.Precision.HIGHEST)
+    else:
+        gram = jnp.einsum("i...,j...->ij", stacked, stacked, precision=jax.lax.Precision.HIGHEST)[None]
     norms = jnp.sqrt(jnp.diagonal(gram, axis1=1, axis2=2))
     cos = jnp.clip(gram / jnp.maximum(norms[:, :, None] * norms[:, None, :], 1e-6), -1.0, 1.0)
     i, j = np.triu_indices(k, 1)

@@ -95,7 +95,7 @@ def multislerp(base, tvs, *, key=None, weights=None):
     w = w / jnp.sum(w)
 
     def leaf(_, ts):
-        norms = jnp.linalg.norm(jnp.stack([x.reshape(-1) for x in ts]), axis=1)  # one reduction for all K
+        norms = jnp.stack([jnp.sqrt(jnp.sum(x * x)) for x in ts])  # no reshape: keeps sharded axes sharded
         coef = jnp.where(norms > EPS, w / jnp.where(norms > EPS, norms, 1.0), 0.0)  # w_t / |tau_t|
         mean = sum(coef[i] * ts[i] for i in range(k))  # m = sum_t w_t u_t
         mean_norm = jnp.linalg.norm(mean)
