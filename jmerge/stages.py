@@ -43,7 +43,6 @@ Sparsifier = Callable[[Sequence[PyTree], jax.Array | None], list[PyTree]]
 # 6-10 passes instead of bisection's 31 (bench/merge_bench.py).
 _SORT_MAX = 1 << 14  # groups this small are sorted outright
 _CHUNK = 1 << 23  # float32 sums of 0/1 values are exact below 2**24 terms
-_PACK = 1 << 16  # arrays smaller than this are packed into one buffer for counting
 _SAMPLE = 1 << 15  # strided sample that brackets the threshold
 _Z = 3.5  # bracket half-width in sample standard deviations
 _KAPPA = 0.02  # ITP truncation constant (relative to the initial bracket width)
@@ -65,47 +64,64 @@ def _value(bits: jax.Array) -> jax.Array:
 
 
 def _magnitude_chunks(arrays: Sequence[jax.Array]) -> list[jax.Array]:
-    """``|x|`` as 1-D float32 chunks of at most ``_CHUNK`` entries, small arrays packed
-    together: written once, read by every pass."""
+    """``|x|`` of all arrays, concatenated and cut into 1-D float32 chunks of at most
+    ``_CHUNK`` entries and pairwise different sizes: written once, read by every pass.
+
+    Few chunks keep the per-pass overhead low (one fused reduction each); different sizes
+    keep XLA from sharing the threshold's broadcasts between same-shaped chunks, which would
+    materialise them as full-size arrays (3x slower passes)."""
     flat = [jnp.abs(a.astype(jnp.float32)).reshape(-1) for a in arrays]
-    small = [f for f in flat if f.size < _PACK]
-    pieces = [f for f in flat if f.size >= _PACK] + ([jnp.concatenate(small)] if small else [])
-    return [p[i : i + _CHUNK] for p in pieces for i in range(0, p.size, _CHUNK)]
-
-
-def _at_least(chunk: jax.Array, bits: jax.Array) -> jax.Array:
-    """Exactly 1.0 where ``chunk >= t = value(bits)``, else 0.0, for normal ``t`` and its
-    predecessor ``below``: ``clip(x, below, t) - below`` is 0 or the gap ``t - below``.
-
-    Written with max/min/sub/mul because XLA:CPU fuses those into a vectorised full
-    reduction, while compare/select or integer reductions materialise a full-size temporary
-    and run 4-10x slower (measured on this project's benchmark machine)."""
-    t, below = _value(bits), _value(bits - 1)
-    inv_gap = 1.0 / (t - below)
-    # A zero read from this chunk keeps XLA from sharing the scalars' broadcasts between
-    # same-shaped chunks, which would materialise them as full-size arrays (3x slower).
-    zero = chunk[0] * 0.0
-    t, below, inv_gap = t + zero, below + zero, inv_gap + zero
-    return (jnp.minimum(jnp.maximum(chunk, below), t) - below) * inv_gap
+    n = sum(int(f.size) for f in flat)
+    count = -(-n // _CHUNK)
+    while True:  # sizes above n / count by 1, 2, ... and a smaller last one: all different
+        top = -(-n // count) + count - 1
+        sizes = [top - j for j in range(count - 1)]
+        sizes.append(n - sum(sizes))
+        if top <= _CHUNK and 0 < sizes[-1]:
+            break
+        count += 1
+    chunks, pieces, need, idx, offset = [], [], sizes[0], 0, 0
+    while len(chunks) < count:
+        take = min(need, int(flat[idx].size) - offset)
+        pieces.append(flat[idx][offset : offset + take])
+        need, offset = need - take, offset + take
+        if offset == flat[idx].size:
+            idx, offset = idx + 1, 0
+        if need == 0:
+            chunks.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+            pieces = []
+            if len(chunks) < count:
+                need = sizes[len(chunks)]
+    return chunks
 
 
 def _pass(chunks: Sequence[jax.Array], kind: jax.Array, bits: jax.Array) -> jax.Array:
     """One read of the magnitudes, clamped to ``[_TINY, _HUGE]`` (``bits`` in its interior):
-    ``_COUNT``: number of entries ``>= value(bits)`` (exact: one float32 full reduction per
-    chunk of < 2**24 zeros and ones); ``_MIN``: bit pattern of the smallest entry
-    ``>= value(bits)``; ``_MAX``: that of the largest entry ``< value(bits)``. uint32."""
-    big = jnp.finfo(jnp.float32).max
+    ``_COUNT``: number of entries ``>= t = value(bits)`` (exact: one float32 full reduction
+    per chunk of < 2**24 zeros and ones); ``_MIN``: bit pattern of the smallest entry ``>= t``;
+    ``_MAX``: that of the largest entry ``< t``. Returned as uint32.
 
-    def count():
-        sums = jnp.stack([jnp.sum(_at_least(c, bits)) for c in chunks])
+    The min/max passes push excluded entries past every candidate with the same fusible
+    arithmetic: with ``below`` the float under ``t`` and ``gap = t - below`` (a power of two),
+    an entry ``x <= below`` has ``t - x >= gap`` and an entry ``x >= t`` has ``t - x <= 0``."""
+    t, below = _value(bits), _value(bits - 1)
+    inv_gap = 1.0 / (t - below)
+
+    # clip(x, below, t) - below is 0 or the gap: written with max/min/sub/mul because XLA:CPU
+    # fuses those into a vectorised full reduction, while compare/select or integer reductions
+    # materialise a full-size temporary and run 4-10x slower (bench/merge_bench.py's machine)
+    def count():  # sums of 0s and gaps are exact multiples of the gap; times 1/gap (a power of two)
+        sums = jnp.stack([jnp.sum(jnp.minimum(jnp.maximum(c, below), t) - below) for c in chunks]) * inv_gap
         return jnp.sum(sums.astype(jnp.uint32))
 
-    def smallest():  # excluded entries become the largest float
-        mins = [jnp.min(jnp.maximum(jnp.clip(c, _TINY, _HUGE), (1.0 - _at_least(c, bits)) * big)) for c in chunks]
+    def smallest():  # x >= t stays; x <= below becomes >= 2**101 (clamped x above 2**100 fall back)
+        # ((t - x) / gap) <= t / gap <= 2**24, so the product cannot overflow (inv_gap * 2**101 could)
+        mins = [jnp.min(jnp.maximum(jnp.maximum(c, _TINY), (t - jnp.maximum(c, _TINY)) * inv_gap * 2.0**101)) for c in chunks]
         return _bits(jnp.min(jnp.stack(mins))).astype(jnp.uint32)
 
-    def largest():  # excluded entries become 0
-        maxs = [jnp.max(jnp.minimum(jnp.clip(c, _TINY, _HUGE), (1.0 - _at_least(c, bits)) * big)) for c in chunks]
+    def largest():  # x <= below stays (2t / gap * (t - x) >= 2t > x); x >= t becomes <= 0
+        far = 2.0 * t * inv_gap
+        maxs = [jnp.max(jnp.minimum(jnp.minimum(c, _HUGE), (t - jnp.minimum(c, _HUGE)) * far)) for c in chunks]
         return _bits(jnp.max(jnp.stack(maxs))).astype(jnp.uint32)
 
     return jax.lax.switch(kind, [count, smallest, largest])
@@ -200,33 +216,29 @@ def _search(chunks: Sequence[jax.Array], n: int, k: jax.Array) -> jax.Array:
     return state[-1], state[7]
 
 
-def _outside(chunks: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-    """Bit pattern of the exact k-th largest when it lies outside ``(_TINY, _HUGE)``: 0 when
-    fewer than k entries are non-zero (sparse task vectors: one pass), else 31 passes of
-    integer bisection (integer comparisons also see subnormals, which XLA:CPU's float
-    comparisons flush to zero)."""
+def _exact_outside(chunks: Sequence[jax.Array], k: jax.Array, needed: jax.Array) -> jax.Array:
+    """Bit pattern of the exact k-th largest when it lies outside ``(_TINY, _HUGE)`` (only
+    if ``needed``; 0 otherwise): integer bisection on the bit patterns, whose first probe asks
+    whether fewer than k entries are non-zero (sparse task vectors: the answer is 0 after one
+    pass). Integer comparisons also see subnormals, which XLA:CPU's float comparisons flush to
+    zero. A while loop rather than a cond, so that ``vmap`` does not run it for every input."""
     bits = [_bits(c) for c in chunks]
     k = jnp.asarray(k).astype(jnp.uint32)
 
-    def at_least(t):
-        return sum((jnp.sum(b >= t, dtype=jnp.uint32) for b in bits), jnp.uint32(0))
+    def step(state):
+        lo, hi, first = state
+        mid = jnp.where(first, 1, lo + (hi - lo) // 2)
+        ok = sum((jnp.sum(b >= mid, dtype=jnp.uint32) for b in bits), jnp.uint32(0)) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid), jnp.bool_(False)
 
-    def bisect():
-        def body(_, lohi):
-            lo, hi = lohi
-            mid = lo + (hi - lo) // 2
-            ok = at_least(mid) >= k
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        return jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_ABOVE_INF)))[0]
-
-    return jax.lax.cond(at_least(1) < k, lambda: jnp.int32(0), bisect)
+    start = (jnp.int32(0), jnp.where(needed, _ABOVE_INF, 1), jnp.bool_(True))
+    return jax.lax.while_loop(lambda st: st[1] - st[0] > 1, step, start)[0]
 
 
 def _kth_of_chunks(chunks: Sequence[jax.Array], n: int, k: jax.Array) -> jax.Array:
     found, _ = _search(chunks, n, k)
     inside = (found > _TINY_BITS) & (found < _HUGE_BITS)  # else clamping may have changed it
-    return _value(jax.lax.cond(inside, lambda: found, lambda: _outside(chunks, k)))
+    return _value(jnp.where(inside, found, _exact_outside(chunks, k, ~inside)))
 
 
 def kth_largest_magnitudes(groups: Sequence[Sequence[jax.Array]], ks: Sequence[int]) -> jax.Array:

@@ -77,3 +77,9 @@ def test_leaf_values_expands_per_layer_values():
 def test_layer_sizes_counts_scalars():
     g = group_layers(_bert_like(), r"layer/\d+", unassigned="rest")
     np.testing.assert_array_equal(layer_sizes(_bert_like(), g), [40 + 4 + 16, 16 + 32, 16 + 32])
+
+
+def test_layer_sizes_refuses_a_grouping_of_another_tree():
+    g = group_layers(_bert_like(), r"layer/\d+", unassigned="rest")
+    with pytest.raises(ValueError, match="params has 2 leaves but the grouping was made for 7"):
+        layer_sizes({"a": jnp.zeros(2), "b": jnp.zeros(3)}, g)

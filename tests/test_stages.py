@@ -82,6 +82,22 @@ def test_kth_largest_single_group_and_bad_k():
         stages.kth_largest_magnitudes([leaves, leaves[:2]], [1, 1])
 
 
+def test_kth_largest_over_many_chunks_and_under_vmap(monkeypatch):
+    monkeypatch.setattr(stages, "_CHUNK", 3000)  # 7 chunks of different sizes, counted separately
+    rng = np.random.default_rng(4)
+    values = (rng.standard_normal(20707) * 10.0 ** rng.integers(-3, 2, 20707)).astype(np.float32)
+    leaves = [jnp.asarray(a) for a in _split(values, SEARCH_SHAPES)]
+    chunks = stages._magnitude_chunks(leaves)
+    sizes = [int(c.size) for c in chunks]
+    assert len(set(sizes)) == len(sizes) == 7 and max(sizes) <= 3000 and sum(sizes) == 20707
+    desc = np.sort(np.abs(values))[::-1]
+    got = jax.jit(lambda ls: stages.kth_largest_magnitudes([ls] * 3, [1, 4141, 20000]))(leaves)
+    np.testing.assert_array_equal(got, desc[[0, 4140, 19999]])
+    batch = jnp.stack([jnp.asarray(values[:19500].reshape(150, 130)), jnp.zeros((150, 130))])
+    got = jax.vmap(lambda a: stages.kth_largest_magnitude([a], 777))(batch)
+    np.testing.assert_array_equal(got, [np.sort(np.abs(values[:19500]))[::-1][776], 0.0])
+
+
 def _distinct(shapes, seed):
     """Values with pairwise distinct magnitudes (a shuffled ramp with random signs)."""
     rng = np.random.default_rng(seed)
@@ -158,6 +174,17 @@ def test_dare_keeps_entries_rescaled_at_rate_density(rescale):
         np.testing.assert_allclose(np.asarray(y)[kept], expect[kept], rtol=1e-6)
     frac = sum(int(jnp.count_nonzero(y)) for y in jax.tree.leaves(out)) / 20500
     assert abs(frac - density) < 5 * np.sqrt(density * (1 - density) / 20500)
+
+
+def test_dare_draws_are_per_leaf_bernoulli():
+    """Batched draws give exactly jax.random.bernoulli(fold_in(fold_in(key, t), i), d_t)."""
+    tvs, key, densities = [_big_tv(s) for s in (5, 6)], jax.random.key(9), (0.3, 0.6)
+    out = stages.dare(densities)(tvs, key)
+    for t, (tv, d) in enumerate(zip(tvs, densities)):
+        for i, (x, y) in enumerate(zip(jax.tree.leaves(tv), jax.tree.leaves(out[t]))):
+            keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, t), i), d, x.shape)
+            np.testing.assert_array_equal(np.asarray(y) != 0, keep)
+            np.testing.assert_allclose(y, np.where(keep, np.asarray(x) / np.float32(d), 0.0), rtol=1e-6)
 
 
 def test_dare_keys_fixed_vs_different_and_tasks_independent():
