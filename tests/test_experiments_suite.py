@@ -49,7 +49,7 @@ TASKS = {
     "gamma": synthetic_task("gamma", ["cat", "dog"], seed=3),
     "delta": synthetic_task("delta", ["up", "down"], seed=4),  # OOD, no expert
 }
-RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, max_len=MAX_LEN, train_size=150, head_fit=100)
+RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, head_lr=3e-2, max_len=MAX_LEN, train_size=150)
 CONFIG = suite_t.SuiteConfig(tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",), recipe=RECIPE,
                              validation_size=24, test_size=24, probe_train=60)
 
@@ -188,13 +188,6 @@ def test_fit_linear_head_folds_the_standardisation(num_classes):
     assert head_accuracy(head, x, y) == pytest.approx(100 * ref.score(x, y))
 
 
-def test_base_with_expert_head_scores_the_probe(built):
-    suite = built[0]
-    for name in CONFIG.tasks:  # the expert's head is the base's probe, so the base starts there
-        m = suite.expert_metrics[name]
-        assert suite.id_accuracy(suite.base, name) < m["validation_acc"]
-
-
 def test_probe_accuracy_on_separable_and_random_data():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -202,3 +195,79 @@ def test_probe_accuracy_on_separable_and_random_data():
     assert probe_accuracy(x[:100], y[:100], x[100:], y[100:]) == 100.0
     noise = rng.normal(size=(200, 5))
     assert probe_accuracy(noise[:100], y[:100], noise[100:], y[100:]) < 75.0
+
+
+def test_write_rows_json_and_markdown(tmp_path):
+    from experiments.results import write_rows
+
+    rows = [{"suite": "T", "method": "ties", "lwptv": True, "id_acc": 71.234, "ood_acc": None}]
+    cols = ["suite", "method", "lwptv", "id_acc", "ood_acc"]
+    j, m = write_rows("s", rows, columns=cols, title="T", command="python -m x", directory=tmp_path)
+    assert json.loads(j.read_text()) == rows
+    assert "| T | ties | True | 71.23 | - |" in m.read_text() and "`python -m x`" in m.read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_rows("s", rows, columns=cols, title="T", command="c", directory=tmp_path)
+    write_rows("s", rows[:0] + rows, columns=cols, title="T2", command="c", directory=tmp_path, overwrite=True)
+    assert m.read_text().startswith("# T2") and not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(ValueError, match="normalized_acc"):
+        write_rows("t", rows, columns=["normalized_acc"], title="T", command="c", directory=tmp_path)
+
+
+@pytest.fixture
+def study_suite(built, monkeypatch):
+    """The studies run on the tiny built suite instead of Suite T."""
+    monkeypatch.setattr(suite_t, "build_suite", lambda config, log: built[0])
+    return built[0]
+
+
+def test_study_divmerge_writes_rows_per_task_count(study_suite, tmp_path):
+    from experiments import study_divmerge
+
+    argv = ["tasks", "--methods", "task_arithmetic", "divmerge_task", "--samples", "8", "--subsets", "2",
+            "--out", str(tmp_path)]
+    rows = study_divmerge.main(argv)
+    saved = json.loads((tmp_path / "divmerge_tasks.json").read_text())
+    assert saved == rows and {(r["method"], r["n_tasks"]) for r in rows} == {
+        (m, n) for m in ("task_arithmetic", "divmerge_task") for n in (2, 3)}
+    raw = json.loads((tmp_path / "divmerge_tasks_raw.json").read_text())
+    assert len(raw) == 2 * (2 + 1)  # 2 of the 3 pairs, the one triple
+    for r in rows:  # each row is the mean of its subsets' normalized accuracies
+        mine = [x["normalized_acc"] for x in raw if (x["method"], x["n_tasks"]) == (r["method"], r["n_tasks"])]
+        assert r["normalized_acc"] == pytest.approx(np.mean(mine)) and 0 < r["normalized_acc"] <= 200
+    assert (tmp_path / "divmerge_tasks.png").stat().st_size > 0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        study_divmerge.main(argv)
+
+
+def test_study_subsets_are_seeded_and_complete_when_few():
+    from experiments.study_divmerge import subsets
+
+    names = ("a", "b", "c", "d", "e")
+    assert subsets(names, 4, 5, seed=0) == list(itertools.combinations(names, 4))
+    picked = subsets(names, 2, 3, seed=0)
+    assert len(set(picked)) == 3 and picked == subsets(names, 2, 3, seed=0) != subsets(names, 2, 3, seed=1)
+
+
+def test_study_lwptv_rows_and_choice_on_validation(study_suite, tmp_path):
+    from experiments import study_lwptv
+
+    rows = study_lwptv.main(["--methods", "task_arithmetic", "ties", "--scores", "relative_update",
+                             "--ratios", "0.4", "1.0", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "lwptv.json").read_text()) == rows
+    assert [(r["method"], r["lwptv"]) for r in rows] == [("task_arithmetic", False), ("task_arithmetic", True),
+                                                         ("ties", False), ("ties", True)]
+    for r in rows:
+        assert set(r) >= {"suite", "method", "lwptv", "id_acc", "ood_acc"} and r["suite"] == "T"
+    validation = json.loads((tmp_path / "lwptv_validation.json").read_text())
+    assert len(validation) == 2 * 3
+    for p in ("lwptv.png", "lwptv_scores.png", "lwptv.md"):
+        assert (tmp_path / p).stat().st_size > 0
+
+
+def test_study_lwptv_choice_rule():
+    from experiments.study_lwptv import choose
+
+    plain = {"id_acc": 80.0, "ood_acc": 50.0}
+    tried = [{"id_acc": 79.8, "ood_acc": 53.0}, {"id_acc": 78.0, "ood_acc": 60.0}, {"id_acc": 80.5, "ood_acc": 52.0}]
+    assert choose(plain, tried, 0.5) is tried[0]  # the 60.0 costs 2 ID points
+    assert choose(plain, tried[1:2], 0.5) is tried[1]  # none within tolerance: best ID + OOD

@@ -1,0 +1,173 @@
+"""Study (a): data-free merge methods with and without LwPTV on Suite T, ID vs OOD.
+
+For each base method (task arithmetic, TIES, DARE-TIES, TSV-M, Iso-CTS at their published
+defaults) the study runs a leave-one-out rotation (:meth:`experiments.suite_t.Suite.rotation`):
+each fold merges four of the five experts, scores the merged encoder on those four tasks
+with their own heads (ID) and by a linear probe on the held-out task and on WordNet
+adjective type, which has no expert (OOD). ``ood_acc`` averages the two probes over folds.
+
+LwPTV's score and keep ratio are chosen per method on the validation split only, from
+``--scores`` x ``--ratios`` (per-task keep ratio over the 7 layers of MiniLM: embeddings and
+6 blocks): the choice maximises validation OOD among the settings whose validation ID stays
+within ``--id-tolerance`` points of the method without LwPTV (if none does, the best ID + OOD).
+The test split is then read once, for the method with and without its chosen LwPTV.
+
+Writes ``experiments/results/lwptv.{json,md,png}`` (and ``lwptv_validation.json`` with every
+setting tried, ``lwptv_scores.png``: the chosen score and mask of a five-task TIES merge).
+
+Run: ``python -m experiments.study_lwptv`` (experts are fine-tuned once, then cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from functools import partial
+from typing import Sequence
+
+import jax
+import numpy as np
+
+import jmerge
+from experiments import results, suite_t
+from experiments.finetune import cache_root
+from jmerge.lwptv import LwPTV, inspect, plot_scores
+
+METHODS = {  # name -> hyper-parameters (the published defaults of papers.md §3)
+    "task_arithmetic": {"scale": 0.3},
+    "ties": {},
+    "dare_ties": {"key": 0},
+    "tsv": {},
+    "iso_cts": {},
+}
+SCORES = ("trim_survival", "relative_update", "cross_task_agreement")
+RATIOS = (0.6, 0.85)  # 4 and 6 of the 7 layers kept per task
+LAYERS = "jmerge_bert"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _merge(suite, method: str, lwptv: LwPTV | None, names: tuple[str, ...]):
+    hp = dict(METHODS[method])
+    if "key" in hp:
+        hp["key"] = jax.random.key(hp["key"])
+    if lwptv is not None:
+        hp["lwptv"] = LwPTV(layers=LAYERS, score=lwptv.score, value=lwptv.value, task_names=names)
+    return jmerge.merge(suite.base, suite.experts_for(names), method, **hp)
+
+
+def _row(method: str, setting: LwPTV | None, res: dict, seconds: float) -> dict:
+    """One table row from a rotation result; OOD averages every (fold, probe task) pair."""
+    ood = float(np.mean([np.mean(list(f["ood"].values())) for f in res["folds"]]))
+    return {"suite": "T", "method": method, "lwptv": setting is not None,
+            "score": setting.score if setting else None, "keep_ratio": setting.value if setting else None,
+            "id_acc": res["id_acc"], "normalized_acc": res["normalized_acc"], "ood_acc": ood,
+            "heldout_acc": res["heldout_acc"], "adj_acc": res["ood_acc"], "seconds": seconds}
+
+
+def _evaluate(suite, method: str, setting: LwPTV | None, split: str) -> dict:
+    t0 = time.perf_counter()
+    res = suite.rotation(partial(_merge, suite, method, setting), k=1, split=split)
+    row = _row(method, setting, res, time.perf_counter() - t0)
+    _log(f"  {split:10s} {method:16s} {_label(setting):34s} ID {row['id_acc']:6.2f}  OOD {row['ood_acc']:6.2f} "
+         f"(held-out {row['heldout_acc']:.2f}, adj {row['adj_acc']:.2f})  {row['seconds']:.0f} s")
+    return row
+
+
+def _label(setting: LwPTV | None) -> str:
+    return "-" if setting is None else f"{setting.score} keep {setting.value}"
+
+
+def choose(plain: dict, tried: Sequence[dict], tolerance: float) -> dict:
+    """The validation row with the best OOD whose ID is within ``tolerance`` of ``plain``'s
+    (else the best ID + OOD)."""
+    ok = [r for r in tried if r["id_acc"] >= plain["id_acc"] - tolerance]
+    return max(ok, key=lambda r: r["ood_acc"]) if ok else max(tried, key=lambda r: r["id_acc"] + r["ood_acc"])
+
+
+def plot(rows: Sequence[dict], path) -> None:
+    """ID vs OOD, one arrow per method from without to with LwPTV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        off, on = (next(r for r in rows if r["method"] == method and r["lwptv"] == flag) for flag in (False, True))
+        color = f"C{i}"
+        ax.annotate("", (on["ood_acc"], on["id_acc"]), (off["ood_acc"], off["id_acc"]),
+                    arrowprops={"arrowstyle": "->", "color": color})
+        ax.scatter([off["ood_acc"]], [off["id_acc"]], color=color, marker="o", label=method)
+        ax.scatter([on["ood_acc"]], [on["id_acc"]], color=color, marker="*", s=90)
+    ax.set_xlabel("OOD accuracy % (probe: held-out task, WordNet adj)")
+    ax.set_ylabel("ID accuracy % (merged tasks, own heads)")
+    ax.set_title("Suite T, test split: o without LwPTV, * with LwPTV")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    results.save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(suite_t.CONFIGS), default="study")
+    ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    ap.add_argument("--scores", nargs="+", default=list(SCORES))
+    ap.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    ap.add_argument("--id-tolerance", type=float, default=0.5)
+    ap.add_argument("--out", default=str(results.RESULTS_DIR))
+    ap.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    results.check_writable(args.out, ["lwptv.json", "lwptv.md", "lwptv.png", "lwptv_validation.json",
+                                      "lwptv_scores.png"], args.overwrite)
+
+    t0 = time.perf_counter()
+    suite = suite_t.build_suite(suite_t.CONFIGS[args.config], log=_log)
+    grid = [LwPTV(layers=LAYERS, score=s, value=r) for s in args.scores for r in args.ratios]
+    validation, rows = [], []
+    for method in args.methods:
+        _log(f"{method}: choosing the LwPTV setting on validation")
+        plain = _evaluate(suite, method, None, "validation")
+        tried = [_evaluate(suite, method, g, "validation") for g in grid]
+        validation += [plain, *tried]
+        best = choose(plain, tried, args.id_tolerance)
+        setting = LwPTV(layers=LAYERS, score=best["score"], value=best["keep_ratio"])
+        rows += [_evaluate(suite, method, None, "test"), _evaluate(suite, method, setting, "test")]
+
+    mean = lambda flag, key: float(np.mean([r[key] for r in rows if r["lwptv"] == flag]))
+    d_ood, d_id = mean(True, "ood_acc") - mean(False, "ood_acc"), mean(True, "id_acc") - mean(False, "id_acc")
+    command = "python -m experiments.study_lwptv " + " ".join(argv if argv is not None else sys.argv[1:])
+    notes = (f"Suite T ({args.config} config: {suite.config.validation_size} validation / {suite.config.test_size} "
+             f"test examples per task, probes fit on {suite.config.probe_train}), leave-one-out over the 5 ID tasks. "
+             f"LwPTV layers: `{LAYERS}` (embeddings + 6 blocks); score and keep ratio chosen per method on "
+             f"validation (OOD max with ID within {args.id_tolerance} pt), test read once. "
+             f"Mean over methods, test: OOD {d_ood:+.2f} pt, ID {d_id:+.2f} pt with LwPTV. "
+             f"Total {time.perf_counter() - t0:.0f} s.")
+    cols = ["suite", "method", "lwptv", "score", "keep_ratio", "id_acc", "normalized_acc", "ood_acc",
+            "heldout_acc", "adj_acc"]
+    results.write_rows("lwptv", rows, columns=cols, title="LwPTV on Suite T: ID vs OOD (test split)",
+                       command=command, notes=notes, directory=args.out, overwrite=args.overwrite)
+    results.write_json("lwptv_validation", validation, directory=args.out, overwrite=args.overwrite)
+    plot(rows, f"{args.out}/lwptv.png")
+    _plot_chosen_mask(suite, rows, f"{args.out}/lwptv_scores.png")
+    _log(notes)
+    return rows
+
+
+def _plot_chosen_mask(suite, rows: Sequence[dict], path) -> None:
+    """Scores and mask of the setting chosen for TIES (or the first method), on all five experts."""
+    row = next((r for r in rows if r["lwptv"] and r["method"] == "ties"), next(r for r in rows if r["lwptv"]))
+    setting = LwPTV(layers=LAYERS, score=row["score"], value=row["keep_ratio"], task_names=suite.names)
+    scores, mask = inspect(suite.base, suite.experts_for(suite.names), setting)
+    _log(str(mask))
+    plot_scores(scores, mask.layer_names, mask.task_names, path, mask=mask, overwrite=True,
+                title=f"LwPTV {row['score']} (keep {row['keep_ratio']}): x = layer pruned")
+
+
+if __name__ == "__main__":
+    main()
