@@ -64,7 +64,7 @@ DEMO = SuiteConfig(recipe=Recipe(steps=100, batch=16, lr=2e-4, max_len=32, train
                    validation_size=300, test_size=500, probe_train=300)
 # The studies' setting: FULL's experts with smaller evaluation splits, so that the hundreds of
 # merged encoders a study scores fit in a CPU session (paired comparisons on the same examples).
-STUDY = replace(FULL, validation_size=300, test_size=600, probe_train=300)
+STUDY = replace(FULL, validation_size=200, test_size=600, probe_train=300)
 CONFIGS = {"full": FULL, "demo": DEMO, "study": STUDY}
 
 
@@ -141,9 +141,11 @@ class Suite:
         return {"split": split, "id": id_acc, "normalized": norm, "ood": ood, "id_acc": _mean(id_acc.values()),
                 "normalized_acc": _mean(norm.values()), "ood_acc": _mean(ood.values())}
 
-    def rotation(self, merge_fn: Callable[[tuple[str, ...]], dict], k: int = 1, split: str = "validation") -> dict:
+    def rotation(self, merge_fn: Callable[[tuple[str, ...]], dict], k: int = 1, split: str = "validation",
+                 ood_tasks: bool = True) -> dict:
         """Leave-``k``-out: for every ``k``-subset of ID tasks, merge the others with
-        ``merge_fn(names) -> params`` and score them (ID) and the held-out tasks (probe).
+        ``merge_fn(names) -> params`` and score them (ID) and the held-out tasks (probe), plus
+        the OOD tasks unless ``ood_tasks=False``.
 
         Returns per-fold results and their means: ``id_acc``, ``normalized_acc``,
         ``heldout_acc`` (probe on the left-out tasks) and ``ood_acc`` (the OOD tasks' probe).
@@ -153,12 +155,13 @@ class Suite:
         folds = []
         for held in itertools.combinations(self.names, k):
             merged_names = tuple(n for n in self.names if n not in held)
-            res = self.evaluate(merge_fn(merged_names), split, merged_names, held + self.config.ood_tasks)
+            res = self.evaluate(merge_fn(merged_names), split, merged_names,
+                                held + (self.config.ood_tasks if ood_tasks else ()))
             res["merged"], res["held_out"] = merged_names, held
             res["heldout_acc"] = _mean(res["ood"][t] for t in held)
             folds.append(res)
         summary = {m: _mean(f[m] for f in folds) for m in ("id_acc", "normalized_acc", "heldout_acc")}
-        summary["ood_acc"] = _mean(f["ood"][t] for f in folds for t in self.config.ood_tasks)
+        summary["ood_acc"] = _mean(f["ood"][t] for f in folds for t in self.config.ood_tasks if t in f["ood"])
         return {"k": k, "split": split, "folds": folds, **summary}
 
     def reference_rows(self, split: str = "validation", probe_id: bool = True) -> dict[str, dict]:

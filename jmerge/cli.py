@@ -176,10 +176,14 @@ def cmd_run(args) -> int:
     )
     extra = {"jmerge_config.yml": plan.config_text}
     _console(stdout=True).print(
-        f"merging {len(experts)} model(s) into {args.out} with {plan.method} "
+        f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
         f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
         f"{_human(base.nbytes * (len(experts) + 1))} of inputs)"
     )
+    if plan.learn is not None:
+        _learn_and_write(args, plan, base, experts, card, extra, out_dtype)
+        _summary(args.out, start, base.nbytes * (len(experts) + 1))
+        return 0
     passes = 3 if not in_memory and plan.method == "ties" and hp["trim"] == "global" else 1
     with _progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(base.tensors) * passes)
@@ -194,6 +198,30 @@ def cmd_run(args) -> int:
         )
     _summary(args.out, start, base.nbytes * (len(experts) + 1))
     return 0
+
+
+def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtype) -> None:
+    """``jmerge.learn``: learns the coefficients (:mod:`jmerge.learn.causal_lm`), then writes
+    θ0 + Σ_t Γ_t τ_t with them, recorded in the card and in ``coefficients.json``."""
+    import json
+
+    from jmerge import streaming
+    from jmerge.learn import causal_lm
+
+    opts = plan.learn
+    _console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "
+                                f"{len(experts)} model(s) on {opts.samples} prompts each")
+    result, per_tensor = causal_lm.learn(plan.base, plan.experts, opts, progress=not args.no_progress)
+    coefficients = {"method": opts.method, "granularity": opts.granularity, "layer_names": result.layer_names,
+                    "models": [str(e) for e in plan.experts], "coefficients": np.asarray(result.coefficients).tolist(),
+                    "steps_per_epoch": result.steps_per_epoch, "losses": np.asarray(result.losses).tolist()}
+    text = json.dumps(coefficients, indent=1)
+    card = card.replace("## Configuration", f"## Learned coefficients\n\n```json\n{text}\n```\n\n## Configuration", 1)
+    tensors = causal_lm.merged_tensors(base, experts, per_tensor, out_dtype)
+    streaming.write_dir(args.out, base, tensors, streaming.output_plan(base, out_dtype, args.shard_size),
+                        protect=[e.path for e in experts], force=args.force, card=card,
+                        extra_files={**extra, "coefficients.json": text + "\n"})
+    _console(stdout=True).print(f"coefficients: {np.round(np.asarray(result.coefficients), 4).tolist()}")
 
 
 def _hparams_text(hp: dict, seed: int | None, out_dtype: str | None) -> str:

@@ -20,7 +20,9 @@ closest known name) and resolved to a :class:`MergePlan` before any tensor is re
       # method: iso_cts        # run this jmerge method instead, global parameters passed as is
       # in_memory: false       # load whole models instead of streaming
       # check_finite: true     # refuse NaN/inf inputs
-      # learn: ...             # DivMerge/AdaMerging: rejected for now ("not supported yet")
+      # learn:                 # DivMerge / AdaMerging coefficients for causal LMs (merge_method
+      #   prompts: [math.txt, code.jsonl]   # task_arithmetic; one prompt file per model)
+      #   method: divmerge       # or adamerging; granularity: task | layer | tensor; layers: gpt2
 
 mergekit methods and how they map (defaults are mergekit's, read from
 ``mergekit/merge_methods/registry.py`` and ``generalized_task_arithmetic.py``; a model's
@@ -77,6 +79,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from jmerge.learn.causal_lm import LearnOptions
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
 
@@ -102,7 +105,7 @@ class JmergeOptions(BaseModel):
     trim: str | None = None
     seed: int = 0
     lwptv: dict[str, Any] | None = None
-    learn: dict[str, Any] | None = None
+    learn: LearnOptions | None = None
     check_finite: bool = True
     in_memory: bool = False
 
@@ -171,6 +174,7 @@ class MergePlan:
     seed: int
     out_dtype: str | None
     lwptv: dict[str, Any] | None
+    learn: LearnOptions | None
     in_memory: bool
     check_finite: bool
     config_text: str
@@ -212,6 +216,8 @@ def _pydantic_error(e: ValidationError) -> ConfigError:
 def _known_keys(parent: tuple) -> list[str]:
     if not parent:
         return list(MergeConfig.model_fields)
+    if parent[:2] == ("jmerge", "learn"):
+        return list(LearnOptions.model_fields)
     if parent[0] == "jmerge":
         return list(JmergeOptions.model_fields)
     if parent[0] == "models":
@@ -278,11 +284,6 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     """Checks the whole config and maps it to a jmerge method and hyper-parameters."""
     where = where or Path.cwd()
     opts = cfg.jmerge
-    if opts.learn is not None:
-        raise ConfigError(
-            "`jmerge.learn` (DivMerge / AdaMerging coefficients from unlabelled data) is not supported by "
-            "`jmerge run` yet; learn coefficients in Python with jmerge.learn and merge with them"
-        )
     name = opts.method or cfg.merge_method
     mk = MERGEKIT.get(name) if opts.method is None else None
     if mk is None and name not in registry.available():
@@ -323,6 +324,10 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         hp["trim"] = opts.trim
     if opts.lwptv is not None:
         _lwptv(opts.lwptv).check()
+    if opts.learn is not None and opts.lwptv is not None:
+        raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
+                          "use jmerge.learn in Python on LwPTV-pruned task vectors")
+    learn = _learn(opts.learn, method, experts, where) if opts.learn is not None else None
     try:
         registry.get(method).resolve(len(experts), hp)
     except MergeInputError as e:
@@ -335,11 +340,26 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         seed=opts.seed,
         out_dtype=cfg.out_dtype or cfg.dtype,
         lwptv=opts.lwptv,
-        in_memory=opts.in_memory or opts.lwptv is not None,
+        learn=learn,
+        in_memory=opts.in_memory or opts.lwptv is not None or learn is not None,
         check_finite=opts.check_finite,
         config_text=config_text,
         source_method=cfg.merge_method,
     )
+
+
+def _learn(opts: LearnOptions, method: str, experts: tuple[Path, ...], where: Path) -> LearnOptions:
+    """Checks the ``jmerge.learn`` block against the plan and resolves its prompt files."""
+    if method != "task_arithmetic":
+        raise ConfigError(f"`jmerge.learn` learns task-arithmetic coefficients; merge_method must be "
+                          f"task_arithmetic, not {method!r}")
+    if len(opts.prompts) != len(experts):
+        raise ConfigError(f"`jmerge.learn.prompts` lists {len(opts.prompts)} files for {len(experts)} models "
+                          f"(one per model, in the order of `models`)")
+    if opts.layers is not None and opts.granularity != "layer":
+        raise ConfigError(f"`jmerge.learn.layers` applies to granularity 'layer', not {opts.granularity!r}")
+    prompts = tuple(_resolve_path(str(p), where, "jmerge.learn.prompts") for p in opts.prompts)
+    return opts.model_copy(update={"prompts": prompts})
 
 
 def _lwptv(fields: dict[str, Any]):

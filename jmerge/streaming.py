@@ -366,12 +366,33 @@ def merge_to_dir(
         tensors = iter_merged_in_memory(base, experts, method, lwptv=lwptv, **common)
     else:
         tensors = iter_merged(base, experts, method, progress=progress, **common)
-    with st.atomic_dir(out, force=force, protect=[base.path, *(e.path for e in experts)]) as tmp:
+    return write_dir(out, base, tensors, plan, protect=[e.path for e in experts], force=force, card=card,
+                     extra_files=extra_files, progress=progress if in_memory else None, start=start)
+
+
+def write_dir(
+    out: str | os.PathLike,
+    base: st.Checkpoint,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    plan: st.ShardPlan,
+    *,
+    protect: Sequence[str | os.PathLike] = (),
+    force: bool = False,
+    card: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+    start: float | None = None,
+) -> StreamResult:
+    """Writes ``(name, array)`` pairs as the HF directory ``out`` (shards by ``plan``), with the
+    base's ``config.json`` and tokenizer files, ``card`` as README.md and ``extra_files``;
+    atomically (see :func:`jmerge.io.safetensors_io.atomic_dir`)."""
+    start = time.perf_counter() if start is None else start
+    with st.atomic_dir(out, force=force, protect=[base.path, *protect]) as tmp:
         writer = st.ShardWriter(tmp, plan)
         try:
             for name, array in tensors:
                 writer.write(name, array)
-                if in_memory and progress:
+                if progress:
                     progress("write", name)
             files = writer.close()
         except BaseException:

@@ -1,0 +1,100 @@
+"""`jmerge run` with a `jmerge.learn` block: DivMerge / AdaMerging coefficients for a tiny
+random transformers Flax GPT-2 saved as PyTorch-layout safetensors, then the merge written."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jmerge import cli, config
+from jmerge.io import flax_io
+from jmerge.io import safetensors_io as st
+
+transformers = pytest.importorskip("transformers")
+
+
+def _save(path, model, params):
+    path.mkdir()
+    st.save_safetensors(path, flax_io.flax_to_torch(params))
+    model.config.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """base, an expert that moved (its task's prompts), an expert equal to the base, prompt files."""
+    root = tmp_path_factory.mktemp("learn")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=24, eos_token_id=0)
+    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    base = jax.tree.map(np.asarray, model.params)
+    rng = np.random.default_rng(1)
+    moved = jax.tree.map(lambda x: x + 0.5 * rng.standard_normal(x.shape).astype(np.float32), base)
+    for name, params in (("base", base), ("moved", moved), ("same", base)):
+        _save(root / name, model, params)
+    for name in ("p1", "p2"):
+        lines = [json.dumps({"ids": rng.integers(1, 32, rng.integers(4, 8)).tolist()}) for _ in range(12)]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _config(root, method="divmerge", models=("moved", "same"), **extra):
+    learn = {"prompts": ["p1.jsonl", "p2.jsonl"][: len(models)], "method": method, "samples": 8, "prompt_tokens": 4,
+             "max_new_tokens": 3, "epochs": 15, "learning_rate": 0.05, **extra}
+    text = json.dumps({"models": [{"model": m} for m in models], "base_model": "base",
+                       "merge_method": "task_arithmetic", "jmerge": {"learn": learn}})
+    path = root / f"cfg-{method}-{len(models)}.yml"
+    path.write_text(text)
+    return path
+
+
+def test_run_learns_divmerge_coefficients_and_writes_that_merge(models, tmp_path):
+    out = tmp_path / "merged"
+    assert cli.main(["run", str(_config(models)), str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "coefficients.json").read_text())
+    gamma = np.asarray(saved["coefficients"])
+    assert saved["method"] == "divmerge" and gamma.shape == (2,)
+    assert abs(gamma[0] - 0.5) > 0.05 and gamma[1] == pytest.approx(0.5)  # τ_same = 0: no gradient
+    base, moved, merged = (st.load(p) for p in (models / "base", models / "moved", out))
+    for name, b in base.items():  # the written tensors are θ0 + Σ Γ_t τ_t with the saved Γ
+        np.testing.assert_allclose(merged[name], b + np.float32(gamma[0]) * (moved[name] - b), rtol=1e-5, atol=1e-6)
+    assert "Learned coefficients" in (out / "README.md").read_text()
+    assert (out / "config.json").exists()
+
+
+def test_one_expert_coefficient_climbs_to_the_expert(models, tmp_path):
+    """With one expert the JS optimum is the expert itself (Γ = 1); from Γ = 0.2 learning climbs."""
+    out = tmp_path / "merged"
+    assert cli.main(["run", str(_config(models, models=("moved",), init=0.2)), str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "coefficients.json").read_text())
+    losses, per_epoch = np.asarray(saved["losses"]), saved["steps_per_epoch"]
+    assert saved["coefficients"][0] > 0.6 and losses[-per_epoch:].mean() < 0.5 * losses[:per_epoch].mean()
+
+
+def test_run_learns_layer_level_adamerging(models, tmp_path):
+    out = tmp_path / "merged"
+    cfg = _config(models, "adamerging", granularity="layer", layers="gpt2", learning_rate=0.01, epochs=2)
+    assert cli.main(["run", str(cfg), str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "coefficients.json").read_text())
+    gamma = np.asarray(saved["coefficients"])
+    assert gamma.shape == (2, len(saved["layer_names"])) and np.all((gamma >= 0) & (gamma <= 1))
+    assert saved["layer_names"][:2] == ["embeddings", "layer.0"]
+
+
+def test_learn_block_bad_input_is_named(models):
+    def plan(**learn):
+        text = json.dumps({"models": [{"model": "moved"}, {"model": "same"}], "base_model": "base",
+                           "merge_method": learn.pop("merge_method", "task_arithmetic"), "jmerge": {"learn": learn}})
+        path = models / "bad.yml"
+        path.write_text(text)
+        return config.plan_from_yaml(path)
+
+    with pytest.raises(config.ConfigError, match="one per model"):
+        plan(prompts=["p1.jsonl"])
+    with pytest.raises(config.ConfigError, match="must be task_arithmetic"):
+        plan(prompts=["p1.jsonl", "p2.jsonl"], merge_method="ties")
+    with pytest.raises(config.ConfigError, match="epoch"):
+        plan(prompts=["p1.jsonl", "p2.jsonl"], epoch=3)
+    with pytest.raises(config.ConfigError, match="missing.jsonl"):
+        plan(prompts=["p1.jsonl", "missing.jsonl"])
+    with pytest.raises(config.ConfigError, match="granularity"):
+        plan(prompts=["p1.jsonl", "p2.jsonl"], granularity="block")
