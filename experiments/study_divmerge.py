@@ -42,7 +42,7 @@ LEARNED = {  # row name -> (jmerge.learn function, granularity)
     "adamerging_layer": (learn.adamerging, "tensor"),
 }
 METHODS = tuple(DATA_FREE) + tuple(LEARNED)
-SAMPLES = (8, 16, 32, 64, 128, 400)
+SAMPLES = (8, 32, 128, 400)
 
 
 def _log(msg: str) -> None:
@@ -146,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("study", choices=sorted(STUDIES))
     ap.add_argument("--config", choices=sorted(suite_t.CONFIGS), default="study")
     ap.add_argument("--methods", nargs="+", choices=METHODS)
-    ap.add_argument("--samples", type=int, default=200, help="unlabelled inputs per task (tasks study)")
+    ap.add_argument("--samples", type=int, default=100, help="unlabelled inputs per task (tasks study)")
     ap.add_argument("--sample-sizes", nargs="+", type=int, default=list(SAMPLES), help="(data study)")
-    ap.add_argument("--subsets", type=int, default=3, help="task subsets per count, at most (tasks study)")
+    ap.add_argument("--subsets", type=int, default=2, help="task subsets per count, at most (tasks study)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(results.RESULTS_DIR))
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files")
