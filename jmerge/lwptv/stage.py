@@ -49,7 +49,9 @@ class LwPTV:
         ``"vit"``, ``"clip"``, ``"jmerge_bert"``), ``"tensor"``, a regex, a callable or a ready
         ``LayerGrouping`` (see :func:`jmerge.lwptv.presets.group`).
       score: a name from ``jmerge.lwptv.SCORES`` or a callable ``(tvs, base, grouping) -> (K, L)``.
-        The default is provisional until the experiments (issue "LwPTV" item 6) choose one.
+        Default ``trim_survival``, the score closest to the abstract's "redundancy"; on Suite T
+        ``relative_update`` gave identical validation results at keep ratio 6/7, so the evidence
+        does not separate them (``experiments/results/lwptv.md``).
       rule: ``"keep_ratio"``, ``"top_k"`` or ``"threshold"`` (:mod:`jmerge.lwptv.masks`).
       value: the rule's parameter: the ratio in [0, 1], k, or tau.
       score_kwargs: the score's hyper-parameters, e.g. ``{"density": 0.1}``.
