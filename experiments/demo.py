@@ -12,7 +12,7 @@
    linear probe on WordNet adjective type, a task no expert was trained on.
 
 Hyper-parameters are the published defaults (no tuning, so the test split is read once).
-This is a small, fast setting; the full-size study is ``experiments/suite_t.py``.
+This is a small, fast setting; the full-size study is ``experiments/study_lwptv.py`` and ``experiments/study_divmerge.py``.
 
 Run: ``make demo`` (or ``python -m experiments.demo``).
 """
@@ -27,6 +27,7 @@ import numpy as np
 
 import jmerge
 from experiments import suite_t
+from experiments.suite import build_suite
 from experiments.finetune import cache_root
 
 SPLIT = "test"
@@ -94,7 +95,7 @@ def main() -> dict[str, dict]:
     # Compiled XLA programs are cached on disk too, so a rerun skips most compilation.
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     t0 = time.perf_counter()
-    suite = suite_t.build_suite(suite_t.DEMO, log=_log)
+    suite = build_suite(suite_t.DEMO, log=_log)
     _log(f"suite ready in {time.perf_counter() - t0:.0f} s; evaluating")
     ref = suite.reference_rows(SPLIT, probe_id=False)
     rows = {"base (pre-trained + expert heads)": ref["base"], "experts (each on its own task)": ref["experts"]}
@@ -112,7 +113,7 @@ def main() -> dict[str, dict]:
 
 
 def _majority(suite) -> float:
-    labels = suite.tokens[suite.config.ood_tasks[0]][SPLIT].labels
+    labels = suite.inputs[suite.config.ood_tasks[0]][SPLIT].labels
     return 100.0 * np.bincount(labels).max() / len(labels)
 
 

@@ -1,71 +1,39 @@
-"""Evaluation pieces shared by the suites: tokenised splits, batched embeddings, linear heads,
-accuracy, and the sklearn linear probe used for out-of-domain scoring."""
+"""Evaluation pieces shared by the suites: batched features of any encoder
+(:mod:`experiments.encoders`), linear heads, accuracy, and the sklearn linear probe used for
+out-of-domain scoring."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge.data import Split
-from jmerge.models.bert import Bert
-
-BUCKET = 16  # sequences are cut to the batch's longest length, rounded up to a multiple of this
-
-
-@dataclass(frozen=True, eq=False)
-class Tokens:
-    """A tokenised split: ``ids``/``mask`` int32 ``[N, max_len]`` and int32 ``labels``."""
-
-    ids: np.ndarray
-    mask: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, idx) -> "Tokens":
-        return Tokens(self.ids[idx], self.mask[idx], self.labels[idx])
-
-
-def tokenize(tokenizer, split: Split) -> Tokens:
-    ids, mask = tokenizer(list(split.inputs))
-    return Tokens(ids, mask, split.labels)
-
-
-def trim(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drops all-padding columns beyond the longest row (rounded up to ``BUCKET``)."""
-    n = int(mask.sum(1).max()) if len(mask) else 1
-    n = min(ids.shape[1], -(-n // BUCKET) * BUCKET)
-    return ids[:, :n], mask[:, :n]
-
 
 @partial(jax.jit, static_argnums=0)
-def _encode(bert: Bert, params, ids, mask):
-    return bert.encode(params, ids, mask)
+def _encode(encoder, params, batch):
+    return encoder.encode(params, batch)
 
 
-def embed(bert: Bert, params, tokens: Tokens, batch_size: int = 128) -> np.ndarray:
-    """Mean-pooled embeddings ``[N, d]`` (float32), in the order of ``tokens``.
+def _pad(batch: dict, size: int) -> dict:
+    """Each array of ``batch`` zero-padded along axis 0 to ``size`` rows."""
+    return {k: np.concatenate([v, np.zeros((size - len(v), *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
-    Rows are sorted by length and each batch is trimmed to its longest row (a few
+
+def embed(encoder, params, inputs, batch_size: int = 128) -> np.ndarray:
+    """Features ``[N, encoder.dim]`` (float32) of prepared ``inputs``, in their order.
+
+    Batches follow ``inputs.order()`` (texts longest first, each batch trimmed: a few
     compiled shapes), and the last batch is padded to ``batch_size``.
     """
-    n = len(tokens)
-    lengths = tokens.mask.sum(1)
-    order = np.argsort(-lengths, kind="stable")
-    out = np.zeros((n, bert.config.hidden_size), np.float32)
+    n = len(inputs)
+    order = inputs.order()
+    out = np.zeros((n, encoder.dim), np.float32)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        ids, mask = trim(tokens.ids[idx], tokens.mask[idx])
-        pad = batch_size - len(idx)
-        if pad:
-            ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-        out[idx] = np.asarray(_encode(bert, params, ids, mask))[: len(idx)]
+        batch = _pad(inputs.batch(idx), batch_size)
+        out[idx] = np.asarray(_encode(encoder, params, batch))[: len(idx)]
     return out
 
 

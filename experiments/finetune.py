@@ -1,10 +1,11 @@
 """Full fine-tuning of one expert (encoder + its own linear head) and its on-disk cache.
 
-Recipe: AdamW (decoupled weight decay on dense kernels only), linear warmup then cosine
-decay to 0, gradient clipping at global norm 1, cross-entropy on the head's logits over
-mean-pooled embeddings. The head starts at zero and gets its own (larger) learning rate
-``head_lr``; every encoder parameter is trained. Batches are drawn from seeded epoch
-permutations of the training split, each trimmed to its longest sequence.
+Recipe: AdamW (decoupled weight decay on dense and conv kernels only), linear warmup then
+cosine decay to 0, gradient clipping at global norm 1, cross-entropy on the head's logits
+over the encoder's pooled features (:mod:`experiments.encoders`). The head starts at zero
+and gets its own (larger) learning rate ``head_lr``; every encoder parameter is trained
+(MobileNetV2's batch-norm statistics are not parameters and stay frozen). Batches are drawn
+from seeded epoch permutations of the training split (texts trimmed to their longest row).
 
 (Linear-probe-then-fine-tune with the head frozen, as with task arithmetic's frozen
 zero-shot heads, was tried for the demo budget and gave experts barely above the probe:
@@ -37,9 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.evaluate import Tokens, embed, head_accuracy, head_logits, init_head, trim
+from experiments.evaluate import embed, head_accuracy, head_logits, init_head
 from jmerge import tree as jtree
-from jmerge.models.bert import Bert
 
 CODE_VERSION = 1  # bump when the training code changes what a recipe produces
 
@@ -54,7 +54,8 @@ class Recipe:
     head_lr: float = 1e-3
     warmup: float = 0.1  # fraction of steps
     weight_decay: float = 0.01
-    max_len: int = 48
+    max_len: int = 48  # text suites: tokens per input
+    image_size: int = 32  # image suites: pixels per side
     seed: int = 0
     train_size: int = 10_000
 
@@ -99,22 +100,23 @@ def _optimizer(recipe: Recipe) -> optax.GradientTransformation:
     )
 
 
-def _loss(bert: Bert, params, ids, mask, labels):
-    logits = head_logits(params["head"], bert.encode(params["encoder"], ids, mask))
+def _loss(encoder, params, batch, labels):
+    logits = head_logits(params["head"], encoder.encode(params["encoder"], batch))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_expert(bert: Bert, base, num_classes: int, train: Tokens, recipe: Recipe,
+def train_expert(encoder, base, num_classes: int, train, recipe: Recipe,
                  log: Callable[[str], None] = print, name: str = "expert"):
-    """Fine-tunes ``base`` and a fresh head on ``train``; returns ``(encoder params, head, seconds)``."""
+    """Fine-tunes ``base`` and a fresh head on the prepared split ``train``; returns
+    ``(encoder params, head, seconds)``."""
     # A copy: the train step donates its inputs, and the caller keeps ``base``.
-    params = {"encoder": jax.tree.map(jnp.copy, base), "head": init_head(bert.config.hidden_size, num_classes)}
+    params = {"encoder": jax.tree.map(jnp.copy, base), "head": init_head(encoder.dim, num_classes)}
     opt = _optimizer(recipe)
     state = opt.init(params)
 
     @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, state, ids, mask, labels):
-        loss, grads = jax.value_and_grad(partial(_loss, bert))(params, ids, mask, labels)
+    def step(params, state, batch, labels):
+        loss, grads = jax.value_and_grad(partial(_loss, encoder))(params, batch, labels)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -126,8 +128,7 @@ def train_expert(bert: Bert, base, num_classes: int, train: Tokens, recipe: Reci
             order, pos = rng.permutation(len(train)), 0
         idx = order[pos:pos + recipe.batch]
         pos += recipe.batch
-        ids, mask = trim(train.ids[idx], train.mask[idx])
-        params, state, loss = step(params, state, ids, mask, train.labels[idx])
+        params, state, loss = step(params, state, train.batch(idx), train.labels[idx])
         losses.append(float(loss))
         if (i + 1) % 50 == 0 or i + 1 == recipe.steps:
             log(f"  {name}: step {i + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f} "
@@ -154,23 +155,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _eval_metrics(bert: Bert, enc, head, task, tokens: dict[str, Tokens], folder: Path) -> dict:
+def _eval_metrics(encoder, enc, head, task, inputs: dict, folder: Path) -> dict:
     """The expert's validation/test accuracy on this task's eval splits, cached per their fingerprint."""
     fp = task.fingerprint(("validation", "test"))
     path = folder / f"eval-{fp[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    out = {"validation_size": len(tokens["validation"]), "test_size": len(tokens["test"]), "eval_fingerprint": fp}
+    out = {"validation_size": len(inputs["validation"]), "test_size": len(inputs["test"]), "eval_fingerprint": fp}
     for split in ("validation", "test"):
-        t = tokens[split]
-        out[f"{split}_acc"] = head_accuracy(head, embed(bert, enc, t), t.labels)
+        t = inputs[split]
+        out[f"{split}_acc"] = head_accuracy(head, embed(encoder, enc, t), t.labels)
     _write_atomic(path, json.dumps(out, indent=1))
     return out
 
 
-def load_or_train(bert: Bert, base, base_fingerprint: str, task, tokens: dict[str, Tokens], recipe: Recipe,
+def load_or_train(encoder, base, base_fingerprint: str, task, inputs: dict, recipe: Recipe,
                   log: Callable[[str], None] = print):
-    """The cached expert for ``task`` (a subsampled :class:`jmerge.data.Task`), training it if absent.
+    """The cached expert for ``task`` (a subsampled :class:`jmerge.data.Task`, prepared into
+    ``inputs[split]``), training it if absent.
 
     The cache key covers the recipe, the task's name and *train* split, and the base; the
     expert's validation and test accuracy (percent, own head) are computed once per
@@ -179,17 +181,17 @@ def load_or_train(bert: Bert, base, base_fingerprint: str, task, tokens: dict[st
     """
     key = expert_key(recipe, task.name, task.fingerprint(("train",)), base_fingerprint)
     folder = cache_root() / "experts" / key
-    head_like = init_head(bert.config.hidden_size, task.num_classes)
+    head_like = init_head(encoder.dim, task.num_classes)
     cached = (folder / "metrics.json").is_file()
     if cached:
         metrics = json.loads((folder / "metrics.json").read_text())
         enc = _load_tree(folder / "encoder.safetensors", base)
         head = _load_tree(folder / "head.safetensors", head_like)
     else:
-        log(f"fine-tuning expert {task.name} ({recipe.steps} steps x {recipe.batch}, len {recipe.max_len}) -> {folder}")
-        enc, head, seconds = train_expert(bert, base, task.num_classes, tokens["train"], recipe, log, task.name)
+        log(f"fine-tuning expert {task.name} ({recipe.steps} steps x {recipe.batch}) -> {folder}")
+        enc, head, seconds = train_expert(encoder, base, task.num_classes, inputs["train"], recipe, log, task.name)
         metrics = {"task": task.name, "recipe": asdict(recipe), "train_seconds": round(seconds, 1),
-                   "train_size": len(tokens["train"]), "train_fingerprint": task.fingerprint(("train",)),
+                   "train_size": len(inputs["train"]), "train_fingerprint": task.fingerprint(("train",)),
                    "base_fingerprint": base_fingerprint}
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder.parent))
@@ -202,7 +204,7 @@ def load_or_train(bert: Bert, base, base_fingerprint: str, task, tokens: dict[st
             shutil.rmtree(tmp, ignore_errors=True)
             if not (folder / "metrics.json").is_file():  # not a concurrent writer that won the race
                 raise
-    metrics = {**metrics, **_eval_metrics(bert, enc, head, task, tokens, folder), "cache": str(folder), "cached": cached}
+    metrics = {**metrics, **_eval_metrics(encoder, enc, head, task, inputs, folder), "cache": str(folder), "cached": cached}
     if not cached:
         log(f"  {task.name}: validation {metrics['validation_acc']:.2f}%  test {metrics['test_acc']:.2f}%")
     return enc, head, metrics

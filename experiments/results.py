@@ -1,10 +1,13 @@
 """Writing a study's rows: machine-readable JSON plus a markdown table, atomically.
 
-    write_rows("lwptv", rows, columns=["suite", "method", "lwptv", "id_acc", "ood_acc"],
-               title="LwPTV on Suite T", command="python -m experiments.study_lwptv", overwrite=True)
+    write_rows("lwptv", rows, suite="V", columns=["suite", "method", "lwptv", "id_acc", "ood_acc"],
+               title="LwPTV on Suite V", command="python -m experiments.study_lwptv --suite V")
 
-writes ``experiments/results/lwptv.json`` (the rows as given) and ``lwptv.md`` (a title, the
-command that produced it, and a table of ``columns``; floats with 2 decimals).
+writes ``experiments/results/lwptv.json`` (every suite's rows: those of other suites already
+in the file are kept, this suite's are replaced) and ``lwptv_v.md`` (a title, the command that
+produced it, and a table of ``columns``; floats with 2 decimals). Suite T's files carry no
+suffix (``lwptv.md``); other suites' markdown, plots and raw files get ``_<suite>``
+(:func:`suite_stem`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,30 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def suite_stem(stem: str, suite: str) -> str:
+    """``stem`` for suite T, ``<stem>_<suite>`` (lower case) for the others."""
+    return stem if suite == "T" else f"{stem}_{suite.lower()}"
+
+
+def _other_suites_rows(path: Path, suite: str, overwrite: bool) -> list[dict]:
+    """The rows of ``path`` (a JSON list) whose suite is not ``suite``; raises if ``suite``
+    already has rows there and ``overwrite`` is off."""
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    if not overwrite and any(r.get("suite") == suite for r in rows):
+        raise FileExistsError(f"{path} already holds suite {suite} rows; pass --overwrite to replace them")
+    return [r for r in rows if r.get("suite") != suite]
+
+
+def check_study_writable(directory: str | os.PathLike, stem: str, suite: str, suffixes: Sequence[str],
+                         overwrite: bool) -> None:
+    """Raises before any work if ``<stem>.json`` holds rows of ``suite`` or one of this suite's
+    files ``suite_stem(stem, suite) + suffix`` exists, unless ``overwrite``."""
+    _other_suites_rows(Path(directory) / f"{stem}.json", suite, overwrite)
+    check_writable(directory, [suite_stem(stem, suite) + s for s in suffixes], overwrite)
 
 
 def check_writable(directory: str | os.PathLike, names: Sequence[str], overwrite: bool) -> None:
@@ -67,9 +94,10 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def write_rows(stem: str, rows: Sequence[dict], *, columns: Sequence[str], title: str, command: str,
+def write_rows(stem: str, rows: Sequence[dict], *, suite: str, columns: Sequence[str], title: str, command: str,
                notes: str = "", directory: str | os.PathLike = RESULTS_DIR, overwrite: bool = False) -> tuple[Path, Path]:
-    """Writes ``<directory>/<stem>.json`` and ``<stem>.md``; returns both paths."""
+    """Merges ``rows`` (all of ``suite``) into ``<directory>/<stem>.json`` and writes their
+    table to ``<suite_stem>.md``; returns both paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unknown = sorted({c for c in columns} - {k for r in rows for k in r})
@@ -77,8 +105,11 @@ def write_rows(stem: str, rows: Sequence[dict], *, columns: Sequence[str], title
         raise ValueError(f"columns {unknown} appear in no row (row keys: {sorted(rows[0])})")
     md = f"# {title}\n\nCommand: `{command}`\n\n" + (notes.strip() + "\n\n" if notes else "")
     md += markdown_table(rows, columns)
-    md_path = directory / f"{stem}.md"
-    check_writable(directory, [f"{stem}.json", md_path.name], overwrite)
-    json_path = write_json(stem, rows, directory=directory, overwrite=overwrite)
+    if any(r.get("suite") != suite for r in rows):
+        raise ValueError(f"every row must have suite {suite!r}")
+    md_path = directory / f"{suite_stem(stem, suite)}.md"
+    check_writable(directory, [md_path.name], overwrite)
+    kept = _other_suites_rows(directory / f"{stem}.json", suite, overwrite)
+    json_path = write_json(stem, kept + list(rows), directory=directory, overwrite=True)
     _write_atomic(md_path, md, overwrite)
     return json_path, md_path

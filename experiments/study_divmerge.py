@@ -1,21 +1,24 @@
-"""Studies (b) and (c): learned merge coefficients on Suite T.
+"""Studies (b) and (c): learned merge coefficients on Suite T or V.
 
 ``tasks``: DivMerge (task and layer level) vs AdaMerging (task and layer level) vs task
-arithmetic and TIES as the number of merged tasks grows from 2 to 5. For each count, up to
+arithmetic and TIES as the number of merged tasks grows from 2 to all (5 for T, 3 for V). For each count, up to
 ``--subsets`` seeded task subsets (all of them when there are fewer); each method merges the
 subset's experts and is scored on the subset's tasks with their own heads, test split.
 Reported: normalized accuracy (merged / expert x 100) averaged over tasks, then subsets
 (DivMerge, arXiv 2509.02108, Tables 6-7).
 
-``data``: DivMerge's normalized accuracy on all five tasks vs unlabelled samples per task.
+``data``: DivMerge's normalized accuracy on all the tasks vs unlabelled samples per task.
 
 Learned methods use the papers' settings (:func:`jmerge.learn.divmerge`: JS, Adam 1e-2,
 4 epochs, 4 inputs per task per step, init 1/K; :func:`jmerge.learn.adamerging`: entropy,
 init 0.3, clipped to [0, 1], Adam 1e-3, 5 epochs), with no tuning, on unlabelled inputs
-drawn from the tasks' training splits. "layer" level is MiniLM's 7 layers (embeddings and 6
-blocks) for DivMerge, and one coefficient per tensor for AdaMerging (its "layer-wise").
+drawn from the tasks' training splits. "layer" level is the base's layers for DivMerge
+(MiniLM: embeddings and 6 blocks; MobileNetV2: stem, 17 blocks, last conv), and one
+coefficient per tensor for AdaMerging (its "layer-wise").
 
-Run: ``python -m experiments.study_divmerge tasks`` and ``python -m experiments.study_divmerge data``.
+Run: ``python -m experiments.study_divmerge tasks [--suite V]`` and
+``python -m experiments.study_divmerge data [--suite V]``; suite V's files end in ``_v``
+(the JSON rows of both suites share ``divmerge_{tasks,data}.json``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax
 import numpy as np
 
 import jmerge
-from experiments import results, suite_t
+from experiments import results, suite
 from experiments.finetune import cache_root
 from jmerge import learn, lwptv
 
@@ -49,15 +52,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def merge(suite, method: str, names: Sequence[str], samples: int, seed: int = 0):
+def merge(s, method: str, names: Sequence[str], samples: int, seed: int = 0):
     """The encoder ``method`` makes of ``names``' experts (``samples`` unlabelled inputs per
     task for the learned methods)."""
     if method in DATA_FREE:
-        return jmerge.merge(suite.base, suite.experts_for(names), method, **DATA_FREE[method])
+        return jmerge.merge(s.base, s.experts_for(names), method, **DATA_FREE[method])
     fn, granularity = LEARNED[method]
-    result = fn(suite.base, suite.task_vectors(names), [suite.apply_fn(t) for t in names],
-                [suite.unlabeled(t, samples, seed=seed) for t in names], granularity=granularity,
-                layers=lwptv.group(suite.base, "jmerge_bert") if granularity == "layer" else None,
+    result = fn(s.base, s.task_vectors(names), [s.apply_fn(t) for t in names],
+                [s.unlabeled(t, samples, seed=seed) for t in names], granularity=granularity,
+                layers=lwptv.group(s.base, s.config.layers) if granularity == "layer" else None,
                 key=seed, progress=False)
     return result.params
 
@@ -71,16 +74,16 @@ def subsets(names: Sequence[str], n: int, limit: int, seed: int) -> list[tuple[s
     return [combos[i] for i in sorted(pick)]
 
 
-def _score(suite, params, names) -> float:
-    return suite.evaluate(params, "test", tasks=names, probes=())["normalized_acc"]
+def _score(s, params, names) -> float:
+    return s.evaluate(params, "test", tasks=names, probes=())["normalized_acc"]
 
 
-def _run(suite, method: str, names, samples: int, raw: list, **extra) -> None:
+def _run(s, method: str, names, samples: int, raw: list, **extra) -> None:
     t0 = time.perf_counter()
-    params = jax.block_until_ready(merge(suite, method, names, samples))
+    params = jax.block_until_ready(merge(s, method, names, samples))
     t_merge = time.perf_counter() - t0
-    acc = _score(suite, params, names)
-    raw.append({"suite": "T", "method": method, "tasks": list(names), "n_tasks": len(names),
+    acc = _score(s, params, names)
+    raw.append({"suite": s.config.name, "method": method, "tasks": list(names), "n_tasks": len(names),
                 "samples_per_task": samples if method in LEARNED else 0, "normalized_acc": acc,
                 "merge_seconds": t_merge, **extra})
     _log(f"  {method:17s} n={len(names)} samples={samples:4d} {','.join(names)}: normalized {acc:6.2f} "
@@ -90,9 +93,9 @@ def _run(suite, method: str, names, samples: int, raw: list, **extra) -> None:
 def _mean_rows(raw: list, key: str) -> list[dict]:
     groups: dict = {}
     for r in raw:
-        groups.setdefault((r["method"], r[key]), []).append(r["normalized_acc"])
-    return [{"suite": "T", "method": m, key: k, "normalized_acc": float(np.mean(v)), "subsets": len(v)}
-            for (m, k), v in groups.items()]
+        groups.setdefault((r["suite"], r["method"], r[key]), []).append(r["normalized_acc"])
+    return [{"suite": name, "method": m, key: k, "normalized_acc": float(np.mean(v)), "subsets": len(v)}
+            for (name, m, k), v in groups.items()]
 
 
 def _plot(rows: list, key: str, xlabel: str, title: str, path, log_x: bool = False) -> None:
@@ -117,20 +120,20 @@ def _plot(rows: list, key: str, xlabel: str, title: str, path, log_x: bool = Fal
     plt.close(fig)
 
 
-def study_tasks(suite, args) -> tuple[list, list]:
+def study_tasks(s, args) -> tuple[list, list]:
     raw = []
-    for n in range(2, len(suite.names) + 1):
-        for names in subsets(suite.names, n, args.subsets, args.seed):
+    for n in range(2, len(s.names) + 1):
+        for names in subsets(s.names, n, args.subsets, args.seed):
             for method in args.methods:
-                _run(suite, method, names, args.samples, raw)
+                _run(s, method, names, args.samples, raw)
     return _mean_rows(raw, "n_tasks"), raw
 
 
-def study_data(suite, args) -> tuple[list, list]:
+def study_data(s, args) -> tuple[list, list]:
     raw = []
     for samples in args.sample_sizes:
         for method in args.methods:
-            _run(suite, method, suite.names, samples, raw)
+            _run(s, method, s.names, samples, raw)
     return _mean_rows(raw, "samples_per_task"), raw
 
 
@@ -144,7 +147,8 @@ STUDIES: dict[str, tuple[Callable, str, str, dict]] = {
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", choices=sorted(STUDIES))
-    ap.add_argument("--config", choices=sorted(suite_t.CONFIGS), default="study")
+    ap.add_argument("--suite", choices=("T", "V"), default="T")
+    ap.add_argument("--config", default="study", help="a config of the suite (default: study)")
     ap.add_argument("--methods", nargs="+", choices=METHODS)
     ap.add_argument("--samples", type=int, default=100, help="unlabelled inputs per task (tasks study)")
     ap.add_argument("--sample-sizes", nargs="+", type=int, default=list(SAMPLES), help="(data study)")
@@ -155,25 +159,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     run, stem, key, defaults = STUDIES[args.study]
     args.methods = args.methods or defaults["methods"]
+    configs = suite.configs(args.suite)
+    if args.config not in configs:
+        ap.error(f"suite {args.suite} has no config {args.config!r} (choose from {', '.join(configs)})")
+    config = configs[args.config]
+    own = results.suite_stem(stem, args.suite)
+    results.check_study_writable(args.out, stem, args.suite, [".md", ".png", "_raw.json"], args.overwrite)
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-    results.check_writable(args.out, [f"{stem}{s}" for s in (".json", ".md", ".png", "_raw.json")], args.overwrite)
 
     t0 = time.perf_counter()
-    suite = suite_t.build_suite(suite_t.CONFIGS[args.config], log=_log)
-    rows, raw = run(suite, args)
+    s = suite.build_suite(config, log=_log)
+    rows, raw = run(s, args)
     command = f"python -m experiments.study_divmerge " + " ".join(argv if argv is not None else sys.argv[1:])
     setting = (f"{args.samples} unlabelled inputs per task, up to {args.subsets} subsets per task count"
-               if args.study == "tasks" else "all five tasks")
-    notes = (f"Suite T ({args.config} config, {suite.config.test_size} test examples per task), {setting}; "
+               if args.study == "tasks" else f"all {len(s.names)} tasks")
+    notes = (f"Suite {args.suite} ({args.config} config, {config.test_size} test examples per task), {setting}; "
              f"normalized accuracy = merged / expert x 100 on the test split, averaged over tasks then subsets. "
-             f"Per-merge rows (tasks, seconds): `{stem}_raw.json`. Total {time.perf_counter() - t0:.0f} s.")
+             f"Per-merge rows (tasks, seconds): `{own}_raw.json`. Total {time.perf_counter() - t0:.0f} s.")
     rows.sort(key=lambda r: (r[key], METHODS.index(r["method"])))
-    results.write_rows(stem, rows, columns=["suite", "method", key, "normalized_acc", "subsets"],
-                       title=f"Suite T: normalized accuracy vs {key.replace('_', ' ')}", command=command,
+    results.write_rows(stem, rows, suite=args.suite, columns=["suite", "method", key, "normalized_acc", "subsets"],
+                       title=f"Suite {args.suite}: normalized accuracy vs {key.replace('_', ' ')}", command=command,
                        notes=notes, directory=args.out, overwrite=args.overwrite)
-    results.write_json(f"{stem}_raw", raw, directory=args.out, overwrite=args.overwrite)
+    results.write_json(f"{own}_raw", raw, directory=args.out, overwrite=args.overwrite)
     _plot(rows, key, "merged tasks" if args.study == "tasks" else "unlabelled samples per task",
-          f"Suite T, test split ({args.study} study)", f"{args.out}/{stem}.png", log_x=args.study == "data")
+          f"Suite {args.suite}, test split ({args.study} study)", f"{args.out}/{own}.png", log_x=args.study == "data")
     _log(notes)
     return rows
 

@@ -172,6 +172,7 @@ EXPECTED = {
     "mnist": (10, 70_000),
     "fashion_mnist": (10, 70_000),
     "digits": (10, 1_797),
+    "openclipart": (8, 6_900),
 }
 
 
@@ -192,5 +193,6 @@ def test_offline_loader(name):
         assert not tr & te  # de-duplicated: no test text is also a train text
         assert all(isinstance(x, str) and x for x in list(task.train.inputs[:100]))
     else:
-        assert task.train.inputs.dtype == np.uint8 and task.train.inputs.ndim == 3
+        x = task.train.inputs
+        assert x.dtype == np.uint8 and (x.ndim == 3 or x.shape[3] == 3) and x.max() == 255  # 0..255 grey or RGB
     assert data.load(name).fingerprint() == task.fingerprint()  # deterministic

@@ -1,18 +1,21 @@
 """experiments/: expert fine-tuning + cache and Suite evaluation, on a tiny random BERT
-with synthetic keyword tasks (no real data or weights needed)."""
+with synthetic keyword tasks and a tiny image encoder with synthetic image tasks (no real
+data or weights needed)."""
 
 import itertools
 import json
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 
 import jax
 import numpy as np
 import pytest
 
 import jmerge
-from experiments import finetune, suite_t
-from experiments.evaluate import Tokens, embed, fit_linear_head, head_accuracy, probe_accuracy, trim
+from experiments import finetune, suite
+from experiments.encoders import Images, TextEncoder, Tokens, tokenize, trim
+from experiments.evaluate import embed, fit_linear_head, head_accuracy, probe_accuracy
 from jmerge.data import Task
 from jmerge.models.bert import Bert, BertConfig
 
@@ -50,8 +53,8 @@ TASKS = {
     "delta": synthetic_task("delta", ["up", "down"], seed=4),  # OOD, no expert
 }
 RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, head_lr=3e-2, max_len=MAX_LEN, train_size=150)
-CONFIG = suite_t.SuiteConfig(tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",), recipe=RECIPE,
-                             validation_size=24, test_size=24, probe_train=60)
+CONFIG = suite.SuiteConfig(name="T", model="minilm", tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",),
+                           recipe=RECIPE, validation_size=24, test_size=24, probe_train=60)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,12 @@ def built(tmp_path_factory):
     mp.setenv("JMERGE_CACHE_DIR", str(cache))
     bert = Bert(CFG)
     base = bert.init(jax.random.key(0))
-    kw = dict(bert=bert, base=base, tokenizer=tokenizer, loader=TASKS.__getitem__, log=lambda m: None)
-    suite = suite_t.build_suite(CONFIG, **kw)
-    again = suite_t.build_suite(CONFIG, **kw)
-    smaller_eval = suite_t.build_suite(replace(CONFIG, validation_size=12), **kw)
-    yield suite, again, cache, smaller_eval
+    kw = dict(encoder=TextEncoder(bert), base=base, prepare=partial(tokenize, tokenizer), loader=TASKS.__getitem__,
+              log=lambda m: None)
+    built = suite.build_suite(CONFIG, **kw)
+    again = suite.build_suite(CONFIG, **kw)
+    smaller_eval = suite.build_suite(replace(CONFIG, validation_size=12), **kw)
+    yield built, again, cache, smaller_eval
     mp.undo()
 
 
@@ -144,8 +148,8 @@ def test_rotation_holds_out_each_subset(built):
 def test_logits_and_unlabeled_pool(built):
     suite = built[0]
     pool = suite.unlabeled("alpha", 10, seed=1)
-    assert pool["ids"].shape == pool["mask"].shape == (10, MAX_LEN)
-    logits = suite.logits(suite.experts["alpha"], "alpha", pool["ids"], pool["mask"])
+    assert pool["ids"].shape == pool["mask"].shape and pool["ids"].shape[0] == 10
+    logits = suite.logits(suite.experts["alpha"], "alpha", pool)
     assert logits.shape == (10, 2)
     fn = suite.apply_fn("alpha")
     assert fn is suite.apply_fn("alpha")  # stable, so jmerge.learn reuses its compiled steps
@@ -160,8 +164,8 @@ def test_embed_is_order_and_batch_invariant():
     ids, mask = tokenizer([" ".join(["w"] * (i % 6)) + f" x{i}" for i in range(37)])
     t = Tokens(ids, mask, np.zeros(37, np.int32))
     full = np.asarray(bert.encode(params, ids, mask))
-    np.testing.assert_allclose(embed(bert, params, t, batch_size=8), full, atol=1e-5)
-    np.testing.assert_allclose(embed(bert, params, t, batch_size=64), full, atol=1e-5)
+    np.testing.assert_allclose(embed(TextEncoder(bert), params, t, batch_size=8), full, atol=1e-5)
+    np.testing.assert_allclose(embed(TextEncoder(bert), params, t, batch_size=64), full, atol=1e-5)
     short_ids, short_mask = trim(ids[:1], mask[:1])
     assert short_ids.shape[1] == MAX_LEN if mask[0].sum() > 16 else short_ids.shape[1] in (MAX_LEN, 16)
 
@@ -198,25 +202,38 @@ def test_probe_accuracy_on_separable_and_random_data():
 
 
 def test_write_rows_json_and_markdown(tmp_path):
-    from experiments.results import write_rows
+    from experiments.results import check_study_writable, write_rows
 
     rows = [{"suite": "T", "method": "ties", "lwptv": True, "id_acc": 71.234, "ood_acc": None}]
     cols = ["suite", "method", "lwptv", "id_acc", "ood_acc"]
-    j, m = write_rows("s", rows, columns=cols, title="T", command="python -m x", directory=tmp_path)
-    assert json.loads(j.read_text()) == rows
+    j, m = write_rows("s", rows, suite="T", columns=cols, title="T", command="python -m x", directory=tmp_path)
+    assert json.loads(j.read_text()) == rows and m.name == "s.md"
     assert "| T | ties | True | 71.23 | - |" in m.read_text() and "`python -m x`" in m.read_text()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        write_rows("s", rows, columns=cols, title="T", command="c", directory=tmp_path)
-    write_rows("s", rows[:0] + rows, columns=cols, title="T2", command="c", directory=tmp_path, overwrite=True)
+        write_rows("s", rows, suite="T", columns=cols, title="T", command="c", directory=tmp_path)
+    with pytest.raises(FileExistsError, match="suite T rows"):
+        check_study_writable(tmp_path, "s", "T", [".png"], overwrite=False)
+    write_rows("s", rows, suite="T", columns=cols, title="T2", command="c", directory=tmp_path, overwrite=True)
     assert m.read_text().startswith("# T2") and not list(tmp_path.glob(".*tmp"))
+    # Another suite's rows join the same JSON (the first suite's rows kept); its table gets its own file.
+    v_rows = [dict(rows[0], suite="V", id_acc=50.0)]
+    check_study_writable(tmp_path, "s", "V", [".md", ".png"], overwrite=False)
+    j2, m2 = write_rows("s", v_rows, suite="V", columns=cols, title="V", command="c", directory=tmp_path)
+    assert j2 == j and json.loads(j.read_text()) == rows + v_rows and m2.name == "s_v.md"
+    assert m.read_text().startswith("# T2")
+    write_rows("s", [dict(v_rows[0], id_acc=60.0)], suite="V", columns=cols, title="V", command="c",
+               directory=tmp_path, overwrite=True)
+    assert [r["id_acc"] for r in json.loads(j.read_text())] == [71.234, 60.0]
     with pytest.raises(ValueError, match="normalized_acc"):
-        write_rows("t", rows, columns=["normalized_acc"], title="T", command="c", directory=tmp_path)
+        write_rows("t", rows, suite="T", columns=["normalized_acc"], title="T", command="c", directory=tmp_path)
+    with pytest.raises(ValueError, match="suite 'V'"):
+        write_rows("t", rows, suite="V", columns=cols, title="T", command="c", directory=tmp_path)
 
 
 @pytest.fixture
 def study_suite(built, monkeypatch):
     """The studies run on the tiny built suite instead of Suite T."""
-    monkeypatch.setattr(suite_t, "build_suite", lambda config, log: built[0])
+    monkeypatch.setattr(suite, "build_suite", lambda config, log: built[0])
     return built[0]
 
 
@@ -271,3 +288,57 @@ def test_study_lwptv_choice_rule():
     tried = [{"id_acc": 79.8, "ood_acc": 53.0}, {"id_acc": 78.0, "ood_acc": 60.0}, {"id_acc": 80.5, "ood_acc": 52.0}]
     assert choose(plain, tried, 0.5) is tried[0]  # the 60.0 costs 2 ID points
     assert choose(plain, tried[1:2], 0.5) is tried[1]  # none within tolerance: best ID + OOD
+
+
+# ----- an image suite: the same pipeline over prepared pixels ---------------------------------
+
+
+@dataclass(frozen=True)
+class TinyImageEncoder:
+    """relu(flatten(pixels) @ w + b): a stand-in for MobileNetV2 with the same interface."""
+
+    dim: int = 12
+
+    def init(self, key, size):
+        k1, _ = jax.random.split(key)
+        return {"dense": {"kernel": 0.1 * jax.random.normal(k1, (size * size * 3, self.dim)),
+                          "bias": jax.numpy.zeros(self.dim)}}
+
+    def encode(self, params, batch):
+        x = batch["pixels"].reshape(batch["pixels"].shape[0], -1)
+        return jax.nn.relu(x @ params["dense"]["kernel"] + params["dense"]["bias"])
+
+
+def image_task(name, n=200, size=6, seed=0):
+    """Class c iff quadrant c is the brightest, on noise; uint8 RGB images."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 100, (n, size, size, 3)).astype(np.uint8)
+    y = np.arange(n) % 4
+    h = size // 2
+    for i, c in enumerate(y):
+        r, q = divmod(c, 2)
+        x[i, r * h:(r + 1) * h, q * h:(q + 1) * h] += 120
+    return Task.from_records(name, list(x), [str(v) for v in y], kind="image", seed=seed)
+
+
+def _prepare_images(split):
+    return Images(np.asarray(split.inputs, np.float32) / 255.0, split.labels)
+
+
+def test_image_suite_trains_merges_and_rotates(tmp_path, monkeypatch):
+    monkeypatch.setenv("JMERGE_CACHE_DIR", str(tmp_path))
+    tasks = {n: image_task(n, seed=i) for i, n in enumerate(("a", "b", "c", "ood"))}
+    config = suite.SuiteConfig(name="V", model="mobilenet_v2", tasks=("a", "b", "c"), ood_tasks=("ood",),
+                               recipe=finetune.Recipe(steps=30, batch=16, lr=1e-2, head_lr=5e-2, train_size=120),
+                               validation_size=30, test_size=30, probe_train=60)
+    enc = TinyImageEncoder()
+    built = suite.build_suite(config, encoder=enc, base=enc.init(jax.random.key(0), 6), prepare=_prepare_images,
+                              loader=tasks.__getitem__, log=lambda m: None)
+    assert isinstance(built.inputs["a"]["train"], Images) and built.config.layers == "jmerge_mobilenet"
+    for name in config.tasks:
+        assert built.expert_metrics[name]["validation_acc"] > 50.0  # chance is 25
+    pool = built.unlabeled("b", 8)
+    assert pool["pixels"].shape == (8, 6, 6, 3)
+    rot = built.rotation(lambda names: jmerge.merge(built.base, built.experts_for(names), "task_arithmetic",
+                                                    scale=0.5), k=1)
+    assert len(rot["folds"]) == 3 and 0 <= rot["ood_acc"] <= 100 and 0 < rot["normalized_acc"]

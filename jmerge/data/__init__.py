@@ -21,6 +21,7 @@ LOADERS: dict[str, Callable[..., Task]] = {
     "mnist": images.mnist,
     "fashion_mnist": images.fashion_mnist,
     "digits": images.sklearn_digits,
+    "openclipart": images.openclipart,
 }
 
 

@@ -10,7 +10,8 @@ is a callable ``path -> name | None``, so it plugs into :func:`jmerge.layers.gro
 
 Presets: ``bert`` (BERT/MiniLM/RoBERTa), ``gpt2``, ``llama`` (Llama/Mistral/Gemma),
 ``vit`` and ``clip`` (HF ViT and CLIP, one rule set), ``jmerge_bert`` (jmerge's own BERT in
-:mod:`jmerge.models.bert`), and ``tensor`` (one layer per tensor). Embeddings, final
+:mod:`jmerge.models.bert`), ``jmerge_mobilenet`` (stem, 17 blocks, head conv and classifier of
+:mod:`jmerge.models.mobilenet`), and ``tensor`` (one layer per tensor). Embeddings, final
 norms, poolers and task heads are layers of their own.
 """
 
@@ -138,8 +139,19 @@ JMERGE_BERT = Preset(
     ),
 )
 
+# jmerge's MobileNetV2 (jmerge/models/mobilenet.py): stem/..., blocks/<n>/..., head_conv/..., classifier/...
+JMERGE_MOBILENET = Preset(
+    "jmerge_mobilenet",
+    (
+        _block(_P, "blocks", "block", 1),
+        _part(_P, "stem", "stem", 0),
+        _part(_P, "head_conv", "head_conv", 2),
+        _part(_P, _HEADS, "head", 3),
+    ),
+)
+
 PRESETS: dict[str, Preset] = {
-    p.name: p for p in (BERT, GPT2, LLAMA, VIT, Preset("clip", VIT.rules), JMERGE_BERT)
+    p.name: p for p in (BERT, GPT2, LLAMA, VIT, Preset("clip", VIT.rules), JMERGE_BERT, JMERGE_MOBILENET)
 }
 
 LayerSpec = Union[str, re.Pattern, Preset, Callable[[str], Union[str, None]]]
