@@ -27,8 +27,9 @@ OOD_TASKS = ("digits",)
 FULL = SuiteConfig(name="V", model="mobilenet_v2", tasks=ID_TASKS, ood_tasks=OOD_TASKS,
                    recipe=Recipe(steps=300, batch=64, lr=2e-4, head_lr=1e-2, image_size=32, train_size=10_000),
                    validation_size=1000, test_size=1000, probe_train=1000)
-# digits has 359 validation and 360 test images; the other tasks are capped at 1000.
-STUDY = replace(FULL, validation_size=500)
+# The studies' setting: FULL's experts, smaller evaluation splits (digits has 359 validation and
+# 360 test images; the other tasks are capped at 500).
+STUDY = replace(FULL, validation_size=500, test_size=500, probe_train=500)
 CONFIGS = {"full": FULL, "study": STUDY}
 
 if __name__ == "__main__":

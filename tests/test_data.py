@@ -7,7 +7,7 @@ import pytest
 
 from jmerge import data
 from jmerge.data import images, text
-from jmerge.data.task import DataUnavailable, Split, Task, dedupe, split_indices
+from jmerge.data.task import SPLITS, DataUnavailable, Split, Task, dedupe, split_indices
 
 
 def _write_csv(path, rows, header=("text", "label", "split", "group")):
@@ -196,3 +196,35 @@ def test_offline_loader(name):
         x = task.train.inputs
         assert x.dtype == np.uint8 and (x.ndim == 3 or x.shape[3] == 3) and x.max() == 255  # 0..255 grey or RGB
     assert data.load(name).fingerprint() == task.fingerprint()  # deterministic
+
+
+def test_image_task_from_csv_and_jsonl(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        label = ["dark", "light"][i % 2]
+        px = rng.integers(0, 60, (10, 12, 4)).astype(np.uint8) + (150 if label == "light" else 0)
+        px[..., 3] = 255
+        Image.fromarray(px, "RGBA").save(tmp_path / f"im{i}.png")
+        rows.append({"file": f"im{i}.png", "label": label, "split": ["train", "val", "test"][i % 3]})
+    (tmp_path / "t.csv").write_text("file,label,split\n" + "".join(f"{r['file']},{r['label']},{r['split']}\n"
+                                                                    for r in rows))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = Task.from_csv(tmp_path / "t.csv", "file", "label", "split", kind="image")
+    b = Task.from_jsonl(tmp_path / "t.jsonl", "file", "label", "split", kind="image", image_size=8)
+    assert a.kind == "image" and a.classes == ("dark", "light") and a.sizes() == {s: 10 for s in SPLITS}
+    assert a.train.inputs.shape == (10, 10, 12, 3) and a.train.inputs.dtype == np.uint8
+    np.testing.assert_array_equal(a.train.inputs[0], np.asarray(Image.open(tmp_path / "im0.png").convert("RGB")))
+    assert b.train.inputs.shape == (10, 8, 8, 3)
+    assert (a.train.inputs[a.train.labels == 1].mean() > a.train.inputs[a.train.labels == 0].mean() + 100)
+    Image.new("RGB", (5, 5)).save(tmp_path / "im3.png")  # a different size
+    with pytest.raises(ValueError, match="im3.png is 5x5.*image_size"):
+        Task.from_csv(tmp_path / "t.csv", "file", "label", "split", kind="image")
+    (tmp_path / "im4.png").write_text("not an image")
+    with pytest.raises(ValueError, match="im4.png: not a readable image"):
+        Task.from_csv(tmp_path / "t.csv", "file", "label", "split", kind="image", image_size=8)
+    (tmp_path / "im4.png").unlink()
+    with pytest.raises(FileNotFoundError, match="im4.png"):
+        Task.from_csv(tmp_path / "t.csv", "file", "label", "split", kind="image", image_size=8)

@@ -3,7 +3,8 @@
 A :class:`Task` is a name, a kind (``"text"``: inputs are strings; ``"image"``: inputs are
 an array ``[N, H, W]`` or ``[N, H, W, C]``), the class names, and three :class:`Split`s of
 ``(inputs, labels)`` with integer labels indexing ``classes``. Users bring their own
-tasks as CSV or JSONL with a text column and a label column; an optional split column
+tasks as CSV or JSONL with an input column (a text, or with ``kind="image"`` an image file
+path relative to the file's folder) and a label column; an optional split column
 holds ``train`` / ``validation`` (or ``val``, ``dev``) / ``test``. Without it the rows are
 split at random (fractions ``0.8/0.1/0.1`` by default), deterministically from ``seed``;
 with ``group_col`` whole groups go to one split (no leakage between, e.g., reviews of the
@@ -167,20 +168,24 @@ class Task:
     @classmethod
     def from_csv(cls, path: str | os.PathLike, text_col: str, label_col: str, split_col: str | None = None, *,
                  seed: int = 0, name: str | None = None, group_col: str | None = None,
-                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), delimiter: str = ",") -> "Task":
-        """A text task from a CSV file with a header row (see :meth:`from_records`)."""
+                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), delimiter: str = ",",
+                 kind: str = "text", image_size: int | None = None) -> "Task":
+        """A task from a CSV file with a header row (see :meth:`from_records`); ``text_col``
+        holds the texts, or for ``kind="image"`` image paths (see :func:`read_images`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"task file {path} not found")
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter=delimiter))
-        return cls._from_rows(rows, path, text_col, label_col, split_col, group_col, seed, name, fractions)
+        return cls._from_rows(rows, path, text_col, label_col, split_col, group_col, seed, name, fractions,
+                              kind, image_size)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, text_col: str, label_col: str, split_col: str | None = None, *,
                    seed: int = 0, name: str | None = None, group_col: str | None = None,
-                   fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> "Task":
-        """A text task from a JSON-lines file, one object per line (see :meth:`from_records`)."""
+                   fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), kind: str = "text",
+                   image_size: int | None = None) -> "Task":
+        """A task from a JSON-lines file, one object per line (see :meth:`from_csv`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"task file {path} not found")
@@ -192,11 +197,12 @@ class Task:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-        return cls._from_rows(rows, path, text_col, label_col, split_col, group_col, seed, name, fractions)
+        return cls._from_rows(rows, path, text_col, label_col, split_col, group_col, seed, name, fractions,
+                              kind, image_size)
 
     @classmethod
     def _from_rows(cls, rows: list[dict], path: Path, text_col, label_col, split_col, group_col, seed, name,
-                   fractions) -> "Task":
+                   fractions, kind, image_size) -> "Task":
         if not rows:
             raise ValueError(f"{path} holds no rows")
         cols = [c for c in (text_col, label_col, split_col, group_col) if c is not None]
@@ -204,15 +210,44 @@ class Task:
             absent = [c for c in cols if c not in row or row[c] is None]
             if absent:
                 raise ValueError(f"{path}: row {i + 1} has no column {absent[0]!r} (columns: {sorted(row)})")
+        inputs = [r[text_col] for r in rows]
+        if kind == "image":
+            inputs = read_images([path.parent / str(x) for x in inputs], image_size)
         return cls.from_records(
             name or path.stem,
-            [r[text_col] for r in rows],
+            inputs,
             [r[label_col] for r in rows],
+            kind=kind,
             splits=[r[split_col] for r in rows] if split_col else None,
             groups=[r[group_col] for r in rows] if group_col else None,
             fractions=fractions,
             seed=seed,
         )
+
+
+def read_images(paths: Sequence[Path], size: int | None = None) -> np.ndarray:
+    """uint8 RGB images ``[N, H, W, 3]`` from image files (any format PIL reads; transparency
+    composited on white), resized to ``size`` x ``size`` when given; without ``size`` every
+    image must have the same size. Missing or unreadable files raise, naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image file {p} not found")
+        try:
+            with Image.open(p) as im:
+                rgba = im.convert("RGBA")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{p}: not a readable image ({e})") from e
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        elif out and im.size != (out[0].shape[1], out[0].shape[0]):
+            raise ValueError(f"{p} is {im.size[0]}x{im.size[1]}, the first image {out[0].shape[1]}x{out[0].shape[0]}: "
+                             "pass image_size to resize them all")
+        out.append(np.asarray(im))
+    return np.stack(out)
 
 
 def split_indices(n: int, *, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
