@@ -26,9 +26,9 @@ import jax
 import numpy as np
 
 import jmerge
+from jmerge.cache import enable_compilation_cache
 from experiments import suite_t
 from experiments.suite import build_suite
-from experiments.finetune import cache_root
 
 SPLIT = "test"
 POOL = 64  # unlabelled inputs per task for DivMerge
@@ -93,7 +93,7 @@ def main() -> dict[str, dict]:
     from rich.console import Console
 
     # Compiled XLA programs are cached on disk too, so a rerun skips most compilation.
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    enable_compilation_cache(min_compile_seconds=1.0)
     t0 = time.perf_counter()
     suite = build_suite(suite_t.DEMO, log=_log)
     _log(f"suite ready in {time.perf_counter() - t0:.0f} s; evaluating")

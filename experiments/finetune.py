@@ -40,6 +40,7 @@ import optax
 
 from experiments.evaluate import embed, head_accuracy, head_logits, init_head
 from jmerge import tree as jtree
+from jmerge.cache import cache_root
 
 CODE_VERSION = 1  # bump when the training code changes what a recipe produces
 
@@ -58,10 +59,6 @@ class Recipe:
     image_size: int = 32  # image suites: pixels per side
     seed: int = 0
     train_size: int = 10_000
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("JMERGE_CACHE_DIR", Path.home() / ".cache" / "jmerge"))
 
 
 def params_fingerprint(params) -> str:

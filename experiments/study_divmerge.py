@@ -33,8 +33,8 @@ import jax
 import numpy as np
 
 import jmerge
+from jmerge.cache import enable_compilation_cache
 from experiments import results, suite
-from experiments.finetune import cache_root
 from jmerge import learn, lwptv
 
 DATA_FREE = {"task_arithmetic": {"scale": 0.3}, "ties": {}}
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     config = configs[args.config]
     own = results.suite_stem(stem, args.suite)
     results.check_study_writable(args.out, stem, args.suite, [".md", ".png", "_raw.json"], args.overwrite)
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    enable_compilation_cache(min_compile_seconds=1.0)
 
     t0 = time.perf_counter()
     s = suite.build_suite(config, log=_log)

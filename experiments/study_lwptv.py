@@ -34,8 +34,8 @@ import jax
 import numpy as np
 
 import jmerge
+from jmerge.cache import enable_compilation_cache
 from experiments import results, suite
-from experiments.finetune import cache_root
 from jmerge.lwptv import LwPTV, group, inspect, plot_scores
 
 METHODS = {  # name -> hyper-parameters (the published defaults of papers.md §3)
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     stem = results.suite_stem("lwptv", args.suite)
     results.check_study_writable(args.out, "lwptv", args.suite, [".md", ".png", "_validation.json", "_scores.png"],
                                  args.overwrite)
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    enable_compilation_cache(min_compile_seconds=1.0)
 
     t0 = time.perf_counter()
     s = suite.build_suite(config, log=_log)

@@ -1,11 +1,22 @@
 """jmerge: model merging for JAX, as pure functions on parameter pytrees."""
 
-from jmerge import layers, learn, lwptv, stages, tree, validate
+import importlib
+
+from jmerge import layers, stages, tree, validate
 from jmerge.methods import available, get, merge, merge_task_vectors
 from jmerge.tree import apply, task_vector, task_vectors
 from jmerge.validate import MergeInputError
 
 __version__ = "0.1.0"
+
+_LAZY = ("learn", "lwptv")  # optax and friends load on first use (0.3 s off `jmerge run`)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"jmerge.{name}")
+    raise AttributeError(f"module 'jmerge' has no attribute {name!r}")
+
 
 __all__ = [
     "MergeInputError",

@@ -401,5 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: :func:`main` with JAX's persistent compilation cache on
+    (``jmerge.cache``; tests call ``main`` and leave the cache alone)."""
+    from jmerge.cache import enable_compilation_cache
+
+    enable_compilation_cache()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -74,16 +74,34 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
-from jmerge.learn.causal_lm import LearnOptions
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+class LearnOptions(BaseModel):
+    """The ``jmerge: learn:`` block of a YAML config (see :mod:`jmerge.config`): one prompt
+    file per merged model, in the order of ``models``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompts: tuple[Path, ...]
+    method: Literal["divmerge", "adamerging"] = "divmerge"
+    granularity: Literal["task", "layer", "tensor"] = "task"
+    layers: str | None = None  # a jmerge.lwptv preset or regex, for granularity "layer"
+    samples: PositiveInt = 200
+    prompt_tokens: PositiveInt = 32
+    max_new_tokens: PositiveInt = 32
+    epochs: PositiveInt = 4
+    learning_rate: PositiveFloat = 1e-2
+    batch_per_task: PositiveInt = 4
+    init: float | None = None  # initial Γ: None is the method's (1/K DivMerge, 0.3 AdaMerging)
+    seed: int = 0
 
 
 class ConfigError(MergeInputError):

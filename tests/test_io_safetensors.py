@@ -64,12 +64,23 @@ def test_reads_files_written_by_safetensors(tmp_path):
 def test_header_only_inspection_reads_no_tensor(tmp_path, monkeypatch):
     t = _tensors()
     st.save_safetensors(tmp_path, t, shard_size=64)
-    monkeypatch.setattr(st, "safe_open", lambda *a, **k: pytest.fail("a tensor was read"))
+    monkeypatch.setattr(np, "memmap", lambda *a, **k: pytest.fail("a tensor was read"))
     ck = st.open_checkpoint(tmp_path)
     assert {n: ck.tensors[n].shape for n in ck.names} == {n: x.shape for n, x in t.items()}
     assert ck.tensors["b.weight"].dtype == np.dtype(ml_dtypes.bfloat16)
     assert not ck.tensors["position_ids"].is_float and ck.tensors["a.bias"].is_float
     assert ck.nbytes == sum(x.nbytes for x in t.values())
+
+
+def test_read_arrays_are_writable_copies_on_write(tmp_path):
+    t = _tensors()
+    st.save_safetensors(tmp_path, t)
+    before = (tmp_path / st.SINGLE_NAME).read_bytes()
+    x = st.open_checkpoint(tmp_path).read("a.bias")
+    assert type(x) is np.ndarray and x.flags.writeable
+    x[...] = 7
+    assert (tmp_path / st.SINGLE_NAME).read_bytes() == before
+    np.testing.assert_array_equal(st.open_checkpoint(tmp_path).read("a.bias"), t["a.bias"])
 
 
 def test_a_big_tensor_gets_its_own_shard():
@@ -186,6 +197,35 @@ def test_disk_full_is_reported_and_cleaned_up(tmp_path, monkeypatch):
         with st.atomic_dir(out) as tmp:
             st.save_safetensors(tmp, _tensors(), shard_size=64)
     assert not out.exists() and _leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])  # the first tensor's bytes, or later ones
+def test_a_failed_background_write_is_raised_and_cleaned_up(tmp_path, monkeypatch, fail_at):
+    """The bytes go to disk on the writer's I/O thread; its error reaches the caller."""
+    real = st.ShardWriter._write_bytes
+    seen = []
+
+    def failing(self, file, data):
+        seen.append(len(data))
+        if len(seen) > fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, file, data)
+
+    monkeypatch.setattr(st.ShardWriter, "_write_bytes", failing)
+    out = tmp_path / "out"
+    with pytest.raises(st.OutputError, match="disk full"):
+        with st.atomic_dir(out) as tmp:
+            st.save_safetensors(tmp, _tensors())
+    assert not out.exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_tensor_data_starts_64_byte_aligned(tmp_path):
+    for name in ("a", "ab", "abcdefg"):  # header lengths that differ mod 64
+        (tmp_path / name).mkdir()
+        st.save_safetensors(tmp_path / name, {name: np.ones(3, np.float32)})
+        ck = st.open_checkpoint(tmp_path / name)
+        assert ck.tensors[name].data_start % 64 == 0
+        np.testing.assert_array_equal(ck.read(name), np.ones(3, np.float32))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

@@ -18,39 +18,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 import optax
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
 
 from jmerge import tree as jtree
+from jmerge.config import LearnOptions
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 from jmerge.learn import engine
 from jmerge.learn.coefficients import layout as coefficient_layout
 from jmerge.learn.targets import lm_targets
 from jmerge.validate import MergeInputError
-
-class LearnOptions(BaseModel):
-    """The ``jmerge: learn:`` block of a YAML config (see :mod:`jmerge.config`): one prompt
-    file per merged model, in the order of ``models``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    prompts: tuple[Path, ...]
-    method: Literal["divmerge", "adamerging"] = "divmerge"
-    granularity: Literal["task", "layer", "tensor"] = "task"
-    layers: str | None = None  # a jmerge.lwptv preset or regex, for granularity "layer"
-    samples: PositiveInt = 200
-    prompt_tokens: PositiveInt = 32
-    max_new_tokens: PositiveInt = 32
-    epochs: PositiveInt = 4
-    learning_rate: PositiveFloat = 1e-2
-    batch_per_task: PositiveInt = 4
-    init: float | None = None  # initial Γ: None is the method's (1/K DivMerge, 0.3 AdaMerging)
-    seed: int = 0
-
 
 def _tokenizer(base_dir: Path):
     from transformers import AutoTokenizer

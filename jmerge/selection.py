@@ -1,0 +1,58 @@
+"""Exact k-th largest values on the host (numpy), for thresholds computed outside XLA.
+
+The streamed TIES trim (:mod:`jmerge.streaming`) needs ``t = `` the k-th largest ``|tau|``,
+per tensor or over a whole task vector that never sits in memory at once:
+
+* one array: :func:`kth_largest`, numpy's introselect (``ndarray.partition``, O(n), no sort).
+  On this machine, 38.6 M float32 magnitudes took 0.10 s, against 0.94 s for a two-level
+  bit-pattern histogram (``np.bincount``) and about 0.2 s per counting pass of XLA:CPU;
+* values streamed in pieces: :func:`bracket` turns a uniform sample into a value range
+  ``[lo, hi)`` that holds the k-th largest with high probability (``z`` standard deviations
+  of the sample rank on each side); one pass then counts the entries ``>= hi`` and keeps
+  those inside the range, and :func:`kth_in_bracket` finds the answer among the kept ones,
+  or reports a miss, after which the caller widens ``z`` and repeats the pass. Every result
+  is exact; only the number of passes is random.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def kth_largest(values: np.ndarray, k: int) -> float:
+    """The k-th largest entry of ``values`` (``1 <= k <= values.size``); reorders ``values``
+    in place (pass a temporary)."""
+    flat = values.reshape(-1)
+    if not 1 <= k <= flat.size:
+        raise ValueError(f"k={k} must lie in [1, {flat.size}]")
+    i = flat.size - k
+    flat.partition(i)
+    return float(flat[i])
+
+
+def bracket(sample: np.ndarray, k: int, n: int, z: float) -> tuple[float, float]:
+    """``(lo, hi)`` such that the k-th largest of ``n`` values, of which ``sample`` is a uniform
+    sample, lies in ``[lo, hi)`` unless its sample rank is more than ``z`` binomial standard
+    deviations (plus one) off. ``lo = 0`` and ``hi = inf`` when the range reaches past the
+    sample's ends (values are magnitudes, so that covers everything)."""
+    s = np.sort(sample.reshape(-1))
+    m = s.size
+    q = k / n
+    rank = (1.0 - q) * m  # ascending sample position of the k-th largest
+    spread = z * (math.sqrt(m * q * (1.0 - q)) + 1.0)
+    i_lo, i_hi = math.floor(rank - spread), math.ceil(rank + spread)
+    lo = float(s[i_lo]) if i_lo > 0 else 0.0
+    hi = float(s[i_hi]) if i_hi < m else math.inf
+    return lo, hi
+
+
+def kth_in_bracket(inside: list[np.ndarray], above: int, k: int) -> float | None:
+    """The k-th largest of all values, given the ``above`` values ``>= hi`` and the pieces of
+    those in ``[lo, hi)``; None when the k-th largest is not in the bracket (widen it)."""
+    j = k - above
+    kept = np.concatenate([np.reshape(x, -1) for x in inside]) if inside else np.zeros(0, np.float32)
+    if not 0 < j <= kept.size:
+        return None
+    return kth_largest(kept, j)
