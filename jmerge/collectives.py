@@ -153,54 +153,89 @@ def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int, mesh: Mesh, specs
     return kth_largest_magnitudes([arrays], [k], mesh, None if specs is None else [specs])[0]
 
 
-def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = spec_for, scope: str = "global"):
-    """Sharded :func:`jmerge.stages.magnitude_trim` (the TIES trim), same results.
+def kth_largest_per_unit(
+    tvs: Sequence[PyTree], ks, mesh: Mesh, *, scope: str = "global", spec=None
+) -> list[list]:
+    """Exact k-th largest magnitudes of every task vector, over the whole vector
+    (``scope="global"``, one scalar) or over each tensor (``scope="tensor"``, a pytree of
+    scalars), for the several ranks ``ks(t, n)`` of task ``t`` and a unit of ``n`` entries:
+    ``out[t][j]`` answers the j-th rank. A rank ``k >= n`` gives 0 and ``k = 0`` gives
+    ``inf`` (as thresholds: keep all, keep none). Everything comes from one
+    :func:`kth_largest_magnitudes` call.
 
-    Every task's threshold (``scope="global"``) or every tensor's of every task
-    (``scope="tensor"``) comes from one :func:`kth_largest_magnitudes` call. ``rule`` gives
-    the task vectors' specs from their paths (the rule the inputs were placed with), so the
-    sparsifier works inside ``jit``.
+    ``spec(path, array)`` gives an array's ``PartitionSpec`` (needed inside ``jit``); by
+    default it is read from the arrays' shardings.
     """
+    if scope not in ("global", "tensor"):
+        raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
+    spec = spec or (lambda path, x: _spec_of(x, mesh))
+    flat = [jtree.flatten(tv) for tv in tvs]
+    paths = list(flat[0])
+    specs = {p: spec(p, flat[0][p]) for p in paths}
+    units = [[p] for p in paths] if scope == "tensor" else [paths]
+    values: dict[tuple[int, int, int], object] = {}  # (task, unit, rank) -> threshold
+    groups, kept, gspecs, where, n_ranks = [], [], [], [], {}
+    for t, tv in enumerate(flat):
+        for u, unit in enumerate(units):
+            n = sum(int(np.prod(tv[p].shape)) for p in unit)
+            ranks = ks(t, n)
+            n_ranks[t] = len(ranks)
+            for j, k in enumerate(ranks):
+                if k >= n or k == 0:
+                    values[t, u, j] = jnp.float32(0.0 if k >= n else jnp.inf)
+                    continue
+                groups.append([tv[p] for p in unit])
+                gspecs.append([specs[p] for p in unit])
+                kept.append(k)
+                where.append((t, u, j))
+    if groups:
+        found = kth_largest_magnitudes(groups, kept, mesh, gspecs)
+        values.update({tuj: found[i] for i, tuj in enumerate(where)})
+    if scope == "global":
+        return [[values[t, 0, j] for j in range(n_ranks[t])] for t in range(len(tvs))]
+    return [
+        [jtree.unflatten(tvs[t], {p: values[t, u, j] for u, p in enumerate(paths)}) for j in range(n_ranks[t])]
+        for t in range(len(tvs))
+    ]
+
+
+def trim_thresholds(
+    tvs: Sequence[PyTree], density: float | Sequence[float], mesh: Mesh, *, scope: str = "global", spec=None
+) -> list:
+    """Per task, the exact thresholds of :func:`jmerge.stages.magnitude_trim` (the TIES trim)
+    for :func:`jmerge.stages.threshold_trim`: the ``int(d_t n)``-th largest ``|tau_t|`` over the
+    whole task vector (``scope="global"``: one scalar per task) or over each tensor
+    (``scope="tensor"``: a pytree of scalars per task); see :func:`kth_largest_per_unit`."""
+    densities = stages.per_task(density, len(tvs))
+    found = kth_largest_per_unit(tvs, lambda t, n: (stages._keep_count(densities[t], n),), mesh, scope=scope, spec=spec)
+    return [rank[0] for rank in found]
+
+
+def breadcrumbs_thresholds(tvs: Sequence[PyTree], density: float | Sequence[float], gamma: float, mesh: Mesh) -> list:
+    """Per task, ``(lower, upper)`` pytrees of per-tensor magnitudes for
+    :func:`jmerge.stages.threshold_trim`: Model Breadcrumbs (:func:`jmerge.stages.breadcrumbs`)
+    keeps ``lower <= |tau| < upper``, ``upper`` the ``n_top = int(gamma n)``-th largest and
+    ``lower`` the ``(n_keep + n_top)``-th largest of each tensor."""
+    densities = stages.per_task(density, len(tvs))
+
+    def ks(t, n):
+        n_keep = stages._keep_count(densities[t], n)
+        n_top = min(int(gamma * n), n - n_keep)
+        return n_keep + n_top, n_top
+
+    return [tuple(rank) for rank in kth_largest_per_unit(tvs, ks, mesh, scope="tensor")]
+
+
+def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = spec_for, scope: str = "global"):
+    """Sharded :func:`jmerge.stages.magnitude_trim` (the TIES trim), same results, for use
+    inside ``jit``: :func:`trim_thresholds` with the specs ``rule`` gives the task vectors'
+    paths (the rule the inputs were placed with), then :func:`jmerge.stages.threshold_trim`."""
     if scope not in ("global", "tensor"):
         raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
 
     def trim(tvs, key=None):
         del key
-        flat = [jtree.flatten(tv) for tv in tvs]
-        paths = list(flat[0])
-        specs = {p: rule(p, tuple(flat[0][p].shape), mesh) for p in paths}
-        units = [[p] for p in paths] if scope == "tensor" else [paths]
-        groups, ks, gspecs, where = [], [], [], []
-        thresholds = {}  # (task, unit) -> threshold, or True (keep all) / False (keep none)
-        for t, (tv, d) in enumerate(zip(flat, stages.per_task(density, len(tvs)))):
-            for u, unit in enumerate(units):
-                n = sum(int(np.prod(tv[p].shape)) for p in unit)
-                k = stages._keep_count(d, n)
-                if k >= n or k == 0:
-                    thresholds[t, u] = k >= n
-                    continue
-                groups.append([tv[p] for p in unit])
-                gspecs.append([specs[p] for p in unit])
-                ks.append(k)
-                where.append((t, u))
-        if groups:
-            values = kth_largest_magnitudes(groups, ks, mesh, gspecs)
-            thresholds.update({tu: values[i] for i, tu in enumerate(where)})
-        out = []
-        for t, tv in enumerate(flat):
-            trimmed = {}
-            for u, unit in enumerate(units):
-                th = thresholds[t, u]
-                for p in unit:
-                    x = tv[p]
-                    if th is True:
-                        trimmed[p] = x
-                    elif th is False:
-                        trimmed[p] = jnp.zeros_like(x)
-                    else:  # bit patterns: exact for subnormals, as jmerge.stages' masks
-                        keep = _bits(jnp.abs(x.astype(jnp.float32))) >= _bits(th)
-                        trimmed[p] = jnp.where(keep, x, 0.0)
-            out.append(jtree.unflatten(tvs[t], trimmed))
-        return out
+        th = trim_thresholds(tvs, density, mesh, scope=scope, spec=lambda p, x: rule(p, tuple(x.shape), mesh))
+        return stages.threshold_trim(th)(tvs)
 
     return trim

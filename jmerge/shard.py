@@ -161,3 +161,16 @@ def shard_params(tree: PyTree, mesh: Mesh, rule: Rule = spec_for) -> PyTree:
 def spec_table(tree: PyTree, mesh: Mesh, rule: Rule = spec_for) -> list[tuple[str, tuple, P]]:
     """``(path, shape, spec)`` per leaf, to log or print which parameters the rule shards."""
     return [(p, tuple(x.shape), rule(p, tuple(x.shape), mesh)) for p, x in jtree.flatten(tree).items()]
+
+
+def mesh_of(tree: PyTree) -> Mesh | None:
+    """The mesh of ``tree``'s leaves when they are jax arrays with ``NamedSharding``s on one
+    mesh of several devices (with at least one leaf actually split), else None."""
+    leaves = jax.tree.leaves(tree)
+    shardings = [getattr(x, "sharding", None) for x in leaves]
+    if not leaves or not all(isinstance(s, NamedSharding) for s in shardings):
+        return None
+    mesh = shardings[0].mesh
+    if mesh.size < 2 or any(s.mesh != mesh for s in shardings):
+        return None
+    return mesh if any(any(e is not None for e in s.spec) for s in shardings) else None

@@ -377,17 +377,37 @@ def magnitude_trim(density: float | Sequence[float], scope: str = "global") -> S
     return trim
 
 
-def threshold_trim(thresholds: Sequence[float] | jax.Array) -> Sparsifier:
-    """Keeps the entries of ``tau_t`` with ``|tau_t| >= thresholds[t]``, zeroes the rest.
+def threshold_trim(thresholds: Sequence, upper: Sequence | None = None) -> Sparsifier:
+    """Keeps the entries of ``tau_t`` with ``|tau_t| >= thresholds[t]`` (and, given ``upper``,
+    ``|tau_t| < upper[t]``), zeroes the rest.
 
-    With ``thresholds[t]`` the k-th largest magnitude of the whole task vector this is the
-    global TIES trim applied tensor by tensor (how :mod:`jmerge.streaming` trims after a
-    first pass over the model): ``0`` keeps everything, ``inf`` nothing.
+    ``thresholds[t]`` is one magnitude for the whole task vector (with the k-th largest of
+    all its entries this is the global TIES trim applied tensor by tensor, as
+    :mod:`jmerge.streaming` runs it after a first pass) or a pytree shaped like ``tau_t``
+    with one magnitude per tensor (per-tensor trims, as :mod:`jmerge.collectives` computes
+    them on a mesh; with ``upper``, Model Breadcrumbs). ``0`` keeps everything, ``inf``
+    nothing (as an upper bound: drops nothing finite). Magnitudes compare as float32 bit
+    patterns, exactly like :func:`magnitude_trim` (subnormals included).
     """
+    upper = [None] * len(thresholds) if upper is None else upper
+
+    def per_leaf(tv, t):
+        return jax.tree.leaves(t) if jax.tree.structure(t) == jax.tree.structure(tv) else [t] * len(jax.tree.leaves(tv))
 
     def trim(tvs, key=None):
-        ts = jnp.asarray(thresholds, jnp.float32).reshape(-1)
-        return [jax.tree.map(lambda x, t=ts[i]: jnp.where(jnp.abs(x) >= t, x, 0.0), tv) for i, tv in enumerate(tvs)]
+        out = []
+        for tv, lo, hi in zip(tvs, thresholds, upper, strict=True):
+            leaves, treedef = jax.tree.flatten(tv)
+            his = [None] * len(leaves) if hi is None else per_leaf(tv, hi)
+            kept = []
+            for x, l, h in zip(leaves, per_leaf(tv, lo), his):
+                bits = _bits(jnp.abs(x.astype(jnp.float32)))
+                keep = bits >= _bits(jnp.asarray(l, jnp.float32))
+                if h is not None:
+                    keep = keep & (bits < _bits(jnp.asarray(h, jnp.float32)))
+                kept.append(jnp.where(keep, x, 0.0))
+            out.append(jax.tree.unflatten(treedef, kept))
+        return out
 
     return trim
 

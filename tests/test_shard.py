@@ -13,6 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
 from jmerge import collectives, shard, stages
+from jmerge.methods import registry
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
 
@@ -216,7 +217,7 @@ def test_svd_methods_gather_each_matrix_whole(placed):
     assert {s[-2:] for s in shapes} == sharded_2d  # whole matrices (possibly stacked over tasks)
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties_sharded_trim"])
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "ties_sharded_trim"])
 def test_explicit_mesh_merges(name, models):
     """With Explicit axes shardings are types; the elementwise merges and TIES with the
     shard_map trim type-check (jmerge.stages' threshold reshapes, which Explicit mode rejects)."""
@@ -344,3 +345,31 @@ def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
     assert _all_gathers(text) == []
     # one bisection loop for both tasks: one psum of a (2, 2) count vector per step
     assert len(re.findall(r"u32\[2,2\]\S* all-reduce", text)) == 1
+
+
+@pytest.mark.parametrize("name, hp", [
+    ("ties", {}),
+    ("ties", {"trim": "tensor", "density": (0.1, 0.5), "weights": (1.0, 0.5)}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
+])
+def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, monkeypatch, name, hp):
+    """jmerge.merge on sharded inputs: the trim thresholds come from jmerge.collectives (the
+    gathering search of jmerge.stages never runs), the merge itself moves nothing, and the
+    result equals the single-device merge bit for bit."""
+    base, experts = models
+    ref = jmerge.merge(base, experts, name, **hp)
+    calls = []
+    real = collectives.kth_largest_magnitudes
+    monkeypatch.setattr(collectives, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(stages, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
+    out = jmerge.merge(*placed, name, **hp)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+    assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
+    m = jmerge.get(name)
+    resolved = m.on_mesh(mesh, *placed, m.resolve(2, hp))
+    first = resolved["thresholds"][0]  # task 0's: a magnitude, a pytree, or a (lower, upper) pair of pytrees
+    if name != "ties" or hp.get("trim") == "tensor":  # per-tensor thresholds: pytrees shaped like the model
+        assert jax.tree.structure(first if name == "ties" else first[0]) == jax.tree.structure(base)
+    merge = registry._jitted(m, registry.static_names(m, resolved))
+    assert _all_gathers(merge.lower(*placed, None, **resolved).compile().as_text()) == []

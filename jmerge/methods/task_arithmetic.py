@@ -15,9 +15,10 @@ Where implementations disagree, the choice is a named hyper-parameter:
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
-from jmerge import stages
+from jmerge import collectives, stages
 from jmerge import tree as jtree
 from jmerge import validate
 from jmerge.methods.registry import register
@@ -51,10 +52,15 @@ def _ties_check(num_experts, hp):
     _check(num_experts, hp)
     if hp["trim"] not in ("global", "tensor"):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
-    if hp.get("thresholds") is not None:
-        th = np.atleast_1d(np.asarray(hp["thresholds"], dtype=np.float64))
-        if th.size != num_experts or np.any(np.isnan(th)) or np.any(th < 0):
-            raise validate.MergeInputError(f"thresholds must be {num_experts} magnitudes >= 0, got {hp['thresholds']!r}")
+    th = hp.get("thresholds")
+    if th is not None:  # one magnitude, or one pytree of per-tensor magnitudes, per task
+        per_task = list(th) if isinstance(th, (list, tuple)) or np.ndim(th) == 1 else [th]
+        leaves = [x for t in per_task for x in jax.tree.leaves(t) if validate.concrete(x)]
+        values = np.asarray([np.asarray(x, np.float64) for x in leaves]).reshape(-1)
+        if len(per_task) != num_experts or np.any(np.isnan(values)) or np.any(values < 0):
+            raise validate.MergeInputError(
+                f"thresholds must be {num_experts} magnitudes >= 0 (or pytrees of them, one per task), got {th!r}"
+            )
 
 
 def _weighted(tvs, weights):
@@ -84,14 +90,30 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
     return jtree.apply(base, stages.combine(tvs, weights), scale)
 
 
-@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check)
+_task_vectors = jax.jit(jtree.task_vectors)
+
+
+def _ties_on_mesh(mesh, base, experts, hp):
+    """On a mesh of several devices, the exact trim thresholds come from per-device counts and
+    one ``psum`` per search step (:func:`jmerge.collectives.trim_thresholds`); the jitted search
+    of :func:`jmerge.stages.magnitude_trim` would all-gather a sample (and small tensors whole).
+    Costs the task vectors once more (K sharded copies while the thresholds are found)."""
+    if hp["thresholds"] is not None:
+        return hp
+    tvs = _task_vectors(base, experts)
+    return {**hp, "thresholds": tuple(collectives.trim_thresholds(tvs, hp["density"], mesh, scope=hp["trim"]))}
+
+
+@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, on_mesh=_ties_on_mesh)
 def ties(
     base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, thresholds=None
 ):
     """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale.
 
-    ``thresholds`` (one magnitude per task, e.g. the global k-th largest computed by a
-    streaming first pass) replaces the ranking: entries with ``|tau_t| >= thresholds[t]`` are kept.
+    ``thresholds`` (per task one magnitude, or a pytree of per-tensor ones, e.g. the k-th
+    largest found by a streaming first pass or by :mod:`jmerge.collectives` on a mesh)
+    replaces the ranking: entries with ``|tau_t| >= thresholds[t]`` are kept. On a mesh of
+    several devices :func:`jmerge.merge` computes them that way itself (:func:`_ties_on_mesh`).
     """
     trim_fn = stages.threshold_trim(thresholds) if thresholds is not None else stages.magnitude_trim(density, trim)
     trimmed = trim_fn(tvs)
@@ -115,19 +137,46 @@ def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weight
 def _breadcrumbs_check(num_experts, hp):
     _check(num_experts, hp)
     validate.check_fraction("gamma", hp["gamma"], low_open=False)
+    th = hp["thresholds"]
+    if th is not None and (len(th) != num_experts or any(len(pair) != 2 for pair in th)):
+        raise validate.MergeInputError(f"thresholds must be {num_experts} (lower, upper) pairs, one per task")
 
 
-@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check)
-def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None):
-    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum."""
-    kept = stages.breadcrumbs(density, gamma)(tvs)
+def _breadcrumbs_on_mesh(mesh, base, experts, hp):
+    """On a mesh of several devices, each tensor's two Breadcrumbs thresholds come from
+    per-device counts and one ``psum`` per step (:func:`jmerge.collectives.breadcrumbs_thresholds`)
+    instead of the gathering jitted search; costs the task vectors once more."""
+    if hp["thresholds"] is not None:
+        return hp
+    tvs = _task_vectors(base, experts)
+    return {**hp, "thresholds": tuple(collectives.breadcrumbs_thresholds(tvs, hp["density"], hp["gamma"], mesh))}
+
+
+def _crumbs(tvs, density, gamma, thresholds):
+    if thresholds is None:
+        return stages.breadcrumbs(density, gamma)(tvs)
+    return stages.threshold_trim([lo for lo, _ in thresholds], upper=[hi for _, hi in thresholds])(tvs)
+
+
+@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, on_mesh=_breadcrumbs_on_mesh)
+def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None, thresholds=None):
+    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum.
+
+    ``thresholds`` (per task a ``(lower, upper)`` pair of pytrees of per-tensor magnitudes,
+    as :func:`jmerge.collectives.breadcrumbs_thresholds` finds them) keeps ``lower <= |tau| <
+    upper`` instead of ranking; on a mesh of several devices :func:`jmerge.merge` computes them so.
+    """
+    kept = _crumbs(tvs, density, gamma, thresholds)
     return jtree.apply(base, stages.combine(kept, weights), scale)
 
 
-@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check)
-def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
-    """Breadcrumbs sparsification followed by TIES sign election and disjoint mean."""
-    kept = stages.breadcrumbs(density, gamma)(tvs)
+@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check,
+          on_mesh=_breadcrumbs_on_mesh)
+def breadcrumbs_ties(
+    base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True, thresholds=None
+):
+    """Breadcrumbs sparsification followed by TIES sign election and disjoint mean (``thresholds``: as breadcrumbs)."""
+    kept = _crumbs(tvs, density, gamma, thresholds)
     return _elect_and_combine(base, kept, weights, sign, normalize, scale)
 
 
