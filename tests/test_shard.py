@@ -217,7 +217,7 @@ def test_svd_methods_gather_each_matrix_whole(placed):
     assert {s[-2:] for s in shapes} == sharded_2d  # whole matrices (possibly stacked over tasks)
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "ties_sharded_trim"])
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs_ties", "ties_sharded_trim"])
 def test_explicit_mesh_merges(name, models):
     """With Explicit axes shardings are types; the elementwise merges and TIES with the
     shard_map trim type-check (jmerge.stages' threshold reshapes, which Explicit mode rejects)."""
