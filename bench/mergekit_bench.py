@@ -167,8 +167,9 @@ def main(argv=None) -> int:
         f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. Both tools run the same YAML file "
         f"(`models` with `weight: 1.0, density: 0.2`, `base_model`, `merge_method`, `parameters`, `dtype: float32`) "
         f"in a child process; peak RSS is the child's `ru_maxrss`. {versions(args.venv)}; jmerge in its own venv "
-        f"(jax, no torch). Machine: 2 CPU cores, 24 GiB; load average at the end {load[0]:.1f} (other jobs were "
-        f"running, so times are indicative; best of {args.repeats}).",
+        f"(jax, no torch; its persistent compilation cache `~/.cache/jmerge/xla` is warm from the second run on). "
+        f"Machine: 2 CPU cores, 24 GiB; load average at the end {load[0]:.1f}, the benchmark's own processes "
+        f"included; best of {args.repeats} runs of each tool, alternating.",
         "",
         "| merge | mergekit time | mergekit peak RSS | jmerge time | jmerge peak RSS | speed-up | max abs diff | entries differing by > 1e-6 | max abs diff elsewhere |",
         "|---|---|---|---|---|---|---|---|---|",

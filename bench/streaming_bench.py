@@ -113,8 +113,9 @@ def main(argv=None) -> int:
         f"Inputs: base + {args.experts} experts, each {args.tensors} float32 {args.side}x{args.side} matrices "
         f"(+ a bias), {input_bytes / 1e9:.2f} GB together on disk. Memory budget: {args.cap_mb} MiB "
         f"(the inputs are {input_bytes / cap:.1f}x the budget). Each run is `jmerge run CONFIG OUT` in a child "
-        "process; peak RSS is the child's `ru_maxrss` from `os.wait4`. Machine: 2 CPU cores, 24 GiB, shared with "
-        "other jobs while measured, so times are indicative.",
+        "process; peak RSS is the child's `ru_maxrss` from `os.wait4` (memory-mapped input pages included). "
+        f"Machine: 2 CPU cores, 24 GiB; load average at the end {os.getloadavg()[0]:.1f}, this benchmark's own "
+        "processes included.",
         "",
         "| merge | mode | wall time | peak RSS | under budget | output |",
         "|---|---|---|---|---|---|",

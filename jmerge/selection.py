@@ -16,9 +16,15 @@ per tensor or over a whole task vector that never sits in memory at once:
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
+from typing import Sequence
 
 import numpy as np
+
+# numpy's ufuncs and partition release the GIL: tasks' thresholds run on parallel threads
+THREADS = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="jmerge-select")
 
 
 def kth_largest(values: np.ndarray, k: int) -> float:
@@ -30,6 +36,23 @@ def kth_largest(values: np.ndarray, k: int) -> float:
     i = flat.size - k
     flat.partition(i)
     return float(flat[i])
+
+
+def magnitude_threshold(base: Sequence[np.ndarray], expert: Sequence[np.ndarray], k: int) -> float:
+    """The k-th largest ``|expert - base|`` jointly over the arrays (one float32 temporary of
+    all their entries, partitioned in place); 0 when ``k >= n`` (keep all), ``inf`` when
+    ``k = 0`` (keep none)."""
+    n = sum(int(np.size(b)) for b in base)
+    if k >= n or k == 0:
+        return 0.0 if k >= n else math.inf
+    mags = np.empty(n, np.float32)
+    offset = 0
+    for b, e in zip(base, expert, strict=True):
+        part = mags[offset : offset + np.size(b)]
+        np.subtract(np.reshape(e, -1), np.reshape(b, -1), out=part, dtype=np.float32)
+        offset += np.size(b)
+    np.abs(mags, out=mags)
+    return kth_largest(mags, k)
 
 
 def bracket(sample: np.ndarray, k: int, n: int, z: float) -> tuple[float, float]:

@@ -34,7 +34,6 @@ Details that differ from an in-memory merge of the same dicts:
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 import time
@@ -119,24 +118,13 @@ def _threshold_or_none(k: int, n: int) -> float | None:
     return 0.0 if k >= n else np.inf if k == 0 else None
 
 
-def _tensor_threshold(base: np.ndarray, expert: np.ndarray, density: float) -> float:
-    mags = np.subtract(expert, base, dtype=np.float32)  # one temporary, reused in place
-    np.abs(mags, out=mags)
-    k = stages._keep_count(density, mags.size)
-    t = _threshold_or_none(k, mags.size)
-    return selection.kth_largest(mags, k) if t is None else t
-
-
-_THREADS = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="jmerge-select")
-
-
 def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
     """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by
-    numpy's introselect on the host (:func:`jmerge.selection.kth_largest`; the same value as
-    the jitted search of the in-memory per-tensor trim, several times faster on 2 CPU cores),
-    tasks on parallel threads (numpy releases the GIL). 0 keeps all, ``inf`` none."""
-    densities = stages.per_task(density, len(experts))
-    return tuple(_THREADS.map(_tensor_threshold, [base] * len(experts), experts, densities))
+    numpy's introselect on the host, tasks on parallel threads
+    (:func:`jmerge.selection.magnitude_threshold`; the same value as the jitted search of the
+    in-memory per-tensor trim, several times faster on 2 CPU cores). 0 keeps all, ``inf`` none."""
+    ks = [stages._keep_count(d, base.size) for d in stages.per_task(density, len(experts))]
+    return tuple(selection.THREADS.map(lambda e, k: selection.magnitude_threshold([base], [e], k), experts, ks))
 
 
 def global_thresholds(

@@ -367,7 +367,7 @@ def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, m
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
     assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
     m = jmerge.get(name)
-    resolved = m.on_mesh(mesh, *placed, m.resolve(2, hp))
+    resolved = m.prepare(*placed, m.resolve(2, hp))
     first = resolved["thresholds"][0]  # task 0's: a magnitude, a pytree, or a (lower, upper) pair of pytrees
     if name != "ties" or hp.get("trim") == "tensor":  # per-tensor thresholds: pytrees shaped like the model
         assert jax.tree.structure(first if name == "ties" else first[0]) == jax.tree.structure(base)

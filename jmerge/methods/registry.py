@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jmerge import shard, validate
 from jmerge import tree as jtree
+from jmerge import validate
 
 PyTree = jtree.PyTree
 
@@ -32,7 +32,7 @@ class Method:
     needs_key: bool
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
-    on_mesh: Callable[..., dict[str, Any]] | None = None
+    prepare: Callable[..., dict[str, Any]] | None = None
 
     def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
@@ -57,13 +57,14 @@ def _no_check(num_experts: int, hparams: dict[str, Any]) -> None:
     del num_experts, hparams
 
 
-def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, on_mesh=None):
+def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, prepare=None):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
     The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
-    ``on_mesh(mesh, base, experts, hparams) -> hparams``, when given, runs eagerly before the
-    jitted merge of inputs sharded over a mesh of several devices (:func:`jmerge.shard.mesh_of`),
-    to compute with explicit collectives what the partitioner would gather (TIES thresholds).
+    ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in
+    :func:`merge` before the jitted merge (not with ``lwptv``), to compute outside ``jit``
+    what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh, or by
+    numpy on the host CPU.
     """
 
     def deco(fn):
@@ -72,7 +73,7 @@ def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, 
             k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "key"
         }
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = Method(name, fn, defaults, frozenset(static), needs_key, check, summary, on_mesh)
+        _REGISTRY[name] = Method(name, fn, defaults, frozenset(static), needs_key, check, summary, prepare)
         return fn
 
     return deco
@@ -173,9 +174,8 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
-    mesh = shard.mesh_of(base) if m.on_mesh is not None and lwptv is None else None
-    if mesh is not None:
-        hp = m.on_mesh(mesh, base, list(experts), hp)
+    if m.prepare is not None and lwptv is None:
+        hp = m.prepare(base, list(experts), hp)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
     if lwptv is not None:

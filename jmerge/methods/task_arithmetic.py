@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jmerge import collectives, stages
+from jmerge import collectives, selection, shard, stages
 from jmerge import tree as jtree
 from jmerge import validate
 from jmerge.methods.registry import register
@@ -93,18 +93,58 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
 _task_vectors = jax.jit(jtree.task_vectors)
 
 
-def _ties_on_mesh(mesh, base, experts, hp):
-    """On a mesh of several devices, the exact trim thresholds come from per-device counts and
-    one ``psum`` per search step (:func:`jmerge.collectives.trim_thresholds`); the jitted search
-    of :func:`jmerge.stages.magnitude_trim` would all-gather a sample (and small tensors whole).
-    Costs the task vectors once more (K sharded copies while the thresholds are found)."""
+def _on_host_cpu(trees) -> bool:
+    """Every leaf a numpy array or a concrete jax array on one CPU device."""
+    def host(x):
+        if isinstance(x, np.ndarray):
+            return True
+        return isinstance(x, jax.Array) and validate.concrete(x) and len(x.devices()) == 1 \
+            and next(iter(x.devices())).platform == "cpu"
+    return all(host(x) for x in jax.tree.leaves(trees))
+
+
+def _host_trim_thresholds(base, experts, density, scope):
+    """The exact thresholds of :func:`jmerge.stages.magnitude_trim` by numpy's introselect
+    (:func:`jmerge.selection.magnitude_threshold`, tasks on parallel threads); CPU arrays are
+    read in place."""
+    b = [np.asarray(x) for x in jax.tree.leaves(base)]
+    es = [[np.asarray(x) for x in jax.tree.leaves(e)] for e in experts]
+    densities = stages.per_task(density, len(experts))
+    if scope == "global":
+        n = sum(x.size for x in b)
+        ks = [stages._keep_count(d, n) for d in densities]
+        return tuple(selection.THREADS.map(lambda e, k: selection.magnitude_threshold(b, e, k), es, ks))
+    jobs = [(t, i) for t in range(len(es)) for i in range(len(b))]
+    found = list(selection.THREADS.map(
+        lambda ti: selection.magnitude_threshold([b[ti[1]]], [es[ti[0]][ti[1]]], stages._keep_count(densities[ti[0]], b[ti[1]].size)),
+        jobs,
+    ))
+    treedef = jax.tree.structure(base)
+    return tuple(jax.tree.unflatten(treedef, found[t * len(b) : (t + 1) * len(b)]) for t in range(len(es)))
+
+
+def _ties_prepare(base, experts, hp):
+    """Exact trim thresholds found before the jitted merge where that beats the jitted search
+    of :func:`jmerge.stages.magnitude_trim` (which stays for accelerators and tracers):
+
+    * inputs sharded over several devices: per-device counts and one ``psum`` per search step
+      (:func:`jmerge.collectives.trim_thresholds`; the jitted search would all-gather a sample
+      and small tensors), at the cost of the task vectors once more, sharded;
+    * inputs on the host CPU: numpy's introselect on parallel threads (4 GPT-2-sized experts:
+      bench/merge_bench.py), with one float32 copy of a task vector per thread.
+    """
     if hp["thresholds"] is not None:
         return hp
-    tvs = _task_vectors(base, experts)
-    return {**hp, "thresholds": tuple(collectives.trim_thresholds(tvs, hp["density"], mesh, scope=hp["trim"]))}
+    mesh = shard.mesh_of(base)
+    if mesh is not None:
+        tvs = _task_vectors(base, experts)
+        return {**hp, "thresholds": tuple(collectives.trim_thresholds(tvs, hp["density"], mesh, scope=hp["trim"]))}
+    if _on_host_cpu((base, experts)):
+        return {**hp, "thresholds": _host_trim_thresholds(base, experts, hp["density"], hp["trim"])}
+    return hp
 
 
-@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, on_mesh=_ties_on_mesh)
+@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, prepare=_ties_prepare)
 def ties(
     base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, thresholds=None
 ):
@@ -113,7 +153,8 @@ def ties(
     ``thresholds`` (per task one magnitude, or a pytree of per-tensor ones, e.g. the k-th
     largest found by a streaming first pass or by :mod:`jmerge.collectives` on a mesh)
     replaces the ranking: entries with ``|tau_t| >= thresholds[t]`` are kept. On a mesh of
-    several devices :func:`jmerge.merge` computes them that way itself (:func:`_ties_on_mesh`).
+    several devices, or on the host CPU, :func:`jmerge.merge` computes them before the jitted
+    merge (:func:`_ties_prepare`).
     """
     trim_fn = stages.threshold_trim(thresholds) if thresholds is not None else stages.magnitude_trim(density, trim)
     trimmed = trim_fn(tvs)
@@ -142,11 +183,12 @@ def _breadcrumbs_check(num_experts, hp):
         raise validate.MergeInputError(f"thresholds must be {num_experts} (lower, upper) pairs, one per task")
 
 
-def _breadcrumbs_on_mesh(mesh, base, experts, hp):
+def _breadcrumbs_prepare(base, experts, hp):
     """On a mesh of several devices, each tensor's two Breadcrumbs thresholds come from
     per-device counts and one ``psum`` per step (:func:`jmerge.collectives.breadcrumbs_thresholds`)
     instead of the gathering jitted search; costs the task vectors once more."""
-    if hp["thresholds"] is not None:
+    mesh = shard.mesh_of(base)
+    if hp["thresholds"] is not None or mesh is None:
         return hp
     tvs = _task_vectors(base, experts)
     return {**hp, "thresholds": tuple(collectives.breadcrumbs_thresholds(tvs, hp["density"], hp["gamma"], mesh))}
@@ -158,7 +200,7 @@ def _crumbs(tvs, density, gamma, thresholds):
     return stages.threshold_trim([lo for lo, _ in thresholds], upper=[hi for _, hi in thresholds])(tvs)
 
 
-@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, on_mesh=_breadcrumbs_on_mesh)
+@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, prepare=_breadcrumbs_prepare)
 def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None, thresholds=None):
     """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum.
 
@@ -171,7 +213,7 @@ def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weig
 
 
 @register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check,
-          on_mesh=_breadcrumbs_on_mesh)
+          prepare=_breadcrumbs_prepare)
 def breadcrumbs_ties(
     base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True, thresholds=None
 ):
