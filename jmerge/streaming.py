@@ -120,11 +120,9 @@ def _threshold_or_none(k: int, n: int) -> float | None:
 
 def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
     """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by
-    numpy's introselect on the host, tasks on parallel threads
-    (:func:`jmerge.selection.magnitude_threshold`; the same value as the jitted search of the
-    in-memory per-tensor trim, several times faster on 2 CPU cores). 0 keeps all, ``inf`` none."""
-    ks = [stages._keep_count(d, base.size) for d in stages.per_task(density, len(experts))]
-    return tuple(selection.THREADS.map(lambda e, k: selection.magnitude_threshold([base], [e], k), experts, ks))
+    numpy's introselect on the host (:func:`jmerge.selection.trim_thresholds`; the same value
+    as the jitted search, several times faster on 2 CPU cores). 0 keeps all, ``inf`` none."""
+    return selection.trim_thresholds(base, experts, density)
 
 
 def global_thresholds(

@@ -93,36 +93,6 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
 _task_vectors = jax.jit(jtree.task_vectors)
 
 
-def _on_host_cpu(trees) -> bool:
-    """Every leaf a numpy array or a concrete jax array on one CPU device."""
-    def host(x):
-        if isinstance(x, np.ndarray):
-            return True
-        return isinstance(x, jax.Array) and validate.concrete(x) and len(x.devices()) == 1 \
-            and next(iter(x.devices())).platform == "cpu"
-    return all(host(x) for x in jax.tree.leaves(trees))
-
-
-def _host_trim_thresholds(base, experts, density, scope):
-    """The exact thresholds of :func:`jmerge.stages.magnitude_trim` by numpy's introselect
-    (:func:`jmerge.selection.magnitude_threshold`, tasks on parallel threads); CPU arrays are
-    read in place."""
-    b = [np.asarray(x) for x in jax.tree.leaves(base)]
-    es = [[np.asarray(x) for x in jax.tree.leaves(e)] for e in experts]
-    densities = stages.per_task(density, len(experts))
-    if scope == "global":
-        n = sum(x.size for x in b)
-        ks = [stages._keep_count(d, n) for d in densities]
-        return tuple(selection.THREADS.map(lambda e, k: selection.magnitude_threshold(b, e, k), es, ks))
-    jobs = [(t, i) for t in range(len(es)) for i in range(len(b))]
-    found = list(selection.THREADS.map(
-        lambda ti: selection.magnitude_threshold([b[ti[1]]], [es[ti[0]][ti[1]]], stages._keep_count(densities[ti[0]], b[ti[1]].size)),
-        jobs,
-    ))
-    treedef = jax.tree.structure(base)
-    return tuple(jax.tree.unflatten(treedef, found[t * len(b) : (t + 1) * len(b)]) for t in range(len(es)))
-
-
 def _ties_prepare(base, experts, hp):
     """Exact trim thresholds found before the jitted merge where that beats the jitted search
     of :func:`jmerge.stages.magnitude_trim` (which stays for accelerators and tracers):
@@ -139,8 +109,8 @@ def _ties_prepare(base, experts, hp):
     if mesh is not None:
         tvs = _task_vectors(base, experts)
         return {**hp, "thresholds": tuple(collectives.trim_thresholds(tvs, hp["density"], mesh, scope=hp["trim"]))}
-    if _on_host_cpu((base, experts)):
-        return {**hp, "thresholds": _host_trim_thresholds(base, experts, hp["density"], hp["trim"])}
+    if selection.on_host_cpu((base, experts)):
+        return {**hp, "thresholds": selection.trim_thresholds(base, experts, hp["density"], scope=hp["trim"])}
     return hp
 
 
