@@ -183,39 +183,24 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert not out.exists() and _leftovers(tmp_path, "out") == []
 
 
-def test_disk_full_is_reported_and_cleaned_up(tmp_path, monkeypatch):
-    real_write = st.ShardWriter.write
+@pytest.mark.parametrize("where, fail_at", [("write", 2), ("_write_bytes", 0), ("_write_bytes", 3)])
+def test_disk_full_is_reported_and_cleaned_up(tmp_path, monkeypatch, where, fail_at):
+    """A full disk in the caller's thread (``write``) or on the writer's I/O thread
+    (``_write_bytes``, first or a later tensor): the error reaches the caller, nothing is left."""
+    real = getattr(st.ShardWriter, where)
+    calls = []
 
-    def failing(self, name, array):
-        if name == "b.weight":
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) > fail_at:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, name, array)
+        return real(self, *args)
 
-    monkeypatch.setattr(st.ShardWriter, "write", failing)
+    monkeypatch.setattr(st.ShardWriter, where, failing)
     out = tmp_path / "out"
     with pytest.raises(st.OutputError, match="disk full"):
         with st.atomic_dir(out) as tmp:
             st.save_safetensors(tmp, _tensors(), shard_size=64)
-    assert not out.exists() and _leftovers(tmp_path, "out") == []
-
-
-@pytest.mark.parametrize("fail_at", [0, 3])  # the first tensor's bytes, or later ones
-def test_a_failed_background_write_is_raised_and_cleaned_up(tmp_path, monkeypatch, fail_at):
-    """The bytes go to disk on the writer's I/O thread; its error reaches the caller."""
-    real = st.ShardWriter._write_bytes
-    seen = []
-
-    def failing(self, file, data):
-        seen.append(len(data))
-        if len(seen) > fail_at:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, file, data)
-
-    monkeypatch.setattr(st.ShardWriter, "_write_bytes", failing)
-    out = tmp_path / "out"
-    with pytest.raises(st.OutputError, match="disk full"):
-        with st.atomic_dir(out) as tmp:
-            st.save_safetensors(tmp, _tensors())
     assert not out.exists() and _leftovers(tmp_path, "out") == []
 
 
