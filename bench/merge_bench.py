@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmerge
-from jmerge import stages, validate
+from jmerge import selection, stages, validate
 
 RESULTS = Path(__file__).parent / "results" / "merge_bench.md"
 
@@ -146,6 +146,8 @@ def main(argv=None) -> None:
     t_thresholds = statistics.median(timed(lambda: thresholds(base, experts), args.reps))
     given = tuple(float(t) for t in thresholds(base, experts))
     t_given = statistics.median(timed(lambda: jmerge.merge(base, experts, "ties", thresholds=given, check_finite=False), args.reps))
+    t_host = statistics.median(timed(lambda: selection.trim_thresholds(base, experts, 0.2), args.reps))
+    assert selection.trim_thresholds(base, experts, 0.2) == given  # the host search is exact too
     search = jax.jit(lambda b, e: stages._search(stages._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))), n_params, k)[1])
     passes = [int(search(base, e)) for e in experts]
     chunks = jax.jit(lambda b, e: stages._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))))(base, experts[0])
@@ -154,7 +156,7 @@ def main(argv=None) -> None:
     bits = jnp.int32(np.float32(0.01).view(np.int32))
     t_count = min(timed(lambda: count(chunks, bits), args.reps))
     t_read = min(timed(lambda: read(chunks), args.reps))
-    print(f"thresholds {t_thresholds:.3f} s, ties with given thresholds {t_given:.3f} s, passes {passes}, "
+    print(f"thresholds {t_thresholds:.3f} s (host {t_host:.3f} s), ties with given thresholds {t_given:.3f} s, passes {passes}, "
           f"count pass {t_count:.4f} s vs plain sum {t_read:.4f} s", flush=True)
 
     finite = timed(lambda: validate.check_models(base, experts, check_finite=True), args.reps)
@@ -185,10 +187,12 @@ def main(argv=None) -> None:
         f"`check_finite=True` adds one read of every model: {finite_med:.3f} s median "
         f"(`validate.check_models` on base + {args.experts} experts).",
         "",
-        "Where TIES' time goes (same run, medians): the exact global thresholds of the 4 task vectors "
-        f"(`stages.kth_largest_magnitudes`, density 0.2) take {t_thresholds:.3f} s; the rest of the merge "
-        f"(`ties` with those `thresholds=` given: trim, elect, disjoint mean, apply) takes {t_given:.3f} s. "
-        f"The search made {passes} passes over each task's magnitudes (one fused count, min or max reduction "
+        "Where TIES' time goes (same run, medians): the exact global thresholds of the 4 task vectors (density "
+        f"0.2) take {t_host:.3f} s on the host (`selection.trim_thresholds`: numpy introselect on parallel threads, "
+        f"what `jmerge.merge` runs for CPU inputs) and {t_thresholds:.3f} s in XLA (`stages.kth_largest_magnitudes`, "
+        f"the jitted search used on accelerators and under tracing); the rest of the merge (`ties` with those "
+        f"`thresholds=` given: trim, elect, disjoint mean, apply) takes {t_given:.3f} s. "
+        f"The XLA search made {passes} passes over each task's magnitudes (one fused count, min or max reduction "
         f"each) after writing them once; one counting pass over a task's {n_params / 1e6:.0f} M magnitudes "
         f"takes {t_count:.4f} s (best), a plain `sum` over the same data {t_read:.4f} s.",
         "",
