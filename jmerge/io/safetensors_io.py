@@ -412,10 +412,11 @@ class ShardWriter:
     Each tensor goes straight to its place in its shard file. The bytes are written by a
     background thread while the caller computes the next tensors, with up to ``IN_FLIGHT``
     bytes queued (memory: that plus one tensor), and writeback starts every ``SYNC_EVERY``
-    bytes; a failed write is raised by a later call. On this machine (disk ~0.45 GB/s) a
-    streamed GPT-2 merge took 3.9 s with synchronous writes, 2.9 s this way (2.7 s with 256 MiB in flight). ``close()``
-    makes the shards durable (``fsync``), checks every tensor was written and writes the
-    index (several shards).
+    bytes; a failed write is raised by a later call. An array handed to :meth:`write` must
+    not change until :meth:`close` returns (it may be written from in place). On this
+    machine (disk ~0.45 GB/s) a streamed GPT-2 merge took 3.9 s with synchronous writes,
+    2.9 s this way (2.7 s with 256 MiB in flight). ``close()`` makes the shards durable
+    (``fsync``), checks every tensor was written and writes the index (several shards).
     """
 
     SYNC_EVERY = 64 << 20
