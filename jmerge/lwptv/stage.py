@@ -221,6 +221,16 @@ def _jitted_merge(method, static_names: tuple[str, ...], grouping: jlayers.Layer
     return _JITTED[cache_key]
 
 
+def _pruned_experts(base, experts, arr: np.ndarray, grouping) -> list[PyTree]:
+    """The experts with every layer their task drops replaced by the base's leaves: their task
+    vectors are exactly :func:`prune`'s (``b - b = 0``), and nothing is computed."""
+    base_leaves, treedef = jax.tree.flatten(base)
+    return [
+        jax.tree.unflatten(treedef, [x if arr[t, l] else b for x, b, l in zip(jax.tree.leaves(e), base_leaves, grouping.leaf_layer)])
+        for t, e in enumerate(experts)
+    ]
+
+
 def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, plain=None) -> PyTree:
     """The ``lwptv=`` path of :func:`jmerge.merge` (inputs and hyper-parameters already validated).
 
@@ -237,6 +247,8 @@ def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, p
     else:
         raise MergeInputError(f"lwptv must be an LwPTV config or a LayerMask, got {type(lwptv).__name__}")
     arr = np.asarray(_mask_array(mask, grouping, len(experts)), bool)
+    if method.prepare is not None:  # e.g. TIES thresholds, found on the pruned task vectors
+        hparams = method.prepare(base, _pruned_experts(base, experts, arr, grouping), hparams)
     if plain is not None and arr.all():
         return plain(base, experts, key, **hparams)
     return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **hparams)

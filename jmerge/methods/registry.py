@@ -62,7 +62,7 @@ def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, 
 
     The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
     ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in
-    :func:`merge` before the jitted merge (not with ``lwptv``), to compute outside ``jit``
+    :func:`merge` before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside ``jit``
     what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh, or by
     numpy on the host CPU.
     """
@@ -174,7 +174,7 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
-    if m.prepare is not None and lwptv is None:
+    if m.prepare is not None and lwptv is None:  # with lwptv, on the pruned task vectors (merge_with_lwptv)
         hp = m.prepare(base, list(experts), hp)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
