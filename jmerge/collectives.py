@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmerge import stages
+from jmerge import selection, stages
 from jmerge import tree as jtree
 from jmerge.shard import Rule, spec_for
 
@@ -181,8 +181,8 @@ def kth_largest_per_unit(
             ranks = ks(t, n)
             n_ranks[t] = len(ranks)
             for j, k in enumerate(ranks):
-                if k >= n or k == 0:
-                    values[t, u, j] = jnp.float32(0.0 if k >= n else jnp.inf)
+                if (fixed := selection.trivial_threshold(k, n)) is not None:
+                    values[t, u, j] = jnp.float32(fixed)
                     continue
                 groups.append([tv[p] for p in unit])
                 gspecs.append([specs[p] for p in unit])

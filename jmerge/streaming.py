@@ -11,8 +11,8 @@ K + 1, not the model size.
 TIES trims by magnitude thresholds found on the host, then passed to
 ``ties(..., thresholds=...)`` (:func:`jmerge.stages.threshold_trim`). The threshold is the
 exact k-th largest ``|tau_t|``, found on the host by numpy's introselect
-(:mod:`jmerge.selection`). With ``trim="tensor"`` (mergekit's scope) it is computed per
-tensor (:func:`tensor_thresholds`). Global-trim TIES (the paper's ``trim="global"``,
+(:mod:`jmerge.selection`). With ``trim="tensor"`` (mergekit's scope) :func:`jmerge.merge`
+finds it itself for each one-tensor call (TIES' ``prepare`` hook, numpy inputs). Global-trim TIES (the paper's ``trim="global"``,
 jmerge's default) ranks over the whole task vector, so it runs in three passes: a sampling
 pass and a counting pass bracket and find the thresholds (:func:`global_thresholds`), the
 merge pass trims. Both equal the in-memory TIES exactly.
@@ -113,18 +113,6 @@ def prepare(
     return base, experts, hp
 
 
-def _threshold_or_none(k: int, n: int) -> float | None:
-    """0 when everything is kept, inf when nothing is, None when a k-th value is needed."""
-    return 0.0 if k >= n else np.inf if k == 0 else None
-
-
-def tensor_thresholds(base: np.ndarray, experts: Sequence[np.ndarray], density: float | Sequence[float]) -> tuple[float, ...]:
-    """Per task, the exact k-th largest ``|tau_t|`` of one tensor, ``k = int(d_t n)``, by
-    numpy's introselect on the host (:func:`jmerge.selection.trim_thresholds`; the same value
-    as the jitted search, several times faster on 2 CPU cores). 0 keeps all, ``inf`` none."""
-    return selection.trim_thresholds(base, experts, density)
-
-
 def global_thresholds(
     base, experts: Sequence, density: float | Sequence[float], *, progress: Progress | None = None,
     sample: int = 1 << 20,
@@ -143,7 +131,7 @@ def global_thresholds(
     names = [n for n, t in base.tensors.items() if t.is_float]
     total = sum(base.tensors[n].size for n in names)
     ks = [stages._keep_count(d, total) for d in stages.per_task(density, len(experts))]
-    fixed = [_threshold_or_none(k, total) for k in ks]
+    fixed = [selection.trivial_threshold(k, total) for k in ks]
     out = np.array([np.nan if t is None else t for t in fixed], np.float32)
     todo = [t for t, f in enumerate(fixed) if f is None]
     if not todo:
@@ -209,7 +197,6 @@ def iter_merged(
     base, experts, hp = prepare(base, experts, method, key=key, **hparams)
     if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
         hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
-    per_tensor_trim = method == "ties" and hp["trim"] == "tensor" and hp.get("thresholds") is None
     use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
     cast = _np_dtype(out_dtype)
 
@@ -225,7 +212,6 @@ def iter_merged(
         if any(x.dtype != b.dtype for x in es):
             b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
         leaf = name if use_names else LEAF
-        extra = {"thresholds": tensor_thresholds(b, es, hp["density"])} if per_tensor_trim else {}
         return registry.merge(
             {leaf: b},
             [{leaf: x} for x in es],
@@ -233,7 +219,6 @@ def iter_merged(
             key=None if key is None else tensor_key(key, name),
             check_finite=False,
             **hparams,
-            **extra,
         )[leaf]
 
     # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while

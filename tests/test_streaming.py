@@ -225,6 +225,6 @@ def test_tensor_thresholds_are_exact():
     r = np.random.default_rng(5)
     b = r.standard_normal((33, 17)).astype(np.float32)
     es = [b + 0.1 * r.standard_normal(b.shape).astype(np.float32) for _ in range(3)]
-    th = streaming.tensor_thresholds(b, es, (0.001, 0.3, 1.0))  # k = 0, k = 168, k = n
+    th = selection.trim_thresholds(b, es, (0.001, 0.3, 1.0))  # k = 0, k = 168, k = n
     assert th[0] == np.inf and th[2] == 0.0
     assert th[1] == np.sort(np.abs(es[1] - b).ravel())[::-1][int(0.3 * b.size) - 1]

@@ -61,10 +61,10 @@ def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, 
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
     The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
-    ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in
-    :func:`merge` before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside ``jit``
-    what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh, or by
-    numpy on the host CPU.
+    ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in :func:`merge`
+    before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside
+    ``jit`` what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh,
+    or by numpy on the host CPU.
     """
 
     def deco(fn):
