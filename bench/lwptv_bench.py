@@ -38,7 +38,7 @@ from jmerge.lwptv import scores as S
 def load_base() -> dict:
     from safetensors.numpy import load_file
 
-    from jmerge.models.bert import minilm_path
+    from experiments.models.bert import minilm_path
 
     flat = load_file(str(minilm_path() / "model.safetensors"))
     return {k: jnp.asarray(v) for k, v in flat.items() if v.dtype == np.float32}

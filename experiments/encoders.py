@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from jmerge.data import Split
-from jmerge.models.bert import Bert
+from experiments.data import Split
+from experiments.models.bert import Bert
 
 BUCKET = 16  # sequences are cut to the batch's longest length, rounded up to a multiple of this
 
@@ -95,7 +95,7 @@ class TextEncoder:
 class ImageEncoder:
     """MobileNetV2's pooled 1280-d features of ``{"pixels"}`` batches (batch norm frozen)."""
 
-    net: "MobileNetV2"  # noqa: F821 (jmerge.models.mobilenet, imported on use)
+    net: "MobileNetV2"  # noqa: F821 (experiments.models.mobilenet, imported on use)
 
     dim: int = 1280
 
@@ -107,13 +107,13 @@ def load(model: str, max_len: int, image_size: int) -> tuple[object, dict, Calla
     """``(encoder, base params, prepare)`` for ``model`` ("minilm" or "mobilenet_v2"), where
     ``prepare(split)`` tokenises (``max_len``) or resizes and normalises (``image_size``) a split."""
     if model == "minilm":
-        from jmerge.models.bert import load_minilm, minilm_tokenizer
+        from experiments.models.bert import load_minilm, minilm_tokenizer
 
         bert, base = load_minilm()
         tokenizer = minilm_tokenizer(max_len)
         return TextEncoder(bert), base, lambda split: tokenize(tokenizer, split)
     if model == "mobilenet_v2":
-        from jmerge.models.mobilenet import load_mobilenet_v2, preprocess
+        from experiments.models.mobilenet import load_mobilenet_v2, preprocess
 
         net, params = load_mobilenet_v2()
         base = {k: v for k, v in params.items() if k != "classifier"}  # the ImageNet head is not used

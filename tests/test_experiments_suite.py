@@ -16,8 +16,8 @@ import jmerge
 from experiments import finetune, suite
 from experiments.encoders import Images, TextEncoder, Tokens, tokenize, trim
 from experiments.evaluate import embed, fit_linear_head, head_accuracy, probe_accuracy
-from jmerge.data import Task
-from jmerge.models.bert import Bert, BertConfig
+from experiments.data import Task
+from experiments.models.bert import Bert, BertConfig
 
 CFG = BertConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=16)
 MAX_LEN = 8

@@ -1,4 +1,4 @@
-"""jmerge.io.pth: torch-free .pth reading, on files written here without torch."""
+"""experiments.pth: torch-free .pth reading, on files written here without torch."""
 
 import collections
 import contextlib
@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from jmerge.io.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load_pth
+from experiments.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load_pth
 
 
 # ---------------------------------------------------------------- a torch.save stand-in

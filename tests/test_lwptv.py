@@ -159,7 +159,7 @@ def test_vit_clip_presets():
 
 
 def test_jmerge_bert_preset_on_the_jmerge_model():
-    from jmerge.models.bert import Bert, BertConfig
+    from experiments.models.bert import Bert, BertConfig
 
     bert = Bert(BertConfig(vocab_size=16, hidden_size=8, num_layers=3, num_heads=2, intermediate_size=16, max_position=8))
     params = jax.eval_shape(bert.init, jax.random.key(0))

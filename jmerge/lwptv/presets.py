@@ -10,8 +10,8 @@ is a callable ``path -> name | None``, so it plugs into :func:`jmerge.layers.gro
 
 Presets: ``bert`` (BERT/MiniLM/RoBERTa), ``gpt2``, ``llama`` (Llama/Mistral/Gemma),
 ``vit`` and ``clip`` (HF ViT and CLIP, one rule set), ``jmerge_bert`` (jmerge's own BERT in
-:mod:`jmerge.models.bert`), ``jmerge_mobilenet`` (stem, 17 blocks, head conv and classifier of
-:mod:`jmerge.models.mobilenet`), and ``tensor`` (one layer per tensor). Embeddings, final
+:mod:`experiments.models.bert`), ``jmerge_mobilenet`` (stem, 17 blocks, head conv and classifier of
+:mod:`experiments.models.mobilenet`), and ``tensor`` (one layer per tensor). Embeddings, final
 norms, poolers and task heads are layers of their own.
 """
 
@@ -127,7 +127,7 @@ VIT = Preset(
     ),
 )
 
-# jmerge's own BERT (jmerge/models/bert.py): embeddings/{word,position,token_type,norm}/...,
+# jmerge's own BERT (experiments/models/bert.py): embeddings/{word,position,token_type,norm}/...,
 # layers/<n>/...; a pooler or task head beside it (e.g. {"encoder": ..., "head": ...}) is its own layer.
 JMERGE_BERT = Preset(
     "jmerge_bert",
@@ -139,7 +139,7 @@ JMERGE_BERT = Preset(
     ),
 )
 
-# jmerge's MobileNetV2 (jmerge/models/mobilenet.py): stem/..., blocks/<n>/..., head_conv/..., classifier/...
+# jmerge's MobileNetV2 (experiments/models/mobilenet.py): stem/..., blocks/<n>/..., head_conv/..., classifier/...
 JMERGE_MOBILENET = Preset(
     "jmerge_mobilenet",
     (

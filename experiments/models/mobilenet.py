@@ -203,7 +203,7 @@ def mobilenet_v2_path() -> Path:
 
 def load_mobilenet_v2() -> tuple[MobileNetV2, PyTree]:
     """torchvision's ImageNet-1k MobileNetV2 (3.50M trainable params, top-1 71.9%), without torch."""
-    from jmerge.io.pth import load_pth
+    from experiments.pth import load_pth
 
     return from_torchvision_state_dict(load_pth(mobilenet_v2_path()))
 

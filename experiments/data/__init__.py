@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from jmerge.data import images, text
-from jmerge.data.task import SPLITS, DataUnavailable, Split, Task, split_indices
+from experiments.data import images, text
+from experiments.data.task import SPLITS, DataUnavailable, Split, Task, split_indices
 
 LOADERS: dict[str, Callable[..., Task]] = {
     "rotten_tomatoes": text.rotten_tomatoes,

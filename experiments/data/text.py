@@ -19,7 +19,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from jmerge.data.task import Task, dedupe, missing
+from experiments.data.task import Task, dedupe, missing
 
 WORDNET_DIR = Path(os.environ.get("JMERGE_WORDNET_DIR", "/usr/share/wordnet"))
 FORTUNES_DIR = Path(os.environ.get("JMERGE_FORTUNES_DIR", "/usr/share/games/fortunes"))
