@@ -7,6 +7,13 @@ semantics) with ``mergekit-yaml`` and with ``jmerge run`` on the *same config fi
 child process whose wall time and peak RSS (``os.wait4`` ``ru_maxrss``) are recorded, and
 compares the two outputs tensor by tensor (max |difference|).
 
+jmerge runs twice per repeat, as a user meets it: **cold** (a new process and an empty
+persistent compilation cache, ``$JMERGE_CACHE_DIR`` pointing at a new directory) and then
+**warm** (a new process reusing the programs the cold run cached). Start-up is measured in
+the same run: ``python -c "import jax"`` against ``jmerge run`` from interpreter start to the
+first tensor read (imports, argument parsing, config validation, checkpoint headers), each
+the median of 5 processes. Times are medians over ``--repeats``.
+
 mergekit runs in its own venv (default ``~/.cache/jmerge/mergekit-venv``, created on first
 use with ``pip install torch==2.13.0`` (the CPU wheel on this machine's disk) then
 ``pip install mergekit``); torch never enters jmerge's venv.
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,11 +120,36 @@ def compare(mergekit_out: Path, jmerge_out: Path, tol: float = 1e-6) -> dict:
             "only": sorted(set(names) ^ set(cj.tensors))}
 
 
+# Runs `jmerge run` in this process and exits at its first tensor read: start-up as a user meets it.
+STARTUP_PROBE = """
+import os, sys, time
+from jmerge.io import safetensors_io as st
+def first_read(self, name):
+    print(time.perf_counter() - float(os.environ["JMERGE_BENCH_T0"]))
+    os._exit(0)
+st.Checkpoint.read = first_read
+from jmerge import cli
+cli.main(sys.argv[1:])
+raise SystemExit("no tensor was read")
+"""
+
+
+def startup_seconds(argv: list[str], runs: int = 5) -> float:
+    """Median wall seconds from ``perf_counter`` in the parent to the child's report (or its exit)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        env = {**os.environ, "JMERGE_BENCH_T0": repr(t0)}
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout.strip()
+        times.append(float(out.splitlines()[-1]) if out else time.perf_counter() - t0)  # the probe prints last
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--venv", type=Path, default=VENV)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each tool per merge; the fastest is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each tool per merge; medians are reported")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -133,27 +166,32 @@ def main(argv=None) -> int:
             "task_arithmetic": "merge_method: task_arithmetic\nparameters: {lambda: 0.3}\n",
             "ties (density 0.2 per tensor)": "merge_method: ties\nparameters: {lambda: 1.0}\n",
         }
+        jmerge_run = [sys.executable, "-m", "jmerge.cli", "run"]
         for name, body in configs.items():
             cfg = root / "config.yaml"
             cfg.write_text(f"models:\n{models}base_model: {dirs[0]}\n{body}dtype: float32\n")
-            best = {}
-            for _ in range(args.repeats):
-                for tool, cmd in (
-                    ("mergekit", [str(mergekit_yaml), str(cfg), str(root / "out-mergekit")]),
-                    ("jmerge", [sys.executable, "-m", "jmerge.cli", "run", str(cfg), str(root / "out-jmerge"), "--no-progress"]),
+            runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "jmerge cold": [], "jmerge warm": []}
+            for r in range(args.repeats):
+                xla_cache = root / f"jmerge-cache-{name.split()[0]}-{r}"  # empty: the cold run fills it
+                for tool, cmd, env in (
+                    ("mergekit", [str(mergekit_yaml), str(cfg), str(root / "out-mergekit")], None),
+                    ("jmerge cold", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
+                    ("jmerge warm", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
                 ):
-                    for out in ("out-mergekit", "out-jmerge"):
-                        if tool in out:
-                            shutil.rmtree(root / out, ignore_errors=True)
-                    seconds, rss, code = run_child(cmd)
+                    shutil.rmtree(root / ("out-mergekit" if tool == "mergekit" else "out-jmerge"), ignore_errors=True)
+                    seconds, rss, code = run_child(cmd, env=None if env is None else {**os.environ, "JMERGE_CACHE_DIR": str(env)})
                     if code != 0:
                         raise SystemExit(f"{tool} failed on {name} (exit {code})")
-                    if tool not in best or seconds < best[tool][0]:
-                        best[tool] = (seconds, rss)
-                    print(f"{name:30s} {tool:9s} {seconds:6.1f} s  peak RSS {rss / 2**20:6.0f} MiB")
+                    runs[tool].append((seconds, rss))
+                    print(f"{name:30s} {tool:12s} {seconds:6.1f} s  peak RSS {rss / 2**20:6.0f} MiB")
             cmp = compare(root / "out-mergekit", root / "out-jmerge")
-            rows.append((name, best["mergekit"], best["jmerge"], cmp))
+            med = {t: (statistics.median(s for s, _ in v), max(m for _, m in v)) for t, v in runs.items()}
+            rows.append((name, med, cmp))
             print(f"{name}: {cmp}")
+        shutil.rmtree(root / "out-jmerge", ignore_errors=True)
+        jax_import = startup_seconds([sys.executable, "-c", "import jax"])
+        jmerge_start = startup_seconds([sys.executable, "-c", STARTUP_PROBE, "run", str(cfg), str(root / "out-jmerge"), "--no-progress"])
+        print(f"start-up: import jax {jax_import:.2f} s, jmerge run to its first tensor read {jmerge_start:.2f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -166,21 +204,27 @@ def main(argv=None) -> int:
         f"Inputs: base + {args.experts} experts with GPT-2 small's 148 tensors (124M parameters, random values), "
         f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. Both tools run the same YAML file "
         f"(`models` with `weight: 1.0, density: 0.2`, `base_model`, `merge_method`, `parameters`, `dtype: float32`) "
-        f"in a child process; peak RSS is the child's `ru_maxrss`. {versions(args.venv)}; jmerge in its own venv "
-        f"(jax, no torch; its persistent compilation cache `~/.cache/jmerge/xla` is warm from the second run on). "
+        f"in a child process; peak RSS is the child's `ru_maxrss` (the largest over the repeats). "
+        f"{versions(args.venv)}; jmerge in its own venv (jax, no torch). Each repeat runs mergekit, then jmerge "
+        f"cold (new process, empty compilation cache) and warm (new process, the cold run's cache). "
         f"Machine: 2 CPU cores, 24 GiB; load average at the end {load[0]:.1f}, the benchmark's own processes "
-        f"included; best of {args.repeats} runs of each tool, alternating.",
+        f"included; medians of {args.repeats} repeats.",
         "",
-        "| merge | mergekit time | mergekit peak RSS | jmerge time | jmerge peak RSS | speed-up | max abs diff | entries differing by > 1e-6 | max abs diff elsewhere |",
+        "| merge | mergekit | jmerge cold | jmerge warm | speed-up cold | speed-up warm | max abs diff | entries differing by > 1e-6 | max abs diff elsewhere |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (mt, mr), (jt, jr), cmp in rows:
+    for name, med, cmp in rows:
+        (mt, mr), (ct, cr), (wt, wr) = med["mergekit"], med["jmerge cold"], med["jmerge warm"]
         lines.append(
-            f"| {name} | {mt:.1f} s | {mr / 2**20:.0f} MiB | {jt:.1f} s | {jr / 2**20:.0f} MiB | {mt / jt:.1f}x | "
+            f"| {name} | {mt:.1f} s, {mr / 2**20:.0f} MiB | {ct:.1f} s, {cr / 2**20:.0f} MiB | {wt:.1f} s, {wr / 2**20:.0f} MiB "
+            f"| {mt / ct:.1f}x | {mt / wt:.1f}x | "
             f"{cmp['max']:.2e} | {cmp['differing']} of {sum(int(np.prod(x)) for x in gpt2_shapes().values())} | {cmp['rest']:.2e} |"
             + (f" names in one output only: {', '.join(cmp['only'][:5])}" if cmp["only"] else "")
         )
     lines += [
+        "",
+        f"Start-up (median of 5 processes each): `python -c \"import jax\"` {jax_import:.2f} s; `jmerge run` from "
+        f"interpreter start to its first tensor read {jmerge_start:.2f} s ({jmerge_start - jax_import:+.2f} s).",
         "",
         "Where TIES differs: entries whose |task-vector value| ties the k-th largest of its tensor exactly. "
         "mergekit keeps exactly k = int(density * n) entries (an arbitrary subset of the tied ones, from its "

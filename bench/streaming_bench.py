@@ -51,11 +51,11 @@ def make_models(root: Path, tensors: int, side: int, experts: int, seed: int = 0
     return sum(st.dir_size(d) for d in dirs)
 
 
-def run_child(argv: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit status) of one child process."""
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes, exit status) of one child process (``env``: its environment)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
