@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
         raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
     st.parse_size(args.shard_size)
     base, experts, hp = streaming.prepare(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
-    cov = coverage.of_checkpoint(plan.method, base, hp)
+    cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
     card = st.model_card(
         method=plan.method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
         base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,

@@ -2,7 +2,7 @@
 
 Some methods merge only some leaves by their rule: the SVD merges (TSV-M, Iso-C, Iso-CTS)
 factorise matrices and give every other leaf the mean of the task vectors. A method says so
-with ``Method.covers(path, shape, hparams)`` (``None``: its rule merges every leaf), and
+with ``Method.covers(path, shape, hparams, num_experts)`` (``None``: its rule merges every leaf), and
 :func:`of` counts the parameters on each side. :func:`jmerge.merge` and the streamed merges
 (:mod:`jmerge.streaming`) :func:`report` every merge once: one ``logging`` INFO line on the
 ``jmerge.coverage`` logger and, when the rule covers under half the parameters
@@ -88,15 +88,18 @@ def _method(method):
     return method
 
 
-def from_shapes(method, shapes: Mapping[str, tuple[int, ...]], hparams: Mapping[str, Any] | None = None) -> Coverage:
-    """The :class:`Coverage` of ``method`` (a name or ``Method``) on parameters ``{path: shape}``;
+def from_shapes(
+    method, shapes: Mapping[str, tuple[int, ...]], hparams: Mapping[str, Any] | None = None, num_experts: int | None = None
+) -> Coverage:
+    """The :class:`Coverage` of ``method`` (a name or ``Method``) on parameters ``{path: shape}``
+    merged from ``num_experts`` experts (``None``: not known; some rules need enough rank);
     ``hparams`` (checked by the merge, not here) are completed with the method's defaults."""
     m = _method(method)
     hp = {**m.defaults, **(hparams or {})}
     sides: dict[bool, list[tuple[str, int]]] = {True: [], False: []}
     for path, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
-        sides[m.covers is None or bool(m.covers(path, shape, hp))].append((path, math.prod(shape)))
+        sides[m.covers is None or bool(m.covers(path, shape, hp, num_experts))].append((path, math.prod(shape)))
     return Coverage(
         m.name,
         tuple(p for p, _ in sides[True]),
@@ -106,16 +109,16 @@ def from_shapes(method, shapes: Mapping[str, tuple[int, ...]], hparams: Mapping[
     )
 
 
-def of(method, params, hparams: Mapping[str, Any] | None = None) -> Coverage:
+def of(method, params, hparams: Mapping[str, Any] | None = None, num_experts: int | None = None) -> Coverage:
     """The :class:`Coverage` of ``method`` on the pytree ``params`` (arrays, tracers or
     ``jax.ShapeDtypeStruct``; only shapes are read)."""
-    return from_shapes(method, {path: np.shape(x) for path, x in jtree.flatten(params).items()}, hparams)
+    return from_shapes(method, {path: np.shape(x) for path, x in jtree.flatten(params).items()}, hparams, num_experts)
 
 
-def of_checkpoint(method, ckpt, hparams: Mapping[str, Any] | None = None) -> Coverage:
+def of_checkpoint(method, ckpt, hparams: Mapping[str, Any] | None = None, num_experts: int | None = None) -> Coverage:
     """The :class:`Coverage` of ``method`` on the float tensors of an opened checkpoint
     (``jmerge.io.safetensors_io.Checkpoint``; headers only)."""
-    return from_shapes(method, {n: t.shape for n, t in ckpt.tensors.items() if t.is_float}, hparams)
+    return from_shapes(method, {n: t.shape for n, t in ckpt.tensors.items() if t.is_float}, hparams, num_experts)
 
 
 def report(cov: Coverage) -> Coverage:

@@ -198,7 +198,7 @@ def iter_merged(
     if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
         hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
     use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
-    coverage.report(coverage.of_checkpoint(method, base, hp))
+    coverage.report(coverage.of_checkpoint(method, base, hp, len(experts)))
     cast = _np_dtype(out_dtype)
 
     def dispatch(name: str, info: st.TensorInfo):

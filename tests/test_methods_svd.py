@@ -294,7 +294,9 @@ def test_tsv_matrix_of_rank_below_task_count_is_left_unchanged():
     rng = np.random.default_rng(5)
     base = {"w": jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)}
     experts = [{"w": base["w"] + jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)} for _ in range(3)]
-    np.testing.assert_array_equal(jmerge.merge(base, experts, "tsv")["w"], base["w"])
+    with pytest.warns(CoverageWarning, match=r"^tsv merges only 0\.00 % of the parameters by its own rule"):
+        np.testing.assert_array_equal(jmerge.merge(base, experts, "tsv")["w"], base["w"])
+    assert jmerge.coverage.from_shapes("tsv", {"w": (16, 2)}, num_experts=2).fraction == 1.0  # r = T: k = 1
     with pytest.warns(CoverageWarning, match=r"^tsv merges only 0\.00 % of the parameters by its own rule"):
         averaged = jmerge.merge(base, experts, "tsv", svd_filter="^$")
     assert_matches(averaged, np_merge(base, experts, np_tsv, selected=lambda p: False), jnp.float32)

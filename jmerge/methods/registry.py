@@ -34,9 +34,9 @@ class Method:
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
     prepare: Callable[..., dict[str, Any]] | None = None
-    # covers(path, shape, hparams): whether the method's own rule merges that leaf (False: a
-    # fallback, e.g. the SVD methods' mean); None: every leaf. Counted by jmerge.coverage.
-    covers: Callable[[str, tuple[int, ...], dict[str, Any]], bool] | None = None
+    # covers(path, shape, hparams, num_experts): whether the method's own rule merges that leaf
+    # (False: a fallback, e.g. the SVD methods' mean); None: every leaf. Counted by jmerge.coverage.
+    covers: Callable[[str, tuple[int, ...], dict[str, Any], int | None], bool] | None = None
     task_mask: bool = False  # fn takes task_mask (per leaf, which tasks enter it): LwPTV passes it
 
     def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
-    coverage.report(coverage.of(m, base, hp))
+    coverage.report(coverage.of(m, base, hp, len(experts)))
     if m.prepare is not None and lwptv is None:  # with lwptv, on the pruned task vectors (merge_with_lwptv)
         hp = m.prepare(base, list(experts), hp)
     static = static_names(m, hp)

@@ -18,8 +18,8 @@ nearest matrix with orthonormal columns (rows) to ``X = P D Q^T`` is ``P Q^T``.
   ``k = floor(r/T)`` singular triplets of each ``tau_t`` (r = min(m, n), T tasks), stack
   ``U = [U_1,k ... U_T,k]``, ``S = diag(S_1,k ... S_T,k)``, ``V = [V_1,k ... V_T,k]``,
   orthogonalise ``U`` and ``V``, ``Delta = U_perp S V_perp^T``. A matrix with ``r < T``
-  gets ``Delta = 0`` (k = 0, as in the reference code); exclude it with ``svd_filter`` to
-  average it instead. A single expert gives ``Delta = tau`` (the expert itself at scale 1).
+  gets ``Delta = 0`` (k = 0, as in the reference code; coverage counts it as a fallback);
+  exclude it with ``svd_filter`` to average it instead. A single expert gives ``Delta = tau`` (the expert itself at scale 1).
 * ``iso_c`` (Iso-C, Marczak et al., ICML 2025, arXiv 2502.04959): ``sum_t tau_t = U S V^T``,
   ``Delta = mean(S) U V^T`` (the sum's singular spectrum flattened to its mean). A single
   expert gives ``tau`` with its singular values replaced by their mean.
@@ -129,10 +129,17 @@ def matrix_shape(shape, layout: str, conv: str) -> tuple[int, int] | None:
     return (shape[0], math.prod(shape[1:])) if layout == "torch" else (math.prod(shape[:-1]), shape[-1])
 
 
-def covers(path: str, shape, hp) -> bool:
+def covers(path: str, shape, hp, num_experts=None) -> bool:
     """Whether the SVD rule merges the leaf at ``path`` (``Method.covers``); other leaves get the task-vector mean."""
     pattern = hp["svd_filter"]
     return matrix_shape(shape, hp["layout"], hp["conv"]) is not None and (pattern is None or re.search(pattern, path) is not None)
+
+
+def _tsv_covers(path: str, shape, hp, num_experts=None) -> bool:
+    """:func:`covers`, less the matrices with ``r < T`` that TSV-M leaves unchanged (``Delta = 0``)."""
+    if not covers(path, shape, hp):
+        return False
+    return num_experts is None or min(matrix_shape(shape, hp["layout"], hp["conv"])) >= num_experts
 
 
 def _per_matrix(tvs, hp, merge_matrix, task_mask):
@@ -209,7 +216,7 @@ def _iso_cts_matrix(ts, fraction):
 _STATIC = ("svd_filter", "layout", "conv")
 
 
-@register("tsv", static=_STATIC, check=_check, covers=covers)
+@register("tsv", static=_STATIC, check=_check, covers=_tsv_covers)
 def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
     """TSV-M (Gargiulo et al., 2025): per matrix, each task's top r/T singular triplets, orthogonalised, summed."""
     hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
