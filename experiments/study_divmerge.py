@@ -35,7 +35,7 @@ import numpy as np
 import jmerge
 from jmerge.cache import enable_compilation_cache
 from experiments import results, suite
-from jmerge import learn, lwptv
+from jmerge import coverage, learn, lwptv
 
 DATA_FREE = {"task_arithmetic": {"scale": 0.3}, "ties": {}}
 LEARNED = {  # row name -> (jmerge.learn function, granularity)
@@ -85,17 +85,23 @@ def _run(s, method: str, names, samples: int, raw: list, **extra) -> None:
     acc = _score(s, params, names)
     raw.append({"suite": s.config.name, "method": method, "tasks": list(names), "n_tasks": len(names),
                 "samples_per_task": samples if method in LEARNED else 0, "normalized_acc": acc,
-                "merge_seconds": t_merge, **extra})
+                "merge_seconds": t_merge, "coverage": _coverage(s, method), **extra})
     _log(f"  {method:17s} n={len(names)} samples={samples:4d} {','.join(names)}: normalized {acc:6.2f} "
          f"(merge {t_merge:.0f} s, total {time.perf_counter() - t0:.0f} s)")
+
+
+def _coverage(s, method: str) -> float:
+    """Fraction of the encoder's parameters the method's own rule merges (:mod:`jmerge.coverage`);
+    the learned methods apply ``theta_0 + sum_t Gamma_t tau_t`` to every leaf, as task arithmetic."""
+    return coverage.of(method if method in DATA_FREE else "task_arithmetic", s.base, DATA_FREE.get(method)).fraction
 
 
 def _mean_rows(raw: list, key: str) -> list[dict]:
     groups: dict = {}
     for r in raw:
-        groups.setdefault((r["suite"], r["method"], r[key]), []).append(r["normalized_acc"])
-    return [{"suite": name, "method": m, key: k, "normalized_acc": float(np.mean(v)), "subsets": len(v)}
-            for (name, m, k), v in groups.items()]
+        groups.setdefault((r["suite"], r["method"], r[key], r["coverage"]), []).append(r["normalized_acc"])
+    return [{"suite": name, "method": m, key: k, "normalized_acc": float(np.mean(v)), "subsets": len(v), "coverage": c}
+            for (name, m, k, c), v in groups.items()]
 
 
 def _plot(rows: list, key: str, xlabel: str, title: str, path, log_x: bool = False) -> None:

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 import jmerge
+from jmerge import coverage
 from jmerge.cache import enable_compilation_cache
 from experiments import results, suite
 from jmerge.lwptv import LwPTV, group, inspect, plot_scores
@@ -68,7 +69,8 @@ def _row(s, method: str, setting: LwPTV | None, res: dict, seconds: float) -> di
     return {"suite": s.config.name, "method": method, "lwptv": setting is not None,
             "score": setting.score if setting else None, "keep_ratio": setting.value if setting else None,
             "id_acc": res["id_acc"], "normalized_acc": res["normalized_acc"], "ood_acc": ood,
-            "heldout_acc": res["heldout_acc"], "no_expert_acc": res["ood_acc"], "seconds": seconds}
+            "heldout_acc": res["heldout_acc"], "no_expert_acc": res["ood_acc"], "seconds": seconds,
+            "coverage": coverage.of(method, s.base, METHODS[method]).fraction}
 
 
 def _evaluate(s, method: str, setting: LwPTV | None, split: str) -> dict:

@@ -2,7 +2,7 @@
 
 import importlib
 
-from jmerge import layers, stages, tree, validate
+from jmerge import coverage, layers, stages, tree, validate
 from jmerge.methods import available, get, merge, merge_task_vectors
 from jmerge.tree import apply, task_vector, task_vectors
 from jmerge.validate import MergeInputError
@@ -21,6 +21,7 @@ def __getattr__(name: str):
 __all__ = [
     "MergeInputError",
     "apply",
+    "coverage",
     "available",
     "get",
     "layers",

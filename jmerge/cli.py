@@ -156,7 +156,7 @@ def _progress(disable: bool):
 def cmd_run(args) -> int:
     import jax
 
-    from jmerge import __version__, config, streaming
+    from jmerge import __version__, config, coverage, streaming
     from jmerge.methods import registry
 
     start = time.perf_counter()
@@ -169,16 +169,17 @@ def cmd_run(args) -> int:
         raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
     st.parse_size(args.shard_size)
     base, experts, hp = streaming.prepare(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
+    cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
     card = st.model_card(
         method=plan.method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
         base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,
-        extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype),
+        extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype) + cov.markdown(),
     )
     extra = {"jmerge_config.yml": plan.config_text}
     _console(stdout=True).print(
         f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
         f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
-        f"{_human(base.nbytes * (len(experts) + 1))} of inputs)"
+        f"{_human(base.nbytes * (len(experts) + 1))} of inputs)\ncoverage: {cov.line()}"
     )
     if plan.learn is not None:
         _learn_and_write(args, plan, base, experts, card, extra, out_dtype)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from jmerge import selection, stages
+from jmerge import coverage, selection, stages
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
@@ -198,6 +198,7 @@ def iter_merged(
     if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
         hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
     use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
+    coverage.report(coverage.of_checkpoint(method, base, hp, len(experts)))
     cast = _np_dtype(out_dtype)
 
     def dispatch(name: str, info: st.TensorInfo):
@@ -212,14 +213,15 @@ def iter_merged(
         if any(x.dtype != b.dtype for x in es):
             b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
         leaf = name if use_names else LEAF
-        return registry.merge(
-            {leaf: b},
-            [{leaf: x} for x in es],
-            method,
-            key=None if key is None else tensor_key(key, name),
-            check_finite=False,
-            **hparams,
-        )[leaf]
+        with coverage.quiet():  # reported once for the whole checkpoint, above
+            return registry.merge(
+                {leaf: b},
+                [{leaf: x} for x in es],
+                method,
+                key=None if key is None else tensor_key(key, name),
+                check_finite=False,
+                **hparams,
+            )[leaf]
 
     # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while
     # XLA merges tensor i, so disk, numpy and XLA overlap; memory stays at two tensors.

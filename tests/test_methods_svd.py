@@ -8,8 +8,10 @@ import pytest
 
 import jmerge
 from jmerge import MergeInputError
+from jmerge.coverage import CoverageWarning
 from jmerge.methods.svd import iso_cts_sizes
-from _methods_testing import as_np, assert_matches, make_models, mesh, np_task_vectors, shard, transpose_matrices
+from jmerge import tree as jtree
+from _methods_testing import as_np, assert_matches, make_models, mesh, nest, np_task_vectors, shard, transpose_matrices
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -62,13 +64,23 @@ def np_iso_cts_flax(ts, fraction):
     return np_iso_cts_torch([x.T for x in ts], fraction).T
 
 
-def np_merge(base, experts, matrix_fn, scale=1.0, selected=lambda path: True):
-    """``theta_0 + scale * Delta``: ``matrix_fn`` on selected 2-D leaves, the task-vector mean elsewhere."""
+def np_matrix(x, layout):
+    """A conv kernel's matrix view: Flax ``[kh, kw, in, out] -> [kh*kw*in, out]``, torch
+    ``[out, in, kh, kw] -> [out, in*kh*kw]`` (2-D leaves unchanged)."""
+    return x.reshape(-1, x.shape[-1]) if layout == "flax" else x.reshape(x.shape[0], -1)
+
+
+def np_merge(base, experts, matrix_fn, scale=1.0, selected=lambda path: True, conv="matrix", layout="flax"):
+    """``theta_0 + scale * Delta``: ``matrix_fn`` on selected 2-D leaves and (``conv="matrix"``)
+    on the matrix views of selected >2-D kernels, the task-vector mean elsewhere."""
     b, taus = np_task_vectors(base, experts)
     out = {}
     for p in b:
         ts = [tau[p] for tau in taus]
-        delta = matrix_fn(ts) if ts[0].ndim == 2 and selected(p) else np.mean(ts, axis=0)
+        if selected(p) and (ts[0].ndim == 2 or (ts[0].ndim > 2 and conv == "matrix")):
+            delta = matrix_fn([np_matrix(x, layout) for x in ts]).reshape(ts[0].shape)
+        else:
+            delta = np.mean(ts, axis=0)
         out[p] = b[p] + scale * delta
     return out
 
@@ -104,6 +116,118 @@ def test_tsv_scale_and_svd_filter_match_numpy():
     assert_matches(out, want, jnp.float32)
     head_mean = np_merge(base, experts, np_tsv, scale=0.6, selected=lambda p: False)["head/kernel"]
     np.testing.assert_allclose(as_np(out)["head/kernel"], head_mean, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- conv kernels
+CONV_SHAPES = {  # MobileNetV2-like: no 2-D leaf (HWIO kernels, depthwise [3, 3, 1, C], 1x1 pointwise)
+    "stem/kernel": (3, 3, 3, 8),
+    "dw/kernel": (3, 3, 1, 8),
+    "pw/kernel": (1, 1, 8, 12),
+    "pw/bias": (12,),
+    "norm/scale": (8,),
+}
+
+
+def conv_models(seed, num_experts, layout="flax"):
+    """``(base, experts)`` with only conv kernels and 1-D leaves; ``layout="torch"`` stores the
+    same kernels as ``[out, in, kh, kw]``."""
+    rng = np.random.default_rng(seed)
+    base = {p: rng.normal(size=s) for p, s in CONV_SHAPES.items()}
+    experts = [{p: b + 0.3 * rng.normal(size=b.shape) for p, b in base.items()} for _ in range(num_experts)]
+    to_torch = lambda x: x.transpose(3, 2, 0, 1) if x.ndim == 4 else x  # noqa: E731
+    cast = lambda d: nest({p: jnp.asarray(to_torch(x) if layout == "torch" else x, jnp.float32) for p, x in d.items()})  # noqa: E731
+    return cast(base), [cast(e) for e in experts]
+
+
+TORCH_REFERENCES = {"tsv": np_tsv, "iso_c": np_iso_c, "iso_cts": lambda ts: np_iso_cts_torch(ts, 0.8)}
+
+
+@pytest.mark.parametrize("layout", ["flax", "torch"])
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_conv_kernels_match_numpy_on_their_matrix_view(method, layout):
+    base, experts = conv_models(20, 3, layout)
+    out = jmerge.merge(base, experts, method, layout=layout)
+    refs = REFERENCES if layout == "flax" else TORCH_REFERENCES
+    assert_matches(out, np_merge(base, experts, refs[method], layout=layout), jnp.float32)
+    # the SVD rule, not the mean: the kernels differ from weight averaging
+    mean = np_merge(base, experts, refs[method], conv="average")
+    assert np.max(np.abs(as_np(out)["pw/kernel"] - mean["pw/kernel"])) > 1e-2
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_conv_average_is_the_task_vector_mean(method):
+    base, experts = conv_models(21, 3)
+    with pytest.warns(CoverageWarning, match=rf"^{method} merges only 0\.00 % of the parameters by its own rule"):
+        out = jmerge.merge(base, experts, method, conv="average", scale=0.7)
+    assert_matches(out, np_merge(base, experts, REFERENCES[method], scale=0.7, conv="average"), jnp.float32)
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_torch_conv_kernels_merge_as_the_flax_ones(method):
+    """The two views differ by a permutation of the input rows, which the methods commute with."""
+    flax_base, flax_experts = conv_models(22, 3)
+    torch_base, torch_experts = conv_models(22, 3, "torch")
+    flax_out = as_np(jmerge.merge(flax_base, flax_experts, method))
+    torch_out = as_np(jmerge.merge(torch_base, torch_experts, method, layout="torch"))
+    for p, x in flax_out.items():
+        back = torch_out[p].transpose(2, 3, 1, 0) if x.ndim == 4 else torch_out[p]
+        np.testing.assert_allclose(back, x, rtol=1e-5, atol=5e-5, err_msg=p)
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_pointwise_conv_is_its_dense_matrix(method):
+    """A 1x1 kernel ``[1, 1, in, out]`` merges exactly as the Dense kernel ``[in, out]``."""
+    base, experts = make_models(23, 3)
+    as_conv = lambda t: {**t, "block": {**t["block"], "dense": {**t["block"]["dense"], "kernel": t["block"]["dense"]["kernel"][None, None]}}}  # noqa: E731
+    dense = jmerge.merge(base, experts, method)["block"]["dense"]["kernel"]
+    conv = jmerge.merge(as_conv(base), [as_conv(e) for e in experts], method)["block"]["dense"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(conv)[0, 0], np.asarray(dense))
+
+
+# ----------------------------------------------------------------------------- LwPTV: dropped tasks left out
+LWPTV_MASK = np.array(  # layers block, conv, head, norm; only some tasks drop block, conv and head
+    [
+        [True, False, True, True],
+        [False, True, True, True],
+        [True, False, False, True],
+    ]
+)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_cts", "iso_c"])
+def test_lwptv_merges_each_layer_over_the_tasks_that_keep_it(method):
+    """A task that drops a layer is left out of that layer's merge: each layer equals the method
+    run on the kept tasks alone (and a numpy reference of it), not on zero matrices for the others."""
+    from jmerge.lwptv import LayerMask, group
+
+    base, experts = make_models(24, 3)
+    layers = r"^([^/]+)/"
+    grouping = group(base, layers)
+    assert grouping.names == ("block", "conv", "head", "norm")
+    out = as_np(jmerge.merge(base, experts, method, lwptv=LayerMask(LWPTV_MASK, grouping.names, layers=layers)))
+    zeros = as_np(jmerge.merge(base, [  # the old composition: dropped layers as zero task vectors
+        jtree.unflatten(base, {p: (x if LWPTV_MASK[t, grouping.names.index(p.split("/")[0])] else jtree.flatten(base)[p])
+                               for p, x in jtree.flatten(e).items()}) for t, e in enumerate(experts)], method))
+    for layer, keep in zip(grouping.names, LWPTV_MASK.T):
+        kept = [e for e, k in zip(experts, keep) if k]
+        direct = as_np(jmerge.merge(base, kept, method))
+        numpy_ref = np_merge(base, kept, REFERENCES[method])
+        for p in out:
+            if p.startswith(layer + "/"):
+                np.testing.assert_allclose(out[p], direct[p], rtol=1e-5, atol=2e-5, err_msg=p)
+                np.testing.assert_allclose(out[p], numpy_ref[p], rtol=1e-5, atol=2e-5, err_msg=p)
+    if method != "iso_c":  # Iso-C sums the task matrices: zeros change nothing there
+        assert np.max(np.abs(out["block/dense/kernel"] - zeros["block/dense/kernel"])) > 1e-2
+
+
+def test_lwptv_layer_dropped_by_all_is_the_base():
+    from jmerge.lwptv import LayerMask
+
+    base, experts = make_models(25, 3)
+    mask = LWPTV_MASK.copy()
+    mask[:, 2] = False  # head
+    out = jmerge.merge(base, experts, "iso_cts", lwptv=LayerMask(mask, ("block", "conv", "head", "norm"), layers=r"^([^/]+)/"))
+    np.testing.assert_array_equal(np.asarray(out["head"]["kernel"]), np.asarray(base["head"]["kernel"]))
 
 
 @pytest.mark.parametrize(
@@ -170,19 +294,23 @@ def test_tsv_matrix_of_rank_below_task_count_is_left_unchanged():
     rng = np.random.default_rng(5)
     base = {"w": jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)}
     experts = [{"w": base["w"] + jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)} for _ in range(3)]
-    np.testing.assert_array_equal(jmerge.merge(base, experts, "tsv")["w"], base["w"])
-    averaged = jmerge.merge(base, experts, "tsv", svd_filter="^$")
+    with pytest.warns(CoverageWarning, match=r"^tsv merges only 0\.00 % of the parameters by its own rule"):
+        np.testing.assert_array_equal(jmerge.merge(base, experts, "tsv")["w"], base["w"])
+    assert jmerge.coverage.from_shapes("tsv", {"w": (16, 2)}, num_experts=2).fraction == 1.0  # r = T: k = 1
+    with pytest.warns(CoverageWarning, match=r"^tsv merges only 0\.00 % of the parameters by its own rule"):
+        averaged = jmerge.merge(base, experts, "tsv", svd_filter="^$")
     assert_matches(averaged, np_merge(base, experts, np_tsv, selected=lambda p: False), jnp.float32)
 
 
 # ----------------------------------------------------------------------------- layout
 def test_iso_cts_torch_layout_is_the_transpose_of_flax_layout():
-    base, experts = make_models(6, 3)
-    flax_out = jmerge.merge(base, experts, "iso_cts")
-    torch_out = jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], "iso_cts", layout="torch")
+    base, experts = make_models(6, 3)  # (conv kernels in torch layout: test_torch_conv_kernels_merge_as_the_flax_ones)
+    flax_out = jmerge.merge(base, experts, "iso_cts", conv="average")
+    torch_out = jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], "iso_cts", layout="torch",
+                             conv="average")
     np.testing.assert_equal(jax.device_get(transpose_matrices(torch_out)), jax.device_get(flax_out))
     # and the layout matters: the projection picks the output side of the matrix
-    wrong = as_np(jmerge.merge(base, experts, "iso_cts", layout="torch"))
+    wrong = as_np(jmerge.merge(base, experts, "iso_cts", layout="torch", conv="average"))
     assert np.max(np.abs(wrong["block/dense/kernel"] - as_np(flax_out)["block/dense/kernel"])) > 1e-3
 
 
@@ -200,7 +328,9 @@ def test_tsv_and_iso_c_are_transpose_invariant(method):
 @pytest.mark.parametrize(
     "method, hp, match",
     [
-        ("iso_cts", {"layout": "jax"}, "layout"),
+        ("iso_cts", {"layout": "jax"}, r"layout must be 'flax' \(kernels \(in, out\)\) or 'torch' \(\(out, in\)\), got 'jax'"),
+        ("tsv", {"layout": "hwio"}, r"layout must be 'flax' .*got 'hwio'"),
+        ("iso_c", {"conv": "svd"}, r"conv must be 'matrix' \(SVD-merge conv kernels as matrices\) or 'average' .*got 'svd'"),
         ("iso_cts", {"common_space_fraction": 1.5}, "common_space_fraction"),
         ("iso_cts", {"common_space_fraction": -0.1}, "common_space_fraction"),
         ("tsv", {"svd_filter": "(kernel"}, "not a valid regex"),

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
 from jmerge import collectives, shard, stages
-from jmerge.methods import registry
+from jmerge.methods import registry, svd
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
 
@@ -209,12 +209,15 @@ def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh):
 
 
 def test_svd_methods_gather_each_matrix_whole(placed):
-    """TSV-M factorises whole matrices: XLA all-gathers each sharded 2-D task vector."""
+    """TSV-M factorises whole matrices: XLA all-gathers each sharded 2-D task vector and the
+    matrix view of each sharded conv kernel ((3, 3, 4, 16) as (36, 16))."""
     base_s, experts_s = placed
     gathered = " ".join(_all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
     shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", gathered)}
-    sharded_2d = {x.shape for x in jax.tree.leaves(base_s) if x.ndim == 2 and not x.sharding.is_fully_replicated}
-    assert {s[-2:] for s in shapes} == sharded_2d  # whole matrices (possibly stacked over tasks)
+    sharded = {svd.matrix_shape(x.shape, "flax", "matrix") for x in jax.tree.leaves(base_s)
+               if x.ndim >= 2 and not x.sharding.is_fully_replicated}
+    assert (36, 16) in sharded
+    assert {s[-2:] for s in shapes} == sharded  # whole matrices (possibly stacked over tasks)
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs_ties", "ties_sharded_trim"])

@@ -9,7 +9,9 @@
    task vectors, and :func:`keep_base`, which puts the base weights back, bit for bit, in
    every layer no task keeps ("only keeping the pre-trained model parameters at the
    corresponding layer", the LwPTV abstract). Methods that do not map zero task vectors
-   exactly to the base (rounding, SLERP) therefore still give the base there.
+   exactly to the base (rounding, SLERP) therefore still give the base there. Methods
+   that take a ``task_mask`` (``Method.task_mask``: TSV-M, Iso-C, Iso-CTS) get, per leaf, which
+   tasks keep it, and merge each leaf over those tasks only, not over the dropped tasks' zeros.
 
 An all-True mask runs the method itself, so it reproduces it bit for bit. :func:`prune` and :func:`keep_base` are
 pure functions on task-vector pytrees, usable inside any jit (e.g. before learning merge
@@ -212,12 +214,13 @@ def _jitted_merge(method, static_names: tuple[str, ...], grouping: jlayers.Layer
     cache_key = (method.name, method.fn, static_names, grouping)
     if cache_key not in _JITTED:
 
-        def run(base, experts, key, mask, **hp):
+        def run(base, experts, key, mask, task_mask=None, **hp):
             tvs = jtree.task_vectors(base, experts)
-            merged = method.fn(base, prune(tvs, mask, grouping), key=key, **hp)
+            extra = {} if task_mask is None else {"task_mask": task_mask}
+            merged = method.fn(base, prune(tvs, mask, grouping), key=key, **extra, **hp)
             return keep_base(merged, base, mask, grouping)
 
-        _JITTED[cache_key] = jax.jit(run, static_argnames=static_names)
+        _JITTED[cache_key] = jax.jit(run, static_argnames=(*static_names, "task_mask"))
     return _JITTED[cache_key]
 
 
@@ -251,4 +254,7 @@ def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, p
         hparams = method.prepare(base, _pruned_experts(base, experts, arr, grouping), hparams)
     if plain is not None and arr.all():
         return plain(base, experts, key, **hparams)
-    return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **hparams)
+    # Methods that take task_mask (per-matrix SVD merges) leave a task out of each leaf it drops
+    # instead of merging its zeros; the mask is static: it sets the number of matrices per SVD.
+    extra = {"task_mask": tuple(tuple(map(bool, arr[:, l])) for l in grouping.leaf_layer)} if method.task_mask else {}
+    return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **extra, **hparams)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from jmerge import coverage
 from jmerge import tree as jtree
 from jmerge import validate
 
@@ -33,6 +34,10 @@ class Method:
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
     prepare: Callable[..., dict[str, Any]] | None = None
+    # covers(path, shape, hparams, num_experts): whether the method's own rule merges that leaf
+    # (False: a fallback, e.g. the SVD methods' mean); None: every leaf. Counted by jmerge.coverage.
+    covers: Callable[[str, tuple[int, ...], dict[str, Any], int | None], bool] | None = None
+    task_mask: bool = False  # fn takes task_mask (per leaf, which tasks enter it): LwPTV passes it
 
     def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
@@ -57,23 +62,30 @@ def _no_check(num_experts: int, hparams: dict[str, Any]) -> None:
     del num_experts, hparams
 
 
-def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, prepare=None):
+def register(
+    name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, prepare=None, covers=None
+):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
     The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
     ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in :func:`merge`
     before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside
     ``jit`` what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh,
-    or by numpy on the host CPU.
+    or by numpy on the host CPU. ``covers``: see :class:`Method`. A keyword-only ``task_mask``
+    argument of ``fn`` is no hyper-parameter: :mod:`jmerge.lwptv` passes it (``Method.task_mask``).
     """
 
     def deco(fn):
         params = inspect.signature(fn).parameters
         defaults = {
-            k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "key"
+            k: p.default
+            for k, p in params.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("key", "task_mask")
         }
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = Method(name, fn, defaults, frozenset(static), needs_key, check, summary, prepare)
+        _REGISTRY[name] = Method(
+            name, fn, defaults, frozenset(static), needs_key, check, summary, prepare, covers, "task_mask" in params
+        )
         return fn
 
     return deco
@@ -174,6 +186,7 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
+    coverage.report(coverage.of(m, base, hp, len(experts)))
     if m.prepare is not None and lwptv is None:  # with lwptv, on the pruned task vectors (merge_with_lwptv)
         hp = m.prepare(base, list(experts), hp)
     static = static_names(m, hp)

@@ -1,10 +1,14 @@
 """SVD-based merges of weight matrices: TSV-M, Iso-C and Iso-CTS.
 
-Every method works matrix by matrix on the 2-D leaves selected by ``svd_filter`` (a regex
-searched in the parameter path; ``None``, the default, selects every 2-D leaf). All other
-leaves (biases, norms, >2-D tensors, 2-D leaves the filter leaves out) get the mean of the
-task vectors, as in the papers' code. Embedding tables are 2-D too: exclude them with e.g.
-``svd_filter=r"^(?!.*embed)"`` (FusionBench's TSV-M also leaves out CLIP's
+Every method works matrix by matrix on the leaves selected by ``svd_filter`` (a regex
+searched in the parameter path; ``None``, the default, selects every leaf) that have a
+matrix view: 2-D leaves as they are, and, with ``conv="matrix"`` (the default), conv kernels
+(every leaf of 3 or more dimensions) reshaped to a matrix (below). All other leaves (biases,
+norms, kernels with ``conv="average"``, leaves the filter leaves out) get the mean of the
+task vectors, as in the papers' code. :func:`covers` says which leaves a merge puts through
+the SVD rule; :func:`jmerge.coverage.of` counts them and :func:`jmerge.merge` logs the
+fraction (and warns when under half the parameters). Embedding tables are 2-D too: exclude
+them with e.g. ``svd_filter=r"^(?!.*embed)"`` (FusionBench's TSV-M also leaves out CLIP's
 ``text_projection``). The result is ``theta_0 + scale * Delta`` on every leaf.
 SVDs run in float32 (``jnp.linalg.svd(full_matrices=False)``), one per matrix, unrolled
 in Python since the matrices differ in shape. Orthogonalisation is Procrustes: the
@@ -14,8 +18,8 @@ nearest matrix with orthonormal columns (rows) to ``X = P D Q^T`` is ``P Q^T``.
   ``k = floor(r/T)`` singular triplets of each ``tau_t`` (r = min(m, n), T tasks), stack
   ``U = [U_1,k ... U_T,k]``, ``S = diag(S_1,k ... S_T,k)``, ``V = [V_1,k ... V_T,k]``,
   orthogonalise ``U`` and ``V``, ``Delta = U_perp S V_perp^T``. A matrix with ``r < T``
-  gets ``Delta = 0`` (k = 0, as in the reference code); exclude it with ``svd_filter`` to
-  average it instead. A single expert gives ``Delta = tau`` (the expert itself at scale 1).
+  gets ``Delta = 0`` (k = 0, as in the reference code; coverage counts it as a fallback);
+  exclude it with ``svd_filter`` to average it instead. A single expert gives ``Delta = tau`` (the expert itself at scale 1).
 * ``iso_c`` (Iso-C, Marczak et al., ICML 2025, arXiv 2502.04959): ``sum_t tau_t = U S V^T``,
   ``Delta = mean(S) U V^T`` (the sum's singular spectrum flattened to its mean). A single
   expert gives ``tau`` with its singular values replaced by their mean.
@@ -31,11 +35,32 @@ Layout: TSV-M and Iso-C are transpose-invariant. Iso-CTS projects onto the commo
 space, the left singular vectors in torch layout (out, in); ``layout="flax"`` (default)
 treats 2-D leaves as Flax kernels (in, out), where the output space is the right singular
 vectors, and ``layout="torch"`` takes them as (out, in).
+
+Conv kernels (the papers SVD only 2-D weights, papers.md §5.2; this view is jmerge's): a
+kernel is the matrix of its im2col linear map, as spectral normalisation reshapes it
+(Miyato et al., ICLR 2018, arXiv 1802.05957, §3: ``W`` of shape ``d_out x (d_in h w)``;
+``torch.nn.utils.spectral_norm``'s ``weight.reshape(out, -1)``). In ``layout="flax"``
+a kernel ``[kh, kw, in, out]`` is viewed as ``[kh*kw*in, out]`` (``reshape(-1, out)``,
+input rows, output columns, like a Dense kernel); in ``layout="torch"`` ``[out, in, kh, kw]``
+is viewed as ``[out, in*kh*kw]`` (``reshape(out, -1)``). The two views hold the same matrix up to
+a permutation of the input axis, which none of the three methods sees (they are equivariant
+to orthogonal maps of either side), so Flax and torch kernels merge alike. The same rule
+applies to 1-D and 3-D convs; a grouped or depthwise kernel ``[kh, kw, in/groups, out]`` is
+viewed as ``[kh*kw*in/groups, out]`` (its filters side by side, not the block-diagonal
+operator). Other tensors of 3 or more dimensions (e.g. Flax ``DenseGeneral`` attention
+kernels ``[embed, heads, head_dim]``) would get the same view: leave them out with
+``svd_filter`` or ``conv="average"``.
+
+LwPTV (``jmerge.merge(..., lwptv=...)``) passes ``task_mask``, one K-tuple of booleans per
+leaf: a task whose layer is dropped is left out of that leaf's merge (SVD or mean), so the
+leaf is merged from the tasks that keep it exactly as a merge of those tasks alone would be
+(a zero matrix would take TSV-M slots and bring Iso-CTS arbitrary directions at full weight).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -44,6 +69,9 @@ import jax.numpy as jnp
 from jmerge import tree as jtree
 from jmerge import validate
 from jmerge.methods.registry import register
+
+LAYOUTS = ("flax", "torch")
+CONV_RULES = ("matrix", "average")
 
 
 def _check(num_experts, hp):
@@ -57,13 +85,18 @@ def _check(num_experts, hp):
             re.compile(pattern)
         except re.error as err:
             raise validate.MergeInputError(f"svd_filter {pattern!r} is not a valid regex: {err}") from None
+    if hp["layout"] not in LAYOUTS:
+        raise validate.MergeInputError(f"layout must be 'flax' (kernels (in, out)) or 'torch' ((out, in)), got {hp['layout']!r}")
+    if hp["conv"] not in CONV_RULES:
+        raise validate.MergeInputError(
+            f"conv must be 'matrix' (SVD-merge conv kernels as matrices) or 'average' (their task-vector mean), "
+            f"got {hp['conv']!r}"
+        )
 
 
 def _iso_cts_check(num_experts, hp):
     _check(num_experts, hp)
     validate.check_fraction("common_space_fraction", hp["common_space_fraction"], low_open=False)
-    if hp["layout"] not in ("flax", "torch"):
-        raise validate.MergeInputError(f"layout must be 'flax' (kernels (in, out)) or 'torch' ((out, in)), got {hp['layout']!r}")
 
 
 # full float32 products on every backend (TPUs default to bf16 passes for float32 matmuls)
@@ -84,16 +117,50 @@ def _mean(ts):
     return sum(ts[1:], ts[0]) / len(ts)
 
 
-def _per_matrix(tvs, svd_filter, merge_matrix):
-    """``merge_matrix(tuple of T matrices)`` on selected 2-D leaves, the task-vector mean elsewhere."""
-    pattern = None if svd_filter is None else re.compile(svd_filter)
+def matrix_shape(shape, layout: str, conv: str) -> tuple[int, int] | None:
+    """The matrix a leaf of ``shape`` is merged as (module docstring), or ``None`` (task-vector mean):
+    2-D as is; with ``conv="matrix"`` a kernel ``[..., in, out]`` (flax) as ``[prod(shape[:-1]), out]``,
+    ``[out, in, ...]`` (torch) as ``[out, prod(shape[1:])]``."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        return shape
+    if len(shape) < 3 or conv != "matrix":
+        return None
+    return (shape[0], math.prod(shape[1:])) if layout == "torch" else (math.prod(shape[:-1]), shape[-1])
 
-    def leaf(path, ts):
-        if ts[0].ndim == 2 and (pattern is None or pattern.search(path)):
-            return merge_matrix(ts)
-        return _mean(ts)
 
-    return jtree.map_tasks(leaf, tvs)
+def covers(path: str, shape, hp, num_experts=None) -> bool:
+    """Whether the SVD rule merges the leaf at ``path`` (``Method.covers``); other leaves get the task-vector mean."""
+    pattern = hp["svd_filter"]
+    return matrix_shape(shape, hp["layout"], hp["conv"]) is not None and (pattern is None or re.search(pattern, path) is not None)
+
+
+def _tsv_covers(path: str, shape, hp, num_experts=None) -> bool:
+    """:func:`covers`, less the matrices with ``r < T`` that TSV-M leaves unchanged (``Delta = 0``)."""
+    if not covers(path, shape, hp):
+        return False
+    return num_experts is None or min(matrix_shape(shape, hp["layout"], hp["conv"])) >= num_experts
+
+
+def _per_matrix(tvs, hp, merge_matrix, task_mask):
+    """``merge_matrix(tuple of matrices)`` on the leaves :func:`covers` selects (in their matrix
+    view), the task-vector mean elsewhere; with ``task_mask``, over each leaf's kept tasks only."""
+    per_leaf, treedef = jtree.transpose_leaves(tvs)
+    if task_mask is not None and (len(task_mask) != len(per_leaf) or any(len(m) != len(tvs) for m in task_mask)):
+        raise validate.MergeInputError(
+            f"task_mask must hold one {len(tvs)}-tuple of booleans per parameter ({len(per_leaf)}), got {len(task_mask)} entries"
+        )
+    out = []
+    for i, (path, ts) in enumerate(zip(jtree.paths(tvs[0]), per_leaf)):
+        kept = ts if task_mask is None else tuple(x for x, keep in zip(ts, task_mask[i]) if keep)
+        if not kept:  # no task keeps it (LwPTV puts the base back there)
+            out.append(jnp.zeros_like(ts[0]))
+        elif covers(path, ts[0].shape, hp):
+            view = matrix_shape(ts[0].shape, hp["layout"], hp["conv"])
+            out.append(merge_matrix(tuple(x.reshape(view) for x in kept)).reshape(ts[0].shape))
+        else:
+            out.append(_mean(kept))
+    return jax.tree.unflatten(treedef, out)
 
 
 def _task_svds(ts, k):
@@ -146,23 +213,31 @@ def _iso_cts_matrix(ts, fraction):
     return jnp.mean(jnp.concatenate(svs)) * _mm(u_star, vt_star)
 
 
-@register("tsv", static=("svd_filter",), check=_check)
-def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None):
+_STATIC = ("svd_filter", "layout", "conv")
+
+
+@register("tsv", static=_STATIC, check=_check, covers=_tsv_covers)
+def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
     """TSV-M (Gargiulo et al., 2025): per matrix, each task's top r/T singular triplets, orthogonalised, summed."""
-    return jtree.apply(base, _per_matrix(tvs, svd_filter, _tsv_matrix), scale)
+    hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
+    return jtree.apply(base, _per_matrix(tvs, hp, _tsv_matrix, task_mask), scale)
 
 
-@register("iso_c", static=("svd_filter",), check=_check)
-def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None):
+@register("iso_c", static=_STATIC, check=_check, covers=covers)
+def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
     """Iso-C (Marczak et al., 2025): the summed task matrix with a flat spectrum at its mean singular value."""
-    return jtree.apply(base, _per_matrix(tvs, svd_filter, _iso_c_matrix), scale)
+    hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
+    return jtree.apply(base, _per_matrix(tvs, hp, _iso_c_matrix, task_mask), scale)
 
 
-@register("iso_cts", static=("svd_filter", "common_space_fraction", "layout"), check=_iso_cts_check)
-def iso_cts(base, tvs, *, key=None, scale=1.0, common_space_fraction=0.8, layout="flax", svd_filter=None):
+@register("iso_cts", static=(*_STATIC, "common_space_fraction"), check=_iso_cts_check, covers=covers)
+def iso_cts(
+    base, tvs, *, key=None, scale=1.0, common_space_fraction=0.8, layout="flax", svd_filter=None, conv="matrix", task_mask=None
+):
     """Iso-CTS (Marczak et al., 2025): common top space of the sum plus task-specific directions, flat spectrum."""
     if layout == "torch":
         merge_matrix = lambda ts: _iso_cts_matrix(ts, common_space_fraction)  # noqa: E731
     else:
         merge_matrix = lambda ts: _iso_cts_matrix(tuple(x.T for x in ts), common_space_fraction).T  # noqa: E731
-    return jtree.apply(base, _per_matrix(tvs, svd_filter, merge_matrix), scale)
+    hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
+    return jtree.apply(base, _per_matrix(tvs, hp, merge_matrix, task_mask), scale)
