@@ -50,7 +50,7 @@ ARCHITECTURES = ("llama",)
 _BLOCK = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Header keys the writer sets itself (counts, architecture, tensor type of the file).
-_OWN_KEYS = ("GGUF.", "general.architecture", "general.file_type", "jmerge.")
+_OWN_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "jmerge.")
 # tokenizer.ggml.pre values whose pre-tokenizer is rebuilt here (llama.cpp llama-vocab.cpp).
 _PRE = ("smollm", "gpt-2", "default")
 _CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
@@ -138,6 +138,22 @@ def _value(f) -> Any:
     return v.tolist() if isinstance(v, np.ndarray) else v
 
 
+class _Reader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` that names a tensor whose bytes lie past the end of the file
+    (the stock reader fails on it with a bare reshape error)."""
+
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        size = len(self.data)
+        for f in fields:
+            _, name, _, dims, raw_dtype, offset = f.parts
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_dtype[0])]
+            end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > size:
+                raise GGUFError(f"truncated GGUF file: tensor {bytes(name).decode()!r} needs bytes up to {end}, "
+                                f"the file holds {size}")
+        super()._build_tensors(start_offs, fields)
+
+
 def _reader(path: Path):
     if not path.is_file():
         raise GGUFError(f"{path}: file not found")
@@ -147,15 +163,11 @@ def _reader(path: Path):
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        return _Reader(path, "r")
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
     except Exception as e:  # the reader fails with ValueError/IndexError/KeyError/... on a bad header
         raise GGUFError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e}; file size {size} bytes)") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to {end}, "
-                            f"the file holds {size}")
-    return reader
 
 
 def _check_quant_types(path: Path, tensors) -> None:
@@ -179,6 +191,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
                         f"jmerge maps {', '.join(ARCHITECTURES)} GGUFs to Hugging Face names")
+    _check_quant_types(path, reader.tensors)
 
     def key(k: str, default: Any = None) -> Any:
         v = fields.get(f"{arch}.{k}", default)
@@ -193,7 +206,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
           "context": int(key("context_length")), "rope_theta": float(key("rope.freq_base", 10000.0)),
           "rms_eps": float(key("attention.layer_norm_rms_epsilon"))}
     by_gguf = {t.name: t for t in reader.tensors}
-    _check_quant_types(path, reader.tensors)
     tied = "output.weight" not in by_gguf
     mapping = {g: h for h, g in name_map(n_layers).items() if not (tied and h == "lm_head.weight")}
     unknown = [n for n in by_gguf if n not in mapping and not n.startswith("rope_freqs")]
@@ -580,7 +592,7 @@ def run_to_gguf(args, run) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.hf-", dir=args.out.parent) as tmp:
         inner = copy.copy(args)
-        inner.out, inner.out_format, inner.force = Path(tmp) / "merged", "hf", False
+        inner.out, inner.out_format, inner.quant, inner.force = Path(tmp) / "merged", "hf", None, False
         status = run(inner)
         if status:
             return status
