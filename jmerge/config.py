@@ -95,7 +95,8 @@ class LearnOptions(BaseModel):
     granularity: Literal["task", "layer", "tensor"] = "task"
     layers: str | None = None  # a jmerge.lwptv preset or regex, for granularity "layer"
     samples: PositiveInt = 200
-    prompt_tokens: PositiveInt = 32
+    prompt_tokens: PositiveInt = 32  # longer prompts keep their last prompt_tokens tokens
+    chat_template: bool = False  # wrap each text prompt as a user turn with the tokenizer's chat template
     max_new_tokens: PositiveInt = 32
     epochs: PositiveInt = 4
     learning_rate: PositiveFloat = 1e-2
