@@ -208,7 +208,11 @@ def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     by_gguf = {t.name: t for t in reader.tensors}
     tied = "output.weight" not in by_gguf
     mapping = {g: h for h, g in name_map(n_layers).items() if not (tied and h == "lm_head.weight")}
-    unknown = [n for n in by_gguf if n not in mapping and not n.startswith("rope_freqs")]
+    scaling = fields.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in by_gguf or scaling not in (None, "none"):
+        raise GGUFError(f"{path}: RoPE scaling ({arch}.rope.scaling.type {scaling!r}"
+                        f"{', rope_freqs.weight' if 'rope_freqs.weight' in by_gguf else ''}) is not supported")
+    unknown = [n for n in by_gguf if n not in mapping]
     missing = [g for g in mapping if g not in by_gguf]
     if unknown or missing:
         parts = ([f"tensors a {n_layers}-block Llama does not have: {st._show(unknown)}"] if unknown else []) + (
@@ -600,7 +604,6 @@ def run_to_gguf(args, run) -> int:
                        record={"version": __version__, "config": plan.config_text, "method": plan.method,
                                "base": str(plan.base), "models": json.dumps([str(e) for e in plan.experts])},
                        force=args.force)
-    log.info("wrote %s: %s", args.out, info)
     print(f"wrote {args.out} (GGUF {args.quant or 'f32'}: {info['tensors']} tensors, {info['types']}, "
           f"{info['fallback_f16']} stored F16 for block size)")
     return 0
