@@ -273,8 +273,8 @@ def _resolve_path(ref: str, where: Path, what: str) -> Path:
         if cand.exists():
             return cand
     raise ConfigError(
-        f"{what} {ref!r} not found (looked in {Path.cwd()} and {where}); jmerge reads local HF directories "
-        "or .safetensors files: download hub models first (e.g. `huggingface-cli download`)"
+        f"{what} {ref!r} not found (looked in {Path.cwd()} and {where}); jmerge reads local HF directories, "
+        ".safetensors or .gguf files: download hub models first (e.g. `huggingface-cli download`)"
     )
 
 

@@ -90,3 +90,20 @@ def test_prompts_longer_than_the_context_are_refused(tmp_path):
     with pytest.raises(MergeInputError, match=r"long\.jsonl: prompts of 22 tokens plus max_new_tokens=4 need 26 positions, "
                                               r"more than the model's context of 24"):
         causal_lm.learn(base, [base], opts, progress=False)
+
+
+def test_gguf_models_in_a_learn_block_are_refused_by_name(tmp_path):
+    opts = config.LearnOptions(prompts=(tmp_path / "p.jsonl",))
+    with pytest.raises(MergeInputError, match=r"learn: convert GGUF models to HF directories first \(`jmerge convert model\.gguf dir/`\)"):
+        causal_lm.learn(tmp_path / "base.gguf", [tmp_path / "e.gguf"], opts, progress=False)
+
+
+def test_a_llama_transformers_flax_would_run_wrongly_is_refused(tmp_path):
+    from _tiny_llama import make
+
+    base = make(tmp_path / "llama", tied=True, rope_theta=100000.0)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"ids": [3, 4]}) + "\n")
+    opts = config.LearnOptions(prompts=(tmp_path / "p.jsonl",))
+    with pytest.raises(MergeInputError, match=r"learn: transformers' Flax Llama ignores rope_theta \(100000\.0\) and "
+                                              r"tie_word_embeddings \(True\), so it cannot run this model correctly"):
+        causal_lm.learn(base, [base], opts, progress=False)

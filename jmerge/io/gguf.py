@@ -452,11 +452,6 @@ def _plan(shapes: Mapping[str, tuple[int, ...]], hp: Mapping[str, int], qtype: Q
     return planned
 
 
-def _encode(x: np.ndarray, q: Q) -> np.ndarray:
-    x = np.ascontiguousarray(x, np.float32)
-    return gguf.quants.quantize(x, q)
-
-
 def write_gguf(
     out: str | os.PathLike,
     tensors: Iterable[tuple[str, np.ndarray]],
@@ -511,15 +506,17 @@ def write_gguf(
                                     f"is tied (tie_word_embeddings); GGUF stores one of them")
                 continue
             p = by_name.get(name)
-            if p is None or p is not planned[done]:
-                raise GGUFError(f"{out}: tensor {name!r} arrives out of order (expected {planned[done].hf!r})")
+            if p is None or done >= len(planned) or p is not planned[done]:
+                expected = repr(planned[done].hf) if done < len(planned) else "no more tensors"
+                raise GGUFError(f"{out}: tensor {name!r} arrives out of order (expected {expected})")
             if tuple(array.shape) != p.shape:
                 raise GGUFError(f"{out}: tensor {name!r} has shape {list(array.shape)}, the plan says {list(p.shape)}")
             w = np.asarray(array, np.float32)
             if name == "model.embed_tokens.weight" and tied:
                 embed = w
             heads = _qk_heads(name, hp)
-            writer.write_tensor_data(_encode(permute_qk(w, heads) if heads else w, p.qtype))
+            w = np.ascontiguousarray(permute_qk(w, heads) if heads else w)
+            writer.write_tensor_data(gguf.quants.quantize(w, p.qtype))
             counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
             done += 1
         if done != len(planned):
@@ -527,9 +524,11 @@ def write_gguf(
         writer.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, st.OutputError):
+            raise st.OutputError(st._describe_os_error(e, out) + "; nothing was written") from e
         raise
     return {"tensors": len(planned), "types": counts,
             "fallback_f16": sum(1 for p in planned if p.qtype == Q.F16 and qtype != Q.F16)}

@@ -138,6 +138,12 @@ def _model(base_dir: Path):
     if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
         raise MergeInputError(f"{base_dir}/config.json: learn: needs a causal language model, "
                               f"got architectures {config.architectures}")
+    if config.model_type == "llama" and (getattr(config, "rope_theta", 10000.0) != 10000.0 or config.tie_word_embeddings):
+        # transformers 4.57's Flax Llama hard-codes RoPE base 10000 and always has its own lm_head
+        # (research/smollm2.md §3): it would silently compute another model.
+        raise MergeInputError(f"{base_dir}/config.json: learn: transformers' Flax Llama ignores rope_theta "
+                              f"({config.rope_theta}) and tie_word_embeddings ({config.tie_word_embeddings}), "
+                              f"so it cannot run this model correctly")
     try:
         return FlaxAutoModelForCausalLM.from_config(config, _do_init=False), config
     except ValueError as e:
