@@ -56,11 +56,18 @@ def main(argv=None) -> int:
     from experiments.models import llama
 
     src = _source()
-    rows = []
+    rows, quality = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        # Every conversion runs before this process loads a model: a child's ru_maxrss starts
+        # from its parent's RSS at fork, so a large parent would inflate the children's peaks.
         hf = Path(tmp) / "hf"
         wall, cpu, rss = _convert(src, hf)
         rows.append(("GGUF Q4_1 -> HF f32", st.dir_size(hf), wall, cpu, rss))
+        outs = {}
+        for q in args.quants.split(","):
+            outs[q] = Path(tmp) / f"m-{q}.gguf"
+            wall, cpu, rss = _convert(hf, outs[q], "--quant", q)
+            rows.append((f"HF f32 -> GGUF {q}", outs[q].stat().st_size, wall, cpu, rss))
         cfg = llama.LlamaConfig.from_hf(hf)
         tok = PreTrainedTokenizerFast.from_pretrained(hf)
         ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
@@ -73,14 +80,10 @@ def main(argv=None) -> int:
             return logits, answer
 
         ref, ref_answer = evaluate(st.load(hf))
-        quality = {"HF f32": (0.0, ref_answer)}
-        for q in args.quants.split(","):
-            out = Path(tmp) / f"m-{q}.gguf"
-            wall, cpu, rss = _convert(hf, out, "--quant", q)
-            rows.append((f"HF f32 -> GGUF {q}", out.stat().st_size, wall, cpu, rss))
+        quality["HF f32"] = (0.0, ref_answer)
+        for q, out in outs.items():
             logits, answer = evaluate(gg.open_gguf(out).load())
             quality[f"GGUF {q}"] = (float(np.abs(logits - ref).max()), answer)
-            out.unlink()
     lines = ["# GGUF round trips on SmolLM2-135M-Instruct", "", f"Command: `python -m bench.gguf_bench --quants {args.quants}`", "",
              "| conversion | output bytes | wall s | CPU s | peak RSS MB |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {b:,} | {w:.1f} | {c:.1f} | {r / 1e6:.0f} |" for n, b, w, c, r in rows]
