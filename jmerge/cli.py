@@ -23,6 +23,7 @@ examples:
   jmerge run ties.yaml ./merged                 # merge as the YAML says, into ./merged
   jmerge run ties.yaml ./merged --force         # replace ./merged once the new one is complete
   jmerge run ta.yaml ./merged --shard-size 2GB --out-dtype bfloat16
+  jmerge run ta.yaml merged.gguf --out-format gguf --quant q8_0   # models may be .gguf files too
 
 config (mergekit's format; jmerge's own keys under `jmerge:`):
   models:
@@ -42,6 +43,8 @@ examples:
   jmerge convert ./flax-model ./pt-model        # flax_model.msgpack -> PyTorch-layout safetensors
   jmerge convert ./pt-model ./flax-model        # model.safetensors(.index.json) -> flax_model.msgpack
   jmerge convert ./pt-model ./resharded --to safetensors --shard-size 1GB --dtype bfloat16
+  jmerge convert model.gguf ./hf-model           # llama.cpp GGUF -> HF Llama directory (float32)
+  jmerge convert ./hf-model out.gguf --quant q8_0   # f32, f16, bf16, q8_0, q4_0, q4_1
 """
 
 EXAMPLES_INSPECT = """\
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="PRNG seed of DARE/DELLA (overrides jmerge.seed)")
     run.add_argument("--in-memory", action="store_true", help="load whole models instead of streaming tensor by tensor")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--out-format", choices=("hf", "gguf"), default="hf", help="HF directory or one GGUF file (default: %(default)s)")
+    run.add_argument("--quant", help="GGUF output type: f32, f16, bf16, q8_0, q4_0, q4_1 (default: f32)")
     run.set_defaults(func=cmd_run)
 
     conv = sub.add_parser(
@@ -98,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--model-type", help="config.json model_type, for PyTorch -> Flax names (default: read config.json)")
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast float tensors")
     conv.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    conv.add_argument("--quant", help="GGUF output type (OUT ending in .gguf): f32, f16, bf16, q8_0, q4_0, q4_1")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT")
     conv.set_defaults(func=cmd_convert)
 
@@ -159,6 +165,12 @@ def cmd_run(args) -> int:
     from jmerge import __version__, config, coverage, streaming
     from jmerge.methods import registry
 
+    if args.out_format == "gguf" or args.quant:
+        from jmerge.io import gguf as gguf_io
+
+        if args.out_format != "gguf":
+            raise ValueError("--quant needs --out-format gguf")
+        return gguf_io.run_to_gguf(args, cmd_run)
     start = time.perf_counter()
     plan = config.plan_from_yaml(args.config)
     out_dtype = args.out_dtype or plan.out_dtype
@@ -175,7 +187,9 @@ def cmd_run(args) -> int:
         base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,
         extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype) + cov.markdown(),
     )
-    extra = {"jmerge_config.yml": plan.config_text}
+    from jmerge.io.gguf import model_files
+
+    extra = {**model_files(base), "jmerge_config.yml": plan.config_text}  # a GGUF base: its config and tokenizer
     _console(stdout=True).print(
         f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
         f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
@@ -253,9 +267,14 @@ def cmd_convert(args) -> int:
     from jmerge.io import flax_io
 
     start = time.perf_counter()
-    info = flax_io.convert(
-        args.src, args.dst, to=args.to, model_type=args.model_type, force=args.force, shard_size=args.shard_size, dtype=args.dtype
-    )
+    if args.src.suffix.lower() == ".gguf" or args.dst.suffix.lower() == ".gguf":
+        from jmerge.io import gguf as gguf_io
+
+        info = gguf_io.convert(args.src, args.dst, quant=args.quant, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
+    else:
+        info = flax_io.convert(
+            args.src, args.dst, to=args.to, model_type=args.model_type, force=args.force, shard_size=args.shard_size, dtype=args.dtype
+        )
     _console(stdout=True).print(
         f"converted {info['tensors']} tensors {info['from']} -> {info['to']} into {args.dst} "
         f"(model_type {info['model_type']}; copied {', '.join(info['copied']) or 'no other files'}) "

@@ -95,7 +95,8 @@ class LearnOptions(BaseModel):
     granularity: Literal["task", "layer", "tensor"] = "task"
     layers: str | None = None  # a jmerge.lwptv preset or regex, for granularity "layer"
     samples: PositiveInt = 200
-    prompt_tokens: PositiveInt = 32
+    prompt_tokens: PositiveInt = 32  # longer prompts keep their last prompt_tokens tokens
+    chat_template: bool = False  # wrap each text prompt as a user turn with the tokenizer's chat template
     max_new_tokens: PositiveInt = 32
     epochs: PositiveInt = 4
     learning_rate: PositiveFloat = 1e-2
@@ -272,8 +273,8 @@ def _resolve_path(ref: str, where: Path, what: str) -> Path:
         if cand.exists():
             return cand
     raise ConfigError(
-        f"{what} {ref!r} not found (looked in {Path.cwd()} and {where}); jmerge reads local HF directories "
-        "or .safetensors files: download hub models first (e.g. `huggingface-cli download`)"
+        f"{what} {ref!r} not found (looked in {Path.cwd()} and {where}); jmerge reads local HF directories, "
+        ".safetensors or .gguf files: download hub models first (e.g. `huggingface-cli download`)"
     )
 
 

@@ -38,7 +38,7 @@ def models(tmp_path_factory):
 
 
 def _config(root, method="divmerge", models=("moved", "same"), **extra):
-    learn = {"prompts": ["p1.jsonl", "p2.jsonl"][: len(models)], "method": method, "samples": 8, "prompt_tokens": 4,
+    learn = {"prompts": ["p1.jsonl", "p2.jsonl"][: len(models)], "method": method, "samples": 8, "prompt_tokens": 8,
              "max_new_tokens": 3, "epochs": 15, "learning_rate": 0.05, **extra}
     text = json.dumps({"models": [{"model": m} for m in models], "base_model": "base",
                        "merge_method": "task_arithmetic", "jmerge": {"learn": learn}})

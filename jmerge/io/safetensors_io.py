@@ -244,10 +244,14 @@ def find_weights(path: Path) -> Path | None:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Opens a ``.safetensors`` file, an ``*.index.json``, or an HF directory, reading headers only."""
+    """Opens a ``.safetensors`` file, an ``*.index.json``, an HF directory or a ``.gguf`` file, reading headers only."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if path.suffix.lower() == ".gguf":  # llama.cpp files: dequantized, HF names (jmerge.io.gguf)
+        from jmerge.io.gguf import open_gguf
+
+        return open_gguf(path)
     entry = path
     if path.is_dir():
         entry = find_weights(path)

@@ -10,17 +10,23 @@ The model runs as a transformers Flax class built from the base's ``config.json`
 ``hf`` extra); weights are read from PyTorch-layout safetensors and mapped to the Flax
 layout (:mod:`jmerge.io.flax_io`). Prompts: one file per expert, ``.txt`` (one prompt per
 line; needs the base's tokenizer files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token
-ids) per line. Each task's prompts are cut to one length (``prompt_tokens``, or the task's
-shortest prompt if shorter), as :func:`jmerge.learn.lm_targets` needs.
+ids) per line; with ``chat_template: true`` each text prompt becomes a user turn of the
+tokenizer's chat template, ending in the assistant's generation prompt. Each task's prompts are
+padded on the left to its longest one (a prompt longer than ``prompt_tokens`` keeps its last
+``prompt_tokens`` tokens, logged), so every prompt ends at the same position with its last
+token kept; padding is the id ``-1``, which the model sees as masked out, with positions
+counting real tokens only (:func:`model_apply`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -30,8 +36,12 @@ from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 from jmerge.learn import engine
 from jmerge.learn.coefficients import layout as coefficient_layout
-from jmerge.learn.targets import lm_targets
+from jmerge.learn.targets import TaskTargets, lm_targets
 from jmerge.validate import MergeInputError
+
+log = logging.getLogger(__name__)
+PAD = -1  # the prompt padding id: masked out of attention (model_apply)
+
 
 def _tokenizer(base_dir: Path):
     from transformers import AutoTokenizer
@@ -43,7 +53,7 @@ def _tokenizer(base_dir: Path):
                               f"give token ids instead ({{\"ids\": [...]}} per line of a .jsonl file)") from None
 
 
-def read_prompts(path: Path, base_dir: Path) -> list[list[int]]:
+def read_prompts(path: Path, base_dir: Path, chat_template: bool = False) -> list[list[int]]:
     """Token ids of every prompt in ``path`` (``.txt`` or ``.jsonl``, see the module docstring)."""
     path = Path(path)
     if not path.is_file():
@@ -59,6 +69,8 @@ def read_prompts(path: Path, base_dir: Path) -> list[list[int]]:
             except json.JSONDecodeError as e:
                 raise MergeInputError(f"{path}, line {i}: not JSON ({e})") from None
         if all(isinstance(r, dict) and "ids" in r for r in rows):
+            if chat_template:
+                raise MergeInputError(f"{path}: learn.chat_template applies to text prompts; these are token ids")
             return [[int(t) for t in r["ids"]] for r in rows]
         if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
             raise MergeInputError(f"{path}: every line needs a \"text\" string or an \"ids\" list")
@@ -68,18 +80,54 @@ def read_prompts(path: Path, base_dir: Path) -> list[list[int]]:
     else:
         raise MergeInputError(f"prompt file {path}: use .txt (one prompt per line) or .jsonl")
     tok = _tokenizer(base_dir)
-    return [tok(t)["input_ids"] for t in texts]
+    if not chat_template:
+        return [tok(t)["input_ids"] for t in texts]
+    if not getattr(tok, "chat_template", None):
+        raise MergeInputError(f"{path}: learn.chat_template is true but the tokenizer of {base_dir} has no chat template")
+    return [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)) for t in texts]
 
 
 def prompt_array(prompts: list[list[int]], samples: int, length: int, seed: int, where: Path) -> np.ndarray:
-    """``(N, P)`` int32: up to ``samples`` seeded prompts, each cut to ``P = min(length,
-    shortest chosen prompt)`` tokens."""
+    """``(N, P)`` int32: up to ``samples`` seeded prompts padded on the left with :data:`PAD`
+    to the longest, ``P <= length``; a longer prompt keeps its last ``length`` tokens."""
     rng = np.random.default_rng(seed)
     chosen = [prompts[i] for i in np.sort(rng.permutation(len(prompts))[:samples])]
-    p = min(length, min(len(x) for x in chosen))
-    if p < 1:
+    if any(not x for x in chosen):
         raise MergeInputError(f"{where}: a prompt has no tokens")
-    return np.asarray([x[:p] for x in chosen], np.int32)
+    cut = sum(len(x) > length for x in chosen)
+    if cut:
+        log.warning("%s: %d of %d prompts are longer than prompt_tokens=%d and keep only their last %d tokens",
+                    where, cut, len(chosen), length, length)
+    p = min(length, max(len(x) for x in chosen))
+    out = np.full((len(chosen), p), PAD, np.int32)
+    for i, x in enumerate(chosen):
+        x = x[-p:]
+        out[i, p - len(x):] = x
+    return out
+
+
+def model_apply(model) -> Callable:
+    """``apply(params, tokens) -> logits`` of a transformers Flax causal LM for left-padded
+    ``tokens`` (:data:`PAD` = -1): padding is masked out of attention and each token's position
+    is the number of real tokens before it, so a padded prompt's logits are the unpadded ones."""
+
+    def apply(params, tokens):
+        real = tokens != PAD
+        positions = jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0)
+        return model(jnp.where(real, tokens, 0), attention_mask=real.astype(jnp.int32), position_ids=positions,
+                     params=params).logits
+
+    return apply
+
+
+def _check_context(config, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
+    """The longest prompt plus the generated tokens fit the model's positions."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    need = prompts.shape[1] + int(max_new_tokens)
+    if context is not None and need > context:
+        raise MergeInputError(f"{where}: prompts of {prompts.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
+                              f"need {need} positions, more than the model's context of {context}; "
+                              f"lower learn.prompt_tokens or learn.max_new_tokens")
 
 
 def _model(base_dir: Path):
@@ -90,6 +138,12 @@ def _model(base_dir: Path):
     if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
         raise MergeInputError(f"{base_dir}/config.json: learn: needs a causal language model, "
                               f"got architectures {config.architectures}")
+    if config.model_type == "llama" and (getattr(config, "rope_theta", 10000.0) != 10000.0 or config.tie_word_embeddings):
+        # transformers 4.57's Flax Llama hard-codes RoPE base 10000 and always has its own lm_head
+        # (research/smollm2.md §3): it would silently compute another model.
+        raise MergeInputError(f"{base_dir}/config.json: learn: transformers' Flax Llama ignores rope_theta "
+                              f"({config.rope_theta}) and tie_word_embeddings ({config.tie_word_embeddings}), "
+                              f"so it cannot run this model correctly")
     try:
         return FlaxAutoModelForCausalLM.from_config(config, _do_init=False), config
     except ValueError as e:
@@ -108,18 +162,21 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
     """Learns Γ; returns ``(LearnResult, coefficient per task for every PyTorch tensor name)``."""
     if len(options.prompts) != len(expert_dirs):
         raise MergeInputError(f"learn: {len(options.prompts)} prompt files for {len(expert_dirs)} models")
-    prompt_sets = [read_prompts(p, base_dir) for p in options.prompts]
+    if any(str(p).lower().endswith(".gguf") for p in (base_dir, *expert_dirs)):
+        raise MergeInputError("learn: convert GGUF models to HF directories first (`jmerge convert model.gguf dir/`)")
+    prompt_sets = [read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
     model, config = _model(base_dir)
     like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
     base, names = _flax_params(base_dir, like)
     tvs = [jtree.task_vector(base, _flax_params(e, like)[0]) for e in expert_dirs]
 
-    def apply(params, tokens):
-        return model(tokens, params=params).logits
-
+    apply = model_apply(model)
     eos = config.eos_token_id if config.eos_token_id is not None else 0
+    eos = eos[0] if isinstance(eos, list) else eos
     prompts = [prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
+    for p, f in zip(prompts, options.prompts):
+        _check_context(config, p, options.max_new_tokens, f)
     layers = _grouping(base, options, config.model_type)
     common = dict(granularity=options.granularity, layers=layers, optimizer=optax.adam(options.learning_rate),
                   epochs=options.epochs, batch_per_task=options.batch_per_task, key=options.seed, progress=progress,
@@ -129,7 +186,8 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
                    for tv, p in zip(tvs, prompts)]
         result = engine.divmerge(base, tvs, apply, targets=targets, **common)
     else:
-        result = engine.adamerging(base, tvs, apply, prompts, **common)
+        targets = [TaskTargets(p, mask=p != PAD) for p in prompts]  # entropy over real tokens only
+        result = engine.adamerging(base, tvs, apply, None, targets=targets, **common)
     return result, _per_tensor(result, base, len(tvs), options.granularity, layers, names)
 
 
