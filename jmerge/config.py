@@ -31,11 +31,12 @@ mergekit methods and how they map (defaults are mergekit's, read from
 =================  ==================  ==========================================================
 mergekit           jmerge              mapping
 =================  ==================  ==========================================================
-linear             average             weight -> weights; normalize must be true (default)
+linear             average             weight -> weights; normalize (true; false: sum_t w_t theta_t)
 task_arithmetic    task_arithmetic     lambda (1.0) -> scale; weight -> weights; normalize
                                        (default false) divides the weights by their sum
 ties               ties                trim="tensor" (mergekit ranks per tensor), sign="sum";
-                                       density (1.0), normalize (true), lambda -> scale
+                                       density (1.0), normalize (true), lambda -> scale,
+                                       rescale (false; true: each trimmed tensor to its L1 norm)
 dare_linear        dare_linear         density (1.0), rescale (true), lambda; normalize (false)
                                        divides the weights by their sum
 dare_ties          dare_ties           density (1.0), rescale (true), normalize (false), lambda
@@ -44,10 +45,30 @@ breadcrumbs        breadcrumbs         density (1.0), gamma (0.01), lambda; norm
 breadcrumbs_ties   breadcrumbs_ties    density (1.0), gamma (0.01), normalize (false), lambda
 della              della               density (< 1 needed), epsilon (0.15), rescale (true),
                                        normalize (true), lambda
+della_linear       della_linear        density (< 1 needed), epsilon (0.15), rescale (true, L1 norm),
+                                       lambda; normalize (false) divides the weights by their sum
 slerp              slerp               t; experts = [base_model, the other model]
-multislerp         multislerp          weight -> weights (normalised; base_model required)
+multislerp         multislerp          weight -> weights (normalised); with base_model on task
+                                       vectors, without it on whole weights (space)
 model_stock        model_stock         filter_wise (false); base_model required
+sce                sce                 select_topk (1.0); base_model required
+nearswap           nearswap            t (required); base_model + one model
+arcee_fusion       arcee_fusion        base_model + one model
+karcher            karcher             max_iter (10), tol (1e-5); every listed model, no base needed
+nuslerp            nuslerp             weight (required) -> weights, nuslerp_flatten (true) -> flatten,
+                                       nuslerp_row_wise (false) -> row_wise; base_model optional
+                                       (task vectors with it, whole weights without)
+ram                ram                 epsilon (1e-5); base_model required
+ramplus_tl         ramplus_tl          r (0.1), alpha (0.2), epsilon (1e-5); base_model required
+passthrough        -                   "not implemented in jmerge"
 =================  ==================  ==========================================================
+
+A parameter mergekit reads for some method but not for this one (e.g. a per-model
+``weight`` for ``slerp`` or ``model_stock``) is ignored with a ``ConfigWarning`` naming it, as
+mergekit ignores it; any other unknown name is an error (mergekit would silently ignore a
+misspelt ``densty``). The ``base_model`` may also be listed among ``models`` (under any
+spelling of its path); it is then not merged as an expert, except for ``linear`` and
+``karcher``, which average every listed model.
 
 Any other registered jmerge method (``magmax``, ``consensus``, ``tsv``, ``iso_c``,
 ``iso_cts``...) may be named in ``merge_method`` directly: its global ``parameters`` are
@@ -63,15 +84,15 @@ Known differences from mergekit, where semantics cannot match exactly:
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
-* ``rescale: true`` for ``ties``/``breadcrumbs`` (mergekit's L1 rescaling), ``normalize:
-  false`` for ``linear``, parameter gradients (lists over layers) and ``filter``
-  conditionals, ``slices``/``modules``, LoRA ``model+lora`` references and tokenizer
+* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), parameter gradients
+  (lists over layers) and ``filter`` conditionals, ``slices``/``modules``, LoRA ``model+lora`` references and tokenizer
   surgery are rejected with an error saying so.
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +183,8 @@ class MethodMap:
     model_params: dict[str, Any]
     fixed: dict[str, Any] = field(default_factory=dict)
     needs_base: bool = True
+    optional_base: bool = False  # with a base_model: task vectors, the base not merged; without: whole weights
+    passed: dict[str, str] = field(default_factory=dict)  # mergekit global parameter -> jmerge hparam, as is
 
 
 _GTA = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
@@ -177,9 +200,38 @@ MERGEKIT: dict[str, MethodMap] = {
         "della", {**_GTA, "normalize": True, "rescale": True}, {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, {"sign": "sum"}
     ),
     "slerp": MethodMap("slerp", {"t": None}, {}, {"space": "weights"}),
-    "multislerp": MethodMap("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}),
+    "multislerp": MethodMap("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}, needs_base=False,
+                            optional_base=True),
     "model_stock": MethodMap("model_stock", {"filter_wise": False}, {}),
+    # mergekit_extra (jmerge/methods/mergekit_extra.py)
+    "della_linear": MethodMap(
+        "della_linear", {**_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
+    ),
+    "sce": MethodMap("sce", {"select_topk": 1.0, "int8_mask": False}, {}, passed={"select_topk": "select_topk"}),
+    "nearswap": MethodMap("nearswap", {"t": None}, {}, passed={"t": "t"}),
+    "arcee_fusion": MethodMap("arcee_fusion", {}, {}),
+    "karcher": MethodMap("karcher", {"max_iter": 10, "tol": 1e-5}, {}, needs_base=False,
+                         passed={"max_iter": "max_iter", "tol": "tol"}),
+    "nuslerp": MethodMap("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": None},
+                         needs_base=False, optional_base=True,
+                         passed={"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}),
+    "ram": MethodMap("ram", {"epsilon": 1e-5}, {}, passed={"epsilon": "epsilon"}),
+    "ramplus_tl": MethodMap("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {},
+                            passed={"r": "r", "alpha": "alpha", "epsilon": "epsilon"}),
 }
+# every method mergekit 0.1.5 registers (mergekit/merge_methods/registry.py and the decorated modules)
+MERGEKIT_METHODS = frozenset(MERGEKIT) | {"passthrough"}
+# every parameter name a mergekit method reads: for another method mergekit ignores them, so jmerge warns
+MERGEKIT_PARAMS = frozenset(k for mk in MERGEKIT.values() for k in (*mk.global_params, *mk.model_params)) | {"scale"}
+
+
+class ConfigWarning(UserWarning):
+    """A config key jmerge accepts but does not use (mergekit ignores it too)."""
+
+
+def _ignored(where: str, key: str, name: str) -> None:
+    warnings.warn(f"`{where}{key}` is ignored: merge_method {name!r} does not use it (mergekit ignores it too)",
+                  ConfigWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -305,6 +357,8 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     opts = cfg.jmerge
     name = opts.method or cfg.merge_method
     mk = MERGEKIT.get(name) if opts.method is None else None
+    if mk is None and name in MERGEKIT_METHODS and name not in registry.available():
+        raise ConfigError(f"merge_method {name!r} (a mergekit method) is not implemented in jmerge")
     if mk is None and name not in registry.available():
         known = sorted(set(MERGEKIT) | set(registry.available()))
         raise ConfigError(f"unknown merge_method {name!r}{_closest(name, known)} (known: {', '.join(known)})")
@@ -324,11 +378,17 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         if mk is None:
             raise ConfigError("`base_model` is required (the pre-trained model the task vectors start from)")
         base_ref = refs[0]
-    expert_specs = [m for m in cfg.models if m.model != cfg.base_model] if (mk is None or mk.needs_base) else list(cfg.models)
-    if not expert_specs:
-        raise ConfigError("no models to merge besides base_model")
     base = _resolve_path(base_ref, where, "base_model")
-    experts = tuple(_resolve_path(m.model, where, "model") for m in expert_specs)
+    paths = [_resolve_path(m.model, where, "model") for m in cfg.models]
+    if mk is None or mk.needs_base or (mk.optional_base and cfg.base_model is not None):
+        # the base_model may also be listed among `models` (mergekit's examples do), under any spelling of its path
+        kept = [(m, p) for m, p in zip(cfg.models, paths) if cfg.base_model is None or p.resolve() != base.resolve()]
+    else:
+        kept = list(zip(cfg.models, paths))
+    if not kept:
+        raise ConfigError("no models to merge besides base_model")
+    expert_specs = [m for m, _ in kept]
+    experts = tuple(p for _, p in kept)
     if method == "slerp" and mk is not None:  # mergekit: t=0 is the base model, t=1 the other one
         experts = (base, *experts)
 
@@ -395,6 +455,9 @@ def _lwptv(fields: dict[str, Any]):
 def _gather(name: str, allowed: dict[str, Any], cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:
     """Global and per-model parameter values with mergekit's precedence, unknown names rejected."""
     for key, value in cfg.parameters.items():
+        if key not in allowed and key in MERGEKIT_PARAMS:
+            _ignored("parameters.", key, name)
+            continue
         if key not in allowed:
             raise ConfigError(
                 f"merge_method {name!r} has no parameter {key!r}{_closest(key, allowed)} "
@@ -403,6 +466,9 @@ def _gather(name: str, allowed: dict[str, Any], cfg: MergeConfig, experts: list[
         _scalar(value, f"parameters.{key}")
     for m in experts:
         for key, value in m.parameters.items():
+            if key not in allowed and key in MERGEKIT_PARAMS:
+                _ignored(f"models[{m.model}].parameters.", key, name)
+                continue
             if key not in allowed:
                 raise ConfigError(
                     f"model {m.model!r}: merge_method {name!r} has no parameter {key!r}{_closest(key, allowed)}"
@@ -421,11 +487,11 @@ def _map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Mode
     hp: dict[str, Any] = dict(mk.fixed)
     jm = registry.get(mk.jmerge).defaults
     if "weight" in mk.model_params:
+        missing = [m.model for m, w in zip(experts, model_values("weight")) if w is None]
+        if missing:
+            raise ConfigError(f"merge_method {name!r} needs a `weight` for every model; missing for {', '.join(missing)}")
         weights = [float(w) for w in model_values("weight")]
-        if mk.jmerge == "average":
-            if not glob["normalize"]:
-                raise ConfigError("linear with `normalize: false` is not supported; give weights that sum to 1")
-        elif "normalize" in mk.global_params and "normalize" not in jm:
+        if "normalize" in mk.global_params and "normalize" not in jm:
             if glob["normalize"]:  # mergekit divides the mixed delta by the summed weights
                 total = sum(weights)
                 weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights
@@ -447,8 +513,8 @@ def _map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Mode
             raise ConfigError(f"merge_method {name!r}: `rescale: true` (mergekit's L1-norm rescaling) is not supported")
     if "rescale" in jm and "rescale" in mk.global_params:
         hp["rescale"] = bool(glob["rescale"])
-    if mk.jmerge == "della" and any(float(d) >= 1 for d in model_values("density")):
-        raise ConfigError("della needs `density` < 1 (with density 1 it prunes nothing; use ties or dare_ties)")
+    if mk.jmerge in ("della", "della_linear") and any(float(d) >= 1 for d in model_values("density")):
+        raise ConfigError(f"{name} needs `density` < 1 (with density 1 it prunes nothing; use ties or dare_ties)")
     if mk.jmerge == "slerp":
         if glob["t"] is None:
             raise ConfigError("slerp needs the parameter `t`")
@@ -462,7 +528,24 @@ def _map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Mode
             raise ConfigError("multislerp `eps` is fixed at 1e-8 in jmerge")
     if mk.jmerge == "model_stock":
         hp["filter_wise"] = bool(glob["filter_wise"])
+    if mk.jmerge in ("multislerp", "nuslerp"):  # mergekit: task vectors with a base_model, else whole weights
+        hp["space"] = "weights" if cfg.base_model is None else "task_vectors"
+    for key, jm_key in mk.passed.items():
+        if glob[key] is not None:
+            hp[jm_key] = _like(glob[key], mk.global_params[key], f"parameters.{key}")
     return hp
+
+
+def _like(value: Any, default: Any, where: str) -> Any:
+    """``value`` as the type of mergekit's default (YAML reads ``1e-6`` as a string; mergekit's
+    pydantic parameters coerce it)."""
+    kind = type(default) if default is not None else float
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{where}` must be a {kind.__name__}, got {value!r}") from None
 
 
 def _map_native(method: str, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:

@@ -481,6 +481,19 @@ def della(density: float | Sequence[float], epsilon: float = 0.15, rescale: bool
     return magprune
 
 
+def l1_rescale(original: Sequence[PyTree], sparse: Sequence[PyTree], eps: float = 1e-7) -> list[PyTree]:
+    """mergekit's ``rescale`` (``sparsify.rescaled_masked_tensor``, L1 norm): each sparsified
+    tensor times ``|tau|_1 / |sparse(tau)|_1``, per tensor, unchanged where either norm is
+    below ``eps``."""
+
+    def leaf(x, kept):
+        before, after = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(kept))
+        ok = (before >= eps) & (after >= eps)
+        return kept * jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
+
+    return [jax.tree.map(leaf, tv, kept) for tv, kept in zip(original, sparse)]
+
+
 def chain(*sparsifiers: Sparsifier) -> Sparsifier:
     """Applies sparsifiers in order, each with its own key folded from the given one."""
 

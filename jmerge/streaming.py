@@ -67,6 +67,15 @@ STREAMABLE = frozenset(
         "tsv",
         "iso_c",
         "iso_cts",
+        # jmerge/methods/mergekit_extra.py: all per tensor, as in mergekit
+        "della_linear",
+        "sce",
+        "nearswap",
+        "arcee_fusion",
+        "karcher",
+        "nuslerp",
+        "ram",
+        "ramplus_tl",
     }
 )
 PATH_PARAMS = ("svd_filter",)

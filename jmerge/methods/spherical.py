@@ -80,6 +80,8 @@ def slerp(base, tvs, *, key=None, t=0.5, space="weights"):
 def _multislerp_check(num_experts, hp):
     if num_experts < 2:
         raise validate.MergeInputError(f"multislerp needs at least 2 experts, got {num_experts}")
+    if hp["space"] not in ("weights", "task_vectors"):
+        raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
     if hp["weights"] is not None:
         validate.check_weights(hp["weights"], num_experts)
         w = np.asarray(hp["weights"], dtype=np.float64)
@@ -87,9 +89,16 @@ def _multislerp_check(num_experts, hp):
             raise validate.MergeInputError(f"multislerp weights must be >= 0 with a positive sum, got {hp['weights']!r}")
 
 
-@register("multislerp", check=_multislerp_check)
-def multislerp(base, tvs, *, key=None, weights=None):
-    """Multi-SLERP (mergekit): weighted mean direction of the unit task vectors times their weighted mean norm."""
+@register("multislerp", static=("space",), check=_multislerp_check)
+def multislerp(base, tvs, *, key=None, weights=None, space="task_vectors"):
+    """Multi-SLERP (mergekit): weighted mean direction of the unit task vectors times their weighted mean norm.
+
+    ``space="weights"`` (mergekit without ``base_model``) does the same to the experts' full
+    weights ``theta_t`` instead of ``tau_t``.
+    """
+    if space == "weights":
+        tvs = [jax.tree.map(lambda b, t: b.astype(jtree.ACCUM_DTYPE) + t, base, tv) for tv in tvs]
+        base = jax.tree.map(jnp.zeros_like, base)
     k = len(tvs)
     w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     w = w / jnp.sum(w)

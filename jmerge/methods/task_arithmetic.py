@@ -44,7 +44,7 @@ def _check(num_experts, hp, fractions=("density",), min_experts=1):
 
 def _average_check(num_experts, hp):
     _check(num_experts, hp)
-    if hp["weights"] is not None and validate.concrete(hp["weights"]) and float(np.sum(hp["weights"])) == 0.0:
+    if hp["normalize"] and hp["weights"] is not None and validate.concrete(hp["weights"]) and float(np.sum(hp["weights"])) == 0.0:
         raise validate.MergeInputError(f"average needs weights with a non-zero sum, got {hp['weights']!r}")
 
 
@@ -79,9 +79,14 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
 
 
 @register("average", check=_average_check)
-def average(base, tvs, *, key=None, weights=None):
-    """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup)."""
-    return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
+def average(base, tvs, *, key=None, weights=None, normalize=True):
+    """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup);
+    ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``."""
+    if normalize:
+        return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
+    total = len(tvs) if weights is None else sum(weights[i] for i in range(len(tvs)))  # sum_t w_t theta_t =
+    mixed = stages.combine(tvs, weights)  # (sum_t w_t) theta_0 + sum_t w_t tau_t
+    return jax.tree.map(lambda b, t: (total * b.astype(jtree.ACCUM_DTYPE) + t).astype(b.dtype), base, mixed)
 
 
 @register("task_arithmetic", check=_check)
@@ -114,9 +119,10 @@ def _ties_prepare(base, experts, hp):
     return hp
 
 
-@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, prepare=_ties_prepare)
+@register("ties", static=("density", "trim", "sign", "normalize", "rescale"), check=_ties_check, prepare=_ties_prepare)
 def ties(
-    base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, thresholds=None
+    base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True,
+    thresholds=None, rescale=False,
 ):
     """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale.
 
@@ -124,10 +130,13 @@ def ties(
     largest found by a streaming first pass or by :mod:`jmerge.collectives` on a mesh)
     replaces the ranking: entries with ``|tau_t| >= thresholds[t]`` are kept. On a mesh of
     several devices, or on the host CPU, :func:`jmerge.merge` computes them before the jitted
-    merge (:func:`_ties_prepare`).
+    merge (:func:`_ties_prepare`). ``rescale`` multiplies each trimmed tensor back to its L1
+    norm before the election (mergekit's ``rescale: true``, :func:`jmerge.stages.l1_rescale`).
     """
     trim_fn = stages.threshold_trim(thresholds) if thresholds is not None else stages.magnitude_trim(density, trim)
     trimmed = trim_fn(tvs)
+    if rescale:
+        trimmed = stages.l1_rescale(tvs, trimmed)
     return _elect_and_combine(base, trimmed, weights, sign, normalize, scale)
 
 

@@ -1,0 +1,323 @@
+"""The merge methods mergekit 0.1.5 registers beyond jmerge's task-arithmetic family and
+spherical methods, with mergekit's per-tensor semantics as the defaults (read from
+``mergekit/merge_methods/{generalized_task_arithmetic,sce,nearswap,arcee_fusion,karcher,
+nuslerp,ram}.py`` and ``mergekit/sparsify.py``, arcee-ai/mergekit a6e4028, the 0.1.5 wheel
+has the same functions).
+
+Every method works tensor by tensor (so it streams, like mergekit) on float32 task vectors
+``tau_t = theta_t - theta_0``; ``theta_t = theta_0 + tau_t`` where a method needs the weights.
+Reductions run over a tensor's own axes without reshapes, so sharded axes stay sharded
+(except where a sort is needed: ``sce``'s top-k and ``arcee_fusion``'s quantiles).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmerge import stages
+from jmerge import tree as jtree
+from jmerge import validate
+from jmerge.methods.registry import register
+from jmerge.methods.task_arithmetic import _della_check
+
+F32 = jtree.ACCUM_DTYPE
+
+
+def _stack(ts):
+    return jnp.stack(ts)  # (K, *shape)
+
+
+def _per_model(w, ndim):
+    """A (K,) vector shaped to broadcast against a (K, *shape) stack."""
+    return w.reshape((-1,) + (1,) * ndim)
+
+
+def _exactly(name, n, num_experts, what):
+    if num_experts != n:
+        raise validate.MergeInputError(f"{name} merges {what}, got {num_experts} experts")
+
+
+# ----------------------------------------------------------------------------- della_linear
+def _della_linear_check(num_experts, hp):
+    _della_check(num_experts, hp)
+    if hp["rescale_norm"] not in ("l1", "keep_probability"):
+        raise validate.MergeInputError(f"rescale_norm must be 'l1' or 'keep_probability', got {hp['rescale_norm']!r}")
+
+
+@register("della_linear", static=("density", "epsilon", "rescale", "rescale_norm"), needs_key=True,
+          check=_della_linear_check)
+def della_linear(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, weights=None, rescale=True,
+                 rescale_norm="l1"):
+    """Linear DELLA (Deep et al., arXiv 2406.11617; mergekit ``della_linear``): MagPrune, then
+    ``theta_0 + lambda sum_t w_t MagPrune(tau_t)`` with no sign election.
+
+    MagPrune keeps entry i with probability ``p_i = (d - eps) + 2 eps r_i`` (``r_i`` its
+    magnitude rank in [0, 1] along the last axis, :func:`jmerge.stages.della`). ``rescale``
+    with ``rescale_norm="l1"`` (mergekit) multiplies each pruned tensor back to its L1 norm;
+    ``"keep_probability"`` (the paper) divides each survivor by ``p_i``.
+    """
+    by_probability = rescale and rescale_norm == "keep_probability"
+    kept = stages.della(density, epsilon, by_probability)(tvs, key)
+    if rescale and rescale_norm == "l1":
+        kept = stages.l1_rescale(tvs, kept)
+    return jtree.apply(base, stages.combine(kept, weights), scale)
+
+
+# ----------------------------------------------------------------------------- sce
+def _sce_check(num_experts, hp):
+    if num_experts < 1:
+        raise validate.MergeInputError("sce needs at least 1 expert")
+    validate.check_fraction("select_topk", hp["select_topk"], low_open=False)
+
+
+def _top_variance_mask(x, fraction):
+    """mergekit's ``sce_mask``: the ``int(fraction * count_nonzero(var))`` entries of largest
+    variance across the experts (population variance), ties broken by position."""
+    var = jnp.var(x, axis=0)
+    k = jnp.floor(jnp.count_nonzero(var).astype(F32) * fraction).astype(jnp.int32)
+    order = jnp.argsort(-var.reshape(-1), stable=True)
+    rank = jnp.zeros(var.size, jnp.int32).at[order].set(jnp.arange(var.size, dtype=jnp.int32))
+    return (rank < k).reshape(var.shape)
+
+
+@register("sce", static=("select_topk",), check=_sce_check)
+def sce(base, tvs, *, key=None, select_topk=1.0):
+    """SCE (FuseChat, Wan et al., arXiv 2408.07990; mergekit ``sce``), per tensor.
+
+    Select: with ``select_topk < 1``, keep in every ``tau_t`` only the top ``select_topk``
+    fraction of the (non-zero-variance) entries by variance across experts. Calculate:
+    ``w_t = mean(tau_t^2) / sum_s mean(tau_s^2)`` (``1/K`` when that sum is below 1e-6).
+    Erase: ``m_t = 1[sign(tau_t) == sign(sum_s tau_s)]`` (TIES' mass election, ties to +).
+    ``theta = theta_0 + sum_t w_t m_t tau_t / max(sum_t w_t m_t, 1e-6)``.
+    """
+
+    def leaf(_, ts):
+        x = _stack(ts)
+        if select_topk < 1:
+            x = jnp.where(_top_variance_mask(x, select_topk), x, 0.0)
+        keep = jnp.sign(x) == jnp.where(jnp.sum(x, axis=0) >= 0, 1.0, -1.0)
+        w = jnp.mean(x * x, axis=tuple(range(1, x.ndim)))
+        total = jnp.sum(w)
+        w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / len(ts), w / jnp.where(jnp.abs(total) < 1e-6, 1.0, total))
+        ew = jnp.where(keep, _per_model(w, x.ndim - 1), 0.0)
+        return jnp.sum(x * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+
+    return jtree.apply(base, jtree.map_tasks(leaf, tvs))
+
+
+# ----------------------------------------------------------------------------- nearswap
+def _nearswap_check(num_experts, hp):
+    _exactly("nearswap", 1, num_experts, "one model into the base")
+    if hp["t"] is None:
+        raise validate.MergeInputError("nearswap needs the parameter t (the distance below which the model's value is taken)")
+    validate.check_finite_number("t", hp["t"])
+
+
+@register("nearswap", check=_nearswap_check)
+def nearswap(base, tvs, *, key=None, t=None):
+    """NearSwap (alchemonaut, huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001; mergekit
+    ``nearswap``): per entry ``w = clip(t / max(|theta_1 - theta_0|, 1e-6), 0, 1)`` and
+    ``theta = theta_0 + w tau_1``: the model's value where it is within ``t`` of the base,
+    moving toward the base as they differ more."""
+    (tau,) = tvs
+    return jtree.apply(base, jax.tree.map(lambda x: jnp.clip(t / jnp.maximum(jnp.abs(x), 1e-6), 0.0, 1.0) * x, tau))
+
+
+# ----------------------------------------------------------------------------- arcee_fusion
+def _arcee_fusion_check(num_experts, hp):
+    del hp
+    _exactly("arcee_fusion", 1, num_experts, "one model into the base")
+
+
+def _quantile_lower(sorted_flat, q):
+    """``sorted[floor(q (n - 1))]``, mergekit's ``approximate_quantiles`` index."""
+    return sorted_flat[int(q * (sorted_flat.size - 1))]
+
+
+@register("arcee_fusion", check=_arcee_fusion_check)
+def arcee_fusion(base, tvs, *, key=None):
+    """Arcee Fusion (Arcee AI, arcee.ai blog; mergekit ``arcee_fusion``), per tensor.
+
+    Importance ``s = |tau| * KL(softmax(theta_1) || softmax(theta_0))`` with the KL taken
+    along the last axis (``+1e-8`` on both distributions) and broadcast over it; entries with
+    ``s >= median(s) + 1.5 IQR(s)`` take the model's value, the rest keep the base's. The
+    quantiles are ``sorted(s)[floor(q (n-1))]`` over all entries; mergekit estimates them from
+    a random sample of 10^6 entries when a tensor is larger (not reproducible), jmerge always
+    uses every entry.
+    """
+    (tau,) = tvs
+
+    def leaf(b, x):
+        shape = b.shape
+        b0 = b.astype(F32).reshape(shape or (1,))
+        x = x.reshape(shape or (1,))
+        p = jax.nn.softmax(b0 + x, axis=-1) + 1e-8
+        q = jax.nn.softmax(b0, axis=-1) + 1e-8
+        kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+        s = jnp.abs(x) * kl
+        ordered = jnp.sort(s.reshape(-1))
+        median = _quantile_lower(ordered, 0.5)
+        threshold = median + 1.5 * (_quantile_lower(ordered, 0.75) - _quantile_lower(ordered, 0.25))
+        return jnp.where(s >= threshold, x, 0.0).reshape(shape)
+
+    return jtree.apply(base, jax.tree.map(leaf, base, tau))
+
+
+# ----------------------------------------------------------------------------- karcher
+def _karcher_check(num_experts, hp):
+    if num_experts < 1:
+        raise validate.MergeInputError("karcher needs at least 1 model")
+    if not isinstance(hp["max_iter"], (int, np.integer)) or hp["max_iter"] < 0:
+        raise validate.MergeInputError(f"max_iter must be an integer >= 0, got {hp['max_iter']!r}")
+    validate.check_fraction("tol", hp["tol"], high=float("inf"))
+
+
+def _karcher_mean(xs, max_iter, tol):
+    """mergekit's ``karcher_merge_tensors`` with equal weights ``a = 1/K`` on flattened tensors."""
+    k = len(xs)
+    x = _stack(xs)
+    axes = tuple(range(1, x.ndim))
+    norms = jnp.sqrt(jnp.sum(x * x, axis=axes))  # (K,)
+    units = jnp.where(_per_model(norms > 0, x.ndim - 1), x / _per_model(jnp.where(norms > 0, norms, 1.0), x.ndim - 1), 0.0)
+    valid = norms > tol
+    a = jnp.where(valid, 1.0 / k, 0.0)
+    a = a / jnp.where(jnp.any(valid), jnp.sum(a), 1.0)
+    u = jnp.sum(_per_model(a, x.ndim - 1) * units, axis=0)
+    nu = jnp.sqrt(jnp.sum(u * u))
+    u = jnp.where(nu < tol, units[jnp.argmax(valid)], u / jnp.where(nu < tol, 1.0, nu))
+
+    def step(_, carry):
+        u, done = carry
+        cos = jnp.clip(jnp.sum(units * u, axis=axes), -1.0, 1.0)  # (K,)
+        theta = jnp.arccos(cos)
+        moves = valid & (theta >= tol)
+        coef = jnp.where(moves, a * theta / jnp.where(moves, jnp.sin(theta), 1.0), 0.0)
+        tangent = jnp.sum(_per_model(coef, x.ndim - 1) * (units - _per_model(cos, x.ndim - 1) * u), axis=0)
+        nt = jnp.sqrt(jnp.sum(tangent * tangent))
+        stop = done | (nt < tol)
+        new = jnp.cos(nt) * u + jnp.sin(nt) * (tangent / jnp.where(nt > 0, nt, 1.0))
+        nn = jnp.sqrt(jnp.sum(new * new))
+        new = jnp.where(nn > tol, new / jnp.where(nn > tol, nn, 1.0), new)
+        return jnp.where(stop, u, new), stop
+
+    u, _ = jax.lax.fori_loop(0, max_iter, step, (u, jnp.asarray(False)))
+    return jnp.where(jnp.any(valid), jnp.sum(norms) / k * u, 0.0)
+
+
+@register("karcher", static=("max_iter",), check=_karcher_check)
+def karcher(base, tvs, *, key=None, max_iter=10, tol=1e-5):
+    """Karcher (Riemannian) mean of the models' weights on the sphere (mergekit ``karcher``;
+    Grove & Karcher 1973), per tensor, on full weights ``theta_t = theta_0 + tau_t``.
+
+    With unit vectors ``u_t = theta_t / |theta_t|`` (those of norm <= ``tol`` left out) and
+    equal weights, start at the normalised mean of the ``u_t`` and repeat up to ``max_iter``
+    times: ``T = mean_t theta_t'/sin(theta_t') (u_t - cos(theta_t') u)`` over the ``u_t`` at
+    angle ``theta_t' >= tol`` from ``u``, stop when ``|T| < tol``, else
+    ``u <- normalise(cos|T| u + sin|T| T/|T|)``. Result: ``mean_t |theta_t| * u``.
+    """
+
+    def leaf(b, *ts):
+        b32 = b.astype(F32)
+        return _karcher_mean([b32 + t for t in ts], max_iter, tol).astype(b.dtype)
+
+    return jax.tree.map(leaf, base, *tvs)
+
+
+# ----------------------------------------------------------------------------- nuslerp
+def _nuslerp_check(num_experts, hp):
+    _exactly("nuslerp", 2, num_experts, "exactly two models (plus an optional base)")
+    if hp["weights"] is None:
+        raise validate.MergeInputError("nuslerp needs one weight per model (weights=(w_1, w_2); t = w_2 / (w_1 + w_2))")
+    validate.check_weights(hp["weights"], num_experts)
+    if hp["space"] not in ("weights", "task_vectors"):
+        raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
+
+
+def _nuslerp_pair(t, v0, v1, axis):
+    """mergekit 0.1.5's ``nuslerp``: SLERP along ``axis`` (None: the whole tensor), lerp where
+    ``1 - cos^2 theta <= 1e-16``; directions normalised with norms floored at 1e-7."""
+    norm = lambda v: jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=axis, keepdims=True)), 1e-7)  # noqa: E731
+    cos = jnp.clip(jnp.sum((v0 / norm(v0)) * (v1 / norm(v1)), axis=axis, keepdims=True), -1.0, 1.0)
+    colinear = 1.0 - cos * cos <= 1e-16
+    theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
+    sin = jnp.sin(theta)
+    spherical = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / jnp.where(colinear, 1.0, sin)
+    return jnp.where(colinear, (1 - t) * v0 + t * v1, spherical)
+
+
+@register("nuslerp", static=("flatten", "row_wise", "space"), check=_nuslerp_check)
+def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, space="weights"):
+    """NuSLERP (mergekit ``nuslerp``): SLERP of two models at ``t = w_2 / (w_1 + w_2)``
+    (0.5 when ``|w_1 + w_2| < 1e-6``), per tensor; lerp for (anti)parallel pairs.
+
+    ``space="weights"`` (mergekit without ``base_model``) interpolates ``theta_1, theta_2``;
+    ``"task_vectors"`` (with ``base_model``) gives ``theta_0 + slerp(t, tau_1, tau_2)``.
+    ``flatten`` (mergekit's ``nuslerp_flatten``, default) takes one angle per tensor; else one
+    per row along the last axis, or along the first axis with ``row_wise``
+    (``nuslerp_row_wise``).
+    """
+    w = jnp.asarray(weights, F32)
+    total = w[0] + w[1]
+    small = jnp.abs(total) < 1e-6
+    t = jnp.where(small, 0.5, w[1] / jnp.where(small, 1.0, total))
+
+    def leaf(b, t1, t2):
+        b32 = b.astype(F32)
+        axis = None if (flatten or b.ndim == 0) else (0 if row_wise else b.ndim - 1)
+        if space == "task_vectors":
+            return (b32 + _nuslerp_pair(t, t1, t2, axis)).astype(b.dtype)
+        return _nuslerp_pair(t, b32 + t1, b32 + t2, axis).astype(b.dtype)
+
+    return jax.tree.map(leaf, base, *tvs)
+
+
+# ----------------------------------------------------------------------------- ram, ramplus_tl
+def _ram_check(num_experts, hp):
+    if num_experts < 1:
+        raise validate.MergeInputError("ram needs at least 1 expert")
+    validate.check_fraction("epsilon", hp["epsilon"], low_open=False, high=float("inf"))
+    for name in ("r", "alpha"):
+        if name in hp:
+            validate.check_fraction(name, hp[name], low_open=False, high=float("inf"))
+
+
+def _ram_parts(ts, epsilon):
+    """Stacked task vectors with entries of ``|tau| <= epsilon`` zeroed, and the masks of
+    entries one expert (``unique``) or several (``shared``) change, with the counts."""
+    x = _stack(ts)
+    changed = jnp.abs(x) > epsilon
+    count = jnp.sum(changed, axis=0)
+    return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count
+
+
+@register("ram", check=_ram_check)
+def ram(base, tvs, *, key=None, epsilon=1e-5):
+    """RAM, Reinforced Agent Merging (arXiv 2601.13572; mergekit ``ram``), per entry: an entry
+    only one expert changes (``|tau_t| > epsilon``) takes that change, an entry several change
+    takes the mean of their changes: ``theta_0 + sum_t tau_t [unique] + sum_t tau_t [shared] / n``."""
+
+    def leaf(_, ts):
+        x, _changed, unique, shared, count = _ram_parts(ts, epsilon)
+        return jnp.sum(jnp.where(unique, x, 0.0) + jnp.where(shared, x / jnp.maximum(count, 1), 0.0), axis=0)
+
+    return jtree.apply(base, jtree.map_tasks(leaf, tvs))
+
+
+@register("ramplus_tl", check=_ram_check)
+def ramplus_tl(base, tvs, *, key=None, r=0.1, alpha=0.2, epsilon=1e-5):
+    """RAM+ with tensor-local overlap ratios (arXiv 2601.13572; mergekit ``ramplus_tl``): as
+    :func:`ram`, but expert t's unique changes are scaled by ``lambda_t = 1 + r clip(rho_t, 0,
+    alpha)``, ``rho_t = #shared_t / max(#unique_t, epsilon)`` counted within the tensor."""
+
+    def leaf(_, ts):
+        x, changed, unique, shared, count = _ram_parts(ts, epsilon)
+        axes = tuple(range(1, x.ndim))
+        n_shared = jnp.sum(changed & shared, axis=axes).astype(F32)
+        n_unique = jnp.sum(changed & unique, axis=axes).astype(F32)
+        lam = 1.0 + r * jnp.clip(n_shared / jnp.maximum(n_unique, epsilon), 0.0, alpha)
+        boosted = jnp.where(unique, x * _per_model(lam, x.ndim - 1), 0.0)
+        return jnp.sum(boosted + jnp.where(shared, x / jnp.maximum(count, 1), 0.0), axis=0)
+
+    return jtree.apply(base, jtree.map_tasks(leaf, tvs))
