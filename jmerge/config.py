@@ -540,11 +540,11 @@ def _like(value: Any, default: Any, where: str) -> Any:
     pydantic parameters coerce it)."""
     kind = type(default) if default is not None else float
     try:
-        if kind is bool and not isinstance(value, bool):
+        if (kind is bool and not isinstance(value, bool)) or (kind is int and float(value) != int(float(value))):
             raise ValueError
-        return kind(value)
+        return kind(float(value)) if kind is int else kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"`{where}` must be a {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"`{where}` must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
 
 
 def _map_native(method: str, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:

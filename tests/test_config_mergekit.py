@@ -110,6 +110,10 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(root, text, mes
      "merge_method 'ties' has no parameter 'densty'; did you mean 'density'? (parameters: density, int8_mask, lambda, "
      "normalize, rescale, weight)"),
     (models("e0") + "merge_method: sce\n", "merge_method 'sce' needs `base_model`"),
+    (models("e0", "e1") + "merge_method: karcher\nparameters: {max_iter: 2.5}\n",
+     "`parameters.max_iter` must be an int, got 2.5"),
+    (models("e0", "e1") + "merge_method: karcher\nparameters: {tol: small}\n",
+     "`parameters.tol` must be a float, got 'small'"),
 ])
 def test_bad_mergekit_configs_get_a_precise_error(root, text, message):
     with pytest.raises(config.ConfigError, match="^" + re.escape(message) + "$"):

@@ -1,8 +1,8 @@
 """The merge methods mergekit 0.1.5 registers beyond jmerge's task-arithmetic family and
 spherical methods, with mergekit's per-tensor semantics as the defaults (read from
 ``mergekit/merge_methods/{generalized_task_arithmetic,sce,nearswap,arcee_fusion,karcher,
-nuslerp,ram}.py`` and ``mergekit/sparsify.py``, arcee-ai/mergekit a6e4028, the 0.1.5 wheel
-has the same functions).
+nuslerp,ram}.py`` and ``mergekit/sparsify.py`` of the 0.1.5 wheel; arcee-ai/mergekit a6e4028
+has the same formulas except nuslerp's colinearity test).
 
 Every method works tensor by tensor (so it streams, like mergekit) on float32 task vectors
 ``tau_t = theta_t - theta_0``; ``theta_t = theta_0 + tau_t`` where a method needs the weights.
@@ -23,10 +23,6 @@ from jmerge.methods.registry import register
 from jmerge.methods.task_arithmetic import _della_check
 
 F32 = jtree.ACCUM_DTYPE
-
-
-def _stack(ts):
-    return jnp.stack(ts)  # (K, *shape)
 
 
 def _per_model(w, ndim):
@@ -94,7 +90,7 @@ def sce(base, tvs, *, key=None, select_topk=1.0):
     """
 
     def leaf(_, ts):
-        x = _stack(ts)
+        x = jnp.stack(ts)
         if select_topk < 1:
             x = jnp.where(_top_variance_mask(x, select_topk), x, 0.0)
         keep = jnp.sign(x) == jnp.where(jnp.sum(x, axis=0) >= 0, 1.0, -1.0)
@@ -177,7 +173,7 @@ def _karcher_check(num_experts, hp):
 def _karcher_mean(xs, max_iter, tol):
     """mergekit's ``karcher_merge_tensors`` with equal weights ``a = 1/K`` on flattened tensors."""
     k = len(xs)
-    x = _stack(xs)
+    x = jnp.stack(xs)
     axes = tuple(range(1, x.ndim))
     norms = jnp.sqrt(jnp.sum(x * x, axis=axes))  # (K,)
     units = jnp.where(_per_model(norms > 0, x.ndim - 1), x / _per_model(jnp.where(norms > 0, norms, 1.0), x.ndim - 1), 0.0)
@@ -286,7 +282,7 @@ def _ram_check(num_experts, hp):
 def _ram_parts(ts, epsilon):
     """Stacked task vectors with entries of ``|tau| <= epsilon`` zeroed, and the masks of
     entries one expert (``unique``) or several (``shared``) change, with the counts."""
-    x = _stack(ts)
+    x = jnp.stack(ts)
     changed = jnp.abs(x) > epsilon
     count = jnp.sum(changed, axis=0)
     return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count
