@@ -224,9 +224,8 @@ def karcher(base, tvs, *, key=None, max_iter=10, tol=1e-5):
 # ----------------------------------------------------------------------------- nuslerp
 def _nuslerp_check(num_experts, hp):
     _exactly("nuslerp", 2, num_experts, "exactly two models (plus an optional base)")
-    if hp["weights"] is None:
-        raise validate.MergeInputError("nuslerp needs one weight per model (weights=(w_1, w_2); t = w_2 / (w_1 + w_2))")
-    validate.check_weights(hp["weights"], num_experts)
+    if hp["weights"] is not None:
+        validate.check_weights(hp["weights"], num_experts)
     if hp["space"] not in ("weights", "task_vectors"):
         raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
 
@@ -246,7 +245,8 @@ def _nuslerp_pair(t, v0, v1, axis):
 @register("nuslerp", static=("flatten", "row_wise", "space"), check=_nuslerp_check)
 def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, space="weights"):
     """NuSLERP (mergekit ``nuslerp``): SLERP of two models at ``t = w_2 / (w_1 + w_2)``
-    (0.5 when ``|w_1 + w_2| < 1e-6``), per tensor; lerp for (anti)parallel pairs.
+    (0.5 when ``|w_1 + w_2| < 1e-6`` or without ``weights``), per tensor; lerp for
+    (anti)parallel pairs. (mergekit requires a ``weight`` per model; the config mapping does too.)
 
     ``space="weights"`` (mergekit without ``base_model``) interpolates ``theta_1, theta_2``;
     ``"task_vectors"`` (with ``base_model``) gives ``theta_0 + slerp(t, tau_1, tau_2)``.
@@ -254,7 +254,7 @@ def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, 
     per row along the last axis, or along the first axis with ``row_wise``
     (``nuslerp_row_wise``).
     """
-    w = jnp.asarray(weights, F32)
+    w = jnp.ones((2,), F32) if weights is None else jnp.asarray(weights, F32)
     total = w[0] + w[1]
     small = jnp.abs(total) < 1e-6
     t = jnp.where(small, 0.5, w[1] / jnp.where(small, 1.0, total))
