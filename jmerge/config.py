@@ -530,7 +530,7 @@ def _map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Mode
             raise ConfigError("multislerp `eps` is fixed at 1e-8 in jmerge")
     if mk.jmerge == "model_stock":
         hp["filter_wise"] = bool(glob["filter_wise"])
-    if mk.jmerge in ("multislerp", "nuslerp"):  # mergekit: task vectors with a base_model, else whole weights
+    if mk.optional_base:  # mergekit: task vectors with a base_model, else whole weights
         hp["space"] = "weights" if cfg.base_model is None else "task_vectors"
     for key, jm_key in mk.passed.items():
         if glob[key] is not None:
