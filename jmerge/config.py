@@ -54,7 +54,8 @@ model_stock        model_stock         filter_wise (false); base_model required
 sce                sce                 select_topk (1.0); base_model required
 nearswap           nearswap            t (required); base_model + one model
 arcee_fusion       arcee_fusion        base_model + one model
-karcher            karcher             max_iter (10), tol (1e-5); every listed model, no base needed
+karcher            karcher             max_iter (10), tol (1e-5); every listed model and the
+                                       base_model if given (as mergekit 0.1.5), no base needed
 nuslerp            nuslerp             weight (required) -> weights, nuslerp_flatten (true) -> flatten,
                                        nuslerp_row_wise (false) -> row_wise; base_model optional
                                        (task vectors with it, whole weights without)
@@ -68,7 +69,7 @@ A parameter mergekit reads for some method but not for this one (e.g. a per-mode
 mergekit ignores it; any other unknown name is an error (mergekit would silently ignore a
 misspelt ``densty``). The ``base_model`` may also be listed among ``models`` (under any
 spelling of its path); it is then not merged as an expert, except for ``linear`` and
-``karcher``, which average every listed model.
+``karcher``, which average every listed model (``karcher`` the base_model too).
 
 Any other registered jmerge method (``magmax``, ``consensus``, ``tsv``, ``iso_c``,
 ``iso_cts``...) may be named in ``merge_method`` directly: its global ``parameters`` are
@@ -391,6 +392,8 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     experts = tuple(p for _, p in kept)
     if method == "slerp" and mk is not None:  # mergekit: t=0 is the base model, t=1 the other one
         experts = (base, *experts)
+    if name == "karcher" and cfg.base_model is not None and all(p.resolve() != base.resolve() for p in experts):
+        experts = (base, *experts)  # mergekit 0.1.5 averages the base_model with the models
 
     hp = _map_mergekit(name, mk, cfg, expert_specs) if mk else _map_native(method, cfg, expert_specs)
     for key, value in opts.parameters.items():
@@ -528,7 +531,7 @@ def _map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Mode
             raise ConfigError("multislerp `eps` is fixed at 1e-8 in jmerge")
     if mk.jmerge == "model_stock":
         hp["filter_wise"] = bool(glob["filter_wise"])
-    if mk.jmerge in ("multislerp", "nuslerp"):  # mergekit: task vectors with a base_model, else whole weights
+    if mk.optional_base:  # mergekit: task vectors with a base_model, else whole weights
         hp["space"] = "weights" if cfg.base_model is None else "task_vectors"
     for key, jm_key in mk.passed.items():
         if glob[key] is not None:
@@ -541,11 +544,11 @@ def _like(value: Any, default: Any, where: str) -> Any:
     pydantic parameters coerce it)."""
     kind = type(default) if default is not None else float
     try:
-        if kind is bool and not isinstance(value, bool):
+        if (kind is bool and not isinstance(value, bool)) or (kind is int and float(value) != int(float(value))):
             raise ValueError
-        return kind(value)
+        return kind(float(value)) if kind is int else kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"`{where}` must be a {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"`{where}` must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
 
 
 def _map_native(method: str, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:

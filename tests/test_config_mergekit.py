@@ -52,6 +52,8 @@ def models(*names, **params):
     ("nearswap", models("e0") + "base_model: base\nparameters: {t: 0.001}\n", {"t": 0.001}, ("e0",)),
     ("arcee_fusion", models("base", "e0") + "base_model: base\n", {}, ("e0",)),
     ("karcher", models("e0", "e1") + "parameters: {max_iter: 5, tol: 1e-6}\n", {"max_iter": 5, "tol": 1e-6}, ("e0", "e1")),
+    ("karcher", models("e0", "e1") + "base_model: base\n", {"max_iter": 10, "tol": 1e-5}, ("base", "e0", "e1")),
+    ("karcher", models("e0", "base") + "base_model: ./base\n", {"max_iter": 10, "tol": 1e-5}, ("e0", "base")),
     ("nuslerp", models("e0", "e1", e0="{weight: 1.0}", e1="{weight: 0.5}"),
      {"weights": (1.0, 0.5), "space": "weights", "flatten": True, "row_wise": False}, ("e0", "e1")),
     ("nuslerp", models("e0", "e1", e0="{weight: 1.0}", e1="{weight: 0.5}")
@@ -110,6 +112,10 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(root, text, mes
      "merge_method 'ties' has no parameter 'densty'; did you mean 'density'? (parameters: density, int8_mask, lambda, "
      "normalize, rescale, weight)"),
     (models("e0") + "merge_method: sce\n", "merge_method 'sce' needs `base_model`"),
+    (models("e0", "e1") + "merge_method: karcher\nparameters: {max_iter: 2.5}\n",
+     "`parameters.max_iter` must be an int, got 2.5"),
+    (models("e0", "e1") + "merge_method: karcher\nparameters: {tol: small}\n",
+     "`parameters.tol` must be a float, got 'small'"),
 ])
 def test_bad_mergekit_configs_get_a_precise_error(root, text, message):
     with pytest.raises(config.ConfigError, match="^" + re.escape(message) + "$"):

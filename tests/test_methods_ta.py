@@ -225,16 +225,20 @@ def _sharded(tree, mesh):
     return jax.tree.map(put, tree)
 
 
+REQUIRED = {"nearswap": {"t": 0.1}}  # hyper-parameters without a default
+
+
 def _models_for(method):
-    """Two experts (SLERP takes exactly two), or three if the method needs more."""
+    """Two experts (SLERP takes exactly two), or three if the method needs more, or one
+    (nearswap, arcee_fusion)."""
     shapes = {k: (s, np.float32) for k, s in {**SHARD_SHAPES, **(BIG if method in SEARCHING else {})}.items()}
-    for k in (2, 3):
+    for k in (2, 3, 1):
         try:
-            jmerge.get(method).resolve(k, {})
+            jmerge.get(method).resolve(k, REQUIRED.get(method, {}))
         except jmerge.MergeInputError:
             continue
         return random_models(shapes, k, seed=5)
-    raise AssertionError(f"{method} accepts neither 2 nor 3 experts with its defaults")
+    raise AssertionError(f"{method} accepts neither 2, 3 nor 1 experts with its defaults")
 
 
 @pytest.mark.parametrize("method", jmerge.available())
@@ -243,9 +247,10 @@ def test_every_method_sharded_on_8_devices_equals_unsharded(method):
     mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     base, experts = _models_for(method)
     key = jax.random.key(3) if jmerge.get(method).needs_key else None
-    plain = jmerge.merge(base, experts, method, key=key)
+    hp = REQUIRED.get(method, {})
+    plain = jmerge.merge(base, experts, method, key=key, **hp)
     sbase, sexperts = _sharded(base, mesh), [_sharded(e, mesh) for e in experts]
-    sharded = jmerge.merge(sbase, sexperts, method, key=key)
+    sharded = jmerge.merge(sbase, sexperts, method, key=key, **hp)
     chex.assert_trees_all_close(sharded, plain, rtol=1e-5, atol=1e-5)
     for out, inp in zip(jax.tree.leaves(sharded), jax.tree.leaves(sbase)):
         assert out.sharding.is_equivalent_to(inp.sharding, out.ndim), (method, out.sharding, inp.sharding)

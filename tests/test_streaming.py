@@ -60,11 +60,17 @@ PER_TENSOR = [
     ("tsv", {}),
     ("iso_c", {}),
     ("iso_cts", {"svd_filter": r"^l0\."}),  # path-sensitive: streamed with real names
+    ("sce", {"select_topk": 0.5}),
+    ("karcher", {}),
+    ("ram", {"epsilon": 0.05}),
+    ("ramplus_tl", {"epsilon": 0.05}),
 ]
+FEWER_EXPERTS = [("nearswap", 1, {"t": 0.05}), ("arcee_fusion", 1, {}), ("nuslerp", 2, {"weights": (1.0, 3.0)})]
 
 
 def test_every_streamable_method_is_covered():
-    covered = {m for m, _ in PER_TENSOR} | {"ties", "slerp", "dare_linear", "dare_ties", "della"}
+    covered = {m for m, _ in PER_TENSOR} | {m for m, _, _ in FEWER_EXPERTS} | {"ties", "slerp", "dare_linear",
+                                                                                 "dare_ties", "della", "della_linear"}
     assert covered == set(streaming.STREAMABLE)
 
 
@@ -77,6 +83,15 @@ def test_streamed_equals_in_memory(ckpts, method, hp):
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), rtol=0, atol=1e-6, err_msg=n)
         assert got[n].dtype == np.float32
     np.testing.assert_array_equal(got["position_ids"], np.arange(5).reshape(1, 5))  # copied from the base
+
+
+@pytest.mark.parametrize("method,n,hp", FEWER_EXPERTS, ids=[m for m, _, _ in FEWER_EXPERTS])
+def test_streamed_equals_in_memory_with_fewer_experts(ckpts, method, n, hp):
+    _, base, experts, paths = ckpts
+    got = _streamed(paths, method, n_experts=n, **hp)
+    ref = jmerge.merge(base, experts[:n], method, **hp)
+    for n_ in NAMES:
+        np.testing.assert_allclose(got[n_], np.asarray(ref[n_]), rtol=0, atol=1e-6, err_msg=n_)
 
 
 def test_slerp_two_experts(ckpts):
@@ -146,7 +161,8 @@ def test_kth_in_bracket_and_kth_largest_on_ties():
 
 
 @pytest.mark.parametrize("method,hp", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
-                                       ("della", {"density": 0.6, "epsilon": 0.1})])
+                                       ("della", {"density": 0.6, "epsilon": 0.1}),
+                                       ("della_linear", {"density": 0.6, "epsilon": 0.1})])
 def test_stochastic_methods_use_per_name_keys(ckpts, method, hp):
     """Streamed DARE/DELLA: deterministic, and each tensor equals an in-memory merge of that
     tensor alone with key fold_in(key, hash(name))."""

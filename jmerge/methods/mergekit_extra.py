@@ -1,8 +1,8 @@
 """The merge methods mergekit 0.1.5 registers beyond jmerge's task-arithmetic family and
 spherical methods, with mergekit's per-tensor semantics as the defaults (read from
 ``mergekit/merge_methods/{generalized_task_arithmetic,sce,nearswap,arcee_fusion,karcher,
-nuslerp,ram}.py`` and ``mergekit/sparsify.py``, arcee-ai/mergekit a6e4028, the 0.1.5 wheel
-has the same functions).
+nuslerp,ram}.py`` and ``mergekit/sparsify.py`` of the 0.1.5 wheel; arcee-ai/mergekit a6e4028
+has the same formulas except nuslerp's colinearity test).
 
 Every method works tensor by tensor (so it streams, like mergekit) on float32 task vectors
 ``tau_t = theta_t - theta_0``; ``theta_t = theta_0 + tau_t`` where a method needs the weights.
@@ -23,10 +23,6 @@ from jmerge.methods.registry import register
 from jmerge.methods.task_arithmetic import _della_check
 
 F32 = jtree.ACCUM_DTYPE
-
-
-def _stack(ts):
-    return jnp.stack(ts)  # (K, *shape)
 
 
 def _per_model(w, ndim):
@@ -94,7 +90,7 @@ def sce(base, tvs, *, key=None, select_topk=1.0):
     """
 
     def leaf(_, ts):
-        x = _stack(ts)
+        x = jnp.stack(ts)
         if select_topk < 1:
             x = jnp.where(_top_variance_mask(x, select_topk), x, 0.0)
         keep = jnp.sign(x) == jnp.where(jnp.sum(x, axis=0) >= 0, 1.0, -1.0)
@@ -177,7 +173,7 @@ def _karcher_check(num_experts, hp):
 def _karcher_mean(xs, max_iter, tol):
     """mergekit's ``karcher_merge_tensors`` with equal weights ``a = 1/K`` on flattened tensors."""
     k = len(xs)
-    x = _stack(xs)
+    x = jnp.stack(xs)
     axes = tuple(range(1, x.ndim))
     norms = jnp.sqrt(jnp.sum(x * x, axis=axes))  # (K,)
     units = jnp.where(_per_model(norms > 0, x.ndim - 1), x / _per_model(jnp.where(norms > 0, norms, 1.0), x.ndim - 1), 0.0)
@@ -228,9 +224,8 @@ def karcher(base, tvs, *, key=None, max_iter=10, tol=1e-5):
 # ----------------------------------------------------------------------------- nuslerp
 def _nuslerp_check(num_experts, hp):
     _exactly("nuslerp", 2, num_experts, "exactly two models (plus an optional base)")
-    if hp["weights"] is None:
-        raise validate.MergeInputError("nuslerp needs one weight per model (weights=(w_1, w_2); t = w_2 / (w_1 + w_2))")
-    validate.check_weights(hp["weights"], num_experts)
+    if hp["weights"] is not None:
+        validate.check_weights(hp["weights"], num_experts)
     if hp["space"] not in ("weights", "task_vectors"):
         raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
 
@@ -250,7 +245,8 @@ def _nuslerp_pair(t, v0, v1, axis):
 @register("nuslerp", static=("flatten", "row_wise", "space"), check=_nuslerp_check)
 def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, space="weights"):
     """NuSLERP (mergekit ``nuslerp``): SLERP of two models at ``t = w_2 / (w_1 + w_2)``
-    (0.5 when ``|w_1 + w_2| < 1e-6``), per tensor; lerp for (anti)parallel pairs.
+    (0.5 when ``|w_1 + w_2| < 1e-6`` or without ``weights``), per tensor; lerp for
+    (anti)parallel pairs. (mergekit requires a ``weight`` per model; the config mapping does too.)
 
     ``space="weights"`` (mergekit without ``base_model``) interpolates ``theta_1, theta_2``;
     ``"task_vectors"`` (with ``base_model``) gives ``theta_0 + slerp(t, tau_1, tau_2)``.
@@ -258,7 +254,7 @@ def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, 
     per row along the last axis, or along the first axis with ``row_wise``
     (``nuslerp_row_wise``).
     """
-    w = jnp.asarray(weights, F32)
+    w = jnp.ones((2,), F32) if weights is None else jnp.asarray(weights, F32)
     total = w[0] + w[1]
     small = jnp.abs(total) < 1e-6
     t = jnp.where(small, 0.5, w[1] / jnp.where(small, 1.0, total))
@@ -286,7 +282,7 @@ def _ram_check(num_experts, hp):
 def _ram_parts(ts, epsilon):
     """Stacked task vectors with entries of ``|tau| <= epsilon`` zeroed, and the masks of
     entries one expert (``unique``) or several (``shared``) change, with the counts."""
-    x = _stack(ts)
+    x = jnp.stack(ts)
     changed = jnp.abs(x) > epsilon
     count = jnp.sum(changed, axis=0)
     return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count

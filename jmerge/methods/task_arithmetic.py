@@ -78,7 +78,7 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
     return jtree.apply(base, merged, scale)
 
 
-@register("average", check=_average_check)
+@register("average", static=("normalize",), check=_average_check)
 def average(base, tvs, *, key=None, weights=None, normalize=True):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup);
     ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``."""
