@@ -27,7 +27,7 @@ import numpy as np
 import jmerge
 from experiments import results
 
-TA_SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TA_SCALES = (0.2, 0.3, 0.4, 0.6, 1.0)
 # (name, comparison, threshold, what is measured)
 CRITERIA = (
     ("base_normalized", "<=", 65.0, "base with the shared heads, normalized accuracy %"),

@@ -34,7 +34,7 @@ STUDY = replace(FULL, validation_size=200, test_size=600, probe_train=300)
 V2_TASKS = ("rotten_tomatoes", "wordnet_noun", "wordnet_verb", "wordnet_pos", "fortunes_language", "fortunes_topic",
             "fortunes_genre", "debates_2016")
 V2 = SuiteConfig(name="T2", model="minilm", tasks=V2_TASKS, ood_tasks=OOD_TASKS,
-                 recipe=Recipe(steps=200, batch=16, lr=2e-4, max_len=32, train_size=4000),
+                 recipe=Recipe(steps=100, batch=16, lr=3e-4, max_len=32, train_size=4000),
                  validation_size=200, test_size=200, probe_train=300, head_scale=20.0, require_sizes=True)
 CONFIGS = {"full": FULL, "demo": DEMO, "study": STUDY, "v2": V2}
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 from functools import partial
 
 import jax
+import jmerge
 import numpy as np
 import pytest
 from test_experiments_suite import CFG, RECIPE, TASKS, synthetic_task, tokenizer
@@ -226,3 +227,30 @@ def test_ci_fields_counts_seeds_and_subsets():
     assert (f["ci_low"], f["ci_high"]) == stats.bootstrap_ci([80.0, 82.0, 90.0])
     with pytest.raises(ValueError, match=re.escape("has no 'seed'")):
         stats.ci_fields([{"subset": ("a",), "acc": 1.0}], "acc")
+
+
+def test_study_chooses_on_validation_and_pairs_folds(built, monkeypatch):
+    from experiments import study_t2
+
+    s, _ = built
+    monkeypatch.setattr(study_t2, "TIES_GRID", {"density": (0.2, 0.5), "scale": (1.0,)})
+    monkeypatch.setattr(study_t2, "SUBSET_SIZE", 2)
+    monkeypatch.setattr(study_t2, "SUBSETS", 2)
+    entry = criteria.measure(s, scales=(0.3, 1.0), log=lambda m: None)
+    seen = []
+    real = s.evaluate
+    monkeypatch.setattr(s, "evaluate", lambda *a, **k: seen.append(a[1] if len(a) > 1 else k["split"]) or real(*a, **k))
+    rows, folds, chosen = study_t2.run(s, entry)
+    assert set(seen) == {"validation"}  # never the test split
+    full = [r for r in rows if r["tasks"] == 3]
+    assert len(full) == 4 and all(r["ci_low"] is None and r["subsets"] == 1 for r in full)
+    for m in ("task_arithmetic", "ties"):
+        best = max((r for r in full if r["method"] == m), key=lambda r: r["normalized_acc"])
+        assert chosen[m] == best["setting"]
+    sub = {r["method"]: r for r in rows if r["tasks"] == 2}
+    assert sub["task_arithmetic"]["subsets"] == 2 and sub["ties"]["seeds"] == 1
+    diff = sub["ties - task_arithmetic"]
+    assert diff["normalized_acc"] == pytest.approx(sub["ties"]["normalized_acc"] - sub["task_arithmetic"]["normalized_acc"])
+    merged = jmerge.merge(s.base, s.experts_for(folds[-1]["subset"]), "ties", **chosen["ties"])
+    assert folds[-1]["normalized_acc"] == pytest.approx(real(merged, "validation", tasks=folds[-1]["subset"],
+                                                             probes=())["normalized_acc"])
