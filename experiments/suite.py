@@ -12,7 +12,10 @@ a linear probe (sklearn logistic regression) fit on frozen features of the merge
 merged: each ID task uses its expert's head.
 
 All numbers are accuracies in percent; normalized accuracy = merged / expert x 100 on the
-same split. Hyper-parameters are chosen on ``split="validation"`` (``validation_size``
+same split. Suite T v2 (``suite_t.V2``, ``head_scale`` set) replaces the experts' own heads by
+frozen zero-shot heads shared by the base, the experts and every merge
+(:mod:`experiments.zeroshot`); its entry criteria are :mod:`experiments.criteria`.
+Hyper-parameters are chosen on ``split="validation"`` (``validation_size``
 examples per task); ``split="test"`` is for the one final evaluation.
 
 A study::

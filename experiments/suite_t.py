@@ -6,7 +6,12 @@ fortunes topic-10. Out-of-domain (OOD): WordNet adjective type (no expert), plus
 left out of a merge in :meth:`experiments.suite.Suite.rotation`. Evaluation: see
 :mod:`experiments.suite`.
 
-Run ``python -m experiments.suite_t [--config full|demo|study]`` to fine-tune (or load) the
+Suite T v2 (``--config v2``): eight ID tasks (the five above plus WordNet part of speech,
+fortunes genre and the 2016 debates' party), each scored by a frozen zero-shot head from the
+base encoder's class-name embeddings (:mod:`experiments.zeroshot`), shared by base, experts
+and merges; the experts fine-tune the encoder only.
+
+Run ``python -m experiments.suite_t [--config full|demo|study|v2]`` to fine-tune (or load) the
 experts and print the base, expert and task-arithmetic rows.
 """
 
