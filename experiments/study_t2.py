@@ -9,7 +9,8 @@
    bootstrap 95 % CI over folds and the paired CI of TIES minus TA (:mod:`experiments.stats`).
 
 The entry criteria must have passed (:func:`experiments.criteria.require`). Writes
-``experiments/results/suite_t2_study.{json,md}`` (rows) and ``suite_t2_study_folds.json``
+``experiments/results/suite_t2_study.json`` and ``suite_t2_study_t2.md`` (rows, named as
+:func:`experiments.results.write_rows` names a suite's files) and ``suite_t2_study_folds.json``
 (one row per fold). The test split is never read.
 """
 
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    results.check_writable(results.RESULTS_DIR, [f"{STEM}.json", f"{STEM}.md", f"{STEM}_folds.json"], args.overwrite)
+    results.check_study_writable(results.RESULTS_DIR, STEM, suite_t.V2.name, [".md"], args.overwrite)
+    results.check_writable(results.RESULTS_DIR, [f"{STEM}_folds.json"], args.overwrite)
     entry = criteria.require()
     s = build_suite(suite_t.V2)
     rows, folds, chosen = run(s, entry)
