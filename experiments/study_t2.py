@@ -25,7 +25,7 @@ import jmerge
 from experiments import criteria, results, stats
 from experiments.study_divmerge import subsets
 
-TIES_GRID = {"density": (0.1, 0.2, 0.4), "scale": (0.7, 1.0)}
+TIES_GRID = {"density": (0.05, 0.1, 0.2, 0.4), "scale": (0.7, 1.0, 1.3)}
 SUBSET_SIZE, SUBSETS, SEED = 4, 5, 0
 STEM = "suite_t2_study"
 COLUMNS = ["suite", "method", "setting", "tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds"]
