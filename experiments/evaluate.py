@@ -43,7 +43,11 @@ def init_head(dim: int, num_classes: int) -> dict:
 
 
 def head_logits(head: dict, emb):
-    """``emb @ kernel + bias``."""
+    """``emb @ kernel + bias``; a head with a ``scale`` (the cosine heads of
+    :mod:`experiments.zeroshot`, unit-norm kernel columns) first maps ``emb`` to
+    ``scale * emb / ||emb||``, so the logits are ``scale * cos(emb, w_c) + bias``."""
+    if "scale" in head:
+        emb = head["scale"] * emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
     return emb @ head["kernel"] + head["bias"]
 
 

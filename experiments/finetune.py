@@ -3,8 +3,9 @@
 Recipe: AdamW (decoupled weight decay on dense and conv kernels only), linear warmup then
 cosine decay to 0, gradient clipping at global norm 1, cross-entropy on the head's logits
 over the encoder's pooled features (:mod:`experiments.encoders`). The head starts at zero
-and gets its own (larger) learning rate ``head_lr``; every encoder parameter is trained
-(MobileNetV2's batch-norm statistics are not parameters and stay frozen). Batches are drawn
+and gets its own (larger) learning rate ``head_lr``, or is given and kept frozen (Suite T v2's
+zero-shot heads, :mod:`experiments.zeroshot`; ``head_lr`` is then unused); every encoder
+parameter is trained (MobileNetV2's batch-norm statistics are not parameters and stay frozen). Batches are drawn
 from seeded epoch permutations of the training split (texts trimmed to their longest row).
 
 (Linear-probe-then-fine-tune with the head frozen, as with task arithmetic's frozen
@@ -16,7 +17,8 @@ Experts are cached under ``$JMERGE_CACHE_DIR/experts/<key>/`` (default
 base params fingerprint, code version)``, where the data fingerprint covers the train split
 only: ``encoder.safetensors`` (flat ``a/b/c`` param paths), ``head.safetensors``,
 ``metrics.json`` (recipe, training time) and one ``eval-<fingerprint>.json`` per distinct
-validation/test subset the expert was scored on. Entries are written to a temp folder (or
+validation/test subset the expert was scored on. With a frozen head the key also covers the
+head's fingerprint. Entries are written to a temp folder (or
 file) and renamed into place, so a crash never leaves a half-written expert.
 """
 
@@ -81,7 +83,7 @@ def _decay_mask(params):
     return jtree.map_with_path(lambda p, x: p.endswith("kernel"), params)
 
 
-def _optimizer(recipe: Recipe) -> optax.GradientTransformation:
+def _optimizer(recipe: Recipe, frozen_head: bool = False) -> optax.GradientTransformation:
     warm = max(1, int(recipe.warmup * recipe.steps))
 
     def adamw(lr):
@@ -91,6 +93,10 @@ def _optimizer(recipe: Recipe) -> optax.GradientTransformation:
     def labels(tree):
         return {part: jax.tree.map(lambda _: part, tree[part]) for part in ("encoder", "head")}
 
+    if frozen_head:  # the head's gradients are dropped before clipping, so only the encoder's count
+        return optax.chain(optax.multi_transform({"encoder": optax.identity(), "head": optax.set_to_zero()}, labels),
+                           optax.clip_by_global_norm(1.0),
+                           optax.multi_transform({"encoder": adamw(recipe.lr), "head": optax.set_to_zero()}, labels))
     return optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.multi_transform({"encoder": adamw(recipe.lr), "head": adamw(recipe.head_lr)}, labels),
@@ -103,12 +109,13 @@ def _loss(encoder, params, batch, labels):
 
 
 def train_expert(encoder, base, num_classes: int, train, recipe: Recipe,
-                 log: Callable[[str], None] = print, name: str = "expert"):
-    """Fine-tunes ``base`` and a fresh head on the prepared split ``train``; returns
-    ``(encoder params, head, seconds)``."""
-    # A copy: the train step donates its inputs, and the caller keeps ``base``.
-    params = {"encoder": jax.tree.map(jnp.copy, base), "head": init_head(encoder.dim, num_classes)}
-    opt = _optimizer(recipe)
+                 log: Callable[[str], None] = print, name: str = "expert", head: dict | None = None):
+    """Fine-tunes ``base`` and a fresh head on the prepared split ``train``, or ``base`` alone
+    under the frozen ``head`` when given; returns ``(encoder params, head, seconds)``."""
+    # Copies: the train step donates its inputs, and the caller keeps ``base`` (and ``head``).
+    start = init_head(encoder.dim, num_classes) if head is None else jax.tree.map(jnp.copy, head)
+    params = {"encoder": jax.tree.map(jnp.copy, base), "head": start}
+    opt = _optimizer(recipe, frozen_head=head is not None)
     state = opt.init(params)
 
     @partial(jax.jit, donate_argnums=(0, 1))
@@ -167,18 +174,21 @@ def _eval_metrics(encoder, enc, head, task, inputs: dict, folder: Path) -> dict:
 
 
 def load_or_train(encoder, base, base_fingerprint: str, task, inputs: dict, recipe: Recipe,
-                  log: Callable[[str], None] = print):
+                  log: Callable[[str], None] = print, head: dict | None = None):
     """The cached expert for ``task`` (a subsampled :class:`experiments.data.Task`, prepared into
     ``inputs[split]``), training it if absent.
 
     The cache key covers the recipe, the task's name and *train* split, and the base; the
     expert's validation and test accuracy (percent, own head) are computed once per
-    distinct pair of eval splits and stored beside it. Returns ``(encoder params, head,
+    distinct pair of eval splits and stored beside it. A given ``head`` is kept frozen (and
+    enters the key). Returns ``(encoder params, head,
     metrics)`` with metrics ``validation_acc``, ``test_acc``, ``train_seconds``, ``cache``.
     """
-    key = expert_key(recipe, task.name, task.fingerprint(("train",)), base_fingerprint)
+    frozen = head is not None
+    data_fp = task.fingerprint(("train",)) + ("" if head is None else f"+head:{params_fingerprint(head)}")
+    key = expert_key(recipe, task.name, data_fp, base_fingerprint)
     folder = cache_root() / "experts" / key
-    head_like = init_head(encoder.dim, task.num_classes)
+    head_like = init_head(encoder.dim, task.num_classes) if head is None else head
     cached = (folder / "metrics.json").is_file()
     if cached:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -186,8 +196,10 @@ def load_or_train(encoder, base, base_fingerprint: str, task, inputs: dict, reci
         head = _load_tree(folder / "head.safetensors", head_like)
     else:
         log(f"fine-tuning expert {task.name} ({recipe.steps} steps x {recipe.batch}) -> {folder}")
-        enc, head, seconds = train_expert(encoder, base, task.num_classes, inputs["train"], recipe, log, task.name)
+        enc, head, seconds = train_expert(encoder, base, task.num_classes, inputs["train"], recipe, log, task.name,
+                                          head)
         metrics = {"task": task.name, "recipe": asdict(recipe), "train_seconds": round(seconds, 1),
+                   "frozen_head": frozen,
                    "train_size": len(inputs["train"]), "train_fingerprint": task.fingerprint(("train",)),
                    "base_fingerprint": base_fingerprint}
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,10 @@ a linear probe (sklearn logistic regression) fit on frozen features of the merge
 merged: each ID task uses its expert's head.
 
 All numbers are accuracies in percent; normalized accuracy = merged / expert x 100 on the
-same split. Hyper-parameters are chosen on ``split="validation"`` (``validation_size``
+same split. Suite T v2 (``suite_t.V2``, ``head_scale`` set) replaces the experts' own heads by
+frozen zero-shot heads shared by the base, the experts and every merge
+(:mod:`experiments.zeroshot`); its entry criteria are :mod:`experiments.criteria`.
+Hyper-parameters are chosen on ``split="validation"`` (``validation_size``
 examples per task); ``split="test"`` is for the one final evaluation.
 
 A study::
@@ -36,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import jmerge
-from experiments import encoders
+from experiments import encoders, zeroshot
 from experiments.evaluate import embed, head_accuracy, head_logits, probe_accuracy
 from experiments.finetune import Recipe, load_or_train, params_fingerprint
 from experiments import data
@@ -58,6 +61,13 @@ class SuiteConfig:
     test_size: int = 2000
     probe_train: int = 1000
     data_seed: int = 0
+    # None: each expert trains its own linear head (Suite T v1, V). A number: frozen cosine heads
+    # with this logit scale from the base's class-description embeddings (experiments.zeroshot),
+    # shared by the base, the experts and every merge (Suite T v2).
+    head_scale: float | None = None
+    # True: a task whose validation or test split is smaller than asked, whose train split holds
+    # less than a batch (ID) or than probe_train (OOD), is an error raised before any fine-tuning.
+    require_sizes: bool = False
 
     @property
     def layers(self) -> str:
@@ -80,7 +90,7 @@ class Suite:
     tasks: dict[str, data.Task]  # ID and OOD tasks, subsampled
     inputs: dict[str, dict]  # task -> "train" | "validation" | "test" | "probe" -> prepared split
     experts: dict[str, dict]
-    heads: dict[str, dict]
+    heads: dict[str, dict]  # each ID task's head: its expert's own, or the shared zero-shot head
     expert_metrics: dict[str, dict]
     _apply_fns: dict = field(default_factory=dict, repr=False)
 
@@ -161,7 +171,8 @@ class Suite:
         return {"k": k, "split": split, "folds": folds, **summary}
 
     def reference_rows(self, split: str = "validation", probe_id: bool = True) -> dict[str, dict]:
-        """The base encoder (with each expert's head) and the individual experts.
+        """The base encoder (with each task's head: the expert's, or the shared zero-shot head)
+        and the individual experts.
 
         ``base`` also gets ``probe_id``: its probe accuracy on every ID task (the floor for
         held-out tasks in :meth:`rotation`). ``experts``: each expert on its own task; OOD is
@@ -199,21 +210,32 @@ def build_suite(config: SuiteConfig, log: Callable[[str], None] = _log, *, encod
     base_fp = params_fingerprint(base)
     r, seed = config.recipe, config.data_seed
     tasks, inputs, experts, heads, metrics = {}, {}, {}, {}, {}
-    for name in config.tasks + config.ood_tasks:
-        is_id = name in config.tasks
-        task = loader(name).subsample(train=r.train_size if is_id else config.probe_train,
-                                      validation=config.validation_size, test=config.test_size, seed=seed)
-        tasks[name] = task
+    for name in config.tasks + config.ood_tasks:  # all data first: bad input fails before fine-tuning
+        caps = {"train": r.train_size if name in config.tasks else config.probe_train,
+                "validation": config.validation_size, "test": config.test_size}
+        full = loader(name)
+        if config.require_sizes:  # an expert's train split needs one batch, an OOD task's the probe's size
+            needs = {**caps, "train": r.batch if name in config.tasks else config.probe_train}
+            for s, need in needs.items():
+                if len(full.split(s)) < need:
+                    raise ValueError(f"task {name!r}: the {s} split has {len(full.split(s))} examples, "
+                                     f"the suite needs {need}")
+        tasks[name] = task = full.subsample(**caps, seed=seed)
+        if config.head_scale is not None and name in config.tasks:
+            zeroshot.check_descriptions(task)
         prepared = {s: prepare(task.split(s)) for s in data.SPLITS}
         n_probe = min(config.probe_train, len(prepared["train"]))
         pick = np.random.default_rng(seed).choice(len(prepared["train"]), n_probe, replace=False)
         prepared["probe"] = prepared["train"].take(np.sort(pick))
         inputs[name] = prepared
-        if is_id:
-            t0 = time.perf_counter()
-            experts[name], heads[name], metrics[name] = load_or_train(encoder, base, base_fp, task, prepared, r, log)
-            how = "cached" if metrics[name]["cached"] else f"trained in {time.perf_counter() - t0:.0f} s"
-            log(f"expert {name}: validation {metrics[name]['validation_acc']:.2f}% ({how})")
+    for name in config.tasks:
+        t0 = time.perf_counter()
+        head = (None if config.head_scale is None
+                else zeroshot.zero_shot_head(encoder, base, prepare, tasks[name], config.head_scale))
+        experts[name], heads[name], metrics[name] = load_or_train(encoder, base, base_fp, tasks[name], inputs[name],
+                                                                  r, log, head)
+        how = "cached" if metrics[name]["cached"] else f"trained in {time.perf_counter() - t0:.0f} s"
+        log(f"expert {name}: validation {metrics[name]['validation_acc']:.2f}% ({how})")
     return Suite(config, encoder, base, tasks, inputs, experts, heads, metrics)
 
 

@@ -86,6 +86,9 @@ class Task:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if repeated:
+            raise ValueError(f"task {self.name!r}: duplicate class names {repeated}")
         if len(self.classes) < 2:
             raise ValueError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
         for s in SPLITS:
@@ -156,14 +159,15 @@ class Task:
             distinct = set(labels)
             numeric = all(y.lstrip("-").isdigit() for y in distinct)
             classes = sorted(distinct, key=int if numeric else str)
-        index = {c: i for i, c in enumerate(map(str, classes))}
+        classes = tuple(str(c) for c in classes)
+        index = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(labels) - set(index))
         if unknown:
             raise ValueError(f"task {name!r}: labels {unknown[:5]} are not among classes {list(index)[:10]}")
         y = np.array([index[v] for v in labels], np.int32)
         x = _as_inputs(inputs, kind)
         parts = split_indices(len(y), fractions=fractions, seed=seed, splits=splits, groups=groups, name=name)
-        return cls(name, kind, tuple(index), *(Split(x[parts[s]], y[parts[s]]) for s in SPLITS))
+        return cls(name, kind, classes, *(Split(x[parts[s]], y[parts[s]]) for s in SPLITS))
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, text_col: str, label_col: str, split_col: str | None = None, *,

