@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge import selection, stages, streaming
+from jmerge import streaming
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 
@@ -87,64 +87,6 @@ def test_slerp_two_experts(ckpts):
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), atol=1e-6)
 
 
-@pytest.mark.parametrize("density", [0.2, (0.05, 0.5, 0.9)])
-def test_global_ties_equals_in_memory(ckpts, density):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, "ties", density=density, weights=(1.0, 0.5, 2.0))  # trim="global" is the default
-    ref = jmerge.merge(base, experts, "ties", density=density, weights=(1.0, 0.5, 2.0))
-    for n in NAMES:
-        np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
-    tensor_trim = _streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
-    assert any(not np.array_equal(got[n], tensor_trim[n]) for n in NAMES)  # the scopes really differ
-
-
-def test_global_thresholds_are_exact(ckpts):
-    _, base, experts, paths = ckpts
-    n_total = sum(np.prod(_shape(n)) for n in NAMES)
-    densities = [1e-4, 0.37, 1.0]  # k = 0, a middle k, k = N
-    th = streaming.global_thresholds(paths[0], paths[1:], densities)
-    assert th[0] == np.inf and th[2] == 0.0
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
-    k = int(0.37 * n_total)
-    assert th[1] == float(stages.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
-
-
-@pytest.mark.parametrize("sample", [7, 64, 1 << 20])  # bracketed by a tiny, small, whole sample
-def test_global_thresholds_from_a_sampled_bracket(ckpts, sample):
-    _, base, experts, paths = ckpts
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
-    densities = [0.01, 0.5, 0.99]
-    th = streaming.global_thresholds(paths[0], paths[1:], densities, sample=sample)
-    for t, d in enumerate(densities):
-        assert th[t] == np.sort(np.abs(tv[t]))[::-1][int(d * tv[t].size) - 1]
-
-
-def test_a_missed_bracket_is_widened_and_the_pass_repeated(ckpts, monkeypatch):
-    _, base, experts, paths = ckpts
-    calls = []
-    real = streaming.selection.bracket
-
-    def first_misses(sample, k, n, z):
-        calls.append(z)
-        return (0.0, 1e-30) if len(calls) == 1 else real(sample, k, n, z)  # nothing inside: a miss
-
-    monkeypatch.setattr(streaming.selection, "bracket", first_misses)
-    th = streaming.global_thresholds(paths[0], paths[1:2], 0.3)
-    tv = np.concatenate([(experts[0][n] - base[n]).ravel() for n in NAMES])
-    assert calls == [5.0, 20.0]
-    assert th[0] == np.sort(np.abs(tv))[::-1][int(0.3 * tv.size) - 1]
-
-
-def test_kth_in_bracket_and_kth_largest_on_ties():
-    v = np.array([3, 1, 2, 2, 2, 5], np.float32)
-    assert [selection.kth_largest(v.copy(), k) for k in range(1, 7)] == [5, 3, 2, 2, 2, 1]
-    inside = [np.array([2, 2], np.float32), np.array([2], np.float32)]  # [lo, hi) = [2, 3)
-    assert selection.kth_in_bracket(inside, 2, 4) == 2.0  # 5, 3 above
-    assert selection.kth_in_bracket(inside, 2, 2) is None and selection.kth_in_bracket(inside, 2, 6) is None
-    with pytest.raises(ValueError, match="k=0"):
-        selection.kth_largest(v, 0)
-
-
 @pytest.mark.parametrize("method,hp", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
                                        ("della", {"density": 0.6, "epsilon": 0.1})])
 def test_stochastic_methods_use_per_name_keys(ckpts, method, hp):
@@ -221,10 +163,3 @@ def test_bad_inputs(ckpts, tmp_path):
         streaming.prepare(paths[0], [short], "task_arithmetic")
 
 
-def test_tensor_thresholds_are_exact():
-    r = np.random.default_rng(5)
-    b = r.standard_normal((33, 17)).astype(np.float32)
-    es = [b + 0.1 * r.standard_normal(b.shape).astype(np.float32) for _ in range(3)]
-    th = selection.trim_thresholds(b, es, (0.001, 0.3, 1.0))  # k = 0, k = 168, k = n
-    assert th[0] == np.inf and th[2] == 0.0
-    assert th[1] == np.sort(np.abs(es[1] - b).ravel())[::-1][int(0.3 * b.size) - 1]
