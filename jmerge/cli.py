@@ -184,7 +184,7 @@ def cmd_run(args) -> int:
         _learn_and_write(args, plan, base, experts, card, extra, out_dtype)
         _summary(args.out, start, base.nbytes * (len(experts) + 1))
         return 0
-    passes = 3 if not in_memory and plan.method == "ties" and hp["trim"] == "global" else 1
+    passes = 1 if in_memory else streaming.passes(plan.method, hp)
     with _progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(base.tensors) * passes)
 

@@ -8,14 +8,12 @@ the base and the K experts (each through a scoped ``safe_open``), merge, and wri
 straight to its place in the output shard; peak memory is a few copies of one tensor times
 K + 1, not the model size.
 
-TIES trims by magnitude thresholds found on the host, then passed to
-``ties(..., thresholds=...)`` (:func:`jmerge.stages.threshold_trim`). The threshold is the
-exact k-th largest ``|tau_t|``, found on the host by numpy's introselect
-(:mod:`jmerge.selection`). With ``trim="tensor"`` (mergekit's scope) :func:`jmerge.merge`
-finds it itself for each one-tensor call (TIES' ``prepare`` hook, numpy inputs). Global-trim TIES (the paper's ``trim="global"``,
-jmerge's default) ranks over the whole task vector, so it runs in three passes: a sampling
-pass and a counting pass bracket and find the thresholds (:func:`global_thresholds`), the
-merge pass trims. Both equal the in-memory TIES exactly.
+Thresholds (TIES, Breadcrumbs): a method whose sparsifier ranks per tensor (TIES with
+``trim="tensor"``, mergekit's scope; Breadcrumbs) finds them in each one-tensor call
+(:func:`jmerge.thresholds.solve` on numpy inputs: the host backend). One that ranks over the
+whole task vector (TIES' ``trim="global"``, the paper's and jmerge's default) gets them
+first from two streamed passes over the checkpoints (:mod:`jmerge.thresholds.streamed`);
+the merge pass then trims with them. Both equal the in-memory TIES exactly.
 
 Details that differ from an in-memory merge of the same dicts:
 
@@ -23,9 +21,9 @@ Details that differ from an in-memory merge of the same dicts:
   (shape, dtype) rather than once per tensor name. Methods whose hyper-parameters look at
   parameter paths (``svd_filter``) get ``{name: x}`` instead.
 * PRNG keys (DARE, DELLA). Tensor ``name`` gets ``fold_in(key, h(name))``, ``h`` a stable
-  31-bit BLAKE2 hash of the name, so a streamed stochastic merge is deterministic and
-  independent of tensor order, but it draws other masks than the in-memory merge (which
-  folds in the leaf index).
+  31-bit BLAKE2 hash of the name (:func:`jmerge.tree.keys_like`), which is the key the
+  in-memory merge of ``{name: array}`` dicts gives that leaf: streamed and in-memory
+  stochastic merges draw the same masks.
 * Non-float tensors (e.g. int64 ``position_ids`` buffers) are copied from the base.
 * Experts may store another float dtype than the base: that tensor is then merged in
   float32 (exact for bf16/f16 inputs) and cast to the output dtype (``out_dtype``, default
@@ -34,7 +32,6 @@ Details that differ from an in-memory merge of the same dicts:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -44,7 +41,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from jmerge import selection, stages
+from jmerge import thresholds
+from jmerge import tree as jtree
+from jmerge.thresholds import streamed
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
@@ -75,16 +74,6 @@ LEAF = "tensor"
 Progress = Callable[[str, str], None]  # (phase, tensor name), called after each tensor
 
 
-def name_hash(name: str) -> int:
-    """A stable 31-bit hash of a tensor name (BLAKE2b), independent of Python's hash seed."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
-
-
-def tensor_key(key: jax.Array, name: str) -> jax.Array:
-    """The PRNG key of tensor ``name``: ``fold_in(key, name_hash(name))``."""
-    return jax.random.fold_in(key, name_hash(name))
-
-
 def _open(ckpt: st.Checkpoint | str | os.PathLike) -> st.Checkpoint:
     return ckpt if isinstance(ckpt, st.Checkpoint) else st.open_checkpoint(ckpt)
 
@@ -113,62 +102,23 @@ def prepare(
     return base, experts, hp
 
 
-def global_thresholds(
-    base, experts: Sequence, density: float | Sequence[float], *, progress: Progress | None = None,
-    sample: int = 1 << 20,
-) -> np.ndarray:
-    """Per task, the exact k-th largest ``|tau_t|`` over all float tensors, ``k = int(d_t N)``.
+def global_answers(base: st.Checkpoint, experts: Sequence[st.Checkpoint], method: str, hp: dict[str, Any],
+                   progress: Progress | None = None):
+    """The method's thresholds when its sparsifier ranks over the whole task vector, from
+    streamed passes (:mod:`jmerge.thresholds.streamed`); None when it needs none or ranks per
+    tensor (each one-tensor merge then finds its own)."""
+    sparsifier = registry.get(method).sparsifier(hp)
+    query = None if sparsifier is None else sparsifier.query
+    if query is None or query.scope != "global":
+        return None
+    return thresholds.solve(query, experts, base, progress=progress)
 
-    Streamed (:mod:`jmerge.selection`): a first pass draws every ``N // sample``-th entry of
-    each task vector (reading only those), which brackets the answer at 5 sample standard
-    deviations; a second pass counts the entries above the bracket and keeps the ~``10 N /
-    sqrt(sample)`` inside it, where introselect finds the exact value (a miss, which is
-    rare, repeats the second pass with a 4x wider bracket). The value equals
-    :func:`jmerge.stages.kth_largest_magnitude` on the whole task vector. ``k >= N`` gives 0
-    (keep all), ``k = 0`` gives ``inf`` (keep none).
-    """
-    base, experts = _open(base), [_open(e) for e in experts]
-    names = [n for n, t in base.tensors.items() if t.is_float]
-    total = sum(base.tensors[n].size for n in names)
-    ks = [stages._keep_count(d, total) for d in stages.per_task(density, len(experts))]
-    fixed = [selection.trivial_threshold(k, total) for k in ks]
-    out = np.array([np.nan if t is None else t for t in fixed], np.float32)
-    todo = [t for t, f in enumerate(fixed) if f is None]
-    if not todo:
-        return out
-    stride, offset = max(total // sample, 1), 0
-    samples: dict[int, list[np.ndarray]] = {t: [] for t in todo}
-    for name in names:  # entries offset + start, + stride, ... of the concatenated task vectors
-        start = (-offset) % stride
-        offset += base.tensors[name].size
-        b = base.read(name).reshape(-1)[start::stride].astype(np.float32)
-        for t in todo:
-            samples[t].append(np.abs(experts[t].read(name).reshape(-1)[start::stride].astype(np.float32) - b))
-        if progress:
-            progress("threshold sample", name)
-    sample_of = {t: np.concatenate(samples[t]) for t in todo}
-    z = {t: 5.0 for t in todo}
-    while todo:
-        brackets = {t: selection.bracket(sample_of[t], ks[t], total, z[t]) for t in todo}
-        above = dict.fromkeys(todo, 0)
-        inside: dict[int, list[np.ndarray]] = {t: [] for t in todo}
-        for name in names:
-            b = base.read(name).astype(np.float32, copy=False)
-            for t in todo:
-                lo, hi = brackets[t]
-                mags = np.abs(experts[t].read(name).astype(np.float32, copy=False) - b)
-                above[t] += int(np.count_nonzero(mags >= hi))
-                inside[t].append(mags[(mags >= lo) & (mags < hi)])
-            if progress:
-                progress("threshold pass", name)
-        for t in list(todo):
-            found = selection.kth_in_bracket(inside[t], above[t], ks[t])
-            if found is None:
-                z[t] *= 4.0
-            else:
-                out[t] = found
-                todo.remove(t)
-    return out
+
+def passes(method: str, hp: dict[str, Any]) -> int:
+    """Reads of every tensor a streamed merge makes (progress bars): 1, plus the threshold passes."""
+    sparsifier = registry.get(method).sparsifier(hp)
+    query = None if sparsifier is None else sparsifier.query
+    return 1 + (streamed.PASSES if query is not None and query.scope == "global" else 0)
 
 
 def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
@@ -195,8 +145,7 @@ def iter_merged(
     tensor's dtype. Hyper-parameters are those of ``jmerge.methods.get(method)``.
     """
     base, experts, hp = prepare(base, experts, method, key=key, **hparams)
-    if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
-        hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
+    answers = global_answers(base, experts, method, hp, progress)
     use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
     cast = _np_dtype(out_dtype)
 
@@ -216,8 +165,9 @@ def iter_merged(
             {leaf: b},
             [{leaf: x} for x in es],
             method,
-            key=None if key is None else tensor_key(key, name),
+            key=None if key is None else {leaf: jtree.keys_like(key, {name: b})[name]},
             check_finite=False,
+            answers=answers,
             **hparams,
         )[leaf]
 

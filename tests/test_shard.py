@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
-from jmerge import collectives, shard, stages
+from jmerge import shard, stages
+from jmerge.thresholds import mesh as tmesh
 
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
@@ -20,7 +21,7 @@ from jmerge.validate import MergeInputError
 RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
 SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
 # jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
-# under plain jit; jmerge.collectives.magnitude_trim moves only counts (tests at the end).
+# under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 # Gathers that need not happen, reported for a fix (the test passes once they are gone).
 
@@ -74,11 +75,11 @@ def _all_gathers(text):
 
 
 def _ties_with_sharded_trim(mesh):
-    """TIES (global trim 0.2, sum election, disjoint mean) with jmerge.collectives' trim."""
+    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
 
     @jax.jit
     def ties(b, es):
-        trimmed = collectives.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
+        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
         masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
         return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
 

@@ -17,11 +17,12 @@ from jax.sharding import PartitionSpec as P
 
 import jmerge
 from _core_models import BF16
-from jmerge import collectives, lwptv, selection, shard, stages, streaming
+from jmerge import lwptv, shard, stages, streaming, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.lwptv import LayerMask
 from jmerge.methods import registry
+from jmerge.thresholds import host as thost, mesh as tmesh, xla
 
 # ---------------------------------------------------------------------------- host vs jitted (from test_methods_ta)
 @pytest.mark.parametrize("hp", [{}, {"trim": "tensor"}, {"density": (0.05, 0.5, 1.0)}, {"trim": "tensor", "density": 1e-3}])
@@ -40,8 +41,8 @@ def test_ties_host_thresholds_equal_the_jitted_search(hp, dtype, monkeypatch):
     base = {k: v.astype(dtype) for k, v in base.items()}
     experts = [{k: v.astype(dtype) for k, v in e.items()} for e in experts]
     calls = []
-    real = selection.magnitude_threshold
-    monkeypatch.setattr(selection, "magnitude_threshold", lambda *a: calls.append(1) or real(*a))
+    real = thost.magnitude_threshold
+    monkeypatch.setattr(thost, "magnitude_threshold", lambda *a: calls.append(1) or real(*a))
     host = jmerge.merge(base, experts, "ties", **hp)
     m = jmerge.get("ties")
     resolved = m.resolve(3, hp)
@@ -84,11 +85,11 @@ def _all_gathers(text):
 
 
 def _ties_with_sharded_trim(mesh):
-    """TIES (global trim 0.2, sum election, disjoint mean) with jmerge.collectives' trim."""
+    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
 
     @jax.jit
     def ties(b, es):
-        trimmed = collectives.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
+        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
         masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
         return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
 
@@ -109,22 +110,22 @@ def _reference_thresholds(leaves, ks):
     mags = np.sort(np.abs(np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])))[::-1]
     ref = mags[np.asarray(ks) - 1]
     for i in (0, len(ks) // 2):
-        assert np.asarray(stages.kth_largest_magnitude(leaves, ks[i])).view(np.int32) == ref[i].view(np.int32)
+        assert np.asarray(xla.kth_largest_magnitude(leaves, ks[i])).view(np.int32) == ref[i].view(np.int32)
     return ref
 
 def test_sharded_threshold_equals_single_device(big_task_vector, mesh):
     tv, tv_s = big_task_vector
     leaves_s = jax.tree.leaves(tv_s)
-    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
+    out = tmesh.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
     np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
-    assert np.asarray(collectives.kth_largest_magnitude(leaves_s, 1000, mesh)) == out[2]
+    assert np.asarray(tmesh.kth_largest_magnitude(leaves_s, 1000, mesh)) == out[2]
 
 def test_sharded_threshold_on_2d_mesh_counts_replicas_once(big_task_vector):
     tv, _ = big_task_vector
     mesh = shard.make_mesh(data=2, model=4)
     leaves_s = jax.tree.leaves(shard.shard_params(tv, mesh, RULE))  # replicated over "data", "c" everywhere
     assert leaves_s[2].sharding.is_fully_replicated
-    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
+    out = tmesh.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
     np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
 
 def test_sharded_threshold_subnormals_and_zeros(mesh):
@@ -135,7 +136,7 @@ def test_sharded_threshold_subnormals_and_zeros(mesh):
     x[4, 0] = -3 * tiny / 4
     xs = shard.shard_params({"x": x}, mesh, RULE)["x"]
     ks = [1, 2, 20, 33, 128]
-    out = np.asarray(collectives.kth_largest_magnitudes([[xs]] * len(ks), ks, mesh))
+    out = np.asarray(tmesh.kth_largest_magnitudes([[xs]] * len(ks), ks, mesh))
     np.testing.assert_array_equal(out.view(np.int32), _reference_thresholds([jnp.asarray(x)], ks).view(np.int32))
 
 def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh):
@@ -143,19 +144,19 @@ def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh):
     leaves, leaves_s = jax.tree.leaves(tv), jax.tree.leaves(tv_s)
     specs = [x.sharding.spec for x in leaves_s]
     groups, ks = [leaves, leaves[:1], leaves[2:]], [10, 300, 7]
-    fn = jax.jit(lambda ls: collectives.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh, [specs, specs[:1], specs[2:]]))
+    fn = jax.jit(lambda ls: tmesh.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh, [specs, specs[:1], specs[2:]]))
     out = np.asarray(fn(leaves_s))
-    ref = np.asarray([stages.kth_largest_magnitude(g, k) for g, k in zip(groups, ks)])
+    ref = np.asarray([xla.kth_largest_magnitude(g, k) for g, k in zip(groups, ks)])
     np.testing.assert_array_equal(out, ref)
     with pytest.raises(ValueError, match="k=0"):
-        collectives.kth_largest_magnitude(leaves_s, 0, mesh)
+        tmesh.kth_largest_magnitude(leaves_s, 0, mesh)
 
 @pytest.mark.parametrize("scope, density", [("global", 0.2), ("tensor", (0.1, 1.0)), ("global", (1e-5, 0.3))])
 def test_sharded_magnitude_trim_equals_stages(models, placed, mesh, scope, density):
     base, experts = models
     base_s, experts_s = placed
     ref = stages.magnitude_trim(density, scope)(jtree.task_vectors(base, experts))
-    trim = collectives.magnitude_trim(density, mesh, RULE, scope)
+    trim = tmesh.magnitude_trim(density, mesh, RULE, scope)
     out = jax.jit(lambda b, es: trim(jtree.task_vectors(b, es)))(base_s, experts_s)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
 
@@ -177,25 +178,26 @@ def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
     ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
 ])
 def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, monkeypatch, name, hp):
-    """jmerge.merge on sharded inputs: the trim thresholds come from jmerge.collectives (the
-    gathering search of jmerge.stages never runs), the merge itself moves nothing, and the
+    """jmerge.merge on sharded inputs: the trim thresholds come from the mesh backend (the
+    gathering XLA search never runs), the merge itself moves nothing, and the
     result equals the single-device merge bit for bit."""
     base, experts = models
     ref = jmerge.merge(base, experts, name, **hp)
     calls = []
-    real = collectives.kth_largest_magnitudes
-    monkeypatch.setattr(collectives, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(stages, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
+    real = tmesh.kth_largest_magnitudes
+    monkeypatch.setattr(tmesh, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(xla, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
     out = jmerge.merge(*placed, name, **hp)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
     assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
     m = jmerge.get(name)
-    resolved = m.prepare(*placed, m.resolve(2, hp))
-    first = resolved["thresholds"][0]  # task 0's: a magnitude, a pytree, or a (lower, upper) pair of pytrees
+    resolved = m.resolve(2, hp)
+    answers = thresholds.solve(m.sparsifier(resolved).query, placed[1], placed[0])
+    first = answers[0]  # task 0's: [a magnitude], [a pytree], or [lower, upper] pytrees
     if name != "ties" or hp.get("trim") == "tensor":  # per-tensor thresholds: pytrees shaped like the model
-        assert jax.tree.structure(first if name == "ties" else first[0]) == jax.tree.structure(base)
+        assert jax.tree.structure(first[0]) == jax.tree.structure(base)
     merge = registry._jitted(m, registry.static_names(m, resolved))
-    assert _all_gathers(merge.lower(*placed, None, **resolved).compile().as_text()) == []
+    assert _all_gathers(merge.lower(*placed, None, answers, **resolved).compile().as_text()) == []
 
 
 # ---------------------------------------------------------------------------- streamed vs in memory (from test_streaming)
@@ -241,54 +243,61 @@ def test_global_ties_equals_in_memory(ckpts, density):
     tensor_trim = _streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
     assert any(not np.array_equal(got[n], tensor_trim[n]) for n in NAMES)  # the scopes really differ
 
+def _global_thresholds(base, experts, density, **options):
+    """Per task, the streamed global TIES threshold (``thresholds.solve`` on checkpoints)."""
+    found = thresholds.solve(stages.magnitude_trim(density).query, [st.open_checkpoint(e) for e in experts],
+                             st.open_checkpoint(base), **options)
+    return np.asarray([a[0] for a in found], np.float32)
+
+
 def test_global_thresholds_are_exact(ckpts):
     _, base, experts, paths = ckpts
     n_total = sum(np.prod(_shape(n)) for n in NAMES)
     densities = [1e-4, 0.37, 1.0]  # k = 0, a middle k, k = N
-    th = streaming.global_thresholds(paths[0], paths[1:], densities)
+    th = _global_thresholds(paths[0], paths[1:], densities)
     assert th[0] == np.inf and th[2] == 0.0
     tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
     k = int(0.37 * n_total)
-    assert th[1] == float(stages.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
+    assert th[1] == float(xla.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
 
 @pytest.mark.parametrize("sample", [7, 64, 1 << 20])  # bracketed by a tiny, small, whole sample
 def test_global_thresholds_from_a_sampled_bracket(ckpts, sample):
     _, base, experts, paths = ckpts
     tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
     densities = [0.01, 0.5, 0.99]
-    th = streaming.global_thresholds(paths[0], paths[1:], densities, sample=sample)
+    th = _global_thresholds(paths[0], paths[1:], densities, sample=sample)
     for t, d in enumerate(densities):
         assert th[t] == np.sort(np.abs(tv[t]))[::-1][int(d * tv[t].size) - 1]
 
 def test_a_missed_bracket_is_widened_and_the_pass_repeated(ckpts, monkeypatch):
     _, base, experts, paths = ckpts
     calls = []
-    real = streaming.selection.bracket
+    real = thost.bracket
 
     def first_misses(sample, k, n, z):
         calls.append(z)
         return (0.0, 1e-30) if len(calls) == 1 else real(sample, k, n, z)  # nothing inside: a miss
 
-    monkeypatch.setattr(streaming.selection, "bracket", first_misses)
-    th = streaming.global_thresholds(paths[0], paths[1:2], 0.3)
+    monkeypatch.setattr(thost, "bracket", first_misses)
+    th = _global_thresholds(paths[0], paths[1:2], 0.3)
     tv = np.concatenate([(experts[0][n] - base[n]).ravel() for n in NAMES])
     assert calls == [5.0, 20.0]
     assert th[0] == np.sort(np.abs(tv))[::-1][int(0.3 * tv.size) - 1]
 
 def test_kth_in_bracket_and_kth_largest_on_ties():
     v = np.array([3, 1, 2, 2, 2, 5], np.float32)
-    assert [selection.kth_largest(v.copy(), k) for k in range(1, 7)] == [5, 3, 2, 2, 2, 1]
+    assert [thost.kth_largest(v.copy(), k) for k in range(1, 7)] == [5, 3, 2, 2, 2, 1]
     inside = [np.array([2, 2], np.float32), np.array([2], np.float32)]  # [lo, hi) = [2, 3)
-    assert selection.kth_in_bracket(inside, 2, 4) == 2.0  # 5, 3 above
-    assert selection.kth_in_bracket(inside, 2, 2) is None and selection.kth_in_bracket(inside, 2, 6) is None
+    assert thost.kth_in_bracket(inside, 2, 4) == 2.0  # 5, 3 above
+    assert thost.kth_in_bracket(inside, 2, 2) is None and thost.kth_in_bracket(inside, 2, 6) is None
     with pytest.raises(ValueError, match="k=0"):
-        selection.kth_largest(v, 0)
+        thost.kth_largest(v, 0)
 
 def test_tensor_thresholds_are_exact():
     r = np.random.default_rng(5)
     b = r.standard_normal((33, 17)).astype(np.float32)
     es = [b + 0.1 * r.standard_normal(b.shape).astype(np.float32) for _ in range(3)]
-    th = selection.trim_thresholds(b, es, (0.001, 0.3, 1.0))  # k = 0, k = 168, k = n
+    th = [a[0] for a in thost.solve(stages.magnitude_trim((0.001, 0.3, 1.0)).query, es, b)]  # k = 0, k = 168, k = n
     assert th[0] == np.inf and th[2] == 0.0
     assert th[1] == np.sort(np.abs(es[1] - b).ravel())[::-1][int(0.3 * b.size) - 1]
 
@@ -360,10 +369,10 @@ class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
         base, experts = models
         mask = _drop_mask(grouping)
         calls = []
-        real = selection.trim_thresholds
-        monkeypatch.setattr(selection, "trim_thresholds", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = thost.solve
+        monkeypatch.setattr(thost, "solve", lambda *a, **k: calls.append(1) or real(*a, **k))
         host = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
-        monkeypatch.setattr(selection, "on_host_cpu", lambda tree: False)  # the jitted search instead
+        monkeypatch.setattr(thost, "on_host_cpu", lambda tree: False)  # the jitted search instead
         jitted = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
         assert calls == [1]
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), host, jitted)

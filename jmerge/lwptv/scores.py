@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge import layers as jlayers
-from jmerge import stages
+from jmerge import stages, thresholds
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError, check_fraction
 
@@ -76,11 +76,12 @@ _sq = lambda x: jnp.sum(x * x)
 
 
 # ---------------------------------------------------------------------------- scores
-def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "energy") -> jax.Array:
+def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "energy", answers=None) -> jax.Array:
     """Share of a layer's update that survives a global top-``density`` magnitude trim.
 
     ``m_t = 1[|tau_t| >= kth_t]``, ``kth_t`` the ``int(density * n)``-th largest ``|tau_t|``
-    over the whole task vector (the TIES trim at the same density, ``jmerge.stages.top_magnitude_mask``).
+    over the whole task vector (the TIES trim at the same density, ``jmerge.stages.magnitude_trim``;
+    ``answers``: those thresholds, solved before ``jit`` by :func:`jmerge.thresholds.solve`).
     ``measure="energy"``: ``s_t^l = sum_{i in l} m_ti tau_ti^2 / sum_{i in l} tau_ti^2``;
     ``measure="count"``: ``s_t^l = #{i in l: m_ti, tau_ti != 0} / n_l``.
 
@@ -93,7 +94,8 @@ def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "
     check_fraction("density", density)
     _choice("measure", measure, ("energy", "count"))
     tvs = _f32(tvs)
-    keep = [stages.top_magnitude_mask(jax.tree.leaves(tv), density) for tv in tvs]
+    answers = answers or thresholds.solve(_trim_query(grouping, density), tvs)
+    keep = [[thresholds.keep(x, a[0]) for x in jax.tree.leaves(tv)] for tv, a in zip(tvs, answers)]
     if measure == "energy":
         num = task_leaf_sums(lambda m, x: jnp.sum(jnp.where(m, x * x, 0.0)), keep, tvs)
         return _ratio(layer_sum(num, grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
@@ -157,7 +159,7 @@ def sign_agreement(tvs, base, grouping, *, sign: str = "sum", weighting: str = "
     return _ratio(layer_sum(num, grouping), layer_sum(den, grouping))
 
 
-def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array:
+def energy_concentration(tvs, base, grouping, *, top: float = 0.05, answers=None) -> jax.Array:
     """Share of a layer's update energy held by its largest entries:
     ``s_t^l = sum_{i in l, |tau_ti| >= kth_tl} tau_ti^2 / ||tau_t^l||^2``, ``kth_tl`` the
     ``max(1, int(top * n_l))``-th largest ``|tau_t|`` within layer l.
@@ -170,15 +172,27 @@ def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array
     """
     check_fraction("top", top)
     tvs = _f32(tvs)
-    k = np.maximum(1, (top * jlayers.layer_sizes(base, grouping)).astype(np.int64))
-    members = [[i for i, l in enumerate(grouping.leaf_layer) if l == layer] for layer in range(grouping.num_layers)]
+    answers = answers or thresholds.solve(_energy_query(grouping, top), tvs)  # one search per task and layer
     num = []
-    for tv in tvs:  # one bisection per task and layer: faster than one joint bisection (bench/lwptv_bench.py)
+    for tv, a in zip(tvs, answers):
+        kth = a[0]  # per layer
         leaves = jax.tree.leaves(tv)
-        kth = [stages.kth_largest_magnitude([leaves[i] for i in idx], int(k[l])) for l, idx in enumerate(members)]
-        num.append(jnp.stack([jnp.sum(jnp.where(jnp.abs(x) >= kth[l], x * x, 0.0)) for x, l in zip(leaves, grouping.leaf_layer)]))
+        num.append(jnp.stack([jnp.sum(jnp.where(thresholds.keep(x, kth[l]), x * x, 0.0)) for x, l in zip(leaves, grouping.leaf_layer)]))
     return _ratio(layer_sum(list(jnp.stack(num, axis=1)), grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
 
+
+def _trim_query(grouping, density: float = 0.2, measure: str = "energy") -> thresholds.Query:
+    """:func:`trim_survival`'s thresholds: the ``int(density n)``-th largest ``|tau_t|`` of the task vector."""
+    return thresholds.Query("global", lambda t, n: (thresholds.keep_count(density, n),))
+
+
+def _energy_query(grouping, top: float = 0.05) -> thresholds.Query:
+    """:func:`energy_concentration`'s thresholds: the ``max(1, int(top n_l))``-th largest of each layer."""
+    units = tuple(tuple(i for i, l in enumerate(grouping.leaf_layer) if l == layer) for layer in range(grouping.num_layers))
+    return thresholds.Query(units, lambda t, n: (max(1, int(top * n)),))
+
+
+QUERIES = {trim_survival: _trim_query, energy_concentration: _energy_query}  # scores that rank magnitudes
 
 SCORES: dict[str, ScoreFn] = {
     "trim_survival": trim_survival,
@@ -204,7 +218,7 @@ def _check_kwargs(fn: ScoreFn, kwargs: dict) -> None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "answers"]
     for name in kwargs:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -237,12 +251,20 @@ def _jitted(fn: ScoreFn, grouping, kwargs: dict, from_experts: bool):
     key = (fn, grouping, tuple(sorted(kwargs.items())), from_experts)
     if key not in _JITTED:
 
-        def run(base, models):
+        def run(base, models, answers):
             tvs = jtree.task_vectors(base, models) if from_experts else models
-            return fn(list(tvs), base, grouping, **kwargs).astype(jnp.float32)
+            solved = {} if answers is None else {"answers": answers}
+            return fn(list(tvs), base, grouping, **solved, **kwargs).astype(jnp.float32)
 
         _JITTED[key] = jax.jit(run)
     return _JITTED[key]
+
+
+def _answers(fn: ScoreFn, grouping, kwargs: dict, models, base=None):
+    """The thresholds a magnitude-ranking score needs, by :func:`jmerge.thresholds.solve`
+    outside ``jit`` (host or mesh for concrete inputs), or None."""
+    query = QUERIES.get(fn)
+    return None if query is None else thresholds.solve(query(grouping, **kwargs), list(models), base)
 
 
 def compute(tvs, base, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
@@ -250,14 +272,16 @@ def compute(tvs, base, grouping, score: str | ScoreFn = "trim_survival", **kwarg
     fn = get_score(score)
     _check_kwargs(fn, kwargs)
     check_inputs(tvs, base, grouping)
-    return _check_shape(_jitted(fn, grouping, kwargs, False)(base, list(tvs)), len(tvs), grouping, fn)
+    answers = _answers(fn, grouping, kwargs, tvs)
+    return _check_shape(_jitted(fn, grouping, kwargs, False)(base, list(tvs), answers), len(tvs), grouping, fn)
 
 
 def compute_from_experts(base, experts, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
     """Like :func:`compute`, with the task vectors ``experts - base`` formed inside the jit."""
     fn = get_score(score)
     _check_kwargs(fn, kwargs)
-    return _check_shape(_jitted(fn, grouping, kwargs, True)(base, list(experts)), len(experts), grouping, fn)
+    answers = _answers(fn, grouping, kwargs, experts, base)
+    return _check_shape(_jitted(fn, grouping, kwargs, True)(base, list(experts), answers), len(experts), grouping, fn)
 
 
 def _check_shape(scores: jax.Array, k: int, grouping, fn) -> jax.Array:

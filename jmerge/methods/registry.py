@@ -4,8 +4,10 @@ A method is a pure function ``fn(base, tvs, *, key, **hparams) -> merged`` over 
 base pytree and the experts' float32 task vectors (so any pre-processing of task
 vectors, such as LwPTV masks, composes with every method). Each registered method
 declares its hyper-parameters with defaults, which of them are static (they fix array
-sizes or code paths, so changing them recompiles), whether it needs a PRNG key, and a
-check run on the hyper-parameters before any heavy work.
+sizes or code paths, so changing them recompiles), whether it needs a PRNG key, a check
+run on the hyper-parameters before any heavy work, and its sparsifier
+(:class:`jmerge.stages.Sparsifier`), whose thresholds :func:`merge` finds with
+:func:`jmerge.thresholds.solve` before the jitted merge.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from jmerge import thresholds
 from jmerge import tree as jtree
 from jmerge import validate
 
@@ -32,7 +35,11 @@ class Method:
     needs_key: bool
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
-    prepare: Callable[..., dict[str, Any]] | None = None
+    sparsify: Callable[[dict[str, Any]], Any] | None = None
+
+    def sparsifier(self, hparams: dict[str, Any]):
+        """The method's :class:`jmerge.stages.Sparsifier` for resolved ``hparams``, or None."""
+        return None if self.sparsify is None else self.sparsify(hparams)
 
     def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
@@ -57,14 +64,24 @@ def _no_check(num_experts: int, hparams: dict[str, Any]) -> None:
     del num_experts, hparams
 
 
-def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, prepare=None):
+def _sparsified(fn: Callable, sparsify: Callable) -> Callable:
+    """``fn`` on the task vectors its sparsifier keeps: ``answers`` (the sparsifier's query,
+    solved before ``jit``) or, without them, a search on the task vectors themselves."""
+
+    def run(base, tvs, *, key=None, answers=None, **hparams):
+        return fn(base, sparsify(hparams)(tvs, key, answers=answers), key=key, **hparams)
+
+    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
+    return run
+
+
+def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, sparsify=None):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
     The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
-    ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in :func:`merge`
-    before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside
-    ``jit`` what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh,
-    or by numpy on the host CPU.
+    ``sparsify(hparams) -> jmerge.stages.Sparsifier``, when given, maps the task vectors
+    before ``fn`` sees them (TIES' trim, DARE's drop); :func:`merge` solves its query
+    (thresholds) outside ``jit`` with the backend the inputs call for.
     """
 
     def deco(fn):
@@ -73,7 +90,8 @@ def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, 
             k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "key"
         }
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = Method(name, fn, defaults, frozenset(static), needs_key, check, summary, prepare)
+        full = fn if sparsify is None else _sparsified(fn, sparsify)
+        _REGISTRY[name] = Method(name, full, defaults, frozenset(static), needs_key, check, summary, sparsify)
         return fn
 
     return deco
@@ -102,13 +120,19 @@ def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in hparams.items() if k in method.static or isinstance(v, (str, bool))))
 
 
-def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False) -> Callable:
-    cache_key = (method.name, method.fn, static_names, donate_base)
+def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False, pre=None, post=None) -> Callable:
+    """The jitted merge ``(base, experts, key, answers, extra, **hp)``: task vectors, ``pre(tvs,
+    extra)``, the method, ``post(merged, base, extra)`` (LwPTV's prune and keep_base)."""
+    cache_key = (method.name, method.fn, static_names, donate_base, pre, post)
     if cache_key not in _JITTED:
 
-        def run(base, experts, key, **hp):
+        def run(base, experts, key, answers=None, extra=None, **hp):
             tvs = jtree.task_vectors(base, experts)
-            return method.fn(base, tvs, key=key, **hp)
+            if pre is not None:
+                tvs = pre(tvs, extra)
+            solved = {} if method.sparsify is None else {"answers": answers}
+            out = method.fn(base, tvs, key=key, **solved, **hp)
+            return out if post is None else post(out, base, extra)
 
         _JITTED[cache_key] = jax.jit(run, static_argnames=static_names, donate_argnums=(0,) if donate_base else ())
     return _JITTED[cache_key]
@@ -142,6 +166,7 @@ def merge(
     check_finite: bool = True,
     lwptv=None,
     donate_base: bool = False,
+    answers=None,
     **hparams,
 ) -> PyTree:
     """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
@@ -158,6 +183,8 @@ def merge(
       donate_base: let the merge reuse ``base``'s buffers for its output (``base`` must not
         be used afterwards). Skips allocating the output, which on CPU costs as much as
         reading the inputs (bench/merge_bench.py).
+      answers: the method's thresholds when already known (``jmerge.thresholds.solve`` of its
+        sparsifier's query: a streamed merge finds global ones over the checkpoints first).
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
     All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
@@ -174,14 +201,17 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
-    if m.prepare is not None and lwptv is None:  # with lwptv, on the pruned task vectors (merge_with_lwptv)
-        hp = m.prepare(base, list(experts), hp)
+    experts = list(experts)
+    pre = post = extra = None
+    measured = experts  # what the sparsifier's thresholds are measured on
+    if lwptv is not None:
+        from jmerge.lwptv.stage import stage  # lazy: the registry loads without lwptv
+
+        pre, post, extra, measured = stage(base, experts, lwptv)
+    sparsifier = m.sparsifier(hp)
+    if answers is None and sparsifier is not None and sparsifier.query is not None:
+        answers = thresholds.solve(sparsifier.query, measured, base)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
-    if lwptv is not None:
-        from jmerge.lwptv.stage import merge_with_lwptv  # lazy: the registry loads without lwptv
-
-        out = merge_with_lwptv(m, base, experts, key, static, hp, lwptv, plain=_jitted(m, static, donate_base))
-    else:
-        out = _jitted(m, static, donate_base)(base, list(experts), key, **hp)
+    out = _jitted(m, static, donate_base, pre, post)(base, experts, key, answers, extra, **hp)
     return _placed_like(out, shardings)
