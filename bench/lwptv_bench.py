@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import atomic_write
 from jmerge import layers as jlayers
 from jmerge import lwptv, stages, thresholds
 from jmerge import tree as jtree
@@ -148,10 +149,7 @@ def main():
         "Command: `.venv/bin/python bench/lwptv_bench.py`",
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(f"wrote {args.out}")
 
 

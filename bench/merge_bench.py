@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmerge
+from jmerge._util import atomic_write
 from jmerge import stages, thresholds, validate
 from jmerge.thresholds import xla
 
@@ -200,9 +201,7 @@ def main(argv=None) -> None:
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
     print(f"wrote {args.out}")
 
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jmerge  # noqa: E402
+from jmerge._util import atomic_write  # noqa: E402
 from jmerge import shard, stages  # noqa: E402
 from jmerge.thresholds import mesh as tmesh  # noqa: E402
 from jmerge import tree as jtree  # noqa: E402
@@ -306,9 +307,7 @@ def write_report(args, rows, dev_rows, method_rows, dev_experts, load_before, lo
     lines += [f"| {m} | {text} |" for m, text in method_rows]
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
     print(f"wrote {args.out}")
 
 

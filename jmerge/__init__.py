@@ -3,6 +3,7 @@
 import importlib
 
 from jmerge import layers, stages, tree, validate
+from jmerge._util import clear_caches
 from jmerge.methods import available, get, merge, merge_task_vectors
 from jmerge.tree import apply, task_vector, task_vectors
 from jmerge.validate import MergeInputError
@@ -22,6 +23,7 @@ __all__ = [
     "MergeInputError",
     "apply",
     "available",
+    "clear_caches",
     "get",
     "layers",
     "learn",

@@ -31,9 +31,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.validate import MergeInputError
 
-PyTree = jtree.PyTree
 Rule = Callable[[str, tuple, Mesh], P]
 
 DATA, MODEL = "data", "model"

@@ -27,8 +27,7 @@ import numpy as np
 
 from jmerge import thresholds
 from jmerge import tree as jtree
-
-PyTree = jtree.PyTree
+from jmerge.tree import PyTree
 
 
 def per_task(value, k_tasks: int) -> list[float]:

@@ -1,8 +1,7 @@
 """Out-of-core merging: stream tensors from safetensors checkpoints, write the output shard by shard.
 
-Every method that works tensor by tensor (task arithmetic, average, TIES with
-``trim="tensor"``, DARE, breadcrumbs, DELLA, MagMax, consensus, SLERP, Multi-SLERP, Model
-Stock, TSV-M, Iso-C, Iso-CTS) is run by calling :func:`jmerge.merge` on one-tensor
+Every method that works tensor by tensor (``Method.streamable``: all registered ones today;
+global TIES gets its thresholds from streamed passes first) is run by calling :func:`jmerge.merge` on one-tensor
 pytrees, so a streamed merge computes what the in-memory merge computes. Per tensor we read
 the base and the K experts (each through a scoped ``safe_open``), merge, and write the result
 straight to its place in the output shard; peak memory is a few copies of one tensor times
@@ -19,7 +18,7 @@ Details that differ from an in-memory merge of the same dicts:
 
 * Pytree key. Each call merges ``{"tensor": x}``, so ``jax.jit`` compiles once per distinct
   (shape, dtype) rather than once per tensor name. Methods whose hyper-parameters look at
-  parameter paths (``svd_filter``) get ``{name: x}`` instead.
+  parameter paths (``Method.path_params``, e.g. ``svd_filter``) get ``{name: x}`` instead.
 * PRNG keys (DARE, DELLA). Tensor ``name`` gets ``fold_in(key, h(name))``, ``h`` a stable
   31-bit BLAKE2 hash of the name (:func:`jmerge.tree.keys_like`), which is the key the
   in-memory merge of ``{name: array}`` dicts gives that leaf: streamed and in-memory
@@ -36,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -48,27 +47,6 @@ from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
 
-STREAMABLE = frozenset(
-    {
-        "average",
-        "task_arithmetic",
-        "ties",
-        "dare_linear",
-        "dare_ties",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "magmax",
-        "consensus",
-        "slerp",
-        "multislerp",
-        "model_stock",
-        "tsv",
-        "iso_c",
-        "iso_cts",
-    }
-)
-PATH_PARAMS = ("svd_filter",)
 LEAF = "tensor"
 
 Progress = Callable[[str, str], None]  # (phase, tensor name), called after each tensor
@@ -78,13 +56,22 @@ def _open(ckpt: st.Checkpoint | str | os.PathLike) -> st.Checkpoint:
     return ckpt if isinstance(ckpt, st.Checkpoint) else st.open_checkpoint(ckpt)
 
 
-def prepare(
+class Inputs(NamedTuple):
+    """Opened and checked inputs of a merge (:func:`open_inputs`): checkpoints, resolved hyper-parameters."""
+
+    base: st.Checkpoint
+    experts: list[st.Checkpoint]
+    hparams: dict[str, Any]
+
+
+def open_inputs(
     base, experts: Sequence, method: str, *, key: jax.Array | None = None, in_memory: bool = False, **hparams
-) -> tuple[st.Checkpoint, list[st.Checkpoint], dict[str, Any]]:
+) -> Inputs:
     """Opens the checkpoints (headers only), checks they match and the method and its
-    hyper-parameters can be streamed (or run ``in_memory``); returns ``(base, experts, resolved hparams)``."""
+    hyper-parameters can be streamed (or run ``in_memory``); returns ``(base, experts, resolved
+    hparams)``. Runs once per merge: the functions below take its result."""
     m = registry.get(method)
-    if method not in STREAMABLE and not in_memory:
+    if not m.streamable and not in_memory:
         raise MergeInputError(
             f"method {method!r} does not work tensor by tensor, so it cannot be streamed; merge in memory"
         )
@@ -99,7 +86,15 @@ def prepare(
         raise MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if not any(t.is_float for t in base.tensors.values()):
         raise MergeInputError(f"{base.path}: no float tensors to merge")
-    return base, experts, hp
+    return Inputs(base, experts, hp)
+
+
+def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The one mixed-dtype rule: when an expert stores another float dtype than the base, that
+    tensor of every model is taken in float32 (exact for bf16/f16 inputs); else unchanged."""
+    if any(x.dtype != base.dtype for x in experts):
+        return base.astype(np.float32), [x.astype(np.float32) for x in experts]
+    return base, list(experts)
 
 
 def global_answers(base: st.Checkpoint, experts: Sequence[st.Checkpoint], method: str, hp: dict[str, Any],
@@ -144,9 +139,18 @@ def iter_merged(
     ``out_dtype`` (e.g. ``"bfloat16"``) casts float outputs; the default keeps each base
     tensor's dtype. Hyper-parameters are those of ``jmerge.methods.get(method)``.
     """
-    base, experts, hp = prepare(base, experts, method, key=key, **hparams)
+    return stream_inputs(open_inputs(base, experts, method, key=key, **hparams), method, key=key, out_dtype=out_dtype,
+                         check_finite=check_finite, progress=progress)
+
+
+def stream_inputs(
+    inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`iter_merged` on inputs already opened by :func:`open_inputs`."""
+    base, experts, hp = inputs
     answers = global_answers(base, experts, method, hp, progress)
-    use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
+    use_names = any(hp.get(p) is not None for p in registry.get(method).path_params)
     cast = _np_dtype(out_dtype)
 
     def dispatch(name: str, info: st.TensorInfo):
@@ -158,8 +162,7 @@ def iter_merged(
         if check_finite:
             for ckpt, x in zip([base, *experts], [b, *es]):
                 _check_finite(ckpt, name, x)
-        if any(x.dtype != b.dtype for x in es):
-            b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
+        b, es = unify_dtypes(b, es)
         leaf = name if use_names else LEAF
         return registry.merge(
             {leaf: b},
@@ -168,7 +171,7 @@ def iter_merged(
             key=None if key is None else {leaf: jtree.keys_like(key, {name: b})[name]},
             check_finite=False,
             answers=answers,
-            **hparams,
+            **hp,
         )[leaf]
 
     # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while
@@ -198,18 +201,31 @@ def iter_merged_in_memory(
     """The in-memory counterpart of :func:`iter_merged`: loads every float tensor of every
     model and runs one :func:`jmerge.merge` on flat ``{name: array}`` dicts, for what needs
     the whole model at once (``lwptv=``, a ``jmerge.lwptv.LwPTV`` or ``LayerMask``; methods
-    not in :data:`STREAMABLE`). Memory: all inputs at once."""
-    base, experts, _ = prepare(base, experts, method, key=key, in_memory=True, **hparams)
-    floats = [n for n, t in base.tensors.items() if t.is_float]
-    b = {n: base.read(n) for n in floats}
-    es = [{n: e.read(n) for n in floats} for e in experts]
-    for n in floats:  # mixed float dtypes: that tensor is merged in float32
-        if any(e[n].dtype != b[n].dtype for e in es):
-            b[n] = b[n].astype(np.float32)
-            for e in es:
-                e[n] = e[n].astype(np.float32)
+    whose ``Method.streamable`` is False). Memory: all inputs at once."""
+    inputs = open_inputs(base, experts, method, key=key, in_memory=True, **hparams)
+    return merge_in_memory(inputs, method, key=key, out_dtype=out_dtype, check_finite=check_finite, lwptv=lwptv)
+
+
+def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint]) -> tuple[dict, list[dict]]:
+    """Every float tensor of every model as flat ``{name: array}`` dicts, :func:`unify_dtypes` per tensor."""
+    b, es = {}, [{} for _ in experts]
+    for n, t in base.tensors.items():
+        if t.is_float:
+            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts])
+            for e, x in zip(es, values):
+                e[n] = x
+    return b, es
+
+
+def merge_in_memory(
+    inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
+    lwptv: Any = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
+    base, experts, hp = inputs
+    b, es = read_floats(base, experts)
     extra = {} if lwptv is None else {"lwptv": lwptv}
-    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hparams)
+    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hp)
     del es
     cast = _np_dtype(out_dtype)
     for name, info in base.tensors.items():
@@ -220,6 +236,40 @@ def _np_dtype(dtype: Any) -> np.dtype | None:
     if dtype is None:
         return None
     return st.numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+
+
+def merge_to_orbax(
+    base,
+    experts: Sequence,
+    out: str | os.PathLike,
+    method: str = "task_arithmetic",
+    *,
+    mesh,
+    rule=None,
+    key: jax.Array | None = None,
+    force: bool = False,
+    **hparams,
+) -> Path:
+    """Merges safetensors checkpoints on ``mesh`` (read straight into shards by ``rule``,
+    default :func:`jmerge.shard.spec_for`) and saves the sharded result with orbax.
+
+    Inputs are opened and checked by :func:`open_inputs` (headers, method, hyper-parameters,
+    key) before any tensor is read. Float tensors are merged; other tensors (integer
+    buffers) are copied from the base. Returns ``out``.
+    """
+    from jmerge.io import sharded
+    from jmerge.shard import spec_for
+
+    base, experts, _ = open_inputs(base, experts, method, key=key, in_memory=True, **hparams)
+    rule = rule or spec_for
+    floats = [n for n, info in base.tensors.items() if info.is_float]
+    base_tree = sharded.read_sharded(base, mesh, rule)
+    expert_trees = [sharded.read_sharded(e, mesh, rule, names=floats) for e in experts]
+    merged = registry.merge({n: base_tree[n] for n in floats}, expert_trees, method, key=key, **hparams)
+    merged = {n: merged.get(n, base_tree[n]) for n in base.names}
+    meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
+            "base": str(base.path), "experts": [str(e.path) for e in experts]}
+    return sharded.save_sharded(out, merged, metadata=meta, force=force)
 
 
 @dataclass(frozen=True)
@@ -267,14 +317,39 @@ def merge_to_dir(
     """
     start = time.perf_counter()
     in_memory = in_memory or lwptv is not None
-    base, experts, _ = prepare(base, experts, method, key=key, in_memory=in_memory, **hparams)
-    plan = output_plan(base, out_dtype, shard_size)
-    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite, **hparams)
+    inputs = open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
+    return merge_inputs_to_dir(out, inputs, method, key=key, out_dtype=out_dtype, shard_size=shard_size, force=force,
+                               card=card, extra_files=extra_files, check_finite=check_finite, in_memory=in_memory,
+                               lwptv=lwptv, progress=progress, start=start)
+
+
+def merge_inputs_to_dir(
+    out: str | os.PathLike,
+    inputs: Inputs,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    out_dtype: Any = None,
+    shard_size: int | str = st.DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    card: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    check_finite: bool = True,
+    in_memory: bool = False,
+    lwptv: Any = None,
+    progress: Progress | None = None,
+    start: float | None = None,
+) -> StreamResult:
+    """:func:`merge_to_dir` on inputs already opened by :func:`open_inputs` (``jmerge run``
+    opens them once)."""
+    in_memory = in_memory or lwptv is not None
+    plan = output_plan(inputs.base, out_dtype, shard_size)
+    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite)
     if in_memory:
-        tensors = iter_merged_in_memory(base, experts, method, lwptv=lwptv, **common)
+        tensors = merge_in_memory(inputs, method, lwptv=lwptv, **common)
     else:
-        tensors = iter_merged(base, experts, method, progress=progress, **common)
-    return write_dir(out, base, tensors, plan, protect=[e.path for e in experts], force=force, card=card,
+        tensors = stream_inputs(inputs, method, progress=progress, **common)
+    return write_dir(out, inputs.base, tensors, plan, protect=[e.path for e in inputs.experts], force=force, card=card,
                      extra_files=extra_files, progress=progress if in_memory else None, start=start)
 
 

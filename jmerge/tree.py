@@ -9,7 +9,7 @@ hyper-parameters, sharding) is a regex or callable over that path.
 Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and kept
 in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
 exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
-base dtype (research/jax_ecosystem.md §7.5).
+base dtype.
 """
 
 from __future__ import annotations

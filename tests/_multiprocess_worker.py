@@ -6,7 +6,7 @@ Joins a job of NUM_PROCESSES processes with 4 CPU devices each (coordinator on
 127.0.0.1:PORT), builds one global ("data", "model") = (1, 4 * NUM_PROCESSES) mesh, and on it:
 task arithmetic and TIES through ``jmerge.merge``, TIES with the shard_map trim of
 ``jmerge.thresholds.mesh``, a DivMerge run of ``jmerge.learn.fit_coefficients``, and a
-safetensors -> sharded merge -> orbax run (``jmerge.io.sharded.merge_to_orbax``) that logs
+safetensors -> sharded merge -> orbax run (``jmerge.streaming.merge_to_orbax``) that logs
 which tensor blocks this process read. Process 0 writes the gathered results to
 OUT_DIR/results.npz; every process writes OUT_DIR/reads_<id>.json.
 """
@@ -80,6 +80,7 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
     from jmerge import shard
     from jmerge.thresholds import mesh as tmesh
     from jmerge import tree as jtree
+    from jmerge import streaming
     from jmerge.io import sharded
     from jmerge.learn import fit_coefficients
 
@@ -120,7 +121,7 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
         return read_block(info, index)
 
     sharded._read_block = logged
-    sharded.merge_to_orbax(
+    streaming.merge_to_orbax(
         f"{ckpt_dir}/base.safetensors",
         [f"{ckpt_dir}/expert_{i}.safetensors" for i in range(NUM_EXPERTS)],
         f"{out_dir}/merged_orbax",

@@ -23,7 +23,6 @@ SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered 
 # jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
 # under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-# Gathers that need not happen, reported for a fix (the test passes once they are gone).
 
 
 @pytest.fixture(scope="module")

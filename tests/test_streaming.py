@@ -66,7 +66,7 @@ PER_TENSOR = [
 
 def test_every_streamable_method_is_covered():
     covered = {m for m, _ in PER_TENSOR} | {"ties", "slerp", "dare_linear", "dare_ties", "della"}
-    assert covered == set(streaming.STREAMABLE)
+    assert covered == {m for m in jmerge.available() if jmerge.get(m).streamable}
 
 
 @pytest.mark.parametrize("method,hp", PER_TENSOR, ids=[m for m, _ in PER_TENSOR])
@@ -148,17 +148,17 @@ def test_bad_inputs(ckpts, tmp_path):
         streaming.merge_to_dir(out, paths[0], [paths[1], nan_dir], "task_arithmetic")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     with pytest.raises(jmerge.MergeInputError, match="stochastic"):
-        streaming.prepare(paths[0], paths[1:], "dare_linear")
+        streaming.open_inputs(paths[0], paths[1:], "dare_linear")
     with pytest.raises(jmerge.MergeInputError, match="no hyper-parameter 'densty'; did you mean 'density'"):
-        streaming.prepare(paths[0], paths[1:], "ties", densty=0.2)
-    registry.register("test_whole_model_only")(lambda base, tvs, *, key=None: base)
+        streaming.open_inputs(paths[0], paths[1:], "ties", densty=0.2)
+    registry.register("test_whole_model_only", streamable=False)(lambda base, tvs, *, key=None: base)
     try:
         with pytest.raises(jmerge.MergeInputError, match="cannot be streamed"):
-            streaming.prepare(paths[0], paths[1:], "test_whole_model_only")
+            streaming.open_inputs(paths[0], paths[1:], "test_whole_model_only")
     finally:
         registry._REGISTRY.pop("test_whole_model_only")
     short = _write(tmp_path, "short", {n: x for n, x in experts[0].items() if n != "l1.w"})
     with pytest.raises(st.CheckpointError, match=r"missing 1 tensor\(s\) of the base: l1.w"):
-        streaming.prepare(paths[0], [short], "task_arithmetic")
+        streaming.open_inputs(paths[0], [short], "task_arithmetic")
 
 

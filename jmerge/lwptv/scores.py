@@ -6,7 +6,7 @@ kept**; the mask rules in :mod:`jmerge.lwptv.masks` drop the lowest-scoring laye
 
 Origin. The LwPTV abstract (Zhang et al., 2025, arXiv 2506.09093) says only that the score
 "measur[es] the redundancy of parameters in task vectors" and yields a layer mask per
-task; its formula is not available to us (research/papers.md §1). **Every score here is
+task; its formula is not available to us. **Every score here is
 our own design** in the spirit of that sentence; none claims to reproduce the paper.
 
 Each score works on all tasks and layers at once in one jit: per-leaf, per-task partial
@@ -18,7 +18,6 @@ over tasks in :func:`cross_task_agreement` and :func:`sign_agreement`).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable, Sequence
 
@@ -26,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import did_you_mean, register_cache
 from jmerge import layers as jlayers
 from jmerge import stages, thresholds
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.validate import MergeInputError, check_fraction
 
-PyTree = jtree.PyTree
 ScoreFn = Callable[..., jax.Array]
 
 
@@ -109,8 +109,8 @@ def relative_update(tvs, base, grouping) -> jax.Array:
 
     Norms are over all entries of the layer; ``||theta_0^l||_F`` is floored at 1e-12. Orientation:
     a layer the fine-tuning barely moved (relative to its own scale) is redundant for the
-    task (low score, dropped first). Origin: our own design (a candidate listed in
-    research/papers.md §1.4; the abstract does not say the score involves the base weights).
+    task (low score, dropped first). Origin: our own design (the abstract does not say the
+    score involves the base weights).
     """
     tau_sq = layer_sum(task_leaf_sums(_sq, _f32(tvs)), grouping)
     base_sq = layer_sum([_sq(b.astype(jnp.float32)) for b in jax.tree.leaves(base)], grouping)
@@ -125,7 +125,7 @@ def cross_task_agreement(tvs, base, grouping) -> jax.Array:
     Orientation: a layer whose update conflicts with the other tasks (negative cosine) or
     is orthogonal to them (task-specific) scores low and is dropped first; layers whose
     update is shared with other tasks are kept. Origin: our own design (cross-task
-    conflict, research/papers.md §1.4 (c)).
+    conflict, the interference TIES measures).
     """
     tvs = _f32(tvs)
     totals = [jtree.add(*tvs)] * len(tvs)
@@ -167,7 +167,7 @@ def energy_concentration(tvs, base, grouping, *, top: float = 0.05, answers=None
     Orientation: a concentrated (sparse, structured) update scores high and is kept; an
     update spread evenly over the layer's entries, like noise, scores low and is dropped
     first (i.i.d. Gaussian entries give about 0.28 at ``top=0.05``; a constant update gives
-    ``top``). Origin: our own design (research/papers.md §1.4 (b), the entry-wise variant;
+    ``top``). Origin: our own design (an entry-wise concentration measure;
     TSV's finding that task matrices are low-rank motivates it).
     """
     check_fraction("top", top)
@@ -208,8 +208,7 @@ def get_score(score: str | ScoreFn) -> ScoreFn:
     if callable(score):
         return score
     if score not in SCORES:
-        close = difflib.get_close_matches(str(score), list(SCORES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(score, SCORES)
         raise MergeInputError(f"unknown saliency score {score!r}{hint} (available: {', '.join(SCORES)})")
     return SCORES[score]
 
@@ -221,8 +220,7 @@ def _check_kwargs(fn: ScoreFn, kwargs: dict) -> None:
     known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "answers"]
     for name in kwargs:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, known)
             raise MergeInputError(
                 f"score {getattr(fn, '__name__', fn)!r} has no parameter {name!r}{hint} (known: {', '.join(known) or 'none'})"
             )
@@ -245,6 +243,7 @@ def check_inputs(tvs: Sequence[PyTree], base: PyTree, grouping: jlayers.LayerGro
 
 
 _JITTED: dict = {}
+register_cache(_JITTED.clear)
 
 
 def _jitted(fn: ScoreFn, grouping, kwargs: dict, from_experts: bool):

@@ -30,15 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge import layers as jlayers
-from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge import validate
 from jmerge.lwptv import masks as jmasks
 from jmerge.lwptv import presets
 from jmerge.lwptv import scores as jscores
 from jmerge.lwptv.masks import LayerMask
 from jmerge.validate import MergeInputError
-
-PyTree = jtree.PyTree
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,17 @@ run on the hyper-parameters before any heavy work, and its sparsifier
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
 
+from jmerge._util import did_you_mean, register_cache
 from jmerge import thresholds
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge import validate
-
-PyTree = jtree.PyTree
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,10 @@ class Method:
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
     sparsify: Callable[[dict[str, Any]], Any] | None = None
+    reference: str = ""
+    per_model: frozenset[str] = frozenset()
+    streamable: bool = True
+    path_params: frozenset[str] = frozenset()
 
     def sparsifier(self, hparams: dict[str, Any]):
         """The method's :class:`jmerge.stages.Sparsifier` for resolved ``hparams``, or None."""
@@ -45,8 +48,7 @@ class Method:
         """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
         for name in hparams:
             if name not in self.defaults:
-                close = difflib.get_close_matches(name, list(self.defaults), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, self.defaults)
                 known = ", ".join(sorted(self.defaults)) or "none"
                 raise validate.MergeInputError(
                     f"method {self.name!r} has no hyper-parameter {name!r}{hint} (known: {known})"
@@ -75,10 +77,32 @@ def _sparsified(fn: Callable, sparsify: Callable) -> Callable:
     return run
 
 
-def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, sparsify=None):
+def register(
+    name: str,
+    *,
+    static: Sequence[str] = (),
+    needs_key: bool = False,
+    check=_no_check,
+    sparsify=None,
+    reference: str = "",
+    per_model: Sequence[str] = ("weights",),
+    streamable: bool = True,
+    path_params: Sequence[str] = (),
+):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
-    The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
+    The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments; the
+    method's facts are declared here, and ``jmerge methods``, the YAML config and
+    :mod:`jmerge.streaming` read them from the :class:`Method`:
+
+    * ``reference``: the paper (authors, year, arXiv id);
+    * ``per_model``: hyper-parameters that take one value per expert (a YAML model's
+      ``parameters: {weight: ..., density: ...}``; ``weight`` maps to ``weights``), among
+      those ``fn`` has; the others are global;
+    * ``streamable``: the method works tensor by tensor, so ``jmerge run`` can stream it;
+    * ``path_params``: hyper-parameters that look at parameter paths (a streamed merge then
+      passes each tensor under its real name).
+
     ``sparsify(hparams) -> jmerge.stages.Sparsifier``, when given, maps the task vectors
     before ``fn`` sees them (TIES' trim, DARE's drop); :func:`merge` solves its query
     (thresholds) outside ``jit`` with the backend the inputs call for.
@@ -91,7 +115,13 @@ def register(name: str, *, static: Sequence[str] = (), needs_key: bool = False, 
         }
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         full = fn if sparsify is None else _sparsified(fn, sparsify)
-        _REGISTRY[name] = Method(name, full, defaults, frozenset(static), needs_key, check, summary, sparsify)
+        unknown = sorted((set(per_model) | set(path_params)) - set(defaults) - {"weights"})
+        if unknown:
+            raise ValueError(f"method {name!r}: per_model/path_params name no hyper-parameter of it: {unknown}")
+        _REGISTRY[name] = Method(
+            name, full, defaults, frozenset(static), needs_key, check, summary, sparsify, reference,
+            frozenset(p for p in per_model if p in defaults), streamable, frozenset(path_params),
+        )
         return fn
 
     return deco
@@ -105,13 +135,13 @@ def available() -> list[str]:
 def get(name: str) -> Method:
     """The registered method ``name``; unknown names get the closest suggestion."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise validate.MergeInputError(f"unknown merge method {name!r}{hint} (available: {', '.join(available())})")
     return _REGISTRY[name]
 
 
 _JITTED: dict[tuple, Callable] = {}
+register_cache(_JITTED.clear)
 
 
 def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:

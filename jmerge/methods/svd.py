@@ -146,19 +146,22 @@ def _iso_cts_matrix(ts, fraction):
     return jnp.mean(jnp.concatenate(svs)) * _mm(u_star, vt_star)
 
 
-@register("tsv", static=("svd_filter",), check=_check)
+@register("tsv", static=("svd_filter",), check=_check, reference="Gargiulo et al., 2025, arXiv 2412.00081",
+          path_params=("svd_filter",))
 def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None):
     """TSV-M (Gargiulo et al., 2025): per matrix, each task's top r/T singular triplets, orthogonalised, summed."""
     return jtree.apply(base, _per_matrix(tvs, svd_filter, _tsv_matrix), scale)
 
 
-@register("iso_c", static=("svd_filter",), check=_check)
+@register("iso_c", static=("svd_filter",), check=_check, reference="Marczak et al., 2025, arXiv 2502.04959",
+          path_params=("svd_filter",))
 def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None):
     """Iso-C (Marczak et al., 2025): the summed task matrix with a flat spectrum at its mean singular value."""
     return jtree.apply(base, _per_matrix(tvs, svd_filter, _iso_c_matrix), scale)
 
 
-@register("iso_cts", static=("svd_filter", "common_space_fraction", "layout"), check=_iso_cts_check)
+@register("iso_cts", static=("svd_filter", "common_space_fraction", "layout"), check=_iso_cts_check,
+          reference="Marczak et al., 2025, arXiv 2502.04959", path_params=("svd_filter",))
 def iso_cts(base, tvs, *, key=None, scale=1.0, common_space_fraction=0.8, layout="flax", svd_filter=None):
     """Iso-CTS (Marczak et al., 2025): common top space of the sum plus task-specific directions, flat spectrum."""
     if layout == "torch":

@@ -53,6 +53,9 @@ def _ties_check(num_experts, hp):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
 
 
+_PER_MODEL = ("weights", "density")  # one value per expert in a YAML model's parameters
+
+
 def _weighted(tvs, weights):
     if weights is None:
         return list(tvs)
@@ -68,13 +71,13 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
     return jtree.apply(base, merged, scale)
 
 
-@register("average", check=_average_check)
+@register("average", check=_average_check, reference="Wortsman et al., 2022 (model soups), arXiv 2203.05482")
 def average(base, tvs, *, key=None, weights=None):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup)."""
     return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
 
 
-@register("task_arithmetic", check=_check)
+@register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089")
 def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
     """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
@@ -84,7 +87,8 @@ def _trim(hp):
     return stages.magnitude_trim(hp["density"], hp["trim"])
 
 
-@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, sparsify=_trim)
+@register("ties", static=("density", "trim", "sign", "normalize"), check=_ties_check, sparsify=_trim,
+          reference="Yadav et al., 2023, arXiv 2306.01708", per_model=_PER_MODEL)
 def ties(base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True):
     """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale.
 
@@ -98,13 +102,15 @@ def _dare(hp):
     return stages.dare(hp["density"], hp["rescale"])
 
 
-@register("dare_linear", static=("density", "rescale"), needs_key=True, check=_check, sparsify=_dare)
+@register("dare_linear", static=("density", "rescale"), needs_key=True, check=_check, sparsify=_dare,
+          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL)
 def dare_linear(base, tvs, *, key=None, density=0.5, scale=1.0, weights=None, rescale=True):
     """DARE + task arithmetic (Yu et al., 2024): drop with rate ``1 - density``, rescale, weighted sum."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
 
 
-@register("dare_ties", static=("density", "rescale", "sign", "normalize"), needs_key=True, check=_check, sparsify=_dare)
+@register("dare_ties", static=("density", "rescale", "sign", "normalize"), needs_key=True, check=_check, sparsify=_dare,
+          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL)
 def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DARE + TIES: random drop and rescale instead of the magnitude trim, then elect and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
@@ -119,13 +125,15 @@ def _crumbs(hp):
     return stages.breadcrumbs(hp["density"], hp["gamma"])
 
 
-@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, sparsify=_crumbs)
+@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, sparsify=_crumbs,
+          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL)
 def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None):
     """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
 
 
-@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check, sparsify=_crumbs)
+@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check, sparsify=_crumbs,
+          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL)
 def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
     """Breadcrumbs sparsification followed by TIES sign election and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
@@ -146,13 +154,13 @@ def _magprune(hp):
 
 
 @register("della", static=("density", "epsilon", "rescale", "sign", "normalize"), needs_key=True, check=_della_check,
-          sparsify=_magprune)
+          sparsify=_magprune, reference="Deep et al., 2024, arXiv 2406.11617", per_model=_PER_MODEL)
 def della(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DELLA (Deep et al., 2024): magnitude-ranked stochastic drop, sign election, disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
 
 
-@register("magmax", check=_check)
+@register("magmax", check=_check, reference="Marczak et al., 2024, arXiv 2407.07089")
 def magmax(base, tvs, *, key=None, scale=0.5):
     """MagMax (Marczak et al., 2024): per entry the largest-magnitude task-vector value, scaled by 0.5."""
     return jtree.apply(base, stages.magnitude_max(tvs), scale)
@@ -165,7 +173,8 @@ def _consensus_check(num_experts, hp):
     validate.check_fraction("tall_lambda", hp["tall_lambda"], low_open=False, high=float("inf"), count=num_experts)
 
 
-@register("consensus", static=("k", "tall_lambda"), check=_consensus_check)
+@register("consensus", static=("k", "tall_lambda"), check=_consensus_check, reference="Wang et al., 2024 (TALL masks), arXiv 2405.07813",
+          per_model=("tall_lambda",))
 def consensus(base, tvs, *, key=None, k=2, tall_lambda=0.6, scale=0.3):
     """TALL-mask consensus (Wang et al., 2024): keep entries that >= k TALL masks keep, of the summed task vector."""
     masks = stages.tall_masks(tvs, tall_lambda)

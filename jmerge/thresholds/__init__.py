@@ -30,9 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge import tree as jtree
 
-PyTree = jtree.PyTree
 Ranks = Callable[[int, int], tuple[int, ...]]
 
 

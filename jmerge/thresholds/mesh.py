@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jmerge._util import register_cache
 from jmerge import shard
 from jmerge import tree as jtree
 from jmerge.shard import Rule, spec_for
 from jmerge.thresholds import Query, answers, bisect_bits, bits as _bits, plan
 
-PyTree = jtree.PyTree
 _HALF = 16
 _LOW = (1 << _HALF) - 1
 
@@ -139,6 +139,9 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
         return jax.lax.bitcast_convert_type(bisect_bits(ok, lo, hi), jnp.float32)  # <= 32 halvings
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P()) + flat_specs, out_specs=P()))
+
+
+register_cache(_bisection.cache_clear)
 
 
 def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int, mesh: Mesh, specs: Sequence[P] | None = None) -> jax.Array:

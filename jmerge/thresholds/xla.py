@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import register_cache
 from jmerge import tree as jtree
 from jmerge.thresholds import Job, Query, answers, bisect_bits, bits as _bits, bracket_positions, plan, strided_starts
 
@@ -257,6 +258,9 @@ def _jitted(jobs: tuple[Job, ...], from_experts: bool):
         return kth_of_jobs([jax.tree.leaves(tv) for tv in tvs], jobs)
 
     return jax.jit(run)
+
+
+register_cache(_jitted.cache_clear)
 
 
 def solve(query: Query, experts: Sequence, base=None) -> list[list]:
