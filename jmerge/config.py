@@ -334,8 +334,8 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     for key, value in opts.parameters.items():
         hp[key] = _scalar(value, f"jmerge.parameters.{key}")
     if opts.trim is not None:
-        if method != "ties":
-            raise ConfigError(f"`jmerge.trim` applies to ties only, not {method!r}")
+        if "trim" not in registry.get(method).defaults:
+            raise ConfigError(f"`jmerge.trim` applies to methods with a `trim` hyper-parameter (ties), not {method!r}")
         if opts.trim not in ("global", "tensor"):
             raise ConfigError(f"`jmerge.trim` must be 'global' or 'tensor', got {opts.trim!r}")
         hp["trim"] = opts.trim

@@ -21,6 +21,7 @@ from jmerge import lwptv, shard, stages, streaming, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.lwptv import LayerMask
+from jmerge.lwptv import scores as lscores
 from jmerge.methods import registry
 from jmerge.thresholds import host as thost, mesh as tmesh, xla
 
@@ -376,3 +377,40 @@ class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
         jitted = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
         assert calls == [1]
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), host, jitted)
+
+
+# ---------------------------------------------------------------------------- paths the refactor added
+@pytest.mark.parametrize("name, hp", [("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+                                      ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05})])
+def test_breadcrumbs_host_thresholds_equal_the_jitted_search(name, hp, monkeypatch):
+    """Breadcrumbs on CPU inputs: its two per-tensor thresholds come from the host backend,
+    and the merge equals the method run inside jit (the XLA search) bit for bit."""
+    r = np.random.default_rng(4)
+    base = {"w": r.standard_normal((300, 200)).astype(np.float32), "b": r.standard_normal(77).astype(np.float32)}
+    experts = [{k: (v + np.round(r.standard_normal(v.shape) * 4) / 8).astype(np.float32) for k, v in base.items()} for _ in range(2)]
+    calls = []
+    real = thost.solve
+    monkeypatch.setattr(thost, "solve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    host = jmerge.merge(base, experts, name, **hp)
+    m = jmerge.get(name)
+    resolved = m.resolve(2, hp)
+    static = {k: resolved.pop(k) for k in list(resolved) if k in m.static}
+    jitted = jax.jit(lambda b, es, **h: m.fn(b, jtree.task_vectors(b, es), **static, **h))(base, experts, **resolved)
+    assert calls == [1]
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, host), jax.tree.map(np.asarray, jitted))
+
+
+@pytest.mark.parametrize("score, kwargs", [("trim_survival", {"density": 0.3}), ("energy_concentration", {"top": 0.1})])
+def test_lwptv_magnitude_scores_on_the_host_equal_the_jitted_search(score, kwargs, monkeypatch):
+    """LwPTV's magnitude-ranking scores find their thresholds on the host for CPU inputs; the
+    scores equal those of the XLA search bit for bit."""
+    base, experts = make_models()
+    grouping = lwptv.group(base, "bert")
+    calls = []
+    real = thost.solve
+    monkeypatch.setattr(thost, "solve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    host = np.asarray(lscores.compute_from_experts(base, experts, grouping, score, **kwargs))
+    monkeypatch.setattr(thost, "on_host_cpu", lambda tree: False)  # the XLA search instead
+    jitted = np.asarray(lscores.compute_from_experts(base, experts, grouping, score, **kwargs))
+    assert calls == [1]
+    np.testing.assert_array_equal(host, jitted)
