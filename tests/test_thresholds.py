@@ -4,7 +4,6 @@ Host (numpy introselect) vs the jitted XLA search, shard_map collectives vs one 
 streamed passes over checkpoints vs in memory, and LwPTV's thresholds on the host vs jitted.
 Moved here unchanged from test_methods_ta, test_shard, test_streaming and test_lwptv."""
 
-import functools
 import re
 
 import chex
@@ -17,13 +16,15 @@ from jax.sharding import PartitionSpec as P
 
 import jmerge
 from _core_models import BF16
-from jmerge import lwptv, shard, stages, streaming, thresholds
+from jmerge import lwptv, shard, stages, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
-from jmerge.lwptv import LayerMask
 from jmerge.lwptv import scores as lscores
 from jmerge.methods import registry
 from jmerge.thresholds import host as thost, mesh as tmesh, xla
+from test_lwptv import _drop_mask, make_models  # noqa: F401  (fixtures and helpers shared with the
+from test_shard import RULE, _all_gathers, _ties_with_sharded_trim, mesh, models, placed  # noqa: F401  source files)
+from test_streaming import NAMES, _shape, ckpts, _streamed  # noqa: F401
 
 # ---------------------------------------------------------------------------- host vs jitted (from test_methods_ta)
 @pytest.mark.parametrize("hp", [{}, {"trim": "tensor"}, {"density": (0.05, 0.5, 1.0)}, {"trim": "tensor", "density": 1e-3}])
@@ -54,47 +55,6 @@ def test_ties_host_thresholds_equal_the_jitted_search(hp, dtype, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- mesh vs one device (from test_shard)
-RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
-
-@pytest.fixture(scope="module")
-def mesh():
-    return shard.make_mesh(model=8)
-
-def _model(key, scale=1.0):
-    ks = jax.random.split(key, 5)
-    return {
-        "dense": {"kernel": scale * jax.random.normal(ks[0], (64, 32)), "bias": scale * jax.random.normal(ks[1], (5,))},
-        "proj": {"kernel": scale * jax.random.normal(ks[2], (16, 128))},  # sharded on its last axis
-        "odd": scale * jax.random.normal(ks[3], (6, 10)),  # no axis divisible by 8: replicated
-        "conv": scale * jax.random.normal(ks[4], (3, 3, 4, 16)),
-    }
-
-@pytest.fixture(scope="module")
-def models():
-    base = _model(jax.random.key(0))
-    experts = [jax.tree.map(jnp.add, base, _model(jax.random.key(10 + i), 0.1)) for i in range(2)]
-    return base, experts
-
-@pytest.fixture(scope="module")
-def placed(models, mesh):
-    base, experts = models
-    return shard.shard_params(base, mesh, RULE), [shard.shard_params(e, mesh, RULE) for e in experts]
-
-def _all_gathers(text):
-    """Result types of the all-gathers in compiled HLO text (tuples when XLA combined some)."""
-    return [m.group(1) for line in text.splitlines() if (m := re.search(r" = (.*?) all-gather(?:-start)?\(", line))]
-
-
-def _ties_with_sharded_trim(mesh):
-    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
-
-    @jax.jit
-    def ties(b, es):
-        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
-        masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
-        return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
-
-    return ties
 
 
 @pytest.fixture(scope="module")
@@ -202,36 +162,6 @@ def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, m
 
 
 # ---------------------------------------------------------------------------- streamed vs in memory (from test_streaming)
-NAMES = ["emb.weight", "l0.w", "l0.b", "l1.w"]
-
-def _shape(name):
-    return (8,) if name.endswith(".b") else (8, 8)
-
-def _models(k=3, seed=0):
-    r = np.random.default_rng(seed)
-    base = {n: r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES}
-    experts = [{n: base[n] + 0.1 * r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES} for _ in range(k)]
-    return base, experts
-
-def _write(root, name, tensors):
-    d = root / name
-    d.mkdir()
-    ids = {"position_ids": np.arange(5, dtype=np.int64).reshape(1, 5)}
-    st.save_safetensors(d, {**tensors, **ids}, shard_size=600)  # several shards
-    return d
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    base, experts = _models()
-    paths = [_write(root, "base", base)] + [_write(root, f"e{i}", e) for i, e in enumerate(experts)]
-    assert (paths[0] / st.INDEX_NAME).exists()
-    return root, base, experts, paths
-
-def _streamed(paths, method, n_experts=None, **hp):
-    base, *experts = paths
-    experts = experts[:n_experts] if n_experts else experts
-    return dict(streaming.iter_merged(base, experts, method, **hp))
 
 
 @pytest.mark.parametrize("density", [0.2, (0.05, 0.5, 0.9)])
@@ -304,52 +234,6 @@ def test_tensor_thresholds_are_exact():
 
 
 # ---------------------------------------------------------------------------- LwPTV host vs jitted (from test_lwptv)
-K = 3  # tasks
-
-def _bert_like(num_layers=2, hidden=8):
-    """A tiny nested param tree with Hugging Face Flax BERT paths (plus a classifier head)."""
-    blocks = {
-        str(i): {
-            "attention": {"self": {"query": {"kernel": (hidden, hidden), "bias": (hidden,)}}},
-            "intermediate": {"dense": {"kernel": (hidden, 2 * hidden)}},
-            "output": {"dense": {"kernel": (2 * hidden, hidden)}, "LayerNorm": {"scale": (hidden,)}},
-        }
-        for i in range(num_layers)
-    }
-    return {
-        "bert": {
-            "embeddings": {"word_embeddings": {"embedding": (24, hidden)}, "LayerNorm": {"scale": (hidden,)}},
-            "encoder": {"layer": blocks},
-            "pooler": {"dense": {"kernel": (hidden, hidden)}},
-        },
-        "classifier": {"kernel": (hidden, 8), "bias": (8,)},
-    }
-
-def make_models(num_tasks=K, seed=0, num_layers=2):
-    """Base weights ~N(0,1) and experts base + tau_t, with a scale varying by task and leaf."""
-    shapes = _bert_like(num_layers)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    rng = np.random.default_rng(seed)
-    base = jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=s), jnp.float32) for s in leaves])
-    experts = []
-    for _ in range(num_tasks):
-        scales = rng.uniform(0.001, 0.05, size=len(leaves))
-        experts.append(
-            jax.tree.unflatten(
-                treedef,
-                [b + jnp.asarray(c * rng.standard_t(3, size=b.shape), jnp.float32) for b, c in zip(jax.tree.leaves(base), scales)],
-            )
-        )
-    return base, experts
-
-
-def _drop_mask(grouping, dropped_all=("layer.1", "head"), dropped_some=(("layer.0", 0),), num_tasks=K):
-    m = np.ones((num_tasks, grouping.num_layers), bool)
-    for name in dropped_all:
-        m[:, grouping.names.index(name)] = False
-    for name, t in dropped_some:
-        m[t, grouping.names.index(name)] = False
-    return LayerMask(m, grouping.names, layers="bert")
 
 
 class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
