@@ -191,8 +191,8 @@ def cmd_run(args) -> int:
         def tick(phase: str, name: str) -> None:
             bar.update(task, advance=1, description=phase)
 
-        streaming.merge_inputs_to_dir(
-            args.out, inputs, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
+        streaming.merge_to_dir(
+            args.out, inputs, None, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
             force=args.force, card=card, extra_files=extra, check_finite=plan.check_finite, in_memory=in_memory,
             lwptv=plan.lwptv_config(), progress=tick,
         )

@@ -314,35 +314,12 @@ def merge_to_dir(
     Streams tensor by tensor (:func:`iter_merged`) unless ``in_memory`` or ``lwptv`` is given
     (:func:`iter_merged_in_memory`). Written atomically: nothing appears at ``out`` unless
     every tensor was written, and an existing ``out`` is replaced only with ``force``.
+    ``base`` may be the :class:`Inputs` of :func:`open_inputs` (``experts`` None, no
+    ``hparams``): ``jmerge run`` opens and checks its inputs once.
     """
     start = time.perf_counter()
     in_memory = in_memory or lwptv is not None
-    inputs = open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
-    return merge_inputs_to_dir(out, inputs, method, key=key, out_dtype=out_dtype, shard_size=shard_size, force=force,
-                               card=card, extra_files=extra_files, check_finite=check_finite, in_memory=in_memory,
-                               lwptv=lwptv, progress=progress, start=start)
-
-
-def merge_inputs_to_dir(
-    out: str | os.PathLike,
-    inputs: Inputs,
-    method: str,
-    *,
-    key: jax.Array | None = None,
-    out_dtype: Any = None,
-    shard_size: int | str = st.DEFAULT_SHARD_SIZE,
-    force: bool = False,
-    card: str | None = None,
-    extra_files: Mapping[str, str] | None = None,
-    check_finite: bool = True,
-    in_memory: bool = False,
-    lwptv: Any = None,
-    progress: Progress | None = None,
-    start: float | None = None,
-) -> StreamResult:
-    """:func:`merge_to_dir` on inputs already opened by :func:`open_inputs` (``jmerge run``
-    opens them once)."""
-    in_memory = in_memory or lwptv is not None
+    inputs = base if isinstance(base, Inputs) else open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
     plan = output_plan(inputs.base, out_dtype, shard_size)
     common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite)
     if in_memory:
