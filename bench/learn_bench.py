@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import atomic_write
 from jmerge import learn
 from jmerge.learn import coefficients as coef
 from jmerge.learn import engine
@@ -147,11 +147,7 @@ def main(argv=None):
         args.argv = sys.argv[1:]
     text = run(args)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(f"wrote {args.out}")
 
 

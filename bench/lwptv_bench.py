@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import atomic_write
 from jmerge import layers as jlayers
-from jmerge import lwptv, stages
+from jmerge import lwptv, stages, thresholds
 from jmerge import tree as jtree
 from jmerge.lwptv import scores as S
 
@@ -61,7 +62,11 @@ def stacked_relative_update(tvs, base, grouping):
 
 def stacked_trim_survival(tvs, base, grouping, density=0.2):
     xs = _stack(tvs)
-    keep = jax.vmap(lambda *ls: stages.top_magnitude_mask(list(ls), density))(*xs)
+    def mask(*ls):  # the top int(density n) |tau| of one task: its threshold, then the keep rule
+        (lower,) = thresholds.solve(stages.magnitude_trim(density).query, [list(ls)])[0]
+        return [thresholds.keep(x, lower) for x in ls]
+
+    keep = jax.vmap(mask)(*xs)
     num = S.layer_sum([_red(jnp.where(m, x * x, 0.0)) for m, x in zip(keep, xs)], grouping)
     return S._ratio(num, S.layer_sum([_red(x * x) for x in xs], grouping))
 
@@ -144,10 +149,7 @@ def main():
         "Command: `.venv/bin/python bench/lwptv_bench.py`",
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(f"wrote {args.out}")
 
 

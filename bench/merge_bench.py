@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmerge
-from jmerge import selection, stages, validate
+from jmerge._util import atomic_write
+from jmerge import stages, thresholds, validate
+from jmerge.thresholds import xla
 
 RESULTS = Path(__file__).parent / "results" / "merge_bench.md"
 
@@ -142,16 +144,17 @@ def main(argv=None) -> None:
     # where TIES' time goes: the exact global thresholds (density 0.2) vs the rest of the merge
     k = int(0.2 * n_params)
     leaves = lambda b, es: [jax.tree.leaves(tv) for tv in jmerge.task_vectors(b, es)]
-    thresholds = jax.jit(lambda b, es: stages.kth_largest_magnitudes(leaves(b, es), [k] * len(es)))
-    t_thresholds = statistics.median(timed(lambda: thresholds(base, experts), args.reps))
-    given = tuple(float(t) for t in thresholds(base, experts))
-    t_given = statistics.median(timed(lambda: jmerge.merge(base, experts, "ties", thresholds=given, check_finite=False), args.reps))
-    t_host = statistics.median(timed(lambda: selection.trim_thresholds(base, experts, 0.2), args.reps))
-    assert selection.trim_thresholds(base, experts, 0.2) == given  # the host search is exact too
-    search = jax.jit(lambda b, e: stages._search(stages._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))), n_params, k)[1])
+    search_all = jax.jit(lambda b, es: xla.kth_largest_magnitudes(leaves(b, es), [k] * len(es)))
+    t_thresholds = statistics.median(timed(lambda: search_all(base, experts), args.reps))
+    given = [[float(t)] for t in search_all(base, experts)]
+    t_given = statistics.median(timed(lambda: jmerge.merge(base, experts, "ties", answers=given, check_finite=False), args.reps))
+    query = stages.magnitude_trim(0.2).query
+    t_host = statistics.median(timed(lambda: thresholds.solve(query, experts, base, using="host"), args.reps))
+    assert thresholds.solve(query, experts, base, using="host") == given  # the host search is exact too
+    search = jax.jit(lambda b, e: xla._search(xla._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))), n_params, k)[1])
     passes = [int(search(base, e)) for e in experts]
-    chunks = jax.jit(lambda b, e: stages._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))))(base, experts[0])
-    count = jax.jit(lambda c, bits: stages._pass(c, stages._COUNT, bits))
+    chunks = jax.jit(lambda b, e: xla._magnitude_chunks(jax.tree.leaves(jmerge.task_vector(b, e))))(base, experts[0])
+    count = jax.jit(lambda c, bits: xla._pass(c, xla._COUNT, bits))
     read = jax.jit(lambda c: sum(jnp.sum(x) for x in c))
     bits = jnp.int32(np.float32(0.01).view(np.int32))
     t_count = min(timed(lambda: count(chunks, bits), args.reps))
@@ -188,19 +191,17 @@ def main(argv=None) -> None:
         f"(`validate.check_models` on base + {args.experts} experts).",
         "",
         "Where TIES' time goes (same run, medians): the exact global thresholds of the 4 task vectors (density "
-        f"0.2) take {t_host:.3f} s on the host (`selection.trim_thresholds`: numpy introselect on parallel threads, "
-        f"what `jmerge.merge` runs for CPU inputs) and {t_thresholds:.3f} s in XLA (`stages.kth_largest_magnitudes`, "
+        f"0.2) take {t_host:.3f} s on the host (`jmerge.thresholds.host`: numpy introselect on parallel threads, "
+        f"what `jmerge.merge` runs for CPU inputs) and {t_thresholds:.3f} s in XLA (`jmerge.thresholds.xla.kth_largest_magnitudes`, "
         f"the jitted search used on accelerators and under tracing); the rest of the merge (`ties` with those "
-        f"`thresholds=` given: trim, elect, disjoint mean, apply) takes {t_given:.3f} s. "
+        f"`answers=` given: trim, elect, disjoint mean, apply) takes {t_given:.3f} s. "
         f"The XLA search made {passes} passes over each task's magnitudes (one fused count, min or max reduction "
         f"each) after writing them once; one counting pass over a task's {n_params / 1e6:.0f} M magnitudes "
         f"takes {t_count:.4f} s (best), a plain `sum` over the same data {t_read:.4f} s.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
     print(f"wrote {args.out}")
 
 

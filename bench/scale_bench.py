@@ -46,7 +46,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jmerge  # noqa: E402
-from jmerge import collectives, shard, stages  # noqa: E402
+from jmerge._util import atomic_write  # noqa: E402
+from jmerge import shard, stages  # noqa: E402
+from jmerge.thresholds import mesh as tmesh  # noqa: E402
 from jmerge import tree as jtree  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "scale_bench.md"
@@ -95,7 +97,7 @@ def merge_fn(method: str, mesh=None, rule=None):
     if method == "ties_shard_map":
 
         def run(base, experts):
-            trimmed = collectives.magnitude_trim(0.2, mesh, rule)(jtree.task_vectors(base, experts))
+            trimmed = tmesh.magnitude_trim(0.2, mesh, rule)(jtree.task_vectors(base, experts))
             masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
             return jtree.apply(base, stages.combine(trimmed, masks=masks, normalize=True))
 
@@ -279,7 +281,7 @@ def write_report(args, rows, dev_rows, method_rows, dev_experts, load_before, lo
         "`model` axis, tensors under 65536 entries replicated) on a 1 x n mesh of fake CPU devices; "
         "bytes per device from `memory_analysis()` of the SPMD-partitioned program, collectives read from "
         "its HLO. `ties` is `jmerge.merge`'s TIES (threshold from `jmerge.stages`), `ties_shard_map` the same "
-        "merge with `jmerge.collectives.magnitude_trim` (one psum of the counts per bisection step).",
+        "merge with `jmerge.thresholds.mesh.magnitude_trim` (one psum of the counts per bisection step).",
         "",
         "| params | method | devices | arguments | outputs | temp | total per device | total x devices | collectives |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -305,9 +307,7 @@ def write_report(args, rows, dev_rows, method_rows, dev_experts, load_before, lo
     lines += [f"| {m} | {text} |" for m, text in method_rows]
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
     print(f"wrote {args.out}")
 
 

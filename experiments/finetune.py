@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jmerge._util import atomic_write
 from experiments.evaluate import embed, head_accuracy, head_logits, init_head
 from jmerge import tree as jtree
 from jmerge.cache import cache_root
@@ -154,9 +155,7 @@ def _load_tree(path: Path, like):
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def _eval_metrics(encoder, enc, head, task, inputs: dict, folder: Path) -> dict:

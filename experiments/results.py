@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from jmerge._util import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -66,15 +68,9 @@ def check_writable(directory: str | os.PathLike, names: Sequence[str], overwrite
         raise FileExistsError(f"{', '.join(existing)} exist in {directory}; pass --overwrite to replace them")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def _write_atomic(path: Path, text: str, overwrite: bool) -> None:
     check_writable(path.parent, [path.name], overwrite)
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def write_json(stem: str, rows, *, directory: str | os.PathLike = RESULTS_DIR, overwrite: bool = False) -> Path:
@@ -87,11 +83,7 @@ def write_json(stem: str, rows, *, directory: str | os.PathLike = RESULTS_DIR, o
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Saves a matplotlib figure as PNG atomically (callers check overwriting up front)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
 
 
 def write_rows(stem: str, rows: Sequence[dict], *, suite: str, columns: Sequence[str], title: str, command: str,

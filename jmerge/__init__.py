@@ -3,6 +3,7 @@
 import importlib
 
 from jmerge import coverage, layers, stages, tree, validate
+from jmerge._util import clear_caches
 from jmerge.methods import available, get, merge, merge_task_vectors
 from jmerge.tree import apply, task_vector, task_vectors
 from jmerge.validate import MergeInputError
@@ -23,6 +24,7 @@ __all__ = [
     "apply",
     "coverage",
     "available",
+    "clear_caches",
     "get",
     "layers",
     "learn",

@@ -7,7 +7,6 @@ call it in-process.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
@@ -180,7 +179,8 @@ def cmd_run(args) -> int:
     if (args.out.exists() or args.out.is_symlink()) and not args.force:
         raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
     st.parse_size(args.shard_size)
-    base, experts, hp = streaming.prepare(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
+    inputs = streaming.open_inputs(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
+    base, experts, hp = inputs
     cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
     card = st.model_card(
         method=plan.method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
@@ -199,7 +199,7 @@ def cmd_run(args) -> int:
         _learn_and_write(args, plan, base, experts, card, extra, out_dtype)
         _summary(args.out, start, base.nbytes * (len(experts) + 1))
         return 0
-    passes = 3 if not in_memory and plan.method == "ties" and hp["trim"] == "global" else 1
+    passes = 1 if in_memory else streaming.passes(plan.method, hp)
     with _progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(base.tensors) * passes)
 
@@ -207,9 +207,9 @@ def cmd_run(args) -> int:
             bar.update(task, advance=1, description=phase)
 
         streaming.merge_to_dir(
-            args.out, base, experts, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
+            args.out, inputs, None, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
             force=args.force, card=card, extra_files=extra, check_finite=plan.check_finite, in_memory=in_memory,
-            lwptv=plan.lwptv_config(), progress=tick, **plan.hparams,
+            lwptv=plan.lwptv_config(), progress=tick,
         )
     _summary(args.out, start, base.nbytes * (len(experts) + 1))
     return 0
@@ -327,10 +327,9 @@ def cmd_inspect(args) -> int:
     scores = mask = None
     if args.layers:
         import jmerge.lwptv as lwptv
+        from jmerge import streaming
 
-        floats = [n for n, t in base.tensors.items() if t.is_float]
-        b = {n: base.read(n) for n in floats}
-        es = [{n: e.read(n).astype(b[n].dtype) for n in floats} for e in experts]
+        b, es = streaming.read_floats(base, experts)  # the merge's own dtype rule
         value = int(args.value) if args.rule == "top_k" else args.value
         scores, mask = lwptv.inspect(
             b, es, layers=args.layers, score=args.score, rule=args.rule, value=value, task_names=tuple(names)
@@ -372,13 +371,12 @@ def _plot_overview(path: Path, names, norms, cos) -> None:
     b.set_xticks(range(len(names)), names, rotation=45, ha="right")
     b.set_title("||tau||")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    from jmerge._util import atomic_write
+
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), overwrite=True)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -391,14 +389,16 @@ def cmd_methods(args) -> int:
     table = Table(title="jmerge merge methods")
     table.add_column("method")
     table.add_column("mergekit name")
-    table.add_column("hyper-parameters (defaults)")
+    table.add_column("hyper-parameters (defaults; * per model)")
+    table.add_column("streamed")
+    table.add_column("reference")
     aliases = {}
     for mk, m in config.MERGEKIT.items():
         aliases.setdefault(m.jmerge, []).append(mk)
     for name in registry.available():
         m = registry.get(name)
-        hp = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items())
-        table.add_row(name, ", ".join(aliases.get(name, [])), hp)
+        hp = ", ".join(f"{k}{'*' if k in m.per_model else ''}={v!r}" for k, v in m.defaults.items())
+        table.add_row(name, ", ".join(aliases.get(name, [])), hp, "yes" if m.streamable else "no", m.reference)
     _console(stdout=True).print(table)
     return 0
 

@@ -92,7 +92,6 @@ Known differences from mergekit, where semantics cannot match exactly:
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +100,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
+from jmerge._util import did_you_mean
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
 
@@ -262,8 +262,7 @@ class MergePlan:
 
 
 def _closest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(name, known, cutoff=0.5)
 
 
 def _pydantic_error(e: ValidationError) -> ConfigError:
@@ -399,8 +398,8 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     for key, value in opts.parameters.items():
         hp[key] = _scalar(value, f"jmerge.parameters.{key}")
     if opts.trim is not None:
-        if method != "ties":
-            raise ConfigError(f"`jmerge.trim` applies to ties only, not {method!r}")
+        if "trim" not in registry.get(method).defaults:
+            raise ConfigError(f"`jmerge.trim` applies to methods with a `trim` hyper-parameter (ties), not {method!r}")
         if opts.trim not in ("global", "tensor"):
             raise ConfigError(f"`jmerge.trim` must be 'global' or 'tensor', got {opts.trim!r}")
         hp["trim"] = opts.trim
@@ -552,17 +551,19 @@ def _like(value: Any, default: Any, where: str) -> Any:
 
 
 def _map_native(method: str, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:
-    known = registry.get(method).defaults
+    m = registry.get(method)
     hp = {k: _scalar(v, f"parameters.{k}") for k, v in cfg.parameters.items()}
-    per_model_keys = {k for m in experts for k in m.parameters}
+    per_model_keys = {k for spec in experts for k in spec.parameters}
     for key in sorted(per_model_keys):
         target = "weights" if key == "weight" else key
-        if target not in known:
-            raise ConfigError(f"method {method!r} has no per-model parameter {key!r}{_closest(target, known)}")
-        missing = [m.model for m in experts if key not in m.parameters and key not in cfg.parameters]
+        if target not in m.per_model:
+            known = sorted(m.per_model)
+            raise ConfigError(f"method {method!r} has no per-model parameter {key!r}{_closest(target, known)} "
+                              f"(per-model: {', '.join(known) or 'none'})")
+        missing = [spec.model for spec in experts if key not in spec.parameters and key not in cfg.parameters]
         if missing:
             raise ConfigError(f"per-model parameter {key!r} is missing for {', '.join(missing)}")
-        values = [_scalar(m.parameters.get(key, cfg.parameters.get(key)), f"models.parameters.{key}") for m in experts]
+        values = [_scalar(spec.parameters.get(key, cfg.parameters.get(key)), f"models.parameters.{key}") for spec in experts]
         hp[target] = tuple(values) if target == "weights" else _per_model(values)
     return hp
 

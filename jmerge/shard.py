@@ -31,9 +31,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.validate import MergeInputError
 
-PyTree = jtree.PyTree
 Rule = Callable[[str, tuple, Mesh], P]
 
 DATA, MODEL = "data", "model"
@@ -53,8 +53,8 @@ def make_mesh(data: int = 1, model: int | None = None, *, explicit: bool = False
     sharding is part of its type (``jax.typeof(x)`` shows ``f32[64@model,32]``) and an op
     whose output sharding is ambiguous is a ``ShardingTypeError`` instead of a silent
     reshard. The elementwise merges (average, task arithmetic, MagMax, consensus, DARE)
-    and TIES with :func:`jmerge.collectives.magnitude_trim` run there; methods that sort or
-    reshape along a sharded dimension (``jmerge.stages``' thresholds, DELLA, Model Stock,
+    and TIES with :func:`jmerge.thresholds.mesh.magnitude_trim` run there; methods that sort or
+    reshape along a sharded dimension (the XLA thresholds search, DELLA, Model Stock,
     Multi-SLERP) or factorise whole matrices (SVD methods) need ``Auto`` axes
     (docs/scaling.md).
     """

@@ -1,31 +1,28 @@
 """Out-of-core merging: stream tensors from safetensors checkpoints, write the output shard by shard.
 
-Every method that works tensor by tensor (task arithmetic, average, TIES with
-``trim="tensor"``, DARE, breadcrumbs, DELLA, MagMax, consensus, SLERP, Multi-SLERP, Model
-Stock, TSV-M, Iso-C, Iso-CTS) is run by calling :func:`jmerge.merge` on one-tensor
+Every method that works tensor by tensor (``Method.streamable``: all registered ones today;
+global TIES gets its thresholds from streamed passes first) is run by calling :func:`jmerge.merge` on one-tensor
 pytrees, so a streamed merge computes what the in-memory merge computes. Per tensor we read
 the base and the K experts (each through a scoped ``safe_open``), merge, and write the result
 straight to its place in the output shard; peak memory is a few copies of one tensor times
 K + 1, not the model size.
 
-TIES trims by magnitude thresholds found on the host, then passed to
-``ties(..., thresholds=...)`` (:func:`jmerge.stages.threshold_trim`). The threshold is the
-exact k-th largest ``|tau_t|``, found on the host by numpy's introselect
-(:mod:`jmerge.selection`). With ``trim="tensor"`` (mergekit's scope) :func:`jmerge.merge`
-finds it itself for each one-tensor call (TIES' ``prepare`` hook, numpy inputs). Global-trim TIES (the paper's ``trim="global"``,
-jmerge's default) ranks over the whole task vector, so it runs in three passes: a sampling
-pass and a counting pass bracket and find the thresholds (:func:`global_thresholds`), the
-merge pass trims. Both equal the in-memory TIES exactly.
+Thresholds (TIES, Breadcrumbs): a method whose sparsifier ranks per tensor (TIES with
+``trim="tensor"``, mergekit's scope; Breadcrumbs) finds them in each one-tensor call
+(:func:`jmerge.thresholds.solve` on numpy inputs: the host backend). One that ranks over the
+whole task vector (TIES' ``trim="global"``, the paper's and jmerge's default) gets them
+first from two streamed passes over the checkpoints (:mod:`jmerge.thresholds.streamed`);
+the merge pass then trims with them. Both equal the in-memory TIES exactly.
 
 Details that differ from an in-memory merge of the same dicts:
 
 * Pytree key. Each call merges ``{"tensor": x}``, so ``jax.jit`` compiles once per distinct
   (shape, dtype) rather than once per tensor name. Methods whose hyper-parameters look at
-  parameter paths (``svd_filter``) get ``{name: x}`` instead.
+  parameter paths (``Method.path_params``, e.g. ``svd_filter``) get ``{name: x}`` instead.
 * PRNG keys (DARE, DELLA). Tensor ``name`` gets ``fold_in(key, h(name))``, ``h`` a stable
-  31-bit BLAKE2 hash of the name, so a streamed stochastic merge is deterministic and
-  independent of tensor order, but it draws other masks than the in-memory merge (which
-  folds in the leaf index).
+  31-bit BLAKE2 hash of the name (:func:`jmerge.tree.keys_like`), which is the key the
+  in-memory merge of ``{name: array}`` dicts gives that leaf: streamed and in-memory
+  stochastic merges draw the same masks.
 * Non-float tensors (e.g. int64 ``position_ids`` buffers) are copied from the base.
 * Experts may store another float dtype than the base: that tensor is then merged in
   float32 (exact for bf16/f16 inputs) and cast to the output dtype (``out_dtype``, default
@@ -34,77 +31,48 @@ Details that differ from an in-memory merge of the same dicts:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from jmerge import coverage, selection, stages
+from jmerge import coverage, thresholds
+from jmerge import tree as jtree
+from jmerge.thresholds import streamed
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
 
-STREAMABLE = frozenset(
-    {
-        "average",
-        "task_arithmetic",
-        "ties",
-        "dare_linear",
-        "dare_ties",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "magmax",
-        "consensus",
-        "slerp",
-        "multislerp",
-        "model_stock",
-        "tsv",
-        "iso_c",
-        "iso_cts",
-        # jmerge/methods/mergekit_extra.py: all per tensor, as in mergekit
-        "della_linear",
-        "sce",
-        "nearswap",
-        "arcee_fusion",
-        "karcher",
-        "nuslerp",
-        "ram",
-        "ramplus_tl",
-    }
-)
-PATH_PARAMS = ("svd_filter",)
+
 LEAF = "tensor"
 
 Progress = Callable[[str, str], None]  # (phase, tensor name), called after each tensor
-
-
-def name_hash(name: str) -> int:
-    """A stable 31-bit hash of a tensor name (BLAKE2b), independent of Python's hash seed."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
-
-
-def tensor_key(key: jax.Array, name: str) -> jax.Array:
-    """The PRNG key of tensor ``name``: ``fold_in(key, name_hash(name))``."""
-    return jax.random.fold_in(key, name_hash(name))
 
 
 def _open(ckpt: st.Checkpoint | str | os.PathLike) -> st.Checkpoint:
     return ckpt if isinstance(ckpt, st.Checkpoint) else st.open_checkpoint(ckpt)
 
 
-def prepare(
+class Inputs(NamedTuple):
+    """Opened and checked inputs of a merge (:func:`open_inputs`): checkpoints, resolved hyper-parameters."""
+
+    base: st.Checkpoint
+    experts: list[st.Checkpoint]
+    hparams: dict[str, Any]
+
+
+def open_inputs(
     base, experts: Sequence, method: str, *, key: jax.Array | None = None, in_memory: bool = False, **hparams
-) -> tuple[st.Checkpoint, list[st.Checkpoint], dict[str, Any]]:
+) -> Inputs:
     """Opens the checkpoints (headers only), checks they match and the method and its
-    hyper-parameters can be streamed (or run ``in_memory``); returns ``(base, experts, resolved hparams)``."""
+    hyper-parameters can be streamed (or run ``in_memory``); returns ``(base, experts, resolved
+    hparams)``. Runs once per merge: the functions below take its result."""
     m = registry.get(method)
-    if method not in STREAMABLE and not in_memory:
+    if not m.streamable and not in_memory:
         raise MergeInputError(
             f"method {method!r} does not work tensor by tensor, so it cannot be streamed; merge in memory"
         )
@@ -119,65 +87,34 @@ def prepare(
         raise MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if not any(t.is_float for t in base.tensors.values()):
         raise MergeInputError(f"{base.path}: no float tensors to merge")
-    return base, experts, hp
+    return Inputs(base, experts, hp)
 
 
-def global_thresholds(
-    base, experts: Sequence, density: float | Sequence[float], *, progress: Progress | None = None,
-    sample: int = 1 << 20,
-) -> np.ndarray:
-    """Per task, the exact k-th largest ``|tau_t|`` over all float tensors, ``k = int(d_t N)``.
+def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The one mixed-dtype rule: when an expert stores another float dtype than the base, that
+    tensor of every model is taken in float32 (exact for bf16/f16 inputs); else unchanged."""
+    if any(x.dtype != base.dtype for x in experts):
+        return base.astype(np.float32), [x.astype(np.float32) for x in experts]
+    return base, list(experts)
 
-    Streamed (:mod:`jmerge.selection`): a first pass draws every ``N // sample``-th entry of
-    each task vector (reading only those), which brackets the answer at 5 sample standard
-    deviations; a second pass counts the entries above the bracket and keeps the ~``10 N /
-    sqrt(sample)`` inside it, where introselect finds the exact value (a miss, which is
-    rare, repeats the second pass with a 4x wider bracket). The value equals
-    :func:`jmerge.stages.kth_largest_magnitude` on the whole task vector. ``k >= N`` gives 0
-    (keep all), ``k = 0`` gives ``inf`` (keep none).
-    """
-    base, experts = _open(base), [_open(e) for e in experts]
-    names = [n for n, t in base.tensors.items() if t.is_float]
-    total = sum(base.tensors[n].size for n in names)
-    ks = [stages._keep_count(d, total) for d in stages.per_task(density, len(experts))]
-    fixed = [selection.trivial_threshold(k, total) for k in ks]
-    out = np.array([np.nan if t is None else t for t in fixed], np.float32)
-    todo = [t for t, f in enumerate(fixed) if f is None]
-    if not todo:
-        return out
-    stride, offset = max(total // sample, 1), 0
-    samples: dict[int, list[np.ndarray]] = {t: [] for t in todo}
-    for name in names:  # entries offset + start, + stride, ... of the concatenated task vectors
-        start = (-offset) % stride
-        offset += base.tensors[name].size
-        b = base.read(name).reshape(-1)[start::stride].astype(np.float32)
-        for t in todo:
-            samples[t].append(np.abs(experts[t].read(name).reshape(-1)[start::stride].astype(np.float32) - b))
-        if progress:
-            progress("threshold sample", name)
-    sample_of = {t: np.concatenate(samples[t]) for t in todo}
-    z = {t: 5.0 for t in todo}
-    while todo:
-        brackets = {t: selection.bracket(sample_of[t], ks[t], total, z[t]) for t in todo}
-        above = dict.fromkeys(todo, 0)
-        inside: dict[int, list[np.ndarray]] = {t: [] for t in todo}
-        for name in names:
-            b = base.read(name).astype(np.float32, copy=False)
-            for t in todo:
-                lo, hi = brackets[t]
-                mags = np.abs(experts[t].read(name).astype(np.float32, copy=False) - b)
-                above[t] += int(np.count_nonzero(mags >= hi))
-                inside[t].append(mags[(mags >= lo) & (mags < hi)])
-            if progress:
-                progress("threshold pass", name)
-        for t in list(todo):
-            found = selection.kth_in_bracket(inside[t], above[t], ks[t])
-            if found is None:
-                z[t] *= 4.0
-            else:
-                out[t] = found
-                todo.remove(t)
-    return out
+
+def global_answers(base: st.Checkpoint, experts: Sequence[st.Checkpoint], method: str, hp: dict[str, Any],
+                   progress: Progress | None = None):
+    """The method's thresholds when its sparsifier ranks over the whole task vector, from
+    streamed passes (:mod:`jmerge.thresholds.streamed`); None when it needs none or ranks per
+    tensor (each one-tensor merge then finds its own)."""
+    sparsifier = registry.get(method).sparsifier(hp)
+    query = None if sparsifier is None else sparsifier.query
+    if query is None or query.scope != "global":
+        return None
+    return thresholds.solve(query, experts, base, progress=progress)
+
+
+def passes(method: str, hp: dict[str, Any]) -> int:
+    """Reads of every tensor a streamed merge makes (progress bars): 1, plus the threshold passes."""
+    sparsifier = registry.get(method).sparsifier(hp)
+    query = None if sparsifier is None else sparsifier.query
+    return 1 + (streamed.PASSES if query is not None and query.scope == "global" else 0)
 
 
 def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
@@ -203,10 +140,18 @@ def iter_merged(
     ``out_dtype`` (e.g. ``"bfloat16"``) casts float outputs; the default keeps each base
     tensor's dtype. Hyper-parameters are those of ``jmerge.methods.get(method)``.
     """
-    base, experts, hp = prepare(base, experts, method, key=key, **hparams)
-    if method == "ties" and hp["trim"] == "global" and hp.get("thresholds") is None:
-        hparams = {**hparams, "thresholds": tuple(float(x) for x in global_thresholds(base, experts, hp["density"], progress=progress))}
-    use_names = any(hp.get(p) is not None for p in PATH_PARAMS)
+    return stream_inputs(open_inputs(base, experts, method, key=key, **hparams), method, key=key, out_dtype=out_dtype,
+                         check_finite=check_finite, progress=progress)
+
+
+def stream_inputs(
+    inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`iter_merged` on inputs already opened by :func:`open_inputs`."""
+    base, experts, hp = inputs
+    answers = global_answers(base, experts, method, hp, progress)
+    use_names = any(hp.get(p) is not None for p in registry.get(method).path_params)
     coverage.report(coverage.of_checkpoint(method, base, hp, len(experts)))
     cast = _np_dtype(out_dtype)
 
@@ -219,17 +164,17 @@ def iter_merged(
         if check_finite:
             for ckpt, x in zip([base, *experts], [b, *es]):
                 _check_finite(ckpt, name, x)
-        if any(x.dtype != b.dtype for x in es):
-            b, es = b.astype(np.float32), [x.astype(np.float32) for x in es]
+        b, es = unify_dtypes(b, es)
         leaf = name if use_names else LEAF
         with coverage.quiet():  # reported once for the whole checkpoint, above
             return registry.merge(
                 {leaf: b},
                 [{leaf: x} for x in es],
                 method,
-                key=None if key is None else tensor_key(key, name),
+                key=None if key is None else {leaf: jtree.keys_like(key, {name: b})[name]},
                 check_finite=False,
-                **hparams,
+                answers=answers,
+                **hp,
             )[leaf]
 
     # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while
@@ -259,18 +204,31 @@ def iter_merged_in_memory(
     """The in-memory counterpart of :func:`iter_merged`: loads every float tensor of every
     model and runs one :func:`jmerge.merge` on flat ``{name: array}`` dicts, for what needs
     the whole model at once (``lwptv=``, a ``jmerge.lwptv.LwPTV`` or ``LayerMask``; methods
-    not in :data:`STREAMABLE`). Memory: all inputs at once."""
-    base, experts, _ = prepare(base, experts, method, key=key, in_memory=True, **hparams)
-    floats = [n for n, t in base.tensors.items() if t.is_float]
-    b = {n: base.read(n) for n in floats}
-    es = [{n: e.read(n) for n in floats} for e in experts]
-    for n in floats:  # mixed float dtypes: that tensor is merged in float32
-        if any(e[n].dtype != b[n].dtype for e in es):
-            b[n] = b[n].astype(np.float32)
-            for e in es:
-                e[n] = e[n].astype(np.float32)
+    whose ``Method.streamable`` is False). Memory: all inputs at once."""
+    inputs = open_inputs(base, experts, method, key=key, in_memory=True, **hparams)
+    return merge_in_memory(inputs, method, key=key, out_dtype=out_dtype, check_finite=check_finite, lwptv=lwptv)
+
+
+def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint]) -> tuple[dict, list[dict]]:
+    """Every float tensor of every model as flat ``{name: array}`` dicts, :func:`unify_dtypes` per tensor."""
+    b, es = {}, [{} for _ in experts]
+    for n, t in base.tensors.items():
+        if t.is_float:
+            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts])
+            for e, x in zip(es, values):
+                e[n] = x
+    return b, es
+
+
+def merge_in_memory(
+    inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
+    lwptv: Any = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
+    base, experts, hp = inputs
+    b, es = read_floats(base, experts)
     extra = {} if lwptv is None else {"lwptv": lwptv}
-    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hparams)
+    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hp)
     del es
     cast = _np_dtype(out_dtype)
     for name, info in base.tensors.items():
@@ -281,6 +239,40 @@ def _np_dtype(dtype: Any) -> np.dtype | None:
     if dtype is None:
         return None
     return st.numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+
+
+def merge_to_orbax(
+    base,
+    experts: Sequence,
+    out: str | os.PathLike,
+    method: str = "task_arithmetic",
+    *,
+    mesh,
+    rule=None,
+    key: jax.Array | None = None,
+    force: bool = False,
+    **hparams,
+) -> Path:
+    """Merges safetensors checkpoints on ``mesh`` (read straight into shards by ``rule``,
+    default :func:`jmerge.shard.spec_for`) and saves the sharded result with orbax.
+
+    Inputs are opened and checked by :func:`open_inputs` (headers, method, hyper-parameters,
+    key) before any tensor is read. Float tensors are merged; other tensors (integer
+    buffers) are copied from the base. Returns ``out``.
+    """
+    from jmerge.io import sharded
+    from jmerge.shard import spec_for
+
+    base, experts, _ = open_inputs(base, experts, method, key=key, in_memory=True, **hparams)
+    rule = rule or spec_for
+    floats = [n for n, info in base.tensors.items() if info.is_float]
+    base_tree = sharded.read_sharded(base, mesh, rule)
+    expert_trees = [sharded.read_sharded(e, mesh, rule, names=floats) for e in experts]
+    merged = registry.merge({n: base_tree[n] for n in floats}, expert_trees, method, key=key, **hparams)
+    merged = {n: merged.get(n, base_tree[n]) for n in base.names}
+    meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
+            "base": str(base.path), "experts": [str(e.path) for e in experts]}
+    return sharded.save_sharded(out, merged, metadata=meta, force=force)
 
 
 @dataclass(frozen=True)
@@ -325,17 +317,19 @@ def merge_to_dir(
     Streams tensor by tensor (:func:`iter_merged`) unless ``in_memory`` or ``lwptv`` is given
     (:func:`iter_merged_in_memory`). Written atomically: nothing appears at ``out`` unless
     every tensor was written, and an existing ``out`` is replaced only with ``force``.
+    ``base`` may be the :class:`Inputs` of :func:`open_inputs` (``experts`` None, no
+    ``hparams``): ``jmerge run`` opens and checks its inputs once.
     """
     start = time.perf_counter()
     in_memory = in_memory or lwptv is not None
-    base, experts, _ = prepare(base, experts, method, key=key, in_memory=in_memory, **hparams)
-    plan = output_plan(base, out_dtype, shard_size)
-    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite, **hparams)
+    inputs = base if isinstance(base, Inputs) else open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
+    plan = output_plan(inputs.base, out_dtype, shard_size)
+    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite)
     if in_memory:
-        tensors = iter_merged_in_memory(base, experts, method, lwptv=lwptv, **common)
+        tensors = merge_in_memory(inputs, method, lwptv=lwptv, **common)
     else:
-        tensors = iter_merged(base, experts, method, progress=progress, **common)
-    return write_dir(out, base, tensors, plan, protect=[e.path for e in experts], force=force, card=card,
+        tensors = stream_inputs(inputs, method, progress=progress, **common)
+    return write_dir(out, inputs.base, tensors, plan, protect=[e.path for e in inputs.experts], force=force, card=card,
                      extra_files=extra_files, progress=progress if in_memory else None, start=start)
 
 

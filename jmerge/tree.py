@@ -9,11 +9,12 @@ hyper-parameters, sharding) is a regex or callable over that path.
 Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and kept
 in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
 exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
-base dtype (research/jax_ecosystem.md §7.5).
+base dtype.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,6 +55,21 @@ def unflatten(like: PyTree, flat: dict[str, Any]) -> PyTree:
 def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """``jax.tree.map`` whose function also receives the leaf's path string."""
     return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
+
+
+def path_hash(path: str) -> int:
+    """A stable 31-bit hash of a parameter path (BLAKE2b), independent of Python's hash seed."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def keys_like(key, tree: PyTree) -> PyTree:
+    """Per-leaf PRNG keys shaped like ``tree``: ``fold_in(key, path_hash(path))``, so a
+    parameter's key depends on its path only (not on the leaf order or the other leaves),
+    and a merge of one tensor at a time draws what the whole-model merge draws. A ``key``
+    that is already a pytree of keys shaped like ``tree`` is returned as it is."""
+    if not isinstance(key, jax.Array):
+        return key
+    return map_with_path(lambda p, x: jax.random.fold_in(key, path_hash(p)), tree)
 
 
 def task_vector(base: PyTree, expert: PyTree) -> PyTree:

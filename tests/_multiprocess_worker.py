@@ -5,8 +5,8 @@
 Joins a job of NUM_PROCESSES processes with 4 CPU devices each (coordinator on
 127.0.0.1:PORT), builds one global ("data", "model") = (1, 4 * NUM_PROCESSES) mesh, and on it:
 task arithmetic and TIES through ``jmerge.merge``, TIES with the shard_map trim of
-``jmerge.collectives``, a DivMerge run of ``jmerge.learn.fit_coefficients``, and a
-safetensors -> sharded merge -> orbax run (``jmerge.io.sharded.merge_to_orbax``) that logs
+``jmerge.thresholds.mesh``, a DivMerge run of ``jmerge.learn.fit_coefficients``, and a
+safetensors -> sharded merge -> orbax run (``jmerge.streaming.merge_to_orbax``) that logs
 which tensor blocks this process read. Process 0 writes the gathered results to
 OUT_DIR/results.npz; every process writes OUT_DIR/reads_<id>.json.
 """
@@ -51,15 +51,16 @@ def rule():
 
 
 def ties_with_sharded_trim(mesh):
-    """TIES (global trim ``DENSITY``, sum election, disjoint mean) with jmerge.collectives' trim."""
+    """TIES (global trim ``DENSITY``, sum election, disjoint mean) with the mesh backend's trim."""
     import jax
 
-    from jmerge import collectives, stages
+    from jmerge import stages
+    from jmerge.thresholds import mesh as tmesh
     from jmerge import tree as jtree
 
     @jax.jit
     def ties(base, experts):
-        trimmed = collectives.magnitude_trim(DENSITY, mesh, rule())(jtree.task_vectors(base, experts))
+        trimmed = tmesh.magnitude_trim(DENSITY, mesh, rule())(jtree.task_vectors(base, experts))
         masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
         return jtree.apply(base, stages.combine(trimmed, masks=masks, normalize=True))
 
@@ -76,8 +77,10 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
     from jax.sharding import PartitionSpec as P
 
     import jmerge
-    from jmerge import collectives, shard
+    from jmerge import shard
+    from jmerge.thresholds import mesh as tmesh
     from jmerge import tree as jtree
+    from jmerge import streaming
     from jmerge.io import sharded
     from jmerge.learn import fit_coefficients
 
@@ -96,7 +99,7 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
     merged = ties_with_sharded_trim(mesh)(base, experts)
     results.update({f"ties_sharded_trim/{k}": v for k, v in multihost_utils.process_allgather(merged, tiled=True).items()})
     tv0 = jtree.task_vectors(base, experts)[0]
-    results["threshold"] = np.asarray(collectives.kth_largest_magnitude(list(tv0.values()), 100, mesh))
+    results["threshold"] = np.asarray(tmesh.kth_largest_magnitude(list(tv0.values()), 100, mesh))
 
     # Learned coefficients (DivMerge, JS): targets computed here, since fit_coefficients'
     # target cache hashes parameter bytes, which no single process holds.
@@ -118,7 +121,7 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
         return read_block(info, index)
 
     sharded._read_block = logged
-    sharded.merge_to_orbax(
+    streaming.merge_to_orbax(
         f"{ckpt_dir}/base.safetensors",
         [f"{ckpt_dir}/expert_{i}.safetensors" for i in range(NUM_EXPERTS)],
         f"{out_dir}/merged_orbax",

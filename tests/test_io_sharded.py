@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
 import jmerge
-from jmerge import shard
+from jmerge import shard, streaming
 from jmerge.io import orbax_io, sharded
 from jmerge.io.safetensors_io import CheckpointError, OutputError
 
@@ -82,7 +82,7 @@ def test_read_sharded_bfloat16_and_errors(tmp_path, mesh):
 
 def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh, tmp_path):
     base, experts = checkpoints
-    out = sharded.merge_to_orbax(base, experts, tmp_path / "merged", "ties", mesh=mesh, rule=RULE, density=0.5)
+    out = streaming.merge_to_orbax(base, experts, tmp_path / "merged", "ties", mesh=mesh, rule=RULE, density=0.5)
     floats = [k for k in SHAPES]
     ref = jmerge.merge({k: _model(0)[k] for k in floats}, [{k: _model(i + 1)[k] for k in floats} for i in range(2)], "ties", density=0.5)
     like = {**{k: jax.ShapeDtypeStruct(s, np.float32) for k, s in SHAPES.items()}, "ids": jax.ShapeDtypeStruct((7,), np.int64)}
@@ -94,8 +94,8 @@ def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh, tmp_path):
     assert orbax_io.metadata(out)["method"] == "ties"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     with pytest.raises(OutputError, match="already exists"):
-        sharded.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE)
-    sharded.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE, force=True)
+        streaming.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE)
+    streaming.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE, force=True)
     assert orbax_io.metadata(out)["method"] == "task_arithmetic"
 
 
@@ -106,9 +106,9 @@ def test_merge_to_orbax_checks_before_reading(checkpoints, mesh, tmp_path, monke
     bad_dir = _save_hf_sharded(tmp_path / "bad", bad)
     monkeypatch.setattr(sharded, "_read_block", lambda *a: pytest.fail("read a tensor before checking"))
     with pytest.raises(CheckpointError, match="w"):
-        sharded.merge_to_orbax(base, [experts[0], bad_dir], tmp_path / "o", mesh=mesh, rule=RULE)
+        streaming.merge_to_orbax(base, [experts[0], bad_dir], tmp_path / "o", mesh=mesh, rule=RULE)
     with pytest.raises(jmerge.MergeInputError, match="density"):
-        sharded.merge_to_orbax(base, experts, tmp_path / "o", "ties", mesh=mesh, rule=RULE, density=1.5)
-    with pytest.raises(CheckpointError, match="key"):
-        sharded.merge_to_orbax(base, experts, tmp_path / "o", "dare_linear", mesh=mesh, rule=RULE)
+        streaming.merge_to_orbax(base, experts, tmp_path / "o", "ties", mesh=mesh, rule=RULE, density=1.5)
+    with pytest.raises(jmerge.MergeInputError, match="method 'dare_linear' is stochastic: pass key"):
+        streaming.merge_to_orbax(base, experts, tmp_path / "o", "dare_linear", mesh=mesh, rule=RULE)
     assert not (tmp_path / "o").exists()

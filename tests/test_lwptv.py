@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge import lwptv, selection
+from jmerge import lwptv
 from jmerge import tree as jtree
 from jmerge.lwptv import LayerMask, LwPTV
 from jmerge.validate import MergeInputError
@@ -450,22 +450,6 @@ def test_masked_layers_are_base_and_full_mask_is_identity(models, grouping, meth
         layer = grouping.names[grouping.leaf_layer[grouping.leaf_paths.index(path)]]
         want = flat_base[path] if layer in dropped else flat_ref[path]
         np.testing.assert_array_equal(np.asarray(flat_out[path]), np.asarray(want), err_msg=path)
-
-
-@pytest.mark.parametrize("hp", [{}, {"trim": "tensor", "density": 0.3}])
-def test_lwptv_ties_thresholds_on_the_host_equal_the_jitted_search(models, grouping, monkeypatch, hp):
-    """With ``lwptv=``, jmerge.merge finds the TIES thresholds of the pruned task vectors on
-    the host (numpy, CPU inputs); the result equals the jitted search inside the merge."""
-    base, experts = models
-    mask = _drop_mask(grouping)
-    calls = []
-    real = selection.trim_thresholds
-    monkeypatch.setattr(selection, "trim_thresholds", lambda *a, **k: calls.append(1) or real(*a, **k))
-    host = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
-    monkeypatch.setattr(selection, "on_host_cpu", lambda tree: False)  # the jitted search instead
-    jitted = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
-    assert calls == [1]
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), host, jitted)
 
 
 def test_prune_composes_with_learned_coefficients(models, grouping):

@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import jmerge
+from jmerge.thresholds import xla
 from jmerge import shard
 from jmerge import tree as jtree
 from jmerge.io import orbax_io
@@ -83,7 +84,7 @@ def reference():
     targets = [jax.nn.log_softmax(worker.apply_fn(jtree.apply(base, tv), x)) for tv, x in zip(tvs, inputs)]
     fit = fit_coefficients(base, tvs, worker.apply_fn, inputs, targets=targets, epochs=2, batch_per_task=4, progress=False)
     out["coefficients"] = np.asarray(fit.coefficients)
-    out["threshold"] = np.asarray(jmerge.stages.kth_largest_magnitude(list(tvs[0].values()), 100))
+    out["threshold"] = np.asarray(xla.kth_largest_magnitude(list(tvs[0].values()), 100))
     return out
 
 

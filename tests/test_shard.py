@@ -12,19 +12,19 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
-from jmerge import collectives, shard, stages
-from jmerge.methods import registry, svd
+from jmerge import shard, stages
+from jmerge.methods import svd
+from jmerge.thresholds import mesh as tmesh
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
 
 RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
 SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
 # jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
-# under plain jit; jmerge.collectives.magnitude_trim moves only counts (tests at the end).
+# under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
 ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}}  # methods merging one model, with required hparams
-# Gathers that need not happen, reported for a fix (the test passes once they are gone).
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,11 @@ def _all_gathers(text):
 
 
 def _ties_with_sharded_trim(mesh):
-    """TIES (global trim 0.2, sum election, disjoint mean) with jmerge.collectives' trim."""
+    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
 
     @jax.jit
     def ties(b, es):
-        trimmed = collectives.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
+        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
         masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
         return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
 
@@ -269,113 +269,5 @@ def test_learned_coefficients_sharded_equal_unsharded(models, placed):
 
 
 # ---------------------------------------------------------------------------- shard_map threshold
-@pytest.fixture(scope="module")
-def big_task_vector(mesh):
-    """About 140k entries (counts above 2**16 exercise the carry of the split count), mixed specs."""
-    k = jax.random.split(jax.random.key(3), 3)
-    tv = {"a": jax.random.normal(k[0], (256, 512)), "b": jax.random.laplace(k[1], (24, 320)), "c": jax.random.normal(k[2], (7, 9))}
-    return tv, shard.shard_params(tv, mesh, RULE)
 
 
-KS = [1, 2, 1000, 65535, 65536, 65537, 100_000, 256 * 512 + 24 * 320 + 63]
-
-
-def _reference_thresholds(leaves, ks):
-    """The exact k-th largest |x| by a numpy sort, and jmerge.stages agreeing on two of them."""
-    mags = np.sort(np.abs(np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])))[::-1]
-    ref = mags[np.asarray(ks) - 1]
-    for i in (0, len(ks) // 2):
-        assert np.asarray(stages.kth_largest_magnitude(leaves, ks[i])).view(np.int32) == ref[i].view(np.int32)
-    return ref
-
-
-def test_sharded_threshold_equals_single_device(big_task_vector, mesh):
-    tv, tv_s = big_task_vector
-    leaves_s = jax.tree.leaves(tv_s)
-    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
-    np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
-    assert np.asarray(collectives.kth_largest_magnitude(leaves_s, 1000, mesh)) == out[2]
-
-
-def test_sharded_threshold_on_2d_mesh_counts_replicas_once(big_task_vector):
-    tv, _ = big_task_vector
-    mesh = shard.make_mesh(data=2, model=4)
-    leaves_s = jax.tree.leaves(shard.shard_params(tv, mesh, RULE))  # replicated over "data", "c" everywhere
-    assert leaves_s[2].sharding.is_fully_replicated
-    out = collectives.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
-    np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
-
-
-def test_sharded_threshold_subnormals_and_zeros(mesh):
-    """Counts compare bit patterns where XLA:CPU would flush subnormal floats to zero."""
-    tiny = np.finfo(np.float32).tiny
-    x = np.zeros((16, 8), np.float32)
-    x[:4] = np.linspace(tiny / 64, tiny / 2, 32, dtype=np.float32).reshape(4, 8)  # subnormal
-    x[4, 0] = -3 * tiny / 4
-    xs = shard.shard_params({"x": x}, mesh, RULE)["x"]
-    ks = [1, 2, 20, 33, 128]
-    out = np.asarray(collectives.kth_largest_magnitudes([[xs]] * len(ks), ks, mesh))
-    np.testing.assert_array_equal(out.view(np.int32), _reference_thresholds([jnp.asarray(x)], ks).view(np.int32))
-
-
-def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh):
-    tv, tv_s = big_task_vector
-    leaves, leaves_s = jax.tree.leaves(tv), jax.tree.leaves(tv_s)
-    specs = [x.sharding.spec for x in leaves_s]
-    groups, ks = [leaves, leaves[:1], leaves[2:]], [10, 300, 7]
-    fn = jax.jit(lambda ls: collectives.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh, [specs, specs[:1], specs[2:]]))
-    out = np.asarray(fn(leaves_s))
-    ref = np.asarray([stages.kth_largest_magnitude(g, k) for g, k in zip(groups, ks)])
-    np.testing.assert_array_equal(out, ref)
-    with pytest.raises(ValueError, match="k=0"):
-        collectives.kth_largest_magnitude(leaves_s, 0, mesh)
-
-
-@pytest.mark.parametrize("scope, density", [("global", 0.2), ("tensor", (0.1, 1.0)), ("global", (1e-5, 0.3))])
-def test_sharded_magnitude_trim_equals_stages(models, placed, mesh, scope, density):
-    base, experts = models
-    base_s, experts_s = placed
-    ref = stages.magnitude_trim(density, scope)(jtree.task_vectors(base, experts))
-    trim = collectives.magnitude_trim(density, mesh, RULE, scope)
-    out = jax.jit(lambda b, es: trim(jtree.task_vectors(b, es)))(base_s, experts_s)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
-
-
-def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
-    base, experts = models
-    ties = _ties_with_sharded_trim(mesh)
-    out = ties(*placed)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, jmerge.merge(base, experts, "ties")))
-    assert out["proj"]["kernel"].sharding.spec == P(None, "model")
-    text = ties.lower(*placed).compile().as_text()
-    assert _all_gathers(text) == []
-    # one bisection loop for both tasks: one psum of a (2, 2) count vector per step
-    assert len(re.findall(r"u32\[2,2\]\S* all-reduce", text)) == 1
-
-
-@pytest.mark.parametrize("name, hp", [
-    ("ties", {}),
-    ("ties", {"trim": "tensor", "density": (0.1, 0.5), "weights": (1.0, 0.5)}),
-    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
-    ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
-])
-def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, monkeypatch, name, hp):
-    """jmerge.merge on sharded inputs: the trim thresholds come from jmerge.collectives (the
-    gathering search of jmerge.stages never runs), the merge itself moves nothing, and the
-    result equals the single-device merge bit for bit."""
-    base, experts = models
-    ref = jmerge.merge(base, experts, name, **hp)
-    calls = []
-    real = collectives.kth_largest_magnitudes
-    monkeypatch.setattr(collectives, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(stages, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
-    out = jmerge.merge(*placed, name, **hp)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
-    assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
-    m = jmerge.get(name)
-    resolved = m.prepare(*placed, m.resolve(2, hp))
-    first = resolved["thresholds"][0]  # task 0's: a magnitude, a pytree, or a (lower, upper) pair of pytrees
-    if name != "ties" or hp.get("trim") == "tensor":  # per-tensor thresholds: pytrees shaped like the model
-        assert jax.tree.structure(first if name == "ties" else first[0]) == jax.tree.structure(base)
-    merge = registry._jitted(m, registry.static_names(m, resolved))
-    assert _all_gathers(merge.lower(*placed, None, **resolved).compile().as_text()) == []

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from jmerge import stages
+from jmerge import stages, thresholds
+from jmerge import tree as jtree
+from jmerge.thresholds import xla
 
 SEARCH_SHAPES = [(150, 130), (7,), (40, 30)]  # 20707 entries: above the sort cut-off
 SMALL_SHAPES = [(30, 20), (5,)]  # 605 entries: sorted
@@ -49,7 +51,7 @@ def _distributions(n: int, rng) -> dict[str, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _kth_many(groups, ks):
-    return stages.kth_largest_magnitudes(groups, list(ks))
+    return xla.kth_largest_magnitudes(groups, list(ks))
 
 
 @pytest.mark.parametrize("shapes", [SEARCH_SHAPES, SMALL_SHAPES], ids=["search", "sort"])
@@ -73,28 +75,28 @@ def test_kth_largest_single_group_and_bad_k():
     rng = np.random.default_rng(1)
     leaves = [jnp.asarray(a) for a in _split(rng.standard_normal(20707).astype(np.float32), SEARCH_SHAPES)]
     desc = np.sort(np.abs(np.concatenate([np.asarray(x).ravel() for x in leaves])))[::-1]
-    f = jax.jit(stages.kth_largest_magnitude, static_argnums=1)
+    f = jax.jit(xla.kth_largest_magnitude, static_argnums=1)
     assert f(leaves, 4141) == desc[4140]
     assert f(leaves, 20707) == desc[-1]
     with pytest.raises(ValueError, match="k=0|one k in"):
-        stages.kth_largest_magnitude(leaves, 0)
+        xla.kth_largest_magnitude(leaves, 0)
     with pytest.raises(ValueError, match="same shapes"):
-        stages.kth_largest_magnitudes([leaves, leaves[:2]], [1, 1])
+        xla.kth_largest_magnitudes([leaves, leaves[:2]], [1, 1])
 
 
 def test_kth_largest_over_many_chunks_and_under_vmap(monkeypatch):
-    monkeypatch.setattr(stages, "_CHUNK", 3000)  # 7 chunks of different sizes, counted separately
+    monkeypatch.setattr(xla, "_CHUNK", 3000)  # 7 chunks of different sizes, counted separately
     rng = np.random.default_rng(4)
     values = (rng.standard_normal(20707) * 10.0 ** rng.integers(-3, 2, 20707)).astype(np.float32)
     leaves = [jnp.asarray(a) for a in _split(values, SEARCH_SHAPES)]
-    chunks = stages._magnitude_chunks(leaves)
+    chunks = xla._magnitude_chunks(leaves)
     sizes = [int(c.size) for c in chunks]
     assert len(set(sizes)) == len(sizes) == 7 and max(sizes) <= 3000 and sum(sizes) == 20707
     desc = np.sort(np.abs(values))[::-1]
-    got = jax.jit(lambda ls: stages.kth_largest_magnitudes([ls] * 3, [1, 4141, 20000]))(leaves)
+    got = jax.jit(lambda ls: xla.kth_largest_magnitudes([ls] * 3, [1, 4141, 20000]))(leaves)
     np.testing.assert_array_equal(got, desc[[0, 4140, 19999]])
     batch = jnp.stack([jnp.asarray(values[:19500].reshape(150, 130)), jnp.zeros((150, 130))])
-    got = jax.vmap(lambda a: stages.kth_largest_magnitude([a], 777))(batch)
+    got = jax.vmap(lambda a: xla.kth_largest_magnitude([a], 777))(batch)
     np.testing.assert_array_equal(got, [np.sort(np.abs(values[:19500]))[::-1][776], 0.0])
 
 
@@ -136,13 +138,19 @@ def test_magnitude_trim_matches_reference(scope, density):
         chex.assert_trees_all_equal(ref.flat(out[t]), ref.trim(ref.flat(tvs[t]), d, scope))
 
 
+def _top_k_mask(arrays, k):
+    """Masks keeping the k largest |x| jointly over ``arrays``: the solved threshold, then the keep rule."""
+    (lower,) = thresholds.solve(thresholds.Query("global", lambda t, n: (k,)), [arrays])[0]
+    return [thresholds.keep(a, lower) for a in arrays]
+
+
 def test_top_k_masks_edge_counts():
     x = [jnp.arange(6.0).reshape(2, 3)]
-    assert bool(stages.top_k_magnitude_mask(x, 6)[0].all()) and bool(stages.top_k_magnitude_mask(x, 9)[0].all())
-    assert not bool(stages.top_k_magnitude_mask(x, 0)[0].any())
-    np.testing.assert_array_equal(stages.top_k_magnitude_mask(x, 2)[0], np.arange(6).reshape(2, 3) >= 4)
+    assert bool(_top_k_mask(x, 6)[0].all()) and bool(_top_k_mask(x, 9)[0].all())
+    assert not bool(_top_k_mask(x, 0)[0].any())
+    np.testing.assert_array_equal(_top_k_mask(x, 2)[0], np.arange(6).reshape(2, 3) >= 4)
     ties = [jnp.asarray([1.0, -2.0, 2.0, 0.5])]  # ties with the k-th largest are all kept
-    np.testing.assert_array_equal(stages.top_k_magnitude_mask(ties, 1)[0], [False, True, True, False])
+    np.testing.assert_array_equal(_top_k_mask(ties, 1)[0], [False, True, True, False])
 
 
 def test_breadcrumbs_matches_reference():
@@ -177,12 +185,12 @@ def test_dare_keeps_entries_rescaled_at_rate_density(rescale):
 
 
 def test_dare_draws_are_per_leaf_bernoulli():
-    """Batched draws give exactly jax.random.bernoulli(fold_in(fold_in(key, t), i), d_t)."""
+    """Batched draws give exactly jax.random.bernoulli(fold_in(fold_in(key, path_hash(path_i)), t), d_t)."""
     tvs, key, densities = [_big_tv(s) for s in (5, 6)], jax.random.key(9), (0.3, 0.6)
     out = stages.dare(densities)(tvs, key)
     for t, (tv, d) in enumerate(zip(tvs, densities)):
-        for i, (x, y) in enumerate(zip(jax.tree.leaves(tv), jax.tree.leaves(out[t]))):
-            keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, t), i), d, x.shape)
+        for path, x, y in zip(jtree.paths(tv), jax.tree.leaves(tv), jax.tree.leaves(out[t])):
+            keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, jtree.path_hash(path)), t), d, x.shape)
             np.testing.assert_array_equal(np.asarray(y) != 0, keep)
             np.testing.assert_allclose(y, np.where(keep, np.asarray(x) / np.float32(d), 0.0), rtol=1e-6)
 

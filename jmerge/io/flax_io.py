@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import serialization
 
+from jmerge._util import atomic_write
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 
@@ -82,14 +83,8 @@ def jax_free(tree: Any) -> Any:
 
 def write_msgpack(path: str | os.PathLike, params: Any) -> None:
     """Writes ``params`` (nested dict of arrays) to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(serialization.msgpack_serialize(jax_free(params)))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    data = serialization.msgpack_serialize(jax_free(params))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=True)
 
 
 # ---------------------------------------------------------------------------- layout conversion

@@ -8,7 +8,7 @@ then rename) and never replaced unless ``force=True``.
 Restoring onto another mesh: pass ``sharding`` (one ``jax.sharding.Sharding`` for every
 leaf, a pytree of them, or ``fn(path, shape) -> Sharding``) or a ``like`` pytree of arrays /
 ``jax.ShapeDtypeStruct`` with shardings; orbax re-shards while reading
-(research/jax_ecosystem.md §3). Without either, leaves land on the default device.
+(orbax's ``ArrayRestoreArgs``). Without either, leaves land on the default device.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from safetensors import SafetensorError, safe_open
 
-from jmerge import methods
 from jmerge.io import orbax_io
 from jmerge.io import safetensors_io as st
 from jmerge.shard import Rule, spec_for
@@ -114,39 +113,3 @@ def save_sharded(path: str | os.PathLike, tree, *, metadata: dict | None = None,
         raise
     multihost_utils.sync_global_devices(f"jmerge.save_sharded:{path}")
     return path
-
-
-def merge_to_orbax(
-    base: str | os.PathLike,
-    experts: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    method: str = "task_arithmetic",
-    *,
-    mesh: Mesh,
-    rule: Rule = spec_for,
-    key: jax.Array | None = None,
-    force: bool = False,
-    **hparams,
-) -> Path:
-    """Merges safetensors checkpoints on ``mesh`` and saves the sharded result with orbax.
-
-    Headers are checked (names, shapes, float dtypes) and the method's hyper-parameters
-    resolved before any tensor is read. Float tensors are merged; other tensors (integer
-    buffers) are copied from the base. Returns ``out``.
-    """
-    base_ckpt = st.open_checkpoint(base)
-    expert_ckpts = [st.open_checkpoint(e) for e in experts]
-    for e in expert_ckpts:
-        st.check_compatible(base_ckpt, e)
-    m = methods.get(method)
-    m.resolve(len(expert_ckpts), hparams)
-    if m.needs_key and key is None:
-        raise st.CheckpointError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
-    floats = [n for n, info in base_ckpt.tensors.items() if info.is_float]
-    base_tree = read_sharded(base_ckpt, mesh, rule)
-    expert_trees = [read_sharded(e, mesh, rule, names=floats) for e in expert_ckpts]
-    merged = methods.merge({n: base_tree[n] for n in floats}, expert_trees, method, key=key, **hparams)
-    merged = {n: merged.get(n, base_tree[n]) for n in base_ckpt.names}
-    meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
-            "base": str(base), "experts": [str(e) for e in experts]}
-    return save_sharded(out, merged, metadata=meta, force=force)

@@ -1,6 +1,6 @@
 """Learned merge coefficients for Hugging Face causal LMs, as ``jmerge run`` does them.
 
-DivMerge's language-model protocol (arXiv 2509.02108, research/papers.md §2): each expert
+DivMerge's language-model protocol (arXiv 2509.02108 §2): each expert
 continues its task's prompts greedily until EOS or ``max_new_tokens``; Γ then minimizes the
 JS divergence, per generated token, between each expert and θ(Γ) = θ0 + Σ_t Γ_t τ_t
 (:func:`jmerge.learn.lm_targets`, :func:`jmerge.learn.fit_coefficients`). AdaMerging
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,6 @@ import numpy as np
 import optax
 
 from jmerge import tree as jtree
-from jmerge.config import LearnOptions
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 from jmerge.learn import engine
@@ -42,6 +41,24 @@ from jmerge.validate import MergeInputError
 log = logging.getLogger(__name__)
 PAD = -1  # the prompt padding id: masked out of attention (model_apply)
 
+
+class LearnOptions(Protocol):
+    """What :func:`learn` reads from its options (the CLI's ``jmerge.learn`` block satisfies
+    it; the library does not import the CLI's config)."""
+
+    method: str
+    granularity: str
+    layers: Any
+    prompts: Sequence[Path]
+    samples: int
+    prompt_tokens: int
+    max_new_tokens: int
+    learning_rate: float
+    epochs: int
+    batch_per_task: int
+    init: Any
+    seed: int
+    chat_template: bool
 
 def _tokenizer(base_dir: Path):
     from transformers import AutoTokenizer

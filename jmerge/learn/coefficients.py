@@ -10,7 +10,7 @@ where ``l(p)`` is the layer of parameter ``p``. Granularities:
 * ``"layer"``: one Γ_t^l per task and layer, shape ``(K, L)``, layers from a
   :func:`jmerge.layers.group_layers` rule (e.g. ``r"layer/\\d+"`` for transformer blocks).
 * ``"tensor"``: one per task and parameter tensor, ``(K, #tensors)`` (AdaMerging's
-  "layer-wise", research/papers.md §3.4).
+  "layer-wise", Yang et al., 2024, arXiv 2310.02575).
 
 The base coefficient is fixed at 1. Coefficients are unconstrained reals (DivMerge) or, by
 option, projected after every update onto ``[0, 1]`` (``"clip01"``, AdaMerging's clamp) or
@@ -19,7 +19,6 @@ onto the probability simplex over tasks, separately for each layer (``"simplex"`
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import jax
@@ -27,19 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jmerge._util import did_you_mean
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.layers import LayerGrouping, LayerRule, group_layers
 from jmerge.validate import MergeInputError
 
-PyTree = jtree.PyTree
 GRANULARITIES = ("task", "layer", "tensor")
 CONSTRAINTS = (None, "clip01", "simplex")
 
 
 def _closest(kind: str, name, known) -> MergeInputError:
-    names = [k for k in known if k is not None]
-    close = difflib.get_close_matches(str(name), names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, known)
     return MergeInputError(f"unknown {kind} {name!r}{hint} (known: {', '.join(map(repr, known))})")
 
 

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jmerge._util import register_cache
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge import validate
 from jmerge.layers import LayerGrouping, LayerRule
 from jmerge.learn import coefficients as coef
@@ -35,7 +37,6 @@ from jmerge.learn import objectives as obj
 from jmerge.learn.targets import TaskTargets, classifier_targets, clear_memory, num_examples, per_task
 from jmerge.validate import MergeInputError
 
-PyTree = jtree.PyTree
 DEFAULT_OPTIMIZER = optax.adam(1e-2)  # DivMerge App. D.2; one object, so compilations are reused
 ADAMERGING_OPTIMIZER = optax.adam(1e-3)
 
@@ -272,6 +273,9 @@ def _compiled(fns: tuple, lay: coef.CoefficientLayout, objective: str, optimizer
     return jax.jit(step), jax.jit(_scan_fn(step, len(fns), merge)), jax.jit(merge)
 
 
+register_cache(_compiled.cache_clear)
+
+
 def clear_cache() -> None:
     """Empties the in-memory caches: computed targets and compiled steps (disk files stay)."""
     clear_memory()
@@ -425,7 +429,7 @@ def fit_coefficients(
 
 def divmerge(base, tvs, apply_fn, unlabeled=None, **kwargs) -> LearnResult:
     """DivMerge (arXiv 2509.02108): JS objective, Adam lr 1e-2, 4 epochs, 4 inputs per task
-    per step, init 1/K, unconstrained (research/papers.md §2.5). Keyword arguments override."""
+    per step, init 1/K, unconstrained (the paper's defaults). Keyword arguments override."""
     kwargs = {"objective": "js", "optimizer": DEFAULT_OPTIMIZER, "epochs": 4, "batch_per_task": 4, **kwargs}
     return fit_coefficients(base, tvs, apply_fn, unlabeled, **kwargs)
 

@@ -6,7 +6,7 @@ underflow nor produce NaN (terms with ``p_i = 0`` count 0, with a zero gradient)
 
 * ``KL(p‖q) = Σ_i p_i (log p_i − log q_i)``
 * ``JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m)``, ``m = ½(p + q)``, ``log m = max + log1p(exp(−|log p − log q|)) − log 2``
-  (DivMerge, arXiv 2509.02108 §2 and App. B.1; research/papers.md §2.8)
+  (DivMerge, arXiv 2509.02108 §2 and App. B.1)
 * ``H(q) = −Σ_i q_i log q_i`` (AdaMerging's test-time entropy, arXiv 2310.02575)
 
 The objectives of :func:`jmerge.learn.fit_coefficients` compare an expert's distribution
@@ -24,12 +24,12 @@ entropy    ``H(q)`` (no targets)     AdaMerging
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable
 
 import jax.numpy as jnp
 
+from jmerge._util import did_you_mean
 from jmerge.validate import MergeInputError
 
 _LOG2 = math.log(2.0)
@@ -76,8 +76,7 @@ NEEDS_TARGETS = frozenset({"js", "kl", "reverse_kl"})
 def get_objective(name: str) -> Callable:
     """The per-position loss called ``name``; unknown names get the closest suggestion."""
     if name not in OBJECTIVES:
-        close = difflib.get_close_matches(str(name), list(OBJECTIVES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, OBJECTIVES)
         raise MergeInputError(f"unknown objective {name!r}{hint} (known: {', '.join(OBJECTIVES)})")
     return OBJECTIVES[name]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,12 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import atomic_write
+from jmerge._util import register_cache
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.validate import MergeInputError
 
-PyTree = jtree.PyTree
 _FORMAT = "jmerge-targets-v1"
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
+register_cache(_MEMORY.clear)
 
 
 @dataclass(frozen=True)
@@ -134,18 +136,9 @@ def _fn_parts(fn: Callable) -> list:
     return parts
 
 
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to other names
+        np.savez(f, **arrays)
 
 
 def cached(key: str, compute: Callable[[], dict[str, np.ndarray]], cache_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
@@ -163,7 +156,7 @@ def cached(key: str, compute: Callable[[], dict[str, np.ndarray]], cache_dir: st
     else:
         arrays = {k: np.asarray(v) for k, v in compute().items()}
         if path is not None:
-            _save_atomic(path, arrays)
+            atomic_write(path, lambda tmp: _savez(tmp, arrays), overwrite=True)
     _MEMORY[key] = arrays
     return arrays
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jmerge.lwptv._files import atomic_write
+from jmerge._util import atomic_write
 from jmerge.lwptv.presets import Preset, describe
 from jmerge.validate import MergeInputError, check_fraction
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jmerge.lwptv._files import atomic_write
+from jmerge._util import atomic_write
 from jmerge.lwptv.masks import LayerMask
 from jmerge.validate import MergeInputError
 

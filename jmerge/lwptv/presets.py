@@ -17,11 +17,11 @@ norms, poolers and task heads are layers of their own.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from jmerge._util import did_you_mean
 from jmerge import layers as jlayers
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
@@ -160,8 +160,7 @@ LayerSpec = Union[str, re.Pattern, Preset, Callable[[str], Union[str, None]]]
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; unknown names get the closest suggestion."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, [*PRESETS, "tensor"], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, [*PRESETS, "tensor"])
         raise MergeInputError(
             f"unknown layer preset {name!r}{hint} (presets: {', '.join([*PRESETS, 'tensor'])}; "
             "or pass a regex with at least one regex character, re.compile(...), or a callable)"

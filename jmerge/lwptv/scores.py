@@ -6,7 +6,7 @@ kept**; the mask rules in :mod:`jmerge.lwptv.masks` drop the lowest-scoring laye
 
 Origin. The LwPTV abstract (Zhang et al., 2025, arXiv 2506.09093) says only that the score
 "measur[es] the redundancy of parameters in task vectors" and yields a layer mask per
-task; its formula is not available to us (research/papers.md §1). **Every score here is
+task; its formula is not available to us. **Every score here is
 our own design** in the spirit of that sentence; none claims to reproduce the paper.
 
 Each score works on all tasks and layers at once in one jit: per-leaf, per-task partial
@@ -18,7 +18,6 @@ over tasks in :func:`cross_task_agreement` and :func:`sign_agreement`).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable, Sequence
 
@@ -26,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge._util import did_you_mean, register_cache
 from jmerge import layers as jlayers
-from jmerge import stages
+from jmerge import stages, thresholds
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge.validate import MergeInputError, check_fraction
 
-PyTree = jtree.PyTree
 ScoreFn = Callable[..., jax.Array]
 
 
@@ -76,11 +76,12 @@ _sq = lambda x: jnp.sum(x * x)
 
 
 # ---------------------------------------------------------------------------- scores
-def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "energy") -> jax.Array:
+def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "energy", answers=None) -> jax.Array:
     """Share of a layer's update that survives a global top-``density`` magnitude trim.
 
     ``m_t = 1[|tau_t| >= kth_t]``, ``kth_t`` the ``int(density * n)``-th largest ``|tau_t|``
-    over the whole task vector (the TIES trim at the same density, ``jmerge.stages.top_magnitude_mask``).
+    over the whole task vector (the TIES trim at the same density, ``jmerge.stages.magnitude_trim``;
+    ``answers``: those thresholds, solved before ``jit`` by :func:`jmerge.thresholds.solve`).
     ``measure="energy"``: ``s_t^l = sum_{i in l} m_ti tau_ti^2 / sum_{i in l} tau_ti^2``;
     ``measure="count"``: ``s_t^l = #{i in l: m_ti, tau_ti != 0} / n_l``.
 
@@ -93,7 +94,8 @@ def trim_survival(tvs, base, grouping, *, density: float = 0.2, measure: str = "
     check_fraction("density", density)
     _choice("measure", measure, ("energy", "count"))
     tvs = _f32(tvs)
-    keep = [stages.top_magnitude_mask(jax.tree.leaves(tv), density) for tv in tvs]
+    answers = answers or thresholds.solve(_trim_query(grouping, density), tvs)
+    keep = [[thresholds.keep(x, a[0]) for x in jax.tree.leaves(tv)] for tv, a in zip(tvs, answers)]
     if measure == "energy":
         num = task_leaf_sums(lambda m, x: jnp.sum(jnp.where(m, x * x, 0.0)), keep, tvs)
         return _ratio(layer_sum(num, grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
@@ -107,8 +109,8 @@ def relative_update(tvs, base, grouping) -> jax.Array:
 
     Norms are over all entries of the layer; ``||theta_0^l||_F`` is floored at 1e-12. Orientation:
     a layer the fine-tuning barely moved (relative to its own scale) is redundant for the
-    task (low score, dropped first). Origin: our own design (a candidate listed in
-    research/papers.md §1.4; the abstract does not say the score involves the base weights).
+    task (low score, dropped first). Origin: our own design (the abstract does not say the
+    score involves the base weights).
     """
     tau_sq = layer_sum(task_leaf_sums(_sq, _f32(tvs)), grouping)
     base_sq = layer_sum([_sq(b.astype(jnp.float32)) for b in jax.tree.leaves(base)], grouping)
@@ -123,7 +125,7 @@ def cross_task_agreement(tvs, base, grouping) -> jax.Array:
     Orientation: a layer whose update conflicts with the other tasks (negative cosine) or
     is orthogonal to them (task-specific) scores low and is dropped first; layers whose
     update is shared with other tasks are kept. Origin: our own design (cross-task
-    conflict, research/papers.md §1.4 (c)).
+    conflict, the interference TIES measures).
     """
     tvs = _f32(tvs)
     totals = [jtree.add(*tvs)] * len(tvs)
@@ -157,7 +159,7 @@ def sign_agreement(tvs, base, grouping, *, sign: str = "sum", weighting: str = "
     return _ratio(layer_sum(num, grouping), layer_sum(den, grouping))
 
 
-def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array:
+def energy_concentration(tvs, base, grouping, *, top: float = 0.05, answers=None) -> jax.Array:
     """Share of a layer's update energy held by its largest entries:
     ``s_t^l = sum_{i in l, |tau_ti| >= kth_tl} tau_ti^2 / ||tau_t^l||^2``, ``kth_tl`` the
     ``max(1, int(top * n_l))``-th largest ``|tau_t|`` within layer l.
@@ -165,20 +167,32 @@ def energy_concentration(tvs, base, grouping, *, top: float = 0.05) -> jax.Array
     Orientation: a concentrated (sparse, structured) update scores high and is kept; an
     update spread evenly over the layer's entries, like noise, scores low and is dropped
     first (i.i.d. Gaussian entries give about 0.28 at ``top=0.05``; a constant update gives
-    ``top``). Origin: our own design (research/papers.md §1.4 (b), the entry-wise variant;
+    ``top``). Origin: our own design (an entry-wise concentration measure;
     TSV's finding that task matrices are low-rank motivates it).
     """
     check_fraction("top", top)
     tvs = _f32(tvs)
-    k = np.maximum(1, (top * jlayers.layer_sizes(base, grouping)).astype(np.int64))
-    members = [[i for i, l in enumerate(grouping.leaf_layer) if l == layer] for layer in range(grouping.num_layers)]
+    answers = answers or thresholds.solve(_energy_query(grouping, top), tvs)  # one search per task and layer
     num = []
-    for tv in tvs:  # one bisection per task and layer: faster than one joint bisection (bench/lwptv_bench.py)
+    for tv, a in zip(tvs, answers):
+        kth = a[0]  # per layer
         leaves = jax.tree.leaves(tv)
-        kth = [stages.kth_largest_magnitude([leaves[i] for i in idx], int(k[l])) for l, idx in enumerate(members)]
-        num.append(jnp.stack([jnp.sum(jnp.where(jnp.abs(x) >= kth[l], x * x, 0.0)) for x, l in zip(leaves, grouping.leaf_layer)]))
+        num.append(jnp.stack([jnp.sum(jnp.where(thresholds.keep(x, kth[l]), x * x, 0.0)) for x, l in zip(leaves, grouping.leaf_layer)]))
     return _ratio(layer_sum(list(jnp.stack(num, axis=1)), grouping), layer_sum(task_leaf_sums(_sq, tvs), grouping))
 
+
+def _trim_query(grouping, density: float = 0.2, measure: str = "energy") -> thresholds.Query:
+    """:func:`trim_survival`'s thresholds: the ``int(density n)``-th largest ``|tau_t|`` of the task vector."""
+    return thresholds.Query("global", lambda t, n: (thresholds.keep_count(density, n),))
+
+
+def _energy_query(grouping, top: float = 0.05) -> thresholds.Query:
+    """:func:`energy_concentration`'s thresholds: the ``max(1, int(top n_l))``-th largest of each layer."""
+    units = tuple(tuple(i for i, l in enumerate(grouping.leaf_layer) if l == layer) for layer in range(grouping.num_layers))
+    return thresholds.Query(units, lambda t, n: (max(1, int(top * n)),))
+
+
+QUERIES = {trim_survival: _trim_query, energy_concentration: _energy_query}  # scores that rank magnitudes
 
 SCORES: dict[str, ScoreFn] = {
     "trim_survival": trim_survival,
@@ -194,8 +208,7 @@ def get_score(score: str | ScoreFn) -> ScoreFn:
     if callable(score):
         return score
     if score not in SCORES:
-        close = difflib.get_close_matches(str(score), list(SCORES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(score, SCORES)
         raise MergeInputError(f"unknown saliency score {score!r}{hint} (available: {', '.join(SCORES)})")
     return SCORES[score]
 
@@ -204,11 +217,10 @@ def _check_kwargs(fn: ScoreFn, kwargs: dict) -> None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "answers"]
     for name in kwargs:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, known)
             raise MergeInputError(
                 f"score {getattr(fn, '__name__', fn)!r} has no parameter {name!r}{hint} (known: {', '.join(known) or 'none'})"
             )
@@ -231,18 +243,27 @@ def check_inputs(tvs: Sequence[PyTree], base: PyTree, grouping: jlayers.LayerGro
 
 
 _JITTED: dict = {}
+register_cache(_JITTED.clear)
 
 
 def _jitted(fn: ScoreFn, grouping, kwargs: dict, from_experts: bool):
     key = (fn, grouping, tuple(sorted(kwargs.items())), from_experts)
     if key not in _JITTED:
 
-        def run(base, models):
+        def run(base, models, answers):
             tvs = jtree.task_vectors(base, models) if from_experts else models
-            return fn(list(tvs), base, grouping, **kwargs).astype(jnp.float32)
+            solved = {} if answers is None else {"answers": answers}
+            return fn(list(tvs), base, grouping, **solved, **kwargs).astype(jnp.float32)
 
         _JITTED[key] = jax.jit(run)
     return _JITTED[key]
+
+
+def _answers(fn: ScoreFn, grouping, kwargs: dict, models, base=None):
+    """The thresholds a magnitude-ranking score needs, by :func:`jmerge.thresholds.solve`
+    outside ``jit`` (host or mesh for concrete inputs), or None."""
+    query = QUERIES.get(fn)
+    return None if query is None else thresholds.solve(query(grouping, **kwargs), list(models), base)
 
 
 def compute(tvs, base, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
@@ -250,14 +271,16 @@ def compute(tvs, base, grouping, score: str | ScoreFn = "trim_survival", **kwarg
     fn = get_score(score)
     _check_kwargs(fn, kwargs)
     check_inputs(tvs, base, grouping)
-    return _check_shape(_jitted(fn, grouping, kwargs, False)(base, list(tvs)), len(tvs), grouping, fn)
+    answers = _answers(fn, grouping, kwargs, tvs)
+    return _check_shape(_jitted(fn, grouping, kwargs, False)(base, list(tvs), answers), len(tvs), grouping, fn)
 
 
 def compute_from_experts(base, experts, grouping, score: str | ScoreFn = "trim_survival", **kwargs) -> jax.Array:
     """Like :func:`compute`, with the task vectors ``experts - base`` formed inside the jit."""
     fn = get_score(score)
     _check_kwargs(fn, kwargs)
-    return _check_shape(_jitted(fn, grouping, kwargs, True)(base, list(experts)), len(experts), grouping, fn)
+    answers = _answers(fn, grouping, kwargs, experts, base)
+    return _check_shape(_jitted(fn, grouping, kwargs, True)(base, list(experts), answers), len(experts), grouping, fn)
 
 
 def _check_shape(scores: jax.Array, k: int, grouping, fn) -> jax.Array:

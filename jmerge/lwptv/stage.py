@@ -13,7 +13,8 @@
    that take a ``task_mask`` (``Method.task_mask``: TSV-M, Iso-C, Iso-CTS) get, per leaf, which
    tasks keep it, and merge each leaf over those tasks only, not over the dropped tasks' zeros.
 
-An all-True mask runs the method itself, so it reproduces it bit for bit. :func:`prune` and :func:`keep_base` are
+They plug into :func:`jmerge.merge` as a pre/post pair around the method (:func:`stage`). An
+all-True mask runs the method itself, so it reproduces it bit for bit. :func:`prune` and :func:`keep_base` are
 pure functions on task-vector pytrees, usable inside any jit (e.g. before learning merge
 coefficients, ``jmerge.learn``).
 """
@@ -31,15 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge import layers as jlayers
-from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge import validate
 from jmerge.lwptv import masks as jmasks
 from jmerge.lwptv import presets
 from jmerge.lwptv import scores as jscores
 from jmerge.lwptv.masks import LayerMask
 from jmerge.validate import MergeInputError
-
-PyTree = jtree.PyTree
 
 
 @dataclass(frozen=True)
@@ -207,21 +206,25 @@ def inspect(base: PyTree, experts: Sequence[PyTree], config: LwPTV | None = None
     return np.asarray(s), mask
 
 
-_JITTED: dict = {}
+@dataclass(frozen=True)
+class _Prune:
+    """``pre`` of :func:`jmerge.merge`: :func:`prune` with a traced mask (hashable: one
+    compilation per grouping, whatever the mask)."""
+
+    grouping: jlayers.LayerGrouping
+
+    def __call__(self, tvs, mask):
+        return prune(tvs, mask, self.grouping)
 
 
-def _jitted_merge(method, static_names: tuple[str, ...], grouping: jlayers.LayerGrouping):
-    cache_key = (method.name, method.fn, static_names, grouping)
-    if cache_key not in _JITTED:
+@dataclass(frozen=True)
+class _KeepBase:
+    """``post`` of :func:`jmerge.merge`: :func:`keep_base` with a traced mask."""
 
-        def run(base, experts, key, mask, task_mask=None, **hp):
-            tvs = jtree.task_vectors(base, experts)
-            extra = {} if task_mask is None else {"task_mask": task_mask}
-            merged = method.fn(base, prune(tvs, mask, grouping), key=key, **extra, **hp)
-            return keep_base(merged, base, mask, grouping)
+    grouping: jlayers.LayerGrouping
 
-        _JITTED[cache_key] = jax.jit(run, static_argnames=(*static_names, "task_mask"))
-    return _JITTED[cache_key]
+    def __call__(self, merged, base, mask):
+        return keep_base(merged, base, mask, self.grouping)
 
 
 def _pruned_experts(base, experts, arr: np.ndarray, grouping) -> list[PyTree]:
@@ -234,12 +237,15 @@ def _pruned_experts(base, experts, arr: np.ndarray, grouping) -> list[PyTree]:
     ]
 
 
-def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, plain=None) -> PyTree:
-    """The ``lwptv=`` path of :func:`jmerge.merge` (inputs and hyper-parameters already validated).
+def stage(base, experts, lwptv) -> tuple:
+    """The ``lwptv=`` path of :func:`jmerge.merge` (inputs already validated): ``(pre, post,
+    mask, measured, leaf_tasks)``, LwPTV's prune and keep_base for the jitted merge, the
+    ``(K, L)`` mask they take, the experts a sparsifier's thresholds are measured on (the
+    pruned ones), and per leaf which tasks keep it (the static ``task_mask`` of methods that
+    take one: a dropped task leaves that leaf's SVD merge instead of entering it as zeros).
 
-    ``plain`` is the method's own compiled merge ``(base, experts, key, **hparams)``; an
-    all-True mask runs it, so keeping every layer is the method bit for bit (recompiling the
-    method inside the LwPTV jit can change the last bit of some methods, e.g. multislerp).
+    An all-True mask gives no ``pre``/``post``: the method itself runs, bit for bit
+    (recompiling it with them can change the last bit of some methods, e.g. multislerp).
     """
     experts = list(experts)
     if isinstance(lwptv, LwPTV):
@@ -250,11 +256,9 @@ def merge_with_lwptv(method, base, experts, key, static_names, hparams, lwptv, p
     else:
         raise MergeInputError(f"lwptv must be an LwPTV config or a LayerMask, got {type(lwptv).__name__}")
     arr = np.asarray(_mask_array(mask, grouping, len(experts)), bool)
-    if method.prepare is not None:  # e.g. TIES thresholds, found on the pruned task vectors
-        hparams = method.prepare(base, _pruned_experts(base, experts, arr, grouping), hparams)
-    if plain is not None and arr.all():
-        return plain(base, experts, key, **hparams)
+    if arr.all():
+        return None, None, None, experts, None
     # Methods that take task_mask (per-matrix SVD merges) leave a task out of each leaf it drops
     # instead of merging its zeros; the mask is static: it sets the number of matrices per SVD.
-    extra = {"task_mask": tuple(tuple(map(bool, arr[:, l])) for l in grouping.leaf_layer)} if method.task_mask else {}
-    return _jitted_merge(method, static_names, grouping)(base, experts, key, arr, **extra, **hparams)
+    leaf_tasks = tuple(tuple(map(bool, arr[:, l])) for l in grouping.leaf_layer)
+    return _Prune(grouping), _KeepBase(grouping), arr, _pruned_experts(base, experts, arr, grouping), leaf_tasks

@@ -4,13 +4,14 @@ A method is a pure function ``fn(base, tvs, *, key, **hparams) -> merged`` over 
 base pytree and the experts' float32 task vectors (so any pre-processing of task
 vectors, such as LwPTV masks, composes with every method). Each registered method
 declares its hyper-parameters with defaults, which of them are static (they fix array
-sizes or code paths, so changing them recompiles), whether it needs a PRNG key, and a
-check run on the hyper-parameters before any heavy work.
+sizes or code paths, so changing them recompiles), whether it needs a PRNG key, a check
+run on the hyper-parameters before any heavy work, and its sparsifier
+(:class:`jmerge.stages.Sparsifier`), whose thresholds :func:`merge` finds with
+:func:`jmerge.thresholds.solve` before the jitted merge.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -18,10 +19,11 @@ from typing import Any, Callable, Sequence
 import jax
 
 from jmerge import coverage
+from jmerge._util import did_you_mean, register_cache
+from jmerge import thresholds
 from jmerge import tree as jtree
+from jmerge.tree import PyTree
 from jmerge import validate
-
-PyTree = jtree.PyTree
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,25 @@ class Method:
     needs_key: bool
     check: Callable[[int, dict[str, Any]], None]
     summary: str = field(default="")
-    prepare: Callable[..., dict[str, Any]] | None = None
+    sparsify: Callable[[dict[str, Any]], Any] | None = None
+    reference: str = ""
+    per_model: frozenset[str] = frozenset()
+    streamable: bool = True
+    path_params: frozenset[str] = frozenset()
     # covers(path, shape, hparams, num_experts): whether the method's own rule merges that leaf
     # (False: a fallback, e.g. the SVD methods' mean); None: every leaf. Counted by jmerge.coverage.
     covers: Callable[[str, tuple[int, ...], dict[str, Any], int | None], bool] | None = None
     task_mask: bool = False  # fn takes task_mask (per leaf, which tasks enter it): LwPTV passes it
 
+    def sparsifier(self, hparams: dict[str, Any]):
+        """The method's :class:`jmerge.stages.Sparsifier` for resolved ``hparams``, or None."""
+        return None if self.sparsify is None else self.sparsify(hparams)
+
     def resolve(self, num_experts: int, hparams: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names rejected (with the closest known one), values checked."""
         for name in hparams:
             if name not in self.defaults:
-                close = difflib.get_close_matches(name, list(self.defaults), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, self.defaults)
                 known = ", ".join(sorted(self.defaults)) or "none"
                 raise validate.MergeInputError(
                     f"method {self.name!r} has no hyper-parameter {name!r}{hint} (known: {known})"
@@ -62,17 +71,50 @@ def _no_check(num_experts: int, hparams: dict[str, Any]) -> None:
     del num_experts, hparams
 
 
+def _sparsified(fn: Callable, sparsify: Callable) -> Callable:
+    """``fn`` on the task vectors its sparsifier keeps: ``answers`` (the sparsifier's query,
+    solved before ``jit``) or, without them, a search on the task vectors themselves."""
+
+    def run(base, tvs, *, key=None, answers=None, **hparams):
+        return fn(base, sparsify(hparams)(tvs, key, answers=answers), key=key, **hparams)
+
+    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
+    return run
+
+
 def register(
-    name: str, *, static: Sequence[str] = (), needs_key: bool = False, check=_no_check, prepare=None, covers=None
+    name: str,
+    *,
+    static: Sequence[str] = (),
+    needs_key: bool = False,
+    check=_no_check,
+    sparsify=None,
+    reference: str = "",
+    per_model: Sequence[str] = ("weights",),
+    streamable: bool = True,
+    path_params: Sequence[str] = (),
+    covers=None,
 ):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
-    The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments.
-    ``prepare(base, experts, hparams) -> hparams``, when given, runs eagerly in :func:`merge`
-    before the jitted merge (with ``lwptv``, on the pruned experts), to compute outside
-    ``jit`` what is faster there: TIES and Breadcrumbs thresholds by collectives on a mesh,
-    or by numpy on the host CPU. ``covers``: see :class:`Method`. A keyword-only ``task_mask``
-    argument of ``fn`` is no hyper-parameter: :mod:`jmerge.lwptv` passes it (``Method.task_mask``).
+    The hyper-parameters and defaults are read from ``fn``'s keyword-only arguments; the
+    method's facts are declared here, and ``jmerge methods``, the YAML config and
+    :mod:`jmerge.streaming` read them from the :class:`Method`:
+
+    * ``reference``: the paper (authors, year, arXiv id);
+    * ``per_model``: hyper-parameters that take one value per expert (a YAML model's
+      ``parameters: {weight: ..., density: ...}``; ``weight`` maps to ``weights``), among
+      those ``fn`` has; the others are global;
+    * ``streamable``: the method works tensor by tensor, so ``jmerge run`` can stream it;
+    * ``path_params``: hyper-parameters that look at parameter paths (a streamed merge then
+      passes each tensor under its real name);
+    * ``covers``: see :class:`Method` (counted by :mod:`jmerge.coverage`).
+
+    ``sparsify(hparams) -> jmerge.stages.Sparsifier``, when given, maps the task vectors
+    before ``fn`` sees them (TIES' trim, DARE's drop); :func:`merge` solves its query
+    (thresholds) outside ``jit`` with the backend the inputs call for. A keyword-only
+    ``task_mask`` argument of ``fn`` is no hyper-parameter: :mod:`jmerge.lwptv` passes it
+    (``Method.task_mask``).
     """
 
     def deco(fn):
@@ -83,8 +125,14 @@ def register(
             if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("key", "task_mask")
         }
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        full = fn if sparsify is None else _sparsified(fn, sparsify)
+        unknown = sorted((set(per_model) | set(path_params)) - set(defaults) - {"weights"})
+        if unknown:
+            raise ValueError(f"method {name!r}: per_model/path_params name no hyper-parameter of it: {unknown}")
         _REGISTRY[name] = Method(
-            name, fn, defaults, frozenset(static), needs_key, check, summary, prepare, covers, "task_mask" in params
+            name, full, defaults, frozenset(static), needs_key, check, summary, sparsify, reference,
+            frozenset(p for p in per_model if p in defaults), streamable, frozenset(path_params),
+            covers, "task_mask" in params,
         )
         return fn
 
@@ -99,28 +147,37 @@ def available() -> list[str]:
 def get(name: str) -> Method:
     """The registered method ``name``; unknown names get the closest suggestion."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise validate.MergeInputError(f"unknown merge method {name!r}{hint} (available: {', '.join(available())})")
     return _REGISTRY[name]
 
 
 _JITTED: dict[tuple, Callable] = {}
+register_cache(_JITTED.clear)
 
 
 def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:
     """Hyper-parameters passed to ``jax.jit`` as static: the method's declared ones, plus any
-    string or bool value (they select code paths and cannot be traced)."""
-    return tuple(sorted(k for k, v in hparams.items() if k in method.static or isinstance(v, (str, bool))))
+    string or bool value (they select code paths and cannot be traced), and LwPTV's per-leaf
+    ``task_mask`` (it sets how many matrices enter each SVD)."""
+    return tuple(sorted(
+        k for k, v in hparams.items() if k in method.static or k == "task_mask" or isinstance(v, (str, bool))
+    ))
 
 
-def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False) -> Callable:
-    cache_key = (method.name, method.fn, static_names, donate_base)
+def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False, pre=None, post=None) -> Callable:
+    """The jitted merge ``(base, experts, key, answers, extra, **hp)``: task vectors, ``pre(tvs,
+    extra)``, the method, ``post(merged, base, extra)`` (LwPTV's prune and keep_base)."""
+    cache_key = (method.name, method.fn, static_names, donate_base, pre, post)
     if cache_key not in _JITTED:
 
-        def run(base, experts, key, **hp):
+        def run(base, experts, key, answers=None, extra=None, **hp):
             tvs = jtree.task_vectors(base, experts)
-            return method.fn(base, tvs, key=key, **hp)
+            if pre is not None:
+                tvs = pre(tvs, extra)
+            solved = {} if method.sparsify is None else {"answers": answers}
+            out = method.fn(base, tvs, key=key, **solved, **hp)
+            return out if post is None else post(out, base, extra)
 
         _JITTED[cache_key] = jax.jit(run, static_argnames=static_names, donate_argnums=(0,) if donate_base else ())
     return _JITTED[cache_key]
@@ -154,6 +211,7 @@ def merge(
     check_finite: bool = True,
     lwptv=None,
     donate_base: bool = False,
+    answers=None,
     **hparams,
 ) -> PyTree:
     """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
@@ -170,6 +228,8 @@ def merge(
       donate_base: let the merge reuse ``base``'s buffers for its output (``base`` must not
         be used afterwards). Skips allocating the output, which on CPU costs as much as
         reading the inputs (bench/merge_bench.py).
+      answers: the method's thresholds when already known (``jmerge.thresholds.solve`` of its
+        sparsifier's query: a streamed merge finds global ones over the checkpoints first).
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
     All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
@@ -188,15 +248,20 @@ def merge(
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
         validate.check_all_finite(base, experts)
+    experts = list(experts)
     coverage.report(coverage.of(m, base, hp, len(experts)))
-    if m.prepare is not None and lwptv is None:  # with lwptv, on the pruned task vectors (merge_with_lwptv)
-        hp = m.prepare(base, list(experts), hp)
+    pre = post = extra = None
+    measured = experts  # what the sparsifier's thresholds are measured on
+    if lwptv is not None:
+        from jmerge.lwptv.stage import stage  # lazy: the registry loads without lwptv
+
+        pre, post, extra, measured, leaf_tasks = stage(base, experts, lwptv)
+        if m.task_mask and leaf_tasks is not None:
+            hp = {**hp, "task_mask": leaf_tasks}
+    sparsifier = m.sparsifier(hp)
+    if answers is None and sparsifier is not None and sparsifier.query is not None:
+        answers = thresholds.solve(sparsifier.query, measured, base)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
-    if lwptv is not None:
-        from jmerge.lwptv.stage import merge_with_lwptv  # lazy: the registry loads without lwptv
-
-        out = merge_with_lwptv(m, base, experts, key, static, hp, lwptv, plain=_jitted(m, static, donate_base))
-    else:
-        out = _jitted(m, static, donate_base)(base, list(experts), key, **hp)
+    out = _jitted(m, static, donate_base, pre, post)(base, experts, key, answers, extra, **hp)
     return _placed_like(out, shardings)

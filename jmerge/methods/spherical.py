@@ -63,7 +63,7 @@ def _slerp_check(num_experts, hp):
         raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
 
 
-@register("slerp", static=("space",), check=_slerp_check)
+@register("slerp", static=("space",), check=_slerp_check, reference="Shoemake, 1985 (SIGGRAPH)")
 def slerp(base, tvs, *, key=None, t=0.5, space="weights"):
     """SLERP of two experts per tensor: on full weights (mergekit/FusionBench) or on task vectors (DivMerge)."""
     tau1, tau2 = tvs
@@ -89,7 +89,8 @@ def _multislerp_check(num_experts, hp):
             raise validate.MergeInputError(f"multislerp weights must be >= 0 with a positive sum, got {hp['weights']!r}")
 
 
-@register("multislerp", static=("space",), check=_multislerp_check)
+@register("multislerp", static=("space",), check=_multislerp_check,
+          reference="mergekit's multislerp (Goddard et al., 2024, arXiv 2403.13257)")
 def multislerp(base, tvs, *, key=None, weights=None, space="task_vectors"):
     """Multi-SLERP (mergekit): weighted mean direction of the unit task vectors times their weighted mean norm.
 

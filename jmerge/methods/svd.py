@@ -216,21 +216,24 @@ def _iso_cts_matrix(ts, fraction):
 _STATIC = ("svd_filter", "layout", "conv")
 
 
-@register("tsv", static=_STATIC, check=_check, covers=_tsv_covers)
+@register("tsv", static=_STATIC, check=_check, covers=_tsv_covers, reference="Gargiulo et al., 2025, arXiv 2412.00081",
+          path_params=("svd_filter",))
 def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
     """TSV-M (Gargiulo et al., 2025): per matrix, each task's top r/T singular triplets, orthogonalised, summed."""
     hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
     return jtree.apply(base, _per_matrix(tvs, hp, _tsv_matrix, task_mask), scale)
 
 
-@register("iso_c", static=_STATIC, check=_check, covers=covers)
+@register("iso_c", static=_STATIC, check=_check, covers=covers, reference="Marczak et al., 2025, arXiv 2502.04959",
+          path_params=("svd_filter",))
 def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
     """Iso-C (Marczak et al., 2025): the summed task matrix with a flat spectrum at its mean singular value."""
     hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
     return jtree.apply(base, _per_matrix(tvs, hp, _iso_c_matrix, task_mask), scale)
 
 
-@register("iso_cts", static=(*_STATIC, "common_space_fraction"), check=_iso_cts_check, covers=covers)
+@register("iso_cts", static=(*_STATIC, "common_space_fraction"), check=_iso_cts_check, covers=covers,
+          reference="Marczak et al., 2025, arXiv 2502.04959", path_params=("svd_filter",))
 def iso_cts(
     base, tvs, *, key=None, scale=1.0, common_space_fraction=0.8, layout="flax", svd_filter=None, conv="matrix", task_mask=None
 ):

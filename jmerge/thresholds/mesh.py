@@ -1,7 +1,7 @@
-"""Hand-written collectives over a mesh (``jax.shard_map``), where they beat the partitioner.
+"""The mesh backend of :mod:`jmerge.thresholds`: exact k-th largest magnitudes by ``jax.shard_map``.
 
 Under plain ``jax.jit`` the elementwise merges need no collective at all, and the exact
-TIES threshold of :func:`jmerge.stages.kth_largest_magnitude` becomes scalar all-reduces
+TIES threshold of the XLA search (:mod:`jmerge.thresholds.xla`) becomes scalar all-reduces
 of counts plus all-gathers of a small strided sample (and, for groups under 2**14 entries,
 of the whole group, which it sorts); it also does not type-check under ``Explicit`` mesh
 axes. :func:`kth_largest_magnitudes` computes the same exact value with nothing but local
@@ -12,14 +12,14 @@ work and one ``psum`` per step (docs/scaling.md lists what every method moves):
   uint32 count vector for G thresholds;
 * **exact counts past 2**32 entries**: per-device counts are split in 16-bit halves before
   the ``psum`` and recombined with a carry, so a task vector of a 70B model (7e10 entries)
-  is ranked exactly; ``jmerge.stages`` counts in uint32 (4.29e9 entries per call);
+  is ranked exactly; the XLA search counts in uint32 (4.29e9 entries per call);
 * **no gather, any axis types**: each device reads only its own blocks (a block replicated
   over some mesh axes is counted by its first replica only).
 
 Counts compare float32 bit patterns as integers (exact for subnormals, which XLA:CPU
 flushes in float comparisons), and both searches are exact, so the thresholds equal
-``stages``' bit for bit. The price on XLA:CPU: integer compare-and-sum passes are slower
-than ``stages``' fused float counting, and 32 of them always run.
+the XLA search's bit for bit. The price on XLA:CPU: integer compare-and-sum passes are slower
+than its fused float counting, and up to 32 of them run.
 """
 
 from __future__ import annotations
@@ -32,17 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmerge import selection, stages
+from jmerge._util import register_cache
+from jmerge import shard
 from jmerge import tree as jtree
 from jmerge.shard import Rule, spec_for
+from jmerge.thresholds import Query, answers, bisect_bits, bits as _bits, plan
 
-PyTree = jtree.PyTree
 _HALF = 16
 _LOW = (1 << _HALF) - 1
-
-
-def _bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
 def _spec_of(x, mesh: Mesh) -> P:
@@ -135,107 +132,50 @@ def _bisection(mesh: Mesh, flat_specs: tuple[P, ...], sizes: tuple[int, ...]):
         hi = jax.lax.pmax(local_max, all_axes) + 1  # count(>= hi) = 0 < k <= count(>= 0)
         lo = jnp.zeros_like(hi)
 
-        def body(_, lohi):
-            lo, hi = lohi
-            mid = lo + (hi - lo) // 2
+        def ok(mid):
             c_hi, c_lo = count_at_least(mid)
-            ok = (c_hi > k_hi) | ((c_hi == k_hi) & (c_lo >= k_lo))
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+            return (c_hi > k_hi) | ((c_hi == k_hi) & (c_lo >= k_lo))
 
-        lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))  # 32 halvings of a < 2**31 wide bracket
-        return jax.lax.bitcast_convert_type(lo, jnp.float32)
+        return jax.lax.bitcast_convert_type(bisect_bits(ok, lo, hi), jnp.float32)  # <= 32 halvings
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P()) + flat_specs, out_specs=P()))
 
 
+register_cache(_bisection.cache_clear)
+
+
 def kth_largest_magnitude(arrays: Sequence[jax.Array], k: int, mesh: Mesh, specs: Sequence[P] | None = None) -> jax.Array:
-    """Sharded :func:`jmerge.stages.kth_largest_magnitude`: the exact k-th largest ``|x|``."""
+    """Sharded :func:`jmerge.thresholds.xla.kth_largest_magnitude`: the exact k-th largest ``|x|``."""
     return kth_largest_magnitudes([arrays], [k], mesh, None if specs is None else [specs])[0]
 
 
-def kth_largest_per_unit(
-    tvs: Sequence[PyTree], ks, mesh: Mesh, *, scope: str = "global", spec=None
-) -> list[list]:
-    """Exact k-th largest magnitudes of every task vector, over the whole vector
-    (``scope="global"``, one scalar) or over each tensor (``scope="tensor"``, a pytree of
-    scalars), for the several ranks ``ks(t, n)`` of task ``t`` and a unit of ``n`` entries:
-    ``out[t][j]`` answers the j-th rank. A rank ``k >= n`` gives 0 and ``k = 0`` gives
-    ``inf`` (as thresholds: keep all, keep none). Everything comes from one
-    :func:`kth_largest_magnitudes` call.
+_task_vectors = jax.jit(jtree.task_vectors)
 
-    ``spec(path, array)`` gives an array's ``PartitionSpec`` (needed inside ``jit``); by
-    default it is read from the arrays' shardings.
-    """
-    if scope not in ("global", "tensor"):
-        raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
+
+def solve(query: Query, experts: Sequence, base=None, *, mesh: Mesh | None = None, spec=None) -> list[list]:
+    """:func:`jmerge.thresholds.solve` by one :func:`kth_largest_magnitudes` call for every
+    search (the task vectors are formed first, sharded like the inputs). ``spec(path, x)``
+    gives an array's ``PartitionSpec`` (needed inside ``jit``); by default it is read from
+    the arrays' shardings, and ``mesh`` from the inputs'."""
+    tvs = list(experts) if base is None else _task_vectors(base, list(experts))
+    mesh = mesh or shard.mesh_of(tvs[0])
     spec = spec or (lambda path, x: _spec_of(x, mesh))
-    flat = [jtree.flatten(tv) for tv in tvs]
-    paths = list(flat[0])
-    specs = {p: spec(p, flat[0][p]) for p in paths}
-    units = [[p] for p in paths] if scope == "tensor" else [paths]
-    values: dict[tuple[int, int, int], object] = {}  # (task, unit, rank) -> threshold
-    groups, kept, gspecs, where, n_ranks = [], [], [], [], {}
-    for t, tv in enumerate(flat):
-        for u, unit in enumerate(units):
-            n = sum(int(np.prod(tv[p].shape)) for p in unit)
-            ranks = ks(t, n)
-            n_ranks[t] = len(ranks)
-            for j, k in enumerate(ranks):
-                if (fixed := selection.trivial_threshold(k, n)) is not None:
-                    values[t, u, j] = jnp.float32(fixed)
-                    continue
-                groups.append([tv[p] for p in unit])
-                gspecs.append([specs[p] for p in unit])
-                kept.append(k)
-                where.append((t, u, j))
-    if groups:
-        found = kth_largest_magnitudes(groups, kept, mesh, gspecs)
-        values.update({tuj: found[i] for i, tuj in enumerate(where)})
-    if scope == "global":
-        return [[values[t, 0, j] for j in range(n_ranks[t])] for t in range(len(tvs))]
-    return [
-        [jtree.unflatten(tvs[t], {p: values[t, u, j] for u, p in enumerate(paths)}) for j in range(n_ranks[t])]
-        for t in range(len(tvs))
-    ]
-
-
-def trim_thresholds(
-    tvs: Sequence[PyTree], density: float | Sequence[float], mesh: Mesh, *, scope: str = "global", spec=None
-) -> list:
-    """Per task, the exact thresholds of :func:`jmerge.stages.magnitude_trim` (the TIES trim)
-    for :func:`jmerge.stages.threshold_trim`: the ``int(d_t n)``-th largest ``|tau_t|`` over the
-    whole task vector (``scope="global"``: one scalar per task) or over each tensor
-    (``scope="tensor"``: a pytree of scalars per task); see :func:`kth_largest_per_unit`."""
-    densities = stages.per_task(density, len(tvs))
-    found = kth_largest_per_unit(tvs, lambda t, n: (stages._keep_count(densities[t], n),), mesh, scope=scope, spec=spec)
-    return [rank[0] for rank in found]
-
-
-def breadcrumbs_thresholds(tvs: Sequence[PyTree], density: float | Sequence[float], gamma: float, mesh: Mesh) -> list:
-    """Per task, ``(lower, upper)`` pytrees of per-tensor magnitudes for
-    :func:`jmerge.stages.threshold_trim`: Model Breadcrumbs (:func:`jmerge.stages.breadcrumbs`)
-    keeps ``lower <= |tau| < upper``, ``upper`` the ``n_top = int(gamma n)``-th largest and
-    ``lower`` the ``(n_keep + n_top)``-th largest of each tensor."""
-    densities = stages.per_task(density, len(tvs))
-
-    def ks(t, n):
-        n_keep = stages._keep_count(densities[t], n)
-        n_top = min(int(gamma * n), n - n_keep)
-        return n_keep + n_top, n_top
-
-    return [tuple(rank) for rank in kth_largest_per_unit(tvs, ks, mesh, scope="tensor")]
+    leaves = [jax.tree.leaves(tv) for tv in tvs]
+    specs = [spec(p, x) for p, x in zip(jtree.paths(tvs[0]), leaves[0])]
+    units, jobs, where, values, n_ranks = plan(query, [int(np.prod(x.shape)) for x in leaves[0]], len(tvs))
+    if jobs:
+        found = kth_largest_magnitudes(
+            [[leaves[j.task][i] for i in j.leaves] for j in jobs], [j.k for j in jobs], mesh, [[specs[i] for i in j.leaves] for j in jobs]
+        )
+        values.update((w, found[i]) for i, w in enumerate(where))
+    return answers(query, values, units, n_ranks, jax.tree.structure(tvs[0]))
 
 
 def magnitude_trim(density: float | Sequence[float], mesh: Mesh, rule: Rule = spec_for, scope: str = "global"):
-    """Sharded :func:`jmerge.stages.magnitude_trim` (the TIES trim), same results, for use
-    inside ``jit``: :func:`trim_thresholds` with the specs ``rule`` gives the task vectors'
-    paths (the rule the inputs were placed with), then :func:`jmerge.stages.threshold_trim`."""
-    if scope not in ("global", "tensor"):
-        raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
+    """:func:`jmerge.stages.magnitude_trim` (the TIES trim) with its thresholds found on
+    ``mesh``, for use inside ``jit``: the specs come from ``rule``, the rule the inputs were
+    placed with. Same results."""
+    from jmerge import stages
 
-    def trim(tvs, key=None):
-        del key
-        th = trim_thresholds(tvs, density, mesh, scope=scope, spec=lambda p, x: rule(p, tuple(x.shape), mesh))
-        return stages.threshold_trim(th)(tvs)
-
-    return trim
+    trim = stages.magnitude_trim(density, scope)
+    return lambda tvs, key=None: trim(tvs, mesh=mesh, spec=lambda p, x: rule(p, tuple(x.shape), mesh))

@@ -1,0 +1,89 @@
+"""A method owns its facts: registering one is all it takes for `jmerge methods` to list it,
+the YAML config to map its per-model and global parameters, and `jmerge run` to stream it."""
+
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge import cli, config, stages, streaming
+from jmerge import tree as jtree
+from jmerge.io import safetensors_io as st
+from jmerge.methods import registry
+
+NAMES = ["a.weight", "b.bias"]
+
+
+@pytest.fixture
+def scaled_sum():
+    """A new method, registered for one test: ``theta_0 + scale sum_t w_t g_t tau_t``."""
+
+    @registry.register("test_scaled_sum", static=("gain",), per_model=("weights", "gain"), reference="Nobody et al., 2026, arXiv 0000.00001")
+    def fn(base, tvs, *, key=None, weights=None, gain=1.0, scale=1.0):
+        """Test method: gained, weighted task arithmetic."""
+        w = [1.0] * len(tvs) if weights is None else weights
+        factors = [wi * g for wi, g in zip(w, stages.per_task(gain, len(tvs)))]
+        return jtree.apply(base, stages.combine(tvs, factors), scale)
+
+    try:
+        yield
+    finally:
+        registry._REGISTRY.pop("test_scaled_sum")
+
+
+def _checkpoints(root):
+    r = np.random.default_rng(0)
+    models = [{n: r.standard_normal((4, 3) if n == "a.weight" else (3,)).astype(np.float32) for n in NAMES} for _ in range(3)]
+    paths = []
+    for name, tensors in zip(["base", "e0", "e1"], models):
+        (root / name).mkdir()
+        st.save_safetensors(root / name, tensors)
+        paths.append(root / name)
+    return models, paths
+
+
+def test_a_registered_method_is_listed_configured_from_yaml_and_streamed(scaled_sum, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    assert cli.main(["methods"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "test_scaled_sum" in line)
+    assert "gain*=1.0" in row and "scale=1.0" in row and "weights*=None" in row and "arXiv 0000.00001" in row
+    assert jmerge.get("test_scaled_sum").streamable
+
+    (base, e0, e1), paths = _checkpoints(tmp_path)
+    yaml = tmp_path / "merge.yml"
+    yaml.write_text(
+        f"merge_method: test_scaled_sum\nbase_model: {paths[0]}\nparameters: {{scale: 0.5}}\nmodels:\n"
+        f"  - model: {paths[1]}\n    parameters: {{weight: 1.0, gain: 0.25}}\n"
+        f"  - model: {paths[2]}\n    parameters: {{weight: 2.0, gain: 1.5}}\n"
+    )
+    plan = config.plan_from_yaml(yaml)
+    assert plan.method == "test_scaled_sum" and plan.hparams == {"scale": 0.5, "weights": (1.0, 2.0), "gain": (0.25, 1.5)}
+
+    got = dict(streaming.iter_merged(plan.base, plan.experts, plan.method, **plan.hparams))
+    for n in NAMES:
+        want = base[n] + 0.5 * (1.0 * 0.25 * (e0[n] - base[n]) + 2.0 * 1.5 * (e1[n] - base[n]))
+        np.testing.assert_allclose(got[n], want, rtol=1e-6, atol=1e-6)
+
+    yaml.write_text(yaml.read_text().replace("gain: 0.25}", "gain: 0.25, scale: 2.0}"))
+    with pytest.raises(config.ConfigError, match=r"method 'test_scaled_sum' has no per-model parameter 'scale' \(per-model: gain, weights\)"):
+        config.plan_from_yaml(yaml)
+
+
+def test_facts_name_real_hyper_parameters():
+    with pytest.raises(ValueError, match=r"method 'test_bad_facts': per_model/path_params name no hyper-parameter of it: \['densty'\]"):
+        registry.register("test_bad_facts", per_model=("densty",))(lambda base, tvs, *, key=None, density=0.5: base)
+    assert "test_bad_facts" not in jmerge.available()
+    assert jmerge.get("ties").per_model == {"weights", "density"} and jmerge.get("ties").reference.endswith("arXiv 2306.01708")
+    assert jmerge.get("iso_cts").path_params == {"svd_filter"} and jmerge.get("slerp").per_model == frozenset()
+
+
+def test_clear_caches_empties_every_module_cache():
+    from jmerge.lwptv import scores
+    from jmerge.thresholds import xla
+
+    base = {"w": np.ones((3, 4), np.float32)}
+    experts = [{"w": np.full((3, 4), 2.0, np.float32)}, {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}]
+    jmerge.merge(base, experts, "ties")
+    xla.solve(stages.magnitude_trim(0.5).query, experts, base)
+    assert registry._JITTED and xla._jitted.cache_info().currsize
+    jmerge.clear_caches()
+    assert not registry._JITTED and xla._jitted.cache_info().currsize == 0 and not scores._JITTED
