@@ -387,8 +387,8 @@ def cmd_methods(args) -> int:
     from jmerge.methods import registry
 
     table = Table(title="jmerge merge methods")
-    table.add_column("method")
-    table.add_column("mergekit name")
+    table.add_column("method", no_wrap=True)  # names are what users type: never truncated
+    table.add_column("mergekit name", no_wrap=True)
     table.add_column("hyper-parameters (defaults; * per model)")
     table.add_column("streamed")
     table.add_column("reference")

@@ -184,15 +184,16 @@ def test_bad_configs_name_the_problem(models, capsys):
         (TIES_YAML.replace("lambda: 0.9", "lamda: 0.9"), "no parameter 'lamda'; did you mean 'lambda'?"),
         (TIES_YAML + "merge_methd: x\n", "unknown key `merge_methd`; did you mean 'merge_method'?"),
         (TIES_YAML + "jmerge: {trimm: global}\n", "unknown key `jmerge.trimm`; did you mean 'trim'?"),
-        (TIES_YAML + "slices: []\n", "layer slicing"),
+        (TIES_YAML + "slices: []\n", "`slices`: layer slicing (frankenmerges) is not supported"),
         (TIES_YAML.replace("model: e1", "model: missing-model"), "model 'missing-model' not found"),
-        (TIES_YAML.replace("density: 0.3}", "density: [0.1, 0.5]}"), "gradients"),
+        (TIES_YAML.replace("density: 0.3}", "density: [0.1, 0.5]}"),
+         "models[e0].parameters.density: gradients (lists of values over layers) are not supported yet"),
         (TIES_YAML.replace("dtype: float32", "dtype: float33"), "did you mean 'float32'?"),
         (TIES_YAML + "jmerge: {learn: {prompts: [], objective: js}}\n", "unknown key `jmerge.learn.objective`"),
         (TIES_YAML + "jmerge: {learn: {prompts: []}}\n", "merge_method must be task_arithmetic"),
-        (TIES_YAML + "jmerge: {lwptv: {layerz: bert}}\n", "`jmerge.lwptv`: "),
+        (TIES_YAML + "jmerge: {lwptv: {layerz: bert}}\n", "`jmerge.lwptv`: LwPTV.__init__() got an unexpected keyword argument 'layerz'"),
         (TIES_YAML.replace("base_model: base\n", ""), "needs `base_model`"),
-        (TIES_YAML.replace("density: 0.3", "density: 1.3"), "density"),
+        (TIES_YAML.replace("density: 0.3", "density: 1.3"), "merge_method 'ties': density=(1.3, 0.5, 0.7) is outside (0, 1.0]"),
     ]
     for text, message in cases:
         err = _error(capsys, "run", _yaml(root, text), root / "out", "--no-progress")
@@ -232,11 +233,12 @@ def test_existing_output_needs_force(models, capsys):
     (root / "out").mkdir()
     (root / "out" / "keep.txt").write_text("mine")
     err = _error(capsys, "run", _yaml(root, TIES_YAML), root / "out", "--no-progress")
-    assert "already exists" in err and (root / "out" / "keep.txt").read_text() == "mine"
+    assert f"output {root / 'out'} already exists; pass --force to replace it" in err and (root / "out" / "keep.txt").read_text() == "mine"
     assert _run(_yaml(root, TIES_YAML), root / "out", "--force") == 0
     assert not (root / "out" / "keep.txt").exists() and (root / "out" / "model.safetensors").exists()
     err = _error(capsys, "run", _yaml(root, TIES_YAML), root / "base", "--force", "--no-progress")
-    assert "input" in err and (root / "base" / "config.json").exists()
+    assert f"output {root / 'base'} would overwrite or nest with input base" in err
+    assert (root / "base" / "config.json").exists()
 
 
 def test_failure_mid_run_leaves_no_output(models, capsys):
@@ -276,7 +278,7 @@ def test_inspect_command(models, capsys):
     cos = tvs[0] @ tvs[1] / np.linalg.norm(tvs[0]) / np.linalg.norm(tvs[1])
     assert f"{cos:+.3f}" in out
     assert "LwPTV" in out and (root / "tv.png").stat().st_size > 0 and (root / "tv-lwptv.png").stat().st_size > 0
-    assert cli.main(["inspect", "base", "e0", "--png", "tv.png"]) == 2  # refuses to overwrite
+    assert "tv.png exists; pass --force to overwrite it" in _error(capsys, "inspect", "base", "e0", "--png", "tv.png")
 
 
 def test_help_and_methods(capsys):
@@ -286,4 +288,7 @@ def test_help_and_methods(capsys):
     text = capsys.readouterr().out
     assert "examples:" in text and "--shard-size" in text and "merge_method" in text
     assert cli.main(["methods"]) == 0
-    assert "ties" in capsys.readouterr().out
+    rows = [line.split("│")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    listed = {cell.strip() for row in rows for cell in row[:1]} - {""}
+    assert listed == set(jmerge.available())  # every method, its name whole
+    assert {"linear", "ties"} <= {cell.strip() for row in rows for cell in row[1:2]}  # mergekit names
