@@ -216,10 +216,10 @@ def test_mismatched_and_mixed_vocab_models_are_refused_naming_the_tensor(tiny, t
 
     with pytest.raises(st.CheckpointError, match=r"expert 0 \(.*deep\.gguf\) does not match base .*untied\.gguf: "
                                                  r"9 tensor\(s\) not in the base: model\.layers\.2\."):
-        streaming.prepare(tiny / "untied.gguf", [tmp_path / "deep.gguf"], "task_arithmetic")
+        streaming.open_inputs(tiny / "untied.gguf", [tmp_path / "deep.gguf"], "task_arithmetic")
     with pytest.raises(st.CheckpointError, match=r"expert 0 \(.*wide\.gguf\): 2 tensor shape\(s\) differ from base .*untied\.gguf: "
                                                  r"model\.embed_tokens\.weight \[300, 64\] vs base \[267, 64\]"):
-        streaming.prepare(tiny / "untied.gguf", [tmp_path / "wide.gguf"], "task_arithmetic")
+        streaming.open_inputs(tiny / "untied.gguf", [tmp_path / "wide.gguf"], "task_arithmetic")
     with pytest.raises(gg.GGUFError, match=r"model\.embed_tokens\.weight has vocabulary 300, base .*untied\.gguf has 267"):
         gg.from_hf(src, tmp_path / "w2.gguf", template=tiny / "untied.gguf")
 

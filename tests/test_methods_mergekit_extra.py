@@ -237,8 +237,8 @@ def test_della_linear_l1_rescale_and_weighted_sum():
         np.testing.assert_allclose(plain[p], b[p] + kept[0][p] + kept[1][p], rtol=1e-5, atol=1e-5)
         want = b[p] + sum(w * np_l1_rescale(t[p], k[p]) for w, t, k in zip((0.7, 0.4), taus, kept))
         np.testing.assert_allclose(ref[p], want, rtol=1e-5, atol=1e-5, err_msg=p)
-        frac = np.mean(kept[0][p] != 0)
-        assert abs(frac - 0.5) < 0.25, p
+    kept_all = np.concatenate([k[p].ravel() for k in kept for p in b])  # a tiny bias alone is too few draws
+    assert abs(np.mean(kept_all != 0) - 0.5) < 0.05, np.mean(kept_all != 0)
     by_p = as_np(jmerge.merge(base, experts, "della_linear", key=key, density=0.5, epsilon=0.1,
                               rescale_norm="keep_probability"))
     divided = [as_np(k) for k in jmerge.stages.della(0.5, 0.1)(jmerge.tree.task_vectors(base, experts), key)]
