@@ -22,6 +22,7 @@ import numpy as np
 from bench.streaming_bench import run_child
 from jmerge.io import gguf as gg
 from jmerge.io import safetensors_io as st
+from bench import write_report
 
 RESULTS = Path(__file__).parent / "results" / "gguf_bench.md"
 QUESTION = "What is the capital of France?"
@@ -93,8 +94,7 @@ def main(argv=None) -> int:
     lines += [f"| {n} | {d:.4g} | {a!r} |" for n, (d, a) in quality.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, text)
     return 0
 
 

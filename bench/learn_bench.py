@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge._util import atomic_write
 from jmerge import learn
 from jmerge.learn import coefficients as coef
 from jmerge.learn import engine
+from bench import write_report
 
 
 def init_encoder(key, d_in: int, width: int, depth: int, mlp: int) -> dict:
@@ -147,8 +147,7 @@ def main(argv=None):
         args.argv = sys.argv[1:]
     text = run(args)
     print(text)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

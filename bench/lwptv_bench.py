@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge._util import atomic_write
 from jmerge import layers as jlayers
 from jmerge import lwptv, stages, thresholds
 from jmerge import tree as jtree
 from jmerge.lwptv import scores as S
+from bench import write_report
 
 
 def load_base() -> dict:
@@ -149,8 +149,7 @@ def main():
         "Command: `.venv/bin/python bench/lwptv_bench.py`",
         "",
     ])
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

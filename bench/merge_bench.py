@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmerge
-from jmerge._util import atomic_write
 from jmerge import stages, thresholds, validate
 from jmerge.thresholds import xla
+from bench import write_report
 
 RESULTS = Path(__file__).parent / "results" / "merge_bench.md"
 
@@ -201,8 +201,7 @@ def main(argv=None) -> None:
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import write_report
 from bench.streaming_bench import run_child
 from jmerge.io import safetensors_io as st
 
@@ -233,9 +234,7 @@ def main(argv=None) -> int:
         "threshold; each such entry differs by about the threshold magnitude.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from bench.mergekit_bench import VENV, compare, ensure_mergekit, versions
 from jmerge.io import safetensors_io as st
+from bench import write_report
 
 RESULTS = Path(__file__).parent / "results" / "mergekit_methods.md"
 TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 16}
@@ -178,9 +179,7 @@ def main(argv=None) -> int:
         *(f"| {n} | {o} |" for n, _, o, _ in rows),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
     return 0
 
 

@@ -46,10 +46,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jmerge  # noqa: E402
-from jmerge._util import atomic_write  # noqa: E402
 from jmerge import shard, stages  # noqa: E402
 from jmerge.thresholds import mesh as tmesh  # noqa: E402
 from jmerge import tree as jtree  # noqa: E402
+from bench import write_report as write_file
 
 RESULTS = Path(__file__).parent / "results" / "scale_bench.md"
 D = 1024
@@ -307,8 +307,7 @@ def write_report(args, rows, dev_rows, method_rows, dev_experts, load_before, lo
     lines += [f"| {m} | {text} |" for m, text in method_rows]
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text("\n".join(lines)), overwrite=True)
-    print(f"wrote {args.out}")
+    write_file(args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

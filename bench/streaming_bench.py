@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jmerge.io import safetensors_io as st
+from bench import write_report
 
 RESULTS = Path(__file__).parent / "results" / "streaming_bench.md"
 
@@ -131,9 +132,7 @@ def main(argv=None) -> int:
         "Peak RSS includes the Python interpreter and the JAX runtime (about 250 MiB before any tensor is read).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, "\n".join(lines))
     streamed = [r for r in rows if r[1] == "streamed"]
     return 0 if all(r[5] == 0 and r[3] < cap for r in streamed) else 1
 
