@@ -23,7 +23,7 @@ and seed) accumulate in ``divmerge_tasks_t2_folds.json`` (each run adds its meth
 folds, percentile-bootstrap 95 % CI over folds, :func:`experiments.stats.ci_fields`), paired
 differences of ``divmerge_layer`` against every other method (per subset, learned methods
 averaged over seeds first; :func:`experiments.stats.paired_difference`) and the table
-``divmerge_tasks_t2.md``.
+``divmerge_tasks_t2.{md,png}``.
 
 Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
 ``python -m experiments.study_t2_divmerge report``.
@@ -45,7 +45,7 @@ import numpy as np
 
 import jmerge
 from experiments import criteria, results, stats
-from experiments.study_divmerge import subsets
+from experiments.study_divmerge import _plot, subsets
 from experiments.study_t2 import STEM as T2_STUDY
 from jmerge import coverage, learn, lwptv
 
@@ -155,7 +155,7 @@ def _fold(s, method: str, names, seed: int, params, seconds: float, **extra) -> 
 
 
 def _save(new: list[dict]) -> None:
-    """Adds ``new`` folds to the fold file (re-read now: runs in parallel add to one file),
+    """Adds ``new`` folds to the fold file as soon as they exist (re-read now: runs in parallel add to one file),
     replacing earlier folds of the same method, subset and seed."""
     key = lambda f: (f["method"], tuple(f["subset"]), f["seed"])
     done = {key(f) for f in new}
@@ -181,26 +181,21 @@ def run(args) -> None:
     for method in args.methods:
         if method in DATA_FREE:
             hp = settings.get(method, {})
-            new = []
             for n, names in plan:
                 t0 = time.perf_counter()
                 params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
-                new.append(_fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
-                                 coverage=coverage.of(method, s.base, hp).fraction))
-            _save(new)
+                _save([_fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
+                             coverage=coverage.of(method, s.base, hp).fraction)])
             continue
         base_method, level = method.rsplit("_", 1)
         for seed in args.seeds:
-            new = []
             for n, names in plan:
                 t0 = time.perf_counter()
                 res, steps = _learned(s, pools, base_method, GRANULARITY[level], names, seed, args.adamerging_steps)
                 params = jax.block_until_ready(res.params)
-                new.append(_fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
-                                 samples_per_task=SAMPLES, granularity=res.granularity,
-                                 final_loss=float(res.losses[-1]),
-                                 coverage=coverage.of("task_arithmetic", s.base, None).fraction))
-            _save(new)
+                _save([_fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
+                             samples_per_task=SAMPLES, granularity=res.granularity, final_loss=float(res.losses[-1]),
+                             coverage=coverage.of("task_arithmetic", s.base, None).fraction)])
 
 
 METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
@@ -252,6 +247,8 @@ def report(args) -> list[dict]:
     cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
     results.write_rows(STEM, rows, suite="T2", columns=["suite"] + cols, title="Suite T v2: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_t2_divmerge report", notes=notes, overwrite=True)
+    _plot([r for r in rows if " - " not in r["method"]], "n_tasks", "merged tasks",
+          "Suite T v2, test split (mean over subsets and seeds)", results.RESULTS_DIR / f"{STEM}_t2.png")
     return rows
 
 
