@@ -116,13 +116,19 @@ class Suite:
             self._apply_fns[task] = partial(_batch_logits, self.encoder, self.heads[task])
         return self._apply_fns[task]
 
-    def unlabeled(self, task: str, n: int, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
-        """The model inputs (e.g. ``{"ids", "mask"}``) of ``n`` seeded examples of ``task``
-        (labels withheld): the unlabelled pool of DivMerge / AdaMerging (``jmerge.learn``)."""
+    def pool(self, task: str, n: int, split: str = "train", seed: int = 0):
+        """The prepared split (with labels) of ``n`` seeded examples of ``task``: the pool
+        :meth:`unlabeled` withholds the labels of (a supervised bound fits on its labels)."""
         t = self.inputs[task][split]
         if n > len(t):
             raise ValueError(f"task {task!r} has {len(t)} {split} examples, asked for {n}")
-        return t.batch(np.sort(np.random.default_rng(seed).choice(len(t), n, replace=False)))
+        return t.take(np.sort(np.random.default_rng(seed).choice(len(t), n, replace=False)))
+
+    def unlabeled(self, task: str, n: int, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
+        """The model inputs (e.g. ``{"ids", "mask"}``) of ``n`` seeded examples of ``task``
+        (labels withheld): the unlabelled pool of DivMerge / AdaMerging (``jmerge.learn``)."""
+        pool = self.pool(task, n, split, seed)
+        return pool.batch(np.arange(n))
 
     def id_accuracy(self, params, task: str, split: str = "validation") -> float:
         t = self.inputs[task][split]

@@ -1,0 +1,269 @@
+"""DivMerge study on Suite T v2 (issue 13 §4-5): normalized accuracy vs number of merged tasks.
+
+Counts :data:`COUNTS`; per count the task subsets of :func:`experiments.study_divmerge.subsets`
+(all when there are at most :data:`SUBSETS`, else that many seeded ones). Methods:
+
+- data-free: task arithmetic and TIES at the settings :mod:`experiments.study_t2` chose on
+  validation (read from ``suite_t2_study.json``), TSV-M and Iso-CTS at their defaults;
+- learned (:mod:`jmerge.learn`), each at task and layer level (the base's layers; AdaMerging's
+  "layer-wise" is one coefficient per tensor), on :data:`SAMPLES` pool inputs per task drawn
+  from the train split, seeds :data:`SEEDS` (seed = pool draw and batch order):
+  ``divmerge`` (JS to each expert, Adam 1e-2, 4 inputs per task per step, init 1/K) for
+  :data:`STEPS` steps whatever the pool size; ``adamerging`` (entropy, init 0.3, clip [0, 1],
+  Adam 1e-3, 16 inputs per task per step: the official schedule's batch and rate) for
+  ``--adamerging-steps`` steps (the official 500 when the budget allows; the rows say what ran);
+  ``supervised`` (the same Γ fit by labelled cross-entropy on the pool's own labels: the
+  ``kl`` objective against one-hot targets, ``KL(onehot_y || q) = -log q_y``), an upper bound
+  for the unlabelled objectives.
+
+Every merge is scored once, on the test split of its subset's tasks; normalized accuracy =
+merged / expert x 100, averaged over the subset's tasks. Fold rows (one per method, subset
+and seed) accumulate in ``divmerge_tasks_t2_folds.json`` (each run adds its methods' folds);
+``--report`` turns them into ``"suite": "T2"`` rows of ``divmerge_tasks.json`` (mean over
+folds, percentile-bootstrap 95 % CI over folds, :func:`experiments.stats.ci_fields`), paired
+differences of ``divmerge_layer`` against every other method (per subset, learned methods
+averaged over seeds first; :func:`experiments.stats.paired_difference`) and the table
+``divmerge_tasks_t2.{md,png}``.
+
+Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
+``python -m experiments.study_t2_divmerge report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jmerge
+from experiments import criteria, results, stats
+from experiments.study_divmerge import _plot, subsets
+from experiments.study_t2 import STEM as T2_STUDY
+from jmerge import coverage, learn, lwptv
+
+COUNTS = (2, 4, 8)
+SUBSETS, SUBSET_SEED = 5, 0
+SEEDS = (0, 1, 2)
+SAMPLES = 64  # pool inputs per task
+STEPS = 48  # DivMerge and the supervised bound: optimizer steps, fixed whatever SAMPLES is
+BATCH = 4  # DivMerge: inputs per task per step (arXiv 2509.02108 App. D.2)
+ADA_BATCH, ADA_STEPS = 16, 500  # AdaMerging's official schedule (arXiv 2310.02575 code)
+DATA_FREE = ("task_arithmetic", "ties", "tsv", "iso_cts")
+LEARNED = ("divmerge", "supervised", "adamerging")
+GRANULARITY = {"task": "task", "layer": "layer"}  # row suffix -> granularity (AdaMerging: "tensor")
+FOLDS = "divmerge_tasks_t2_folds"
+STEM = "divmerge_tasks"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def chosen_settings(directory=results.RESULTS_DIR) -> dict[str, dict]:
+    """TA's and TIES' settings chosen on validation by :mod:`experiments.study_t2` (the rows of
+    its subset study carry them)."""
+    rows = json.loads((Path(directory) / f"{T2_STUDY}.json").read_text())
+    out = {}
+    for m in ("task_arithmetic", "ties"):
+        picked = {json.dumps(r["setting"], sort_keys=True) for r in rows
+                  if r["suite"] == "T2" and r["method"] == m and r["tasks"] != 8}
+        if len(picked) != 1:
+            raise ValueError(f"{T2_STUDY}.json: expected one chosen {m} setting, found {sorted(picked)}")
+        out[m] = json.loads(picked.pop())
+    return out
+
+
+def epochs_for(steps: int, samples: int, batch: int) -> int:
+    """Epochs of :func:`jmerge.learn.fit_coefficients` that make exactly ``steps`` steps
+    (an epoch is ``ceil(samples / batch)`` steps)."""
+    per_epoch = -(-samples // batch)
+    if steps % per_epoch:
+        raise ValueError(f"{steps} steps are not a whole number of epochs of {per_epoch} steps "
+                         f"({samples} samples, batch {batch})")
+    return steps // per_epoch
+
+
+def _shared_logits(encoder, kernels, biases, scale, params, batch):
+    """Logits of the zero-shot head of each example's task (``batch["task"]``), classes padded
+    to the largest task's with bias -1e4 (probability 0): one apply function for every
+    task, so the learned steps compile once per task count and granularity."""
+    emb = encoder.encode(params, batch)
+    emb = scale * emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    return jnp.einsum("bd,bdc->bc", emb, kernels[batch["task"]]) + biases[batch["task"]]
+
+
+class Pools:
+    """Each task's pool inputs (full ``max_len``, plus its task index) and labels, and the
+    shared apply function (:func:`_shared_logits`)."""
+
+    def __init__(self, s):
+        self.s = s
+        heads = [s.heads[t] for t in s.names]
+        self.classes = max(h["kernel"].shape[1] for h in heads)
+        pad = lambda a, v: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, self.classes - a.shape[-1])], constant_values=v)
+        kernels = jnp.stack([pad(h["kernel"], 0.0) for h in heads])
+        biases = jnp.stack([pad(h["bias"], -1e4) for h in heads])
+        scales = {float(np.asarray(h["scale"]).ravel()[0]) for h in heads}
+        if len(scales) != 1:
+            raise ValueError(f"the zero-shot heads have different scales {sorted(scales)}")
+        self.apply = partial(_shared_logits, s.encoder, kernels, biases, scales.pop())
+
+    def inputs(self, task: str, seed: int) -> tuple[dict, np.ndarray]:
+        p = self.s.pool(task, SAMPLES, seed=seed)
+        task_index = np.full(len(p), self.s.names.index(task), np.int32)
+        return {"ids": p.ids, "mask": p.mask, "task": task_index}, p.labels
+
+
+def _learned(s, pools: Pools, method: str, granularity: str, names, seed: int, ada_steps: int):
+    data = [pools.inputs(t, seed) for t in names]
+    xs = [d[0] for d in data]
+    kw = dict(granularity=granularity, key=seed, progress=False,
+              layers=lwptv.group(s.base, s.config.layers) if granularity == "layer" else None)
+    tvs = s.task_vectors(names)
+    if method == "divmerge":
+        return learn.divmerge(s.base, tvs, pools.apply, xs, epochs=epochs_for(STEPS, SAMPLES, BATCH),
+                              batch_per_task=BATCH, **kw), STEPS
+    if method == "supervised":
+        targets = []
+        for _, y in data:
+            lp = np.full((len(y), pools.classes), -np.inf, np.float32)
+            lp[np.arange(len(y)), y] = 0.0
+            targets.append(lp)
+        return learn.divmerge(s.base, tvs, pools.apply, xs, targets=targets, objective="kl",
+                              epochs=epochs_for(STEPS, SAMPLES, BATCH), batch_per_task=BATCH, **kw), STEPS
+    kw["granularity"] = "tensor" if granularity == "layer" else granularity
+    kw["layers"] = None
+    return learn.adamerging(s.base, tvs, pools.apply, xs, epochs=epochs_for(ada_steps, SAMPLES, ADA_BATCH),
+                            batch_per_task=ADA_BATCH, **kw), ada_steps
+
+
+def _fold(s, method: str, names, seed: int, params, seconds: float, **extra) -> dict:
+    res = s.evaluate(params, "test", tasks=names, probes=())
+    _log(f"  {method:18s} seed {seed} n={len(names)} {','.join(names)}: normalized {res['normalized_acc']:6.2f} "
+         f"({seconds:.0f} s)")
+    return {"suite": "T2", "method": method, "n_tasks": len(names), "subset": list(names), "seed": seed,
+            "normalized_acc": res["normalized_acc"], "id_acc": res["id_acc"], "normalized": res["normalized"],
+            "merge_seconds": seconds, **extra}
+
+
+def _save(new: list[dict]) -> None:
+    """Adds ``new`` folds to the fold file as soon as they exist (re-read now: runs in parallel add to one file),
+    replacing earlier folds of the same method, subset and seed."""
+    key = lambda f: (f["method"], tuple(f["subset"]), f["seed"])
+    done = {key(f) for f in new}
+    results.write_json(FOLDS, [f for f in _load_folds() if key(f) not in done] + new, overwrite=True)
+
+
+def _load_folds() -> list[dict]:
+    path = results.RESULTS_DIR / f"{FOLDS}.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def run(args) -> None:
+    from experiments import suite_t
+    from experiments.suite import build_suite
+    from jmerge.cache import enable_compilation_cache
+
+    criteria.require()
+    settings = chosen_settings()
+    enable_compilation_cache(min_compile_seconds=1.0)
+    s = build_suite(suite_t.V2, log=_log)
+    pools = Pools(s)
+    plan = [(n, names) for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
+    for method in args.methods:
+        if method in DATA_FREE:
+            hp = settings.get(method, {})
+            for n, names in plan:
+                t0 = time.perf_counter()
+                params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
+                _save([_fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
+                             coverage=coverage.of(method, s.base, hp).fraction)])
+            continue
+        base_method, level = method.rsplit("_", 1)
+        for seed in args.seeds:
+            for n, names in plan:
+                t0 = time.perf_counter()
+                res, steps = _learned(s, pools, base_method, GRANULARITY[level], names, seed, args.adamerging_steps)
+                params = jax.block_until_ready(res.params)
+                _save([_fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
+                             samples_per_task=SAMPLES, granularity=res.granularity, final_loss=float(res.losses[-1]),
+                             coverage=coverage.of("task_arithmetic", s.base, None).fraction)])
+
+
+METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
+
+
+def aggregate(folds: Sequence[dict]) -> list[dict]:
+    """Mean rows with CIs per (method, count), then the paired differences of
+    ``divmerge_layer`` against every other method per count (module docstring)."""
+    rows, per_subset = [], {}
+    groups: dict = {}
+    for f in folds:
+        groups.setdefault((f["method"], f["n_tasks"]), []).append(f)
+    for (method, n), fs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        f0 = fs[0]
+        rows.append({"suite": "T2", "method": method, "n_tasks": n,
+                     "normalized_acc": float(np.mean([f["normalized_acc"] for f in fs])),
+                     **stats.ci_fields(fs, "normalized_acc"), "coverage": f0["coverage"],
+                     "setting": f0.get("setting"), "steps": f0.get("steps"),
+                     "samples_per_task": f0.get("samples_per_task", 0), "split": "test"})
+        by = {}
+        for f in fs:
+            by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
+        per_subset[(method, n)] = {k: float(np.mean(v)) for k, v in by.items()}
+    for (method, n), ref in sorted(per_subset.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        if method == "divmerge_layer" or ("divmerge_layer", n) not in per_subset:
+            continue
+        ours = per_subset[("divmerge_layer", n)]
+        common = sorted(set(ours) & set(ref))
+        d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
+        rows.append({"suite": "T2", "method": f"divmerge_layer - {method}", "n_tasks": n,
+                     "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                     "subsets": d["folds"], "seeds": None, "split": "test"})
+    return rows
+
+
+def report(args) -> list[dict]:
+    folds = _load_folds()
+    if not folds:
+        raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_t2_divmerge run` first")
+    rows = aggregate(folds)
+    ran = sorted({(f["method"], f.get("steps")) for f in folds}, key=lambda x: METHODS.index(x[0]))
+    notes = (f"Suite T v2, test split (200 examples per task), read once per merge. Counts {sorted({f['n_tasks'] for f in folds})}; "
+             f"per count {SUBSETS} seeded subsets (seed {SUBSET_SEED}; the one 8-task set). TA/TIES settings chosen "
+             f"on validation by `experiments.study_t2`; TSV-M and Iso-CTS at defaults. Learned methods: {SAMPLES} "
+             f"pool inputs per task from train, seeds = distinct values in `seeds`; steps per method: "
+             f"{', '.join(f'{m} {st}' for m, st in ran if st)}. ci_low/ci_high: percentile bootstrap 95 % CI over "
+             f"folds (null with one fold). `divmerge_layer - X` rows: paired differences over subsets (learned "
+             f"methods averaged over seeds first). Per-fold rows: `{FOLDS}.json`.")
+    cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
+    results.write_rows(STEM, rows, suite="T2", columns=["suite"] + cols, title="Suite T v2: normalized accuracy vs merged tasks",
+                       command="python -m experiments.study_t2_divmerge report", notes=notes, overwrite=True)
+    _plot([r for r in rows if " - " not in r["method"]], "n_tasks", "merged tasks",
+          "Suite T v2, test split (mean over subsets and seeds)", results.RESULTS_DIR / f"{STEM}_t2.png")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    r.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
+    r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    r.add_argument("--adamerging-steps", type=int, default=ADA_STEPS)
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    return run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The Suite T v2 DivMerge study's pieces: the shared padded head equals each task's own head,
+the supervised bound's objective is labelled cross-entropy, step counts, stored settings and
+the aggregation (means, CIs, paired differences) against numpy (tiny random BERT suite of
+test_suite_t2)."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_suite_t2 import built, model  # noqa: F401 (fixtures)
+
+from experiments import stats, study_t2_divmerge as st
+from jmerge.learn import objectives
+
+
+def test_shared_head_equals_each_tasks_own_head(built, monkeypatch):
+    s, _ = built
+    monkeypatch.setattr(st, "SAMPLES", 20)
+    pools = st.Pools(s)
+    assert pools.classes == max(s.tasks[t].num_classes for t in s.names)
+    for t in s.names:
+        xs, y = pools.inputs(t, seed=1)
+        assert len(y) == 20 and set(xs["task"]) == {s.names.index(t)}
+        np.testing.assert_array_equal(y, s.pool(t, 20, seed=1).labels)
+        got = np.asarray(pools.apply(s.base, xs))
+        own = np.asarray(s.logits(s.base, t, {"ids": xs["ids"], "mask": xs["mask"]}))
+        c = own.shape[1]
+        np.testing.assert_allclose(got[:, :c], own, rtol=1e-5, atol=1e-5)
+        probs = np.asarray(jax.nn.softmax(got))
+        assert np.all(probs[:, c:] == 0.0)  # padded classes carry no probability
+
+
+def test_supervised_objective_is_cross_entropy():
+    rng = np.random.default_rng(0)
+    log_q = np.asarray(jax.nn.log_softmax(jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)))
+    y = rng.integers(0, 5, 6)
+    onehot = np.full((6, 5), -np.inf, np.float32)
+    onehot[np.arange(6), y] = 0.0
+    np.testing.assert_allclose(np.asarray(objectives.kl(jnp.asarray(onehot), jnp.asarray(log_q))),
+                               -log_q[np.arange(6), y], rtol=1e-6)
+
+
+def test_epochs_for_fixes_the_step_count():
+    assert st.epochs_for(48, 64, 4) == 3
+    assert st.epochs_for(500, 64, 16) == 125
+    with pytest.raises(ValueError, match=re.escape("50 steps are not a whole number of epochs of 16 steps (64 samples, batch 4)")):
+        st.epochs_for(50, 64, 4)
+
+
+def test_chosen_settings_are_the_validation_study_s(tmp_path):
+    got = st.chosen_settings()
+    assert got == {"task_arithmetic": {"scale": 0.3}, "ties": {"density": 0.1, "scale": 1.0}}
+    rows = [{"suite": "T2", "method": "ties", "tasks": 4, "setting": {"density": d}} for d in (0.1, 0.2)]
+    rows.append({"suite": "T2", "method": "task_arithmetic", "tasks": 4, "setting": {"scale": 0.3}})
+    (tmp_path / f"{st.T2_STUDY}.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=re.escape("expected one chosen ties setting, found")):
+        st.chosen_settings(tmp_path)
+
+
+def _fold(method, subset, seed, acc):
+    return {"suite": "T2", "method": method, "n_tasks": len(subset), "subset": list(subset), "seed": seed,
+            "normalized_acc": acc, "coverage": 1.0}
+
+
+def test_aggregate_means_cis_and_paired_differences():
+    rng = np.random.default_rng(0)
+    subsets = [("a", "b"), ("a", "c"), ("b", "c")]
+    ta = {k: float(rng.uniform(80, 90)) for k in subsets}
+    dm = {(k, seed): float(rng.uniform(85, 95)) for k in subsets for seed in (0, 1, 2)}
+    folds = [_fold("task_arithmetic", k, 0, v) for k, v in ta.items()]
+    folds += [_fold("divmerge_layer", k, seed, v) for (k, seed), v in dm.items()]
+    rows = {r["method"]: r for r in st.aggregate(folds)}
+    r = rows["divmerge_layer"]
+    assert r["normalized_acc"] == pytest.approx(np.mean(list(dm.values())))
+    assert (r["seeds"], r["subsets"]) == (3, 3)
+    assert (r["ci_low"], r["ci_high"]) == stats.bootstrap_ci(list(dm.values()))
+    d = rows["divmerge_layer - task_arithmetic"]
+    per_subset = [np.mean([dm[(k, s)] for s in (0, 1, 2)]) - ta[k] for k in sorted(subsets, key=str)]
+    assert d["normalized_acc"] == pytest.approx(np.mean(per_subset))
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx(stats.bootstrap_ci(per_subset))
+    assert d["subsets"] == 3 and rows["task_arithmetic"]["seeds"] == 1
