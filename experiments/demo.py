@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jmerge  # noqa: E402
 from jmerge import learn  # noqa: E402
 from jmerge.cache import enable_compilation_cache  # noqa: E402
-from jmerge.lwptv import LwPTV  # noqa: E402
+from jmerge.lwptv import LwPTV, group  # noqa: E402
 from experiments import criteria, results, study_t2, suite_t  # noqa: E402
 from experiments.suite import build_suite  # noqa: E402
 
@@ -109,7 +109,7 @@ def _divmerge(s, granularity: str):
     return learn.divmerge(
         s.base, s.task_vectors(s.names), [s.apply_fn(t) for t in s.names],
         [s.unlabeled(t, DIVMERGE_POOL) for t in s.names], granularity=granularity,
-        layers=CONFIG.layers if granularity == "layer" else None,
+        layers=group(s.base, CONFIG.layers) if granularity == "layer" else None,  # 6 blocks + embeddings
         epochs=epochs, batch_per_task=DIVMERGE_BATCH, progress=False).params
 
 
