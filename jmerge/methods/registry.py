@@ -130,7 +130,8 @@ def register(
         if unknown:
             raise ValueError(f"method {name!r}: per_model/path_params name no hyper-parameter of it: {unknown}")
         _REGISTRY[name] = Method(
-            name, full, defaults, frozenset(static), needs_key, check, summary, sparsify, reference,
+            # LwPTV's per-leaf task_mask is static: it sets how many matrices enter each SVD
+            name, full, defaults, frozenset(static) | ({"task_mask"} & set(params)), needs_key, check, summary, sparsify, reference,
             frozenset(p for p in per_model if p in defaults), streamable, frozenset(path_params),
             covers, "task_mask" in params,
         )
@@ -158,11 +159,8 @@ register_cache(_JITTED.clear)
 
 def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:
     """Hyper-parameters passed to ``jax.jit`` as static: the method's declared ones, plus any
-    string or bool value (they select code paths and cannot be traced), and LwPTV's per-leaf
-    ``task_mask`` (it sets how many matrices enter each SVD)."""
-    return tuple(sorted(
-        k for k, v in hparams.items() if k in method.static or k == "task_mask" or isinstance(v, (str, bool))
-    ))
+    string or bool value (they select code paths and cannot be traced)."""
+    return tuple(sorted(k for k, v in hparams.items() if k in method.static or isinstance(v, (str, bool))))
 
 
 def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False, pre=None, post=None) -> Callable:

@@ -93,7 +93,7 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
 def _trim(hp):
     """TIES' sparsifier: the magnitude trim, then (``rescale``) mergekit's L1 rescale."""
     trim = stages.magnitude_trim(hp["density"], hp["trim"])
-    if not hp.get("rescale", False):
+    if not hp["rescale"]:
         return trim
     return stages.Sparsifier(trim.query, lambda tvs, answers, key=None: stages.l1_rescale(tvs, trim.apply(tvs, answers, key)))
 
