@@ -15,7 +15,6 @@ def add_parser(sub, fmt) -> None:
 def cmd_methods(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from jmerge import config
     from jmerge.methods import registry
 
     table = Table(title="jmerge merge methods")
@@ -24,12 +23,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     table.add_column("hyper-parameters (defaults; * per model)")
     table.add_column("streamed")
     table.add_column("reference")
-    aliases = {}
-    for mk, m in config.MERGEKIT.items():
-        aliases.setdefault(m.jmerge, []).append(mk)
     for name in registry.available():
         m = registry.get(name)
         hp = ", ".join(f"{k}{'*' if k in m.per_model else ''}={v!r}" for k, v in m.defaults.items())
-        table.add_row(name, ", ".join(aliases.get(name, [])), hp, "yes" if m.streamable else "no", m.reference)
+        table.add_row(name, m.mergekit.name if m.mergekit else "", hp, "yes" if m.streamable else "no", m.reference)
     console(stdout=True).print(table)
     return 0

@@ -37,13 +37,14 @@ jmerge hyper-parameters and per-model values become per-task tuples (``weight`` 
 ``weights``).
 
 The package has one module per job: :mod:`.schema` (the YAML document and its errors),
-:mod:`.mergekit` (mergekit's methods, the mapping table and how they map) and :mod:`.plan`
+:mod:`.mergekit` (mapping mergekit's methods from the facts each
+:class:`~jmerge.methods.registry.Method` declares in its ``mergekit``; the mapping table) and :mod:`.plan`
 (resolving a config to a :class:`MergePlan`).
 """
 
-from jmerge.config.mergekit import MERGEKIT, ConfigWarning
+from jmerge.config.mergekit import ConfigWarning
 from jmerge.config.plan import MergePlan, plan_from_yaml, resolve
 from jmerge.config.schema import ConfigError, LearnOptions, MergeConfig, load_config
 
-__all__ = ["MERGEKIT", "ConfigError", "ConfigWarning", "LearnOptions", "MergeConfig", "MergePlan", "load_config",
+__all__ = ["ConfigError", "ConfigWarning", "LearnOptions", "MergeConfig", "MergePlan", "load_config",
            "plan_from_yaml", "resolve"]

@@ -1,4 +1,6 @@
-"""mergekit's YAML methods as jmerge methods: the mapping table and the mapper.
+"""mergekit's YAML methods as jmerge methods. The mapper reads one source, the facts each
+registered method declares (``register(..., mergekit=Mergekit(...))``, see
+:class:`jmerge.methods.registry.Mergekit`); the table below documents them.
 
 mergekit methods and how they map (defaults are mergekit's, read from
 ``mergekit/merge_methods/registry.py`` and ``generalized_task_arithmetic.py``; a model's
@@ -57,62 +59,24 @@ Known differences from mergekit, where semantics cannot match exactly:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 from jmerge.config.schema import ConfigError, MergeConfig, ModelSpec, closest, per_model, scalar
 from jmerge.methods import registry
 
 
-@dataclass(frozen=True)
-class MethodMap:
-    """A mergekit method: its jmerge method, mergekit's parameters with defaults, fixed jmerge hparams."""
-
-    jmerge: str
-    global_params: dict[str, Any]
-    model_params: dict[str, Any]
-    fixed: dict[str, Any] = field(default_factory=dict)
-    needs_base: bool = True
-    optional_base: bool = False  # with a base_model: task vectors, the base not merged; without: whole weights
-    passed: dict[str, str] = field(default_factory=dict)  # mergekit global parameter -> jmerge hparam, as is
+# mergekit 0.1.5 methods jmerge does not implement (the others: each Method's `mergekit` fact)
+UNIMPLEMENTED = frozenset({"passthrough"})
 
 
-_GTA = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
-MERGEKIT: dict[str, MethodMap] = {
-    "linear": MethodMap("average", {"normalize": True}, {"weight": 1.0}, needs_base=False),
-    "task_arithmetic": MethodMap("task_arithmetic", _GTA, {"weight": 1.0, "density": 1.0}),
-    "ties": MethodMap("ties", {**_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, {"trim": "tensor", "sign": "sum"}),
-    "dare_linear": MethodMap("dare_linear", {**_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}),
-    "dare_ties": MethodMap("dare_ties", {**_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}, {"sign": "sum"}),
-    "breadcrumbs": MethodMap("breadcrumbs", _GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01}),
-    "breadcrumbs_ties": MethodMap("breadcrumbs_ties", _GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01}, {"sign": "sum"}),
-    "della": MethodMap(
-        "della", {**_GTA, "normalize": True, "rescale": True}, {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, {"sign": "sum"}
-    ),
-    "slerp": MethodMap("slerp", {"t": None}, {}, {"space": "weights"}),
-    "multislerp": MethodMap("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}, needs_base=False,
-                            optional_base=True),
-    "model_stock": MethodMap("model_stock", {"filter_wise": False}, {}),
-    # mergekit_extra (jmerge/methods/mergekit_extra.py)
-    "della_linear": MethodMap(
-        "della_linear", {**_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
-    ),
-    "sce": MethodMap("sce", {"select_topk": 1.0, "int8_mask": False}, {}, passed={"select_topk": "select_topk"}),
-    "nearswap": MethodMap("nearswap", {"t": None}, {}, passed={"t": "t"}),
-    "arcee_fusion": MethodMap("arcee_fusion", {}, {}),
-    "karcher": MethodMap("karcher", {"max_iter": 10, "tol": 1e-5}, {}, needs_base=False,
-                         passed={"max_iter": "max_iter", "tol": "tol"}),
-    "nuslerp": MethodMap("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": None},
-                         needs_base=False, optional_base=True,
-                         passed={"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}),
-    "ram": MethodMap("ram", {"epsilon": 1e-5}, {}, passed={"epsilon": "epsilon"}),
-    "ramplus_tl": MethodMap("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {},
-                            passed={"r": "r", "alpha": "alpha", "epsilon": "epsilon"}),
-}
-# every method mergekit 0.1.5 registers (mergekit/merge_methods/registry.py and the decorated modules)
-MERGEKIT_METHODS = frozenset(MERGEKIT) | {"passthrough"}
-# every parameter name a mergekit method reads: for another method mergekit ignores them, so jmerge warns
-MERGEKIT_PARAMS = frozenset(k for mk in MERGEKIT.values() for k in (*mk.global_params, *mk.model_params)) | {"scale"}
+def table() -> dict[str, registry.Method]:
+    """mergekit's method names -> the registered jmerge methods that declare them."""
+    return {m.mergekit.name: m for m in map(registry.get, registry.available()) if m.mergekit is not None}
+
+
+def mergekit_params() -> frozenset[str]:
+    """Every parameter name a mergekit method reads: for another method mergekit ignores them, so jmerge warns."""
+    return frozenset(k for m in table().values() for k in (*m.mergekit.global_params, *m.mergekit.model_params)) | {"scale"}
 
 
 class ConfigWarning(UserWarning):
@@ -126,8 +90,9 @@ def _ignored(where: str, key: str, name: str) -> None:
 
 def _gather(name: str, allowed: dict[str, Any], cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:
     """Global and per-model parameter values with mergekit's precedence, unknown names rejected."""
+    known = mergekit_params()
     for key, value in cfg.parameters.items():
-        if key not in allowed and key in MERGEKIT_PARAMS:
+        if key not in allowed and key in known:
             _ignored("parameters.", key, name)
             continue
         if key not in allowed:
@@ -138,7 +103,7 @@ def _gather(name: str, allowed: dict[str, Any], cfg: MergeConfig, experts: list[
         scalar(value, f"parameters.{key}")
     for m in experts:
         for key, value in m.parameters.items():
-            if key not in allowed and key in MERGEKIT_PARAMS:
+            if key not in allowed and key in known:
                 _ignored(f"models[{m.model}].parameters.", key, name)
                 continue
             if key not in allowed:
@@ -149,7 +114,10 @@ def _gather(name: str, allowed: dict[str, Any], cfg: MergeConfig, experts: list[
     return {k: cfg.parameters.get(k, d) for k, d in allowed.items()}
 
 
-def map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:
+def map_mergekit(name: str, method: registry.Method, cfg: MergeConfig, experts: list[ModelSpec]) -> dict[str, Any]:
+    """jmerge hyper-parameters for mergekit's ``merge_method: name``, from the facts ``method.mergekit``
+    declares (:class:`jmerge.methods.registry.Mergekit`) and the method's own defaults."""
+    mk = method.mergekit
     allowed = {**mk.global_params, **mk.model_params}
     glob = _gather(name, allowed, cfg, experts)
 
@@ -157,7 +125,16 @@ def map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Model
         return [m.parameters.get(key, glob[key]) for m in experts]
 
     hp: dict[str, Any] = dict(mk.fixed)
-    jm = registry.get(mk.jmerge).defaults
+    jm = method.defaults
+    for key in mk.required:
+        if glob[key] is None:
+            raise ConfigError(f"{name} needs the parameter `{key}`")
+    if mk.models is not None and len(experts) != mk.models:
+        raise ConfigError(f"{name} needs `base_model` and exactly {mk.models} other model{'s' * (mk.models != 1)}")
+    for key, value in mk.only.items():
+        given = _like(glob[key], value, f"parameters.{key}")
+        if given != value:
+            raise ConfigError(f"{name}: `{key}: {given!r}` is not supported (jmerge fixes it at {value!r})")
     if "weight" in mk.model_params:
         missing = [m.model for m, w in zip(experts, model_values("weight")) if w is None]
         if missing:
@@ -172,35 +149,23 @@ def map_mergekit(name: str, mk: MethodMap, cfg: MergeConfig, experts: list[Model
         hp["normalize"] = bool(glob["normalize"])
     if "lambda" in mk.global_params:
         hp["scale"] = float(glob["lambda"])
-    if "density" in mk.model_params and "density" in jm:
-        hp["density"] = per_model([float(d) for d in model_values("density")])
-    for key in ("gamma", "epsilon"):
-        if key in mk.model_params:
-            values = [float(v) for v in model_values(key)]
-            if len(set(values)) > 1:
-                raise ConfigError(f"merge_method {name!r}: jmerge takes one {key} for all models, got {values}")
+    for key in sorted((mk.model_params.keys() - {"weight"}) & jm.keys()):
+        values = [float(v) for v in model_values(key)]
+        bound, why = mk.below.get(key, (None, ""))
+        if bound is not None and any(v >= bound for v in values):
+            raise ConfigError(f"{name} needs `{key}` < {bound:g} ({why})")
+        if key in method.per_model:
+            hp[key] = per_model(values)
+        elif len(set(values)) > 1:
+            raise ConfigError(f"merge_method {name!r}: jmerge takes one {key} for all models, got {values}")
+        else:
             hp[key] = values[0]
     if "rescale" in mk.global_params and glob["rescale"]:
         if "rescale" not in jm:
             raise ConfigError(f"merge_method {name!r}: `rescale: true` (mergekit's L1-norm rescaling) is not supported")
     if "rescale" in jm and "rescale" in mk.global_params:
         hp["rescale"] = bool(glob["rescale"])
-    if mk.jmerge in ("della", "della_linear") and any(float(d) >= 1 for d in model_values("density")):
-        raise ConfigError(f"{name} needs `density` < 1 (with density 1 it prunes nothing; use ties or dare_ties)")
-    if mk.jmerge == "slerp":
-        if glob["t"] is None:
-            raise ConfigError("slerp needs the parameter `t`")
-        if len(experts) != 1 or cfg.base_model is None:
-            raise ConfigError("slerp needs `base_model` and exactly one other model")
-        hp["t"] = float(glob["t"])
-    if mk.jmerge == "multislerp":
-        if not glob["normalize_weights"]:
-            raise ConfigError("multislerp with `normalize_weights: false` is not supported")
-        if float(glob["eps"]) != 1e-8:
-            raise ConfigError("multislerp `eps` is fixed at 1e-8 in jmerge")
-    if mk.jmerge == "model_stock":
-        hp["filter_wise"] = bool(glob["filter_wise"])
-    if mk.optional_base:  # mergekit: task vectors with a base_model, else whole weights
+    if mk.base == "optional":  # mergekit: task vectors with a base_model, else whole weights
         hp["space"] = "weights" if cfg.base_model is None else "task_vectors"
     for key, jm_key in mk.passed.items():
         if glob[key] is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jmerge.config.mergekit import MERGEKIT, MERGEKIT_METHODS, map_mergekit
+from jmerge.config.mergekit import UNIMPLEMENTED, map_mergekit, table
 from jmerge.config.schema import (
     ConfigError, LearnOptions, MergeConfig, ModelSpec, check_dtype, closest, load_config, per_model, scalar,
 )
@@ -60,15 +60,15 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     where = where or Path.cwd()
     opts = cfg.jmerge
     name = opts.method or cfg.merge_method
-    mk = MERGEKIT.get(name) if opts.method is None else None
-    if mk is None and name in MERGEKIT_METHODS and name not in registry.available():
+    mergekit_names = table()
+    mapped = mergekit_names.get(name) if opts.method is None else None  # a method named as mergekit names it
+    mk = mapped.mergekit if mapped else None
+    if mk is None and name in UNIMPLEMENTED and name not in registry.available():
         raise ConfigError(f"merge_method {name!r} (a mergekit method) is not implemented in jmerge")
     if mk is None and name not in registry.available():
-        known = sorted(set(MERGEKIT) | set(registry.available()))
+        known = sorted(set(mergekit_names) | set(registry.available()))
         raise ConfigError(f"unknown merge_method {name!r}{closest(name, known)} (known: {', '.join(known)})")
-    method = mk.jmerge if mk else name
-    if method not in registry.available():
-        raise ConfigError(f"merge_method {name!r} needs jmerge method {method!r}, which this jmerge does not have")
+    method = mapped.name if mapped else name
     check_dtype(cfg.dtype, "dtype")
     check_dtype(cfg.out_dtype, "out_dtype")
     if not cfg.models:
@@ -77,14 +77,14 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     base_ref = cfg.base_model
     refs = [m.model for m in cfg.models]
     if base_ref is None:
-        if mk is not None and mk.needs_base:
+        if mk is not None and mk.base == "required":
             raise ConfigError(f"merge_method {name!r} needs `base_model`")
         if mk is None:
             raise ConfigError("`base_model` is required (the pre-trained model the task vectors start from)")
         base_ref = refs[0]
     base = _resolve_path(base_ref, where, "base_model")
     paths = [_resolve_path(m.model, where, "model") for m in cfg.models]
-    if mk is None or mk.needs_base or (mk.optional_base and cfg.base_model is not None):
+    if mk is None or mk.base == "required" or (mk.base == "optional" and cfg.base_model is not None):
         # the base_model may also be listed among `models` (mergekit's examples do), under any spelling of its path
         kept = [(m, p) for m, p in zip(cfg.models, paths) if cfg.base_model is None or p.resolve() != base.resolve()]
     else:
@@ -93,12 +93,10 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         raise ConfigError("no models to merge besides base_model")
     expert_specs = [m for m, _ in kept]
     experts = tuple(p for _, p in kept)
-    if method == "slerp" and mk is not None:  # mergekit: t=0 is the base model, t=1 the other one
-        experts = (base, *experts)
-    if name == "karcher" and cfg.base_model is not None and all(p.resolve() != base.resolve() for p in experts):
-        experts = (base, *experts)  # mergekit 0.1.5 averages the base_model with the models
+    if mk is not None and mk.base_merged and cfg.base_model is not None and all(p.resolve() != base.resolve() for p in experts):
+        experts = (base, *experts)  # e.g. mergekit's slerp: t=0 is the base model; karcher averages it with the models
 
-    hp = map_mergekit(name, mk, cfg, expert_specs) if mk else _map_native(method, cfg, expert_specs)
+    hp = map_mergekit(name, mapped, cfg, expert_specs) if mk else _map_native(method, cfg, expert_specs)
     for key, value in opts.parameters.items():
         hp[key] = scalar(value, f"jmerge.parameters.{key}")
     if opts.trim is not None:
