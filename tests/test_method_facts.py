@@ -87,3 +87,46 @@ def test_clear_caches_empties_every_module_cache():
     assert registry._JITTED and xla._jitted.cache_info().currsize
     jmerge.clear_caches()
     assert not registry._JITTED and xla._jitted.cache_info().currsize == 0 and not scores._JITTED
+
+
+def test_a_method_declaring_a_mergekit_name_is_mapped_by_its_facts_alone(tmp_path, capsys, monkeypatch):
+    from jmerge.methods.registry import Mergekit
+
+    @registry.register("test_mk_sum", per_model=("weights", "gain"),
+                       mergekit=Mergekit("mk_sum", {"lambda": 1.0, "eps": 1e-8}, {"weight": 1.0, "gain": 1.0, "cap": 0.5},
+                                         models=2, only={"eps": 1e-8}, below={"gain": (2.0, "a test bound")}))
+    def fn(base, tvs, *, key=None, weights=None, gain=1.0, cap=0.5, scale=1.0):
+        """Test method."""
+        return base
+
+    try:
+        monkeypatch.setenv("COLUMNS", "400")
+        assert cli.main(["methods"]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if "test_mk_sum" in line)
+        assert row.split("│")[2].strip() == "mk_sum"
+        _, paths = _checkpoints(tmp_path)
+
+        def plan(params0, params1, glob="{lambda: 0.5}"):
+            return config.plan_from_yaml(
+                f"merge_method: mk_sum\nbase_model: {paths[0]}\nparameters: {glob}\nmodels:\n"
+                f"  - model: {paths[1]}\n    parameters: {params0}\n  - model: {paths[2]}\n    parameters: {params1}\n")
+
+        p = plan("{weight: 1.0, gain: 0.25, cap: 0.1}", "{weight: 2.0, gain: 1.5, cap: 0.1}")
+        assert p.method == "test_mk_sum" and p.source_method == "mk_sum"
+        assert p.hparams == {"weights": (1.0, 2.0), "scale": 0.5, "gain": (0.25, 1.5), "cap": 0.1}
+        with pytest.raises(config.ConfigError, match=r"^merge_method 'mk_sum': jmerge takes one cap for all models, got \[0.1, 0.2\]$"):
+            plan("{cap: 0.1}", "{cap: 0.2}")
+        with pytest.raises(config.ConfigError, match=r"^mk_sum needs `gain` < 2 \(a test bound\)$"):
+            plan("{gain: 2.0}", "{}")
+        with pytest.raises(config.ConfigError, match=r"^mk_sum: `eps: 0.001` is not supported \(jmerge fixes it at 1e-08\)$"):
+            plan("{}", "{}", "{eps: 0.001}")
+    finally:
+        registry._REGISTRY.pop("test_mk_sum")
+
+
+def test_the_documented_mergekit_table_is_the_registered_one():
+    from jmerge.config import mergekit
+
+    rows = [line.split()[:2] for line in mergekit.__doc__.splitlines() if line[:1].isalpha() and "  " in line]
+    documented = {mk: jm for mk, jm in rows if mk != "mergekit"}
+    assert documented == {**{mk: m.name for mk, m in mergekit.table().items()}, **{n: "-" for n in mergekit.UNIMPLEMENTED}}

@@ -19,7 +19,7 @@ import numpy as np
 from jmerge import stages
 from jmerge import tree as jtree
 from jmerge import validate
-from jmerge.methods.registry import register
+from jmerge.methods.registry import MERGEKIT_GTA, Mergekit, register
 from jmerge.methods.task_arithmetic import _della_check
 
 F32 = jtree.ACCUM_DTYPE
@@ -43,7 +43,9 @@ def _della_linear_check(num_experts, hp):
 
 
 @register("della_linear", static=("density", "epsilon", "rescale", "rescale_norm"), needs_key=True,
-          check=_della_linear_check, reference="Deep et al., 2024, arXiv 2406.11617", per_model=("weights", "density"))
+          check=_della_linear_check, reference="Deep et al., 2024, arXiv 2406.11617", per_model=("weights", "density"),
+          mergekit=Mergekit("della_linear", {**MERGEKIT_GTA, "rescale": True},
+                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")}))
 def della_linear(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, weights=None, rescale=True,
                  rescale_norm="l1"):
     """Linear DELLA (Deep et al., arXiv 2406.11617; mergekit ``della_linear``): MagPrune, then
@@ -78,7 +80,8 @@ def _top_variance_mask(x, fraction):
     return (rank < k).reshape(var.shape)
 
 
-@register("sce", static=("select_topk",), check=_sce_check, reference="Wan et al., 2024 (FuseChat), arXiv 2408.07990")
+@register("sce", static=("select_topk",), check=_sce_check, reference="Wan et al., 2024 (FuseChat), arXiv 2408.07990",
+          mergekit=Mergekit("sce", {"select_topk": 1.0, "int8_mask": False}, passed={"select_topk": "select_topk"}))
 def sce(base, tvs, *, key=None, select_topk=1.0):
     """SCE (FuseChat, Wan et al., arXiv 2408.07990; mergekit ``sce``), per tensor.
 
@@ -111,7 +114,8 @@ def _nearswap_check(num_experts, hp):
     validate.check_finite_number("t", hp["t"])
 
 
-@register("nearswap", check=_nearswap_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)")
+@register("nearswap", check=_nearswap_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
+          mergekit=Mergekit("nearswap", {"t": None}, passed={"t": "t"}))
 def nearswap(base, tvs, *, key=None, t=None):
     """NearSwap (alchemonaut, huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001; mergekit
     ``nearswap``): per entry ``w = clip(t / max(|theta_1 - theta_0|, 1e-6), 0, 1)`` and
@@ -132,7 +136,8 @@ def _quantile_lower(sorted_flat, q):
     return sorted_flat[int(q * (sorted_flat.size - 1))]
 
 
-@register("arcee_fusion", check=_arcee_fusion_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)")
+@register("arcee_fusion", check=_arcee_fusion_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
+          mergekit=Mergekit("arcee_fusion"))
 def arcee_fusion(base, tvs, *, key=None):
     """Arcee Fusion (Arcee AI, arcee.ai blog; mergekit ``arcee_fusion``), per tensor.
 
@@ -203,7 +208,9 @@ def _karcher_mean(xs, max_iter, tol):
 
 
 @register("karcher", static=("max_iter",), check=_karcher_check,
-          reference="Karcher, 1977 (Riemannian centre of mass); mergekit (Goddard et al., 2024, arXiv 2403.13257)")
+          reference="Karcher, 1977 (Riemannian centre of mass); mergekit (Goddard et al., 2024, arXiv 2403.13257)",
+          mergekit=Mergekit("karcher", {"max_iter": 10, "tol": 1e-5}, base="none", base_merged=True,
+                            passed={"max_iter": "max_iter", "tol": "tol"}))
 def karcher(base, tvs, *, key=None, max_iter=10, tol=1e-5):
     """Karcher (Riemannian) mean of the models' weights on the sphere (mergekit ``karcher``;
     Grove & Karcher 1973), per tensor, on full weights ``theta_t = theta_0 + tau_t``.
@@ -243,7 +250,9 @@ def _nuslerp_pair(t, v0, v1, axis):
     return jnp.where(colinear, (1 - t) * v0 + t * v1, spherical)
 
 
-@register("nuslerp", static=("flatten", "row_wise", "space"), check=_nuslerp_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)")
+@register("nuslerp", static=("flatten", "row_wise", "space"), check=_nuslerp_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
+          mergekit=Mergekit("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": None}, base="optional",
+                            passed={"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}))
 def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, space="weights"):
     """NuSLERP (mergekit ``nuslerp``): SLERP of two models at ``t = w_2 / (w_1 + w_2)``
     (0.5 when ``|w_1 + w_2| < 1e-6`` or without ``weights``), per tensor; lerp for
@@ -289,7 +298,8 @@ def _ram_parts(ts, epsilon):
     return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count
 
 
-@register("ram", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572")
+@register("ram", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572",
+          mergekit=Mergekit("ram", {"epsilon": 1e-5}, passed={"epsilon": "epsilon"}))
 def ram(base, tvs, *, key=None, epsilon=1e-5):
     """RAM, Reinforced Agent Merging (arXiv 2601.13572; mergekit ``ram``), per entry: an entry
     only one expert changes (``|tau_t| > epsilon``) takes that change, an entry several change
@@ -302,7 +312,9 @@ def ram(base, tvs, *, key=None, epsilon=1e-5):
     return jtree.apply(base, jtree.map_tasks(leaf, tvs))
 
 
-@register("ramplus_tl", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572")
+@register("ramplus_tl", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572",
+          mergekit=Mergekit("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+                            passed={"r": "r", "alpha": "alpha", "epsilon": "epsilon"}))
 def ramplus_tl(base, tvs, *, key=None, r=0.1, alpha=0.2, epsilon=1e-5):
     """RAM+ with tensor-local overlap ratios (arXiv 2601.13572; mergekit ``ramplus_tl``): as
     :func:`ram`, but expert t's unique changes are scaled by ``lambda_t = 1 + r clip(rho_t, 0,

@@ -20,7 +20,7 @@ import numpy as np
 
 from jmerge import tree as jtree
 from jmerge import validate
-from jmerge.methods.registry import register
+from jmerge.methods.registry import Mergekit, register
 
 
 def _check(num_experts, hp):
@@ -48,7 +48,8 @@ def _mean_pairwise_cosine(ts, rows: bool):
     return jnp.mean(cos[:, i, j], axis=-1)  # (R,)
 
 
-@register("model_stock", static=("filter_wise",), check=_check, reference="Jang et al., 2024, arXiv 2403.19522")
+@register("model_stock", static=("filter_wise",), check=_check, reference="Jang et al., 2024, arXiv 2403.19522",
+          mergekit=Mergekit("model_stock", {"filter_wise": False}, passed={"filter_wise": "filter_wise"}))
 def model_stock(base, tvs, *, key=None, filter_wise=False):
     """Model Stock: ``theta_0 + t mean(tau)`` with ``t = k cos / ((k-1) cos + 1)`` per tensor (or per row)."""
     k = len(tvs)

@@ -27,6 +27,49 @@ from jmerge import validate
 
 
 @dataclass(frozen=True)
+class Mergekit:
+    """How mergekit's YAML names a method and reads its parameters (mergekit 0.1.5,
+    ``mergekit/merge_methods/``), for :mod:`jmerge.config.mergekit`, which maps any method
+    from these facts alone.
+
+    * ``name``: mergekit's ``merge_method``;
+    * ``global_params``/``model_params``: the parameters mergekit reads, with its defaults
+      (a model's value overrides the global one); ``weight`` maps to ``weights``, ``lambda``
+      to ``scale``, any other to the hyper-parameter of that name if the method has it, one
+      value per model if it is per-model, else one value for all;
+    * ``fixed``: jmerge hyper-parameters that give mergekit's semantics (TIES' per-tensor trim);
+    * ``passed``: global parameter -> hyper-parameter, typed like mergekit's default;
+    * ``base``: ``"required"``, ``"optional"`` (task vectors with one, whole weights without:
+      the ``space`` hyper-parameter) or ``"none"`` (every listed model is merged);
+    * ``base_merged``: the base_model is merged as the first model (SLERP's ``t = 0``);
+    * ``required``: global parameters without a default; ``models``: how many models besides
+      the base it takes, if fixed;
+    * ``only``: parameters jmerge supports at one value; ``below``: per-model values that
+      must stay under a bound, with the reason.
+    """
+
+    name: str
+    global_params: dict[str, Any] = field(default_factory=dict)
+    model_params: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    passed: dict[str, str] = field(default_factory=dict)
+    base: str = "required"
+    base_merged: bool = False
+    required: tuple[str, ...] = ()
+    models: int | None = None
+    only: dict[str, Any] = field(default_factory=dict)
+    below: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.base not in ("required", "optional", "none"):
+            raise ValueError(f"mergekit {self.name!r}: base must be 'required', 'optional' or 'none', got {self.base!r}")
+
+
+# mergekit's generalized task arithmetic (generalized_task_arithmetic.py): its global parameters
+MERGEKIT_GTA = {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False}
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     fn: Callable[..., PyTree]
@@ -44,6 +87,7 @@ class Method:
     # (False: a fallback, e.g. the SVD methods' mean); None: every leaf. Counted by jmerge.coverage.
     covers: Callable[[str, tuple[int, ...], dict[str, Any], int | None], bool] | None = None
     task_mask: bool = False  # fn takes task_mask (per leaf, which tasks enter it): LwPTV passes it
+    mergekit: Mergekit | None = None
 
     def sparsifier(self, hparams: dict[str, Any]):
         """The method's :class:`jmerge.stages.Sparsifier` for resolved ``hparams``, or None."""
@@ -94,6 +138,7 @@ def register(
     streamable: bool = True,
     path_params: Sequence[str] = (),
     covers=None,
+    mergekit: Mergekit | None = None,
 ):
     """Decorator registering ``fn(base, tvs, *, key, **hparams)`` under ``name``.
 
@@ -108,7 +153,8 @@ def register(
     * ``streamable``: the method works tensor by tensor, so ``jmerge run`` can stream it;
     * ``path_params``: hyper-parameters that look at parameter paths (a streamed merge then
       passes each tensor under its real name);
-    * ``covers``: see :class:`Method` (counted by :mod:`jmerge.coverage`).
+    * ``covers``: see :class:`Method` (counted by :mod:`jmerge.coverage`);
+    * ``mergekit``: its name and parameters in mergekit's YAML (:class:`Mergekit`).
 
     ``sparsify(hparams) -> jmerge.stages.Sparsifier``, when given, maps the task vectors
     before ``fn`` sees them (TIES' trim, DARE's drop); :func:`merge` solves its query
@@ -133,7 +179,7 @@ def register(
             # LwPTV's per-leaf task_mask is static: it sets how many matrices enter each SVD
             name, full, defaults, frozenset(static) | ({"task_mask"} & set(params)), needs_key, check, summary, sparsify, reference,
             frozenset(p for p in per_model if p in defaults), streamable, frozenset(path_params),
-            covers, "task_mask" in params,
+            covers, "task_mask" in params, mergekit,
         )
         return fn
 

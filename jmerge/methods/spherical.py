@@ -31,7 +31,7 @@ import numpy as np
 
 from jmerge import tree as jtree
 from jmerge import validate
-from jmerge.methods.registry import register
+from jmerge.methods.registry import Mergekit, register
 
 EPS = 1e-8
 DOT_THRESHOLD = 0.9995
@@ -63,7 +63,9 @@ def _slerp_check(num_experts, hp):
         raise validate.MergeInputError(f"space must be 'weights' or 'task_vectors', got {hp['space']!r}")
 
 
-@register("slerp", static=("space",), check=_slerp_check, reference="Shoemake, 1985 (SIGGRAPH)")
+@register("slerp", static=("space",), check=_slerp_check, reference="Shoemake, 1985 (SIGGRAPH)",
+          mergekit=Mergekit("slerp", {"t": None}, fixed={"space": "weights"}, passed={"t": "t"}, base_merged=True,
+                            required=("t",), models=1))
 def slerp(base, tvs, *, key=None, t=0.5, space="weights"):
     """SLERP of two experts per tensor: on full weights (mergekit/FusionBench) or on task vectors (DivMerge)."""
     tau1, tau2 = tvs
@@ -90,7 +92,9 @@ def _multislerp_check(num_experts, hp):
 
 
 @register("multislerp", static=("space",), check=_multislerp_check,
-          reference="mergekit's multislerp (Goddard et al., 2024, arXiv 2403.13257)")
+          reference="mergekit's multislerp (Goddard et al., 2024, arXiv 2403.13257)",
+          mergekit=Mergekit("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}, base="optional",
+                            only={"normalize_weights": True, "eps": 1e-8}))
 def multislerp(base, tvs, *, key=None, weights=None, space="task_vectors"):
     """Multi-SLERP (mergekit): weighted mean direction of the unit task vectors times their weighted mean norm.
 

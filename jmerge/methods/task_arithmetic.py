@@ -21,7 +21,7 @@ import numpy as np
 from jmerge import stages
 from jmerge import tree as jtree
 from jmerge import validate
-from jmerge.methods.registry import register
+from jmerge.methods.registry import MERGEKIT_GTA, Mergekit, register
 
 
 def _check(num_experts, hp, fractions=("density",), min_experts=1):
@@ -73,7 +73,8 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
 
 
 @register("average", static=("normalize",), check=_average_check,
-          reference="Wortsman et al., 2022 (model soups), arXiv 2203.05482")
+          reference="Wortsman et al., 2022 (model soups), arXiv 2203.05482",
+          mergekit=Mergekit("linear", {"normalize": True}, {"weight": 1.0}, base="none"))
 def average(base, tvs, *, key=None, weights=None, normalize=True):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup);
     ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``."""
@@ -84,7 +85,8 @@ def average(base, tvs, *, key=None, weights=None, normalize=True):
     return jax.tree.map(lambda b, t: (total * b.astype(jtree.ACCUM_DTYPE) + t).astype(b.dtype), base, mixed)
 
 
-@register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089")
+@register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089",
+          mergekit=Mergekit("task_arithmetic", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0}))
 def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
     """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
@@ -99,7 +101,8 @@ def _trim(hp):
 
 
 @register("ties", static=("density", "trim", "sign", "normalize", "rescale"), check=_ties_check, sparsify=_trim,
-          reference="Yadav et al., 2023, arXiv 2306.01708", per_model=_PER_MODEL)
+          reference="Yadav et al., 2023, arXiv 2306.01708", per_model=_PER_MODEL,
+          mergekit=Mergekit("ties", {**MERGEKIT_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, fixed={"trim": "tensor", "sign": "sum"}))
 def ties(
     base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, rescale=False
 ):
@@ -118,14 +121,16 @@ def _dare(hp):
 
 
 @register("dare_linear", static=("density", "rescale"), needs_key=True, check=_check, sparsify=_dare,
-          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL)
+          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL,
+          mergekit=Mergekit("dare_linear", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}))
 def dare_linear(base, tvs, *, key=None, density=0.5, scale=1.0, weights=None, rescale=True):
     """DARE + task arithmetic (Yu et al., 2024): drop with rate ``1 - density``, rescale, weighted sum."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
 
 
 @register("dare_ties", static=("density", "rescale", "sign", "normalize"), needs_key=True, check=_check, sparsify=_dare,
-          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL)
+          reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL,
+          mergekit=Mergekit("dare_ties", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}, fixed={"sign": "sum"}))
 def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DARE + TIES: random drop and rescale instead of the magnitude trim, then elect and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
@@ -141,14 +146,17 @@ def _crumbs(hp):
 
 
 @register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, sparsify=_crumbs,
-          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL)
+          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL,
+          mergekit=Mergekit("breadcrumbs", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01}))
 def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None):
     """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum."""
     return jtree.apply(base, stages.combine(tvs, weights), scale)
 
 
 @register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check, sparsify=_crumbs,
-          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL)
+          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL,
+          mergekit=Mergekit("breadcrumbs_ties", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+                            fixed={"sign": "sum"}))
 def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
     """Breadcrumbs sparsification followed by TIES sign election and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
@@ -169,7 +177,9 @@ def _magprune(hp):
 
 
 @register("della", static=("density", "epsilon", "rescale", "sign", "normalize"), needs_key=True, check=_della_check,
-          sparsify=_magprune, reference="Deep et al., 2024, arXiv 2406.11617", per_model=_PER_MODEL)
+          sparsify=_magprune, reference="Deep et al., 2024, arXiv 2406.11617", per_model=_PER_MODEL,
+          mergekit=Mergekit("della", {**MERGEKIT_GTA, "normalize": True, "rescale": True},
+                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, fixed={"sign": "sum"}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")}))
 def della(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DELLA (Deep et al., 2024): magnitude-ranked stochastic drop, sign election, disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)

@@ -1,0 +1,162 @@
+"""``jmerge run CONFIG OUT``: a YAML merge into an HF directory (or a GGUF file)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jmerge.cli._output import console, human, peak_rss_bytes, progress
+
+EXAMPLES = """\
+examples:
+  jmerge run ties.yaml ./merged                 # merge as the YAML says, into ./merged
+  jmerge run ties.yaml ./merged --force         # replace ./merged once the new one is complete
+  jmerge run ta.yaml ./merged --shard-size 2GB --out-dtype bfloat16
+  jmerge run ta.yaml merged.gguf --out-format gguf --quant q8_0   # models may be .gguf files too
+
+config (mergekit's format; jmerge's own keys under `jmerge:`):
+  models:
+    - model: ./math-ft
+      parameters: {weight: 1.0, density: 0.2}
+    - model: ./code-ft
+      parameters: {weight: 1.0, density: 0.2}
+  base_model: ./base
+  merge_method: ties          # mergekit names or any jmerge method (`jmerge methods`)
+  parameters: {lambda: 1.0}
+  dtype: float32
+  jmerge: {trim: global}      # the TIES paper's global trim (mergekit trims per tensor)
+"""
+
+
+def add_parser(sub, fmt) -> None:
+    run = sub.add_parser(
+        "run",
+        help="merge models as a YAML config says",
+        description="Merge the models of CONFIG (mergekit's YAML format plus `jmerge:` keys) into the "
+        "Hugging Face directory OUT_DIR: sharded safetensors, the base's config and tokenizer, a model "
+        "card with the config. The config and every input header are checked before any tensor is "
+        "read; OUT_DIR appears only once complete.",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
+    )
+    run.add_argument("config", type=Path, metavar="CONFIG.yaml")
+    run.add_argument("out", type=Path, metavar="OUT_DIR")
+    run.add_argument("--force", action="store_true", help="replace an existing OUT_DIR (after the new one is complete)")
+    run.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: %(default)s)")
+    run.add_argument("--out-dtype", choices=("float32", "float16", "bfloat16"), help="output dtype (overrides the config)")
+    run.add_argument("--seed", type=int, help="PRNG seed of DARE/DELLA (overrides jmerge.seed)")
+    run.add_argument("--in-memory", action="store_true", help="load whole models instead of streaming tensor by tensor")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--out-format", choices=("hf", "gguf"), default="hf", help="HF directory or one GGUF file (default: %(default)s)")
+    run.add_argument("--quant", help="GGUF output type: f32, f16, bf16, q8_0, q4_0, q4_1 (default: f32)")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import jax
+
+    from jmerge import __version__, config, coverage, streaming
+    from jmerge.io import safetensors_io as st
+    from jmerge.methods import registry
+
+    if args.out_format == "gguf" or args.quant:
+        from jmerge.io import gguf as gguf_io
+
+        if args.out_format != "gguf":
+            raise ValueError("--quant needs --out-format gguf")
+        return gguf_io.run_to_gguf(args, cmd_run)
+    start = time.perf_counter()
+    plan = config.plan_from_yaml(args.config)
+    out_dtype = args.out_dtype or plan.out_dtype
+    in_memory = plan.in_memory or args.in_memory
+    seed = plan.seed if args.seed is None else args.seed
+    key = jax.random.key(seed) if registry.get(plan.method).needs_key else None
+    if (args.out.exists() or args.out.is_symlink()) and not args.force:
+        raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
+    st.parse_size(args.shard_size)
+    inputs = streaming.open_inputs(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
+    base, experts, hp = inputs
+    cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
+    card = st.model_card(
+        method=plan.method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
+        base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,
+        extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype) + cov.markdown(),
+    )
+    from jmerge.io.gguf import model_files
+
+    extra = {**model_files(base), "jmerge_config.yml": plan.config_text}  # a GGUF base: its config and tokenizer
+    console(stdout=True).print(
+        f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
+        f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
+        f"{human(base.nbytes * (len(experts) + 1))} of inputs)\ncoverage: {cov.line()}"
+    )
+    if plan.learn is not None:
+        _learn_and_write(args, plan, base, experts, card, extra, out_dtype)
+        _summary(args.out, start, base.nbytes * (len(experts) + 1))
+        return 0
+    passes = 1 if in_memory else streaming.passes(plan.method, hp)
+    with progress(args.no_progress) as bar:
+        task = bar.add_task("merge", total=len(base.tensors) * passes)
+
+        def tick(phase: str, name: str) -> None:
+            bar.update(task, advance=1, description=phase)
+
+        streaming.merge_to_dir(
+            args.out, inputs, None, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
+            force=args.force, card=card, extra_files=extra, check_finite=plan.check_finite, in_memory=in_memory,
+            lwptv=plan.lwptv_config(), progress=tick,
+        )
+    _summary(args.out, start, base.nbytes * (len(experts) + 1))
+    return 0
+
+
+def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtype) -> None:
+    """``jmerge.learn``: learns the coefficients (:mod:`jmerge.learn.causal_lm`), then writes
+    θ0 + Σ_t Γ_t τ_t with them, recorded in the card and in ``coefficients.json``."""
+    import json
+
+    from jmerge import streaming
+    from jmerge.learn import causal_lm
+
+    opts = plan.learn
+    console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "
+                               f"{len(experts)} model(s) on {opts.samples} prompts each")
+    result, per_tensor = causal_lm.learn(plan.base, plan.experts, opts, progress=not args.no_progress)
+    coefficients = {"method": opts.method, "granularity": opts.granularity, "layer_names": result.layer_names,
+                    "models": [str(e) for e in plan.experts], "coefficients": np.asarray(result.coefficients).tolist(),
+                    "steps_per_epoch": result.steps_per_epoch, "losses": np.asarray(result.losses).tolist()}
+    text = json.dumps(coefficients, indent=1)
+    card = card.replace("## Configuration", f"## Learned coefficients\n\n```json\n{text}\n```\n\n## Configuration", 1)
+    tensors = causal_lm.merged_tensors(base, experts, per_tensor, out_dtype)
+    streaming.write_dir(args.out, base, tensors, streaming.output_plan(base, out_dtype, args.shard_size),
+                        protect=[e.path for e in experts], force=args.force, card=card,
+                        extra_files={**extra, "coefficients.json": text + "\n"})
+    console(stdout=True).print(f"coefficients: {np.round(np.asarray(result.coefficients), 4).tolist()}")
+
+
+def _hparams_text(hp: dict, seed: int | None, out_dtype: str | None) -> str:
+    lines = [f"- `{k}`: `{v!r}`" for k, v in sorted(hp.items())]
+    if seed is not None:
+        lines.append(f"- `seed`: `{seed}`")
+    if out_dtype:
+        lines.append(f"- output dtype: `{out_dtype}`")
+    return "jmerge hyper-parameters:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
+def _summary(out: Path, start: float, input_bytes: int) -> None:
+    from rich.table import Table
+
+    from jmerge.io import safetensors_io as st
+
+    table = Table(title="jmerge run", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("output", str(out))
+    table.add_row("output size", human(st.dir_size(out)))
+    table.add_row("inputs", human(input_bytes))
+    table.add_row("time", f"{time.perf_counter() - start:.2f} s")
+    table.add_row("peak RSS", human(peak_rss_bytes()))
+    console(stdout=True).print(table)
