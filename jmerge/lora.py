@@ -1,7 +1,8 @@
 """LoRA adapters as low-rank task vectors: apply, combine, extract.
 
-* :func:`apply_adapter`: ``W + scale · ΔW`` on a base's flat ``{name: array}`` (the input of
-  a mergekit ``model+lora`` reference).
+* :func:`apply_adapter`: ``W + scale · ΔW`` on a base's flat ``{name: array}``;
+  :func:`open_with_lora` opens a mergekit ``model+lora`` reference as a checkpoint whose
+  adapted tensors are ``W + ΔW`` on read (nothing is written to disk).
 * :func:`combine_adapters`: PEFT's ``LoraModel.add_weighted_adapter`` semantics
   (``huggingface/peft: src/peft/tuners/lora/model.py``), one combination per module:
 
@@ -30,8 +31,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import jax
@@ -40,6 +42,7 @@ import numpy as np
 
 from jmerge import stages
 from jmerge.io import peft
+from jmerge.io import safetensors_io as st
 from jmerge.io.peft import Adapter, AdapterError
 from jmerge.validate import MergeInputError
 
@@ -63,6 +66,45 @@ def apply_adapter(base: Mapping[str, np.ndarray], adapter: Adapter, scale: float
         w = np.asarray(base[name])
         out[name] = (w.astype(np.float32) + np.float32(scale) * adapter.delta(module)).astype(w.dtype)
     return out
+
+
+def split_reference(ref: str | os.PathLike) -> tuple[str, str]:
+    """``("model", "lora")`` of mergekit's ``model+lora`` reference (exactly one ``+``)."""
+    parts = str(ref).split("+")
+    if len(parts) != 2 or not all(parts):
+        raise MergeInputError(f"model reference {str(ref)!r}: write path/to/model+path/to/lora (one '+')")
+    return parts[0], parts[1]
+
+
+@dataclass
+class LoraCheckpoint(st.Checkpoint):
+    """A checkpoint with a LoRA adapter applied on read: tensor ``W`` of an adapted module
+    reads as ``W + ΔW`` (float32 sum, cast to ``W``'s dtype, as mergekit's merged copy stores it);
+    names, shapes and dtypes are the base's."""
+
+    model: st.Checkpoint | None = None
+    adapter: Adapter | None = None
+    adapted: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter module
+
+    def read(self, name: str) -> np.ndarray:
+        x = self.model.read(name)
+        module = self.adapted.get(name)
+        if module is None:
+            return x
+        return (np.asarray(x, np.float32) + self.adapter.delta(module)).astype(x.dtype)
+
+
+def open_with_lora(ref: str | os.PathLike) -> LoraCheckpoint:
+    """Opens ``model+lora`` (headers only) and checks the adapter against the model, naming both."""
+    model_ref, lora_ref = split_reference(ref)
+    model = st.open_checkpoint(model_ref)
+    adapter = peft.open_adapter(lora_ref)
+    try:
+        mapping = adapter.check_base({n: t.shape for n, t in model.tensors.items()})
+    except AdapterError as e:
+        raise AdapterError(f"model {model_ref}+{lora_ref}: {e}") from None
+    return LoraCheckpoint(model.path, model.tensors, model.metadata, model=model, adapter=adapter,
+                          adapted={name: module for module, name in mapping.items()})
 
 
 # ---------------------------------------------------------------------------- combine

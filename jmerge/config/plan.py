@@ -43,8 +43,15 @@ class MergePlan:
 
 
 def _resolve_path(ref: str, where: Path, what: str) -> Path:
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"{what} {ref!r}: LoRA references (model+lora) are not supported")
+    if "+" in ref and not (Path(ref).exists() or (where / ref).exists()):  # mergekit's model+lora
+        from jmerge.lora import split_reference
+
+        try:
+            parts = split_reference(ref)
+        except MergeInputError as e:
+            raise ConfigError(f"{what}: {e}") from None
+        model, adapter = (_resolve_path(p, where, what) for p in parts)
+        return Path(f"{model}+{adapter}")
     p = Path(ref).expanduser()
     for cand in ([p] if p.is_absolute() else [p, where / p]):
         if cand.exists():
