@@ -203,9 +203,34 @@ def test_bad_input():
         jmerge.merge(base, experts, "regmean", grams=[g])
     with pytest.raises(MergeInputError, match=re.escape("fisher needs one Fisher pytree per expert: got 1 for 2 experts")):
         jmerge.merge(base, experts, "fisher", fishers=[base])
-    with pytest.raises(MergeInputError, match=re.escape("fisher_diagonal needs classifier logits (batch, classes), got shape (1, 2, 4)")):
+    with pytest.raises(MergeInputError, match=re.escape(
+            "fisher_diagonal's exact estimator needs classifier logits (batch, classes), got shape (1, 2, 4)")):
         learn.fisher_diagonal(base, lambda p, x: jnp.stack([_apply(p, x)] * 2, 1), xs[0])
     with pytest.raises(MergeInputError, match=re.escape("estimator must be 'exact' or 'batch', got 'sampled'")):
         learn.fisher_diagonal(base, _apply, xs[0], estimator="sampled")
     with pytest.raises(MergeInputError, match=re.escape("unlabeled must be a list with one input set per task: got 1 for 2 task vectors")):
         learn.regmean(base, jtree.task_vectors(base, experts), _apply, xs[:1])
+
+
+def test_fisher_batch_estimator_on_positions_with_a_mask():
+    _, experts, _ = _linear()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((N, 3, D_IN)).astype(np.float32)
+    mask = rng.random((N, 3)) > 0.3
+    f = learn.fisher_diagonal(experts[0], _apply, x, batch_size=5, estimator="batch", mask=mask)
+    w, b = np.asarray(experts[0]["w"], np.float64), np.asarray(experts[0]["b"], np.float64)
+    eye, fw, fb = np.eye(C), 0.0, 0.0
+    for s in range(0, N, 5):
+        gw, gb = np.zeros_like(w), np.zeros_like(b)
+        for n in range(s, min(s + 5, N)):
+            for t in range(3):
+                z = x[n, t] @ w + b
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                dz = mask[n, t] * sum(np.sqrt(p[c]) * (eye[c] - p) for c in range(C))
+                gw, gb = gw + np.outer(x[n, t], dz), gb + dz
+        fw, fb = fw + gw ** 2, fb + gb ** 2
+    np.testing.assert_allclose(f["w"], fw / N, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(f["b"], fb / N, rtol=1e-4, atol=1e-7)
+    with pytest.raises(MergeInputError, match=re.escape("mask has shape (12, 2); the outputs need (12, 3)")):
+        learn.fisher_diagonal(experts[0], _apply, x, estimator="batch", mask=mask[:, :2])

@@ -157,31 +157,41 @@ def gram_matrices(params: PyTree, apply_fn: Callable, inputs: PyTree, *, batch_s
     return Grams(matrices, tuple((p, info[p][0]) for p in matrices), tuple((p, rows[p]) for p in matrices), untapped)
 
 
-def _log_probs(apply_fn, params, x):
+def _log_probs(apply_fn, params, x, exact: bool):
     logits = apply_fn(params, x)
-    if logits.ndim != 2:
-        raise MergeInputError(f"fisher_diagonal needs classifier logits (batch, classes), got shape {tuple(logits.shape)}")
+    if exact and logits.ndim != 2:
+        raise MergeInputError(f"fisher_diagonal's exact estimator needs classifier logits (batch, classes), got shape "
+                              f"{tuple(logits.shape)}; use estimator='batch' for per-position outputs")
     return jax.nn.log_softmax(logits.astype(jnp.float32))
 
 
 def fisher_diagonal(params: PyTree, apply_fn: Callable, inputs: PyTree, *, batch_size: int = 8,
-                    estimator: str = "exact") -> PyTree:
-    """The diagonal Fisher of ``params`` on ``inputs``, shaped like ``params`` (module docstring)."""
+                    estimator: str = "exact", mask=None) -> PyTree:
+    """The diagonal Fisher of ``params`` on ``inputs``, shaped like ``params`` (module docstring).
+
+    ``estimator="batch"`` also takes per-position logits ``(B, T, C)`` (a language model's next
+    tokens), with ``mask`` ``(N, T)`` marking the positions that count; the sum still divides by
+    the ``N`` examples (FusionBench)."""
     _check(params, inputs, batch_size)
     if estimator not in ("exact", "batch"):
         raise MergeInputError(f"estimator must be 'exact' or 'batch', got {estimator!r}")
+    if mask is not None and estimator == "exact":
+        raise MergeInputError("a mask needs estimator='batch' (the exact estimator takes classifier logits)")
     n = num_examples(inputs)
+    exact_mode = estimator == "exact"
     first = jax.tree.map(lambda a: a[:1], inputs)
-    jax.eval_shape(lambda p, x: _log_probs(apply_fn, p, x), params, first)  # the shape check, before any work
-    square = lambda g: jax.tree.map(lambda x: jnp.square(x.astype(jnp.float32)), g)
+    out = jax.eval_shape(lambda p, x: _log_probs(apply_fn, p, x, exact_mode), params, first)  # checks before any work
+    if mask is not None and (np.shape(mask)[0] != n or tuple(np.shape(mask)[1:]) != tuple(out.shape[1:-1])):
+        raise MergeInputError(f"mask has shape {np.shape(mask)}; the outputs need ({n}, {', '.join(map(str, out.shape[1:-1]))})")
+    mask = np.ones((n,) + tuple(out.shape[1:-1]), np.float32) if mask is None else np.asarray(mask, np.float32)
 
-    def exact(p, x):
+    def exact(p, x, m):
         def one(xi):
             xi = jax.tree.map(lambda a: a[None], xi)
-            probs = jnp.exp(_log_probs(apply_fn, p, xi))[0]
+            probs = jnp.exp(_log_probs(apply_fn, p, xi, True))[0]
 
             def cls(c, acc):
-                g = jax.grad(lambda q: _log_probs(apply_fn, q, xi)[0, c])(p)
+                g = jax.grad(lambda q: _log_probs(apply_fn, q, xi, True)[0, c])(p)
                 return jax.tree.map(lambda a, gi: a + probs[c] * jnp.square(gi.astype(jnp.float32)), acc, g)
 
             return jax.lax.fori_loop(0, probs.shape[0], cls, jtree.zeros_like(p))
@@ -189,14 +199,14 @@ def fisher_diagonal(params: PyTree, apply_fn: Callable, inputs: PyTree, *, batch
         per = jax.lax.map(one, x)
         return jax.tree.map(lambda a: jnp.sum(a, 0), per)
 
-    def batch(p, x):
-        probs = jax.lax.stop_gradient(jnp.exp(_log_probs(apply_fn, p, x)))
-        g = jax.grad(lambda q: jnp.sum(jnp.sqrt(probs) * _log_probs(apply_fn, q, x)))(p)
-        return square(g)
+    def batch(p, x, m):
+        probs = jax.lax.stop_gradient(jnp.exp(_log_probs(apply_fn, p, x, False)))
+        g = jax.grad(lambda q: jnp.sum(m[..., None] * jnp.sqrt(probs) * _log_probs(apply_fn, q, x, False)))(p)
+        return jax.tree.map(lambda x: jnp.square(x.astype(jnp.float32)), g)
 
-    step = jax.jit(exact if estimator == "exact" else batch)
+    step = jax.jit(exact if exact_mode else batch)
     total = None
-    for b in _batches(inputs, batch_size):
-        f = step(params, b)
+    for b, m in _batches((inputs, mask), batch_size):
+        f = step(params, b, m)
         total = f if total is None else jax.tree.map(jnp.add, total, f)
     return jax.tree.map(lambda a: a / n, total)

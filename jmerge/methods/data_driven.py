@@ -45,8 +45,23 @@ class Grams:
 jax.tree_util.register_dataclass(Grams, data_fields=["matrices"], meta_fields=["axes", "rows", "untapped"])
 
 
+class _Measured:
+    """Stands for statistics a plan measures later (``jmerge run`` with a ``jmerge.learn`` block):
+    the hyper-parameter checks then skip them."""
+
+    def __repr__(self) -> str:
+        return "<measured on the jmerge.learn prompts>"
+
+
+MEASURED = _Measured()
+STATISTICS = {"regmean": "grams", "fisher": "fishers"}  # the hyper-parameter holding each method's statistics
+
+
 def _regmean_check(num_experts, hp):
+    validate.check_fraction("alpha", hp["alpha"], low_open=False)
     grams = hp["grams"]
+    if grams is MEASURED:
+        return
     if grams is None:
         raise validate.MergeInputError("regmean needs grams=: one jmerge.learn.gram_matrices(...) per expert "
                                        "(or use jmerge.learn.regmean, which computes them)")
@@ -58,11 +73,14 @@ def _regmean_check(num_experts, hp):
             diff = sorted(set(ref) ^ set(g.axes))
             raise validate.MergeInputError(f"regmean: the Grams of expert {t} cover other parameters or axes than "
                                            f"expert 0's: {[p for p, _ in diff][:5]}")
-    validate.check_fraction("alpha", hp["alpha"], low_open=False)
 
 
 def _regmean_covers(path, shape, hp, num_experts):
-    return hp.get("grams") is not None and path in dict(hp["grams"][0].axes)
+    """Leaves with a Gram matrix; before measuring (:data:`MEASURED`), every 2-D leaf."""
+    grams = hp.get("grams")
+    if grams is MEASURED:
+        return len(shape) == 2
+    return grams is not None and path in dict(grams[0].axes)
 
 
 @register("regmean", check=_regmean_check, per_model=(), covers=_regmean_covers, streamable=False,
@@ -91,17 +109,19 @@ def regmean(base, tvs, *, key=None, grams=None, alpha=0.95):
 
 
 def _fisher_check(num_experts, hp):
-    fishers = hp["fishers"]
-    if fishers is None:
-        raise validate.MergeInputError("fisher needs fishers=: one jmerge.learn.fisher_diagonal(...) per expert "
-                                       "(or use jmerge.learn.fisher_merge, which computes them)")
-    if len(fishers) != num_experts:
-        raise validate.MergeInputError(f"fisher needs one Fisher pytree per expert: got {len(fishers)} for {num_experts} experts")
     if hp["weights"] is not None:
         validate.check_weights(hp["weights"], num_experts)
     validate.check_finite_number("min_fisher", hp["min_fisher"])
     if hp["min_fisher"] < 0:
         raise validate.MergeInputError(f"min_fisher must be >= 0, got {hp['min_fisher']}")
+    fishers = hp["fishers"]
+    if fishers is MEASURED:
+        return
+    if fishers is None:
+        raise validate.MergeInputError("fisher needs fishers=: one jmerge.learn.fisher_diagonal(...) per expert "
+                                       "(or use jmerge.learn.fisher_merge, which computes them)")
+    if len(fishers) != num_experts:
+        raise validate.MergeInputError(f"fisher needs one Fisher pytree per expert: got {len(fishers)} for {num_experts} experts")
 
 
 @register("fisher", static=("normalize",), check=_fisher_check, streamable=False,
