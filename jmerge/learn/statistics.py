@@ -12,14 +12,17 @@ the parameters and inputs carry.
   traced to a jaxpr and re-run by a small interpreter that, at each such ``dot_general``,
   adds ``xᵀx`` to the parameter's Gram (through ``jit``/``pjit`` calls, dtype conversions and
   2-D transposes, so Flax ``Dense`` kernels ``(in, out)`` and torch-layout ``x @ W.T`` both
-  count). A parameter used under ``scan``/``while`` (stacked layers) or by other primitives is
-  not tapped; :attr:`Grams.untapped` names the 2-D ones, which the merge then averages.
+  count; so does a tied embedding used as the LM head, whose lookup is a gather). A parameter
+  used under ``scan``/``while`` (stacked layers) or only by other primitives is not tapped,
+  nor one contracted along both of its axes; :attr:`Grams.untapped` names the 2-D ones, which
+  the merge then averages.
 * :func:`fisher_diagonal` (Fisher merging, Matena & Raffel, 2022, arXiv 2111.09832): for
   classifier logits ``(B, C)``, ``F = (1/N) Σ_x Σ_c p(c|x) (∇_θ log p(c|x))²``, the exact
   expectation over the model's own predictive distribution (``estimator="exact"``: C
   backward passes per example), or FusionBench's estimate ``estimator="batch"``: per batch
   the squared gradient of ``Σ_x Σ_c sqrt(p(c|x)) log p(c|x)`` (``p`` held constant), summed
-  over batches and divided by ``N`` (cross terms between examples and classes included).
+  over batches and divided by ``N`` (cross terms between examples and classes included); it
+  also takes per-position logits ``(B, T, C)`` with a ``mask`` of the positions that count.
 """
 
 from __future__ import annotations
@@ -138,8 +141,8 @@ def gram_matrices(params: PyTree, apply_fn: Callable, inputs: PyTree, *, batch_s
     for batch in _batches(inputs, batch_size):
         shape = tuple((np.shape(a), str(a.dtype)) for a in jax.tree.leaves(batch))
         if shape not in compiled:
-            compiled[shape] = (None, {})
-            compiled[shape] = (jitted(compiled[shape][1]), compiled[shape][1])
+            info = {}
+            compiled[shape] = (jitted(info), info)
         fn, info = compiled[shape]
         for path, g in fn(params, batch).items():
             rows[path] = rows.get(path, 0) + info[path][1]
