@@ -13,7 +13,7 @@ pool with its own frozen zero-shot head (``Suite.apply_fn``), and reused by ever
 No hyper-parameter is chosen here, so nothing is read on validation. Every merge is scored once,
 on the test split of its subset's tasks (normalized accuracy = merged / expert x 100, averaged
 over the subset). Fold rows go to ``data_merge_t2_folds.json``; ``report`` writes
-``data_merge_t2.{json,md}``: per method and count the mean over folds with a percentile-bootstrap
+``data_merge.json`` and ``data_merge_t2.md``: per method and count the mean over folds with a percentile-bootstrap
 95 % CI (:func:`experiments.stats.ci_fields`), and paired differences over subsets (seeds
 averaged first) against task arithmetic, TIES and DivMerge (layer level), read from
 ``divmerge_tasks_t2_folds.json``.
@@ -43,7 +43,7 @@ METHODS = ("regmean", "fisher")
 REFERENCES = ("task_arithmetic", "ties", "divmerge_layer")
 ALPHA = 0.95
 FOLDS = "data_merge_t2_folds"
-STEM = "data_merge_t2"
+STEM = "data_merge"
 
 
 def _log(msg: str) -> None:

@@ -17,6 +17,7 @@ from jmerge.methods import svd
 from jmerge.thresholds import mesh as tmesh
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
+from _methods_testing import data_statistics
 
 RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
 SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
@@ -59,10 +60,10 @@ def _hparams(name):
     return {**({"key": jax.random.key(0)} if jmerge.get(name).needs_key else {}), **ONE_EXPERT.get(name, {})}
 
 
-def _compiled(name, base, experts):
+def _compiled(name, base, experts, extra=None):
     """The method compiled for these inputs, and a call running it (one compilation for both)."""
     m = jmerge.get(name)
-    hp = m.resolve(len(experts), ONE_EXPERT.get(name, {}))
+    hp = m.resolve(len(experts), {**ONE_EXPERT.get(name, {}), **(extra or {})})
     static = tuple(sorted(k for k in hp if k in m.static))
     key = _hparams(name).get("key")
     fn = jax.jit(lambda b, e, key, **hp: m.fn(b, jtree.task_vectors(b, e), key=key, **hp), static_argnames=static)
@@ -182,8 +183,9 @@ def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models,
     base, experts = models
     base_s, experts_s = placed
     n = 1 if name in ONE_EXPERT else len(experts)
-    ref = jmerge.merge(base, experts[:n], name, **_hparams(name))
-    compiled, run = _compiled(name, base_s, experts_s[:n])
+    stats = data_statistics(name, base, n)  # regmean's Grams, fisher's Fisher pytrees
+    ref = jmerge.merge(base, experts[:n], name, **_hparams(name), **stats)
+    compiled, run = _compiled(name, base_s, experts_s[:n], stats)
     out = run()
     chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
     for path, (o, b) in zip(jtree.paths(base), zip(jax.tree.leaves(out), jax.tree.leaves(base_s))):
