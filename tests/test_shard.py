@@ -24,6 +24,7 @@ SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered 
 # jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
 # under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+SOLVE_METHODS = {"regmean"}  # a linear solve over each kernel's whole input axis: gathered, as the SVD methods
 SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
 ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}}  # methods merging one model, with required hparams
 
@@ -190,7 +191,7 @@ def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models,
     chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
     for path, (o, b) in zip(jtree.paths(base), zip(jax.tree.leaves(out), jax.tree.leaves(base_s))):
         assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, path, o.sharding, b.sharding)
-    if name not in SVD_METHODS | STAGES_THRESHOLD_METHODS | SORTING_METHODS | {"della", "della_linear"}:
+    if name not in SVD_METHODS | SOLVE_METHODS | STAGES_THRESHOLD_METHODS | SORTING_METHODS | {"della", "della_linear"}:
         gathers = _all_gathers(compiled.as_text())
         assert gathers == [], name
 
