@@ -13,30 +13,13 @@ from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 from jmerge.learn import causal_lm
+from test_cli_learn import models  # noqa: F401 (fixture: base, moved, same, p1/p2.jsonl)
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=24, eos_token_id=0)
-    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
-    base = jax.tree.map(np.asarray, model.params)
-    rng = np.random.default_rng(1)
-    for name in ("base", "e1", "e2"):
-        params = base if name == "base" else jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), base)
-        (root / name).mkdir()
-        st.save_safetensors(root / name, flax_io.flax_to_torch(params))
-        model.config.save_pretrained(root / name)
-    for name in ("p1", "p2"):
-        lines = [json.dumps({"ids": rng.integers(1, 32, rng.integers(4, 8)).tolist()}) for _ in range(10)]
-        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return root, model
-
-
 def _config(root, method, **params):
-    text = json.dumps({"models": [{"model": "e1"}, {"model": "e2"}], "base_model": "base", "merge_method": method,
+    text = json.dumps({"models": [{"model": "moved"}, {"model": "same"}], "base_model": "base", "merge_method": method,
                        "parameters": params, "dtype": "float32",
                        "jmerge": {"learn": {"prompts": ["p1.jsonl", "p2.jsonl"], "samples": 6, "prompt_tokens": 8}}})
     path = root / f"{method}.yml"
@@ -45,12 +28,13 @@ def _config(root, method, **params):
 
 
 def test_regmean_run_is_the_library_merge(models, tmp_path):
-    root, model = models
+    root = models
+    model = causal_lm._model(root / "base")[0]
     out = tmp_path / "merged"
     assert cli.main(["run", str(_config(root, "regmean", alpha=0.9)), str(out), "--no-progress"]) == 0
     like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
     base, _ = causal_lm._flax_params(root / "base", like)
-    tvs = [jtree.task_vector(base, causal_lm._flax_params(root / e, like)[0]) for e in ("e1", "e2")]
+    tvs = [jtree.task_vector(base, causal_lm._flax_params(root / e, like)[0]) for e in ("moved", "same")]
     prompts = [causal_lm.prompt_array(causal_lm.read_prompts(root / f"p{t + 1}.jsonl", root / "base"), 6, 8, t, root)
                for t in range(2)]
     apply = causal_lm.model_apply(model)
@@ -65,10 +49,10 @@ def test_regmean_run_is_the_library_merge(models, tmp_path):
 
 
 def test_fisher_run_writes_a_weighted_mean(models, tmp_path):
-    root, _ = models
+    root = models
     out = tmp_path / "merged"
     assert cli.main(["run", str(_config(root, "fisher")), str(out), "--no-progress"]) == 0
-    e1, e2, got = (st.load(p) for p in (root / "e1", root / "e2", out))
+    e1, e2, got = (st.load(p) for p in (root / "moved", root / "same", out))
     name = "transformer.h.0.attn.c_attn.weight"
     lo, hi = np.minimum(e1[name], e2[name]), np.maximum(e1[name], e2[name])
     assert np.all(got[name] >= lo - 1e-6) and np.all(got[name] <= hi + 1e-6)  # elementwise convex combination
@@ -76,7 +60,7 @@ def test_fisher_run_writes_a_weighted_mean(models, tmp_path):
 
 
 def test_data_merge_config_errors(models):
-    root, _ = models
+    root = models
     cfg = json.loads(_config(root, "regmean").read_text())
     cfg["jmerge"]["learn"]["method"] = "divmerge"
     (root / "bad.yml").write_text(json.dumps(cfg))

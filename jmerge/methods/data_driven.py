@@ -57,16 +57,26 @@ MEASURED = _Measured()
 STATISTICS = {"regmean": "grams", "fisher": "fishers"}  # the hyper-parameter holding each method's statistics
 
 
+def _given(method: str, hp, num_experts: int, measure: str, what: str, helper: str):
+    """The method's statistics from ``hp``, checked for one per expert; None while :data:`MEASURED`."""
+    stats = hp[STATISTICS[method]]
+    if stats is MEASURED:
+        return None
+    if stats is None:
+        raise validate.MergeInputError(f"{method} needs {STATISTICS[method]}=: one jmerge.learn.{measure}(...) per "
+                                       f"expert (or use jmerge.learn.{helper}, which computes them)")
+    if len(stats) != num_experts:
+        raise validate.MergeInputError(f"{method} needs one {what} per expert: got {len(stats)} for {num_experts} experts")
+    return stats
+
+
 def _regmean_check(num_experts, hp):
     validate.check_fraction("alpha", hp["alpha"], low_open=False)
-    grams = hp["grams"]
-    if grams is MEASURED:
-        return
+    grams = _given("regmean", hp, num_experts, "gram_matrices", "Grams", "regmean")
     if grams is None:
-        raise validate.MergeInputError("regmean needs grams=: one jmerge.learn.gram_matrices(...) per expert "
-                                       "(or use jmerge.learn.regmean, which computes them)")
-    if len(grams) != num_experts or not all(isinstance(g, Grams) for g in grams):
-        raise validate.MergeInputError(f"regmean needs one Grams per expert: got {len(grams)} for {num_experts} experts")
+        return
+    if not all(isinstance(g, Grams) for g in grams):
+        raise validate.MergeInputError("regmean's grams must be jmerge.learn.gram_matrices results (Grams)")
     ref = grams[0].axes
     for t, g in enumerate(grams[1:], 1):
         if g.axes != ref:
@@ -114,14 +124,7 @@ def _fisher_check(num_experts, hp):
     validate.check_finite_number("min_fisher", hp["min_fisher"])
     if hp["min_fisher"] < 0:
         raise validate.MergeInputError(f"min_fisher must be >= 0, got {hp['min_fisher']}")
-    fishers = hp["fishers"]
-    if fishers is MEASURED:
-        return
-    if fishers is None:
-        raise validate.MergeInputError("fisher needs fishers=: one jmerge.learn.fisher_diagonal(...) per expert "
-                                       "(or use jmerge.learn.fisher_merge, which computes them)")
-    if len(fishers) != num_experts:
-        raise validate.MergeInputError(f"fisher needs one Fisher pytree per expert: got {len(fishers)} for {num_experts} experts")
+    _given("fisher", hp, num_experts, "fisher_diagonal", "Fisher pytree", "fisher_merge")
 
 
 @register("fisher", static=("normalize",), check=_fisher_check, streamable=False,
