@@ -87,3 +87,23 @@ def shard(tree, m):
 def transpose_matrices(tree):
     """Every 2-D leaf transposed (Flax (in, out) <-> torch (out, in)), other leaves unchanged."""
     return jax.tree.map(lambda x: x.T if x.ndim == 2 else x, tree)
+
+
+def data_statistics(method: str, base, num_experts: int, seed: int = 0) -> dict:
+    """The statistics hyper-parameter of a data-driven method (``regmean``'s Grams, ``fisher``'s
+    Fisher pytrees) for ``base``'s shapes, random but valid; ``{}`` for the other methods."""
+    from jmerge.methods.data_driven import Grams
+
+    rng = np.random.default_rng(seed)
+    flat = jtree.flatten(base)
+    if method == "regmean":
+        def spd(n):
+            x = rng.normal(size=(3 * n, n)).astype(np.float32)
+            return x.T @ x / (3 * n)
+        mats = [{p: spd(np.shape(x)[0]) for p, x in flat.items() if np.ndim(x) == 2} for _ in range(num_experts)]
+        axes = tuple((p, 0) for p in mats[0])
+        return {"grams": tuple(Grams(m, axes) for m in mats)}
+    if method == "fisher":
+        return {"fishers": tuple(jax.tree.map(lambda x: jnp.asarray(rng.random(np.shape(x)), jnp.float32), base)
+                                 for _ in range(num_experts))}
+    return {}

@@ -13,8 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jmerge
 import reference as ref
 from _core_models import BF16, flat_shapes, nested_shapes, nnx_models, random_models
+from _methods_testing import data_statistics
 from jmerge import stages
 from jmerge import tree as jtree
+from jmerge.methods.data_driven import MEASURED, STATISTICS
 
 STRUCTURES = {
     "nested": lambda k, seed=0: random_models(nested_shapes(), k, seed),
@@ -234,7 +236,7 @@ def _models_for(method):
     shapes = {k: (s, np.float32) for k, s in {**SHARD_SHAPES, **(BIG if method in SEARCHING else {})}.items()}
     for k in (2, 3, 1):
         try:
-            jmerge.get(method).resolve(k, REQUIRED.get(method, {}))
+            jmerge.get(method).resolve(k, {**REQUIRED.get(method, {}), **{n: MEASURED for n in (STATISTICS.get(method),) if n}})
         except jmerge.MergeInputError:
             continue
         return random_models(shapes, k, seed=5)
@@ -247,7 +249,7 @@ def test_every_method_sharded_on_8_devices_equals_unsharded(method):
     mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     base, experts = _models_for(method)
     key = jax.random.key(3) if jmerge.get(method).needs_key else None
-    hp = REQUIRED.get(method, {})
+    hp = {**REQUIRED.get(method, {}), **data_statistics(method, base, len(experts))}
     plain = jmerge.merge(base, experts, method, key=key, **hp)
     sbase, sexperts = _sharded(base, mesh), [_sharded(e, mesh) for e in experts]
     sharded = jmerge.merge(sbase, sexperts, method, key=key, **hp)

@@ -17,12 +17,14 @@ from jmerge.methods import svd
 from jmerge.thresholds import mesh as tmesh
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
+from _methods_testing import data_statistics
 
 RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
 SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
 # jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
 # under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+SOLVE_METHODS = {"regmean"}  # a linear solve over each kernel's whole input axis: gathered, as the SVD methods
 SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
 ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}}  # methods merging one model, with required hparams
 
@@ -59,10 +61,10 @@ def _hparams(name):
     return {**({"key": jax.random.key(0)} if jmerge.get(name).needs_key else {}), **ONE_EXPERT.get(name, {})}
 
 
-def _compiled(name, base, experts):
+def _compiled(name, base, experts, extra=None):
     """The method compiled for these inputs, and a call running it (one compilation for both)."""
     m = jmerge.get(name)
-    hp = m.resolve(len(experts), ONE_EXPERT.get(name, {}))
+    hp = m.resolve(len(experts), {**ONE_EXPERT.get(name, {}), **(extra or {})})
     static = tuple(sorted(k for k in hp if k in m.static))
     key = _hparams(name).get("key")
     fn = jax.jit(lambda b, e, key, **hp: m.fn(b, jtree.task_vectors(b, e), key=key, **hp), static_argnames=static)
@@ -182,13 +184,14 @@ def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models,
     base, experts = models
     base_s, experts_s = placed
     n = 1 if name in ONE_EXPERT else len(experts)
-    ref = jmerge.merge(base, experts[:n], name, **_hparams(name))
-    compiled, run = _compiled(name, base_s, experts_s[:n])
+    stats = data_statistics(name, base, n)  # regmean's Grams, fisher's Fisher pytrees
+    ref = jmerge.merge(base, experts[:n], name, **_hparams(name), **stats)
+    compiled, run = _compiled(name, base_s, experts_s[:n], stats)
     out = run()
     chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
     for path, (o, b) in zip(jtree.paths(base), zip(jax.tree.leaves(out), jax.tree.leaves(base_s))):
         assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, path, o.sharding, b.sharding)
-    if name not in SVD_METHODS | STAGES_THRESHOLD_METHODS | SORTING_METHODS | {"della", "della_linear"}:
+    if name not in SVD_METHODS | SOLVE_METHODS | STAGES_THRESHOLD_METHODS | SORTING_METHODS | {"della", "della_linear"}:
         gathers = _all_gathers(compiled.as_text())
         assert gathers == [], name
 

@@ -119,9 +119,21 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
     import json
 
     from jmerge import streaming
+    from jmerge.io import safetensors_io as st
     from jmerge.learn import causal_lm
 
     opts = plan.learn
+    if opts.method in ("regmean", "fisher"):  # the prompts are the data these methods measure
+        from jmerge.learn import causal_lm_data
+
+        console(stdout=True).print(f"measuring {opts.method} statistics of {len(experts)} model(s) on {opts.samples} prompts each")
+        merged = causal_lm_data.merged_tensors(plan.base, plan.experts, opts, plan.method,
+                                               {k: v for k, v in plan.hparams.items() if k not in ("grams", "fishers")})
+        tensors = ((n, merged[n].astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype) if info.is_float
+                    else base.read(n)) for n, info in base.tensors.items())
+        streaming.write_dir(args.out, base, tensors, streaming.output_plan(base, out_dtype, args.shard_size),
+                            protect=[e.path for e in experts], force=args.force, card=card, extra_files=extra)
+        return
     console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "
                                f"{len(experts)} model(s) on {opts.samples} prompts each")
     result, per_tensor = causal_lm.learn(plan.base, plan.experts, opts, progress=not args.no_progress)

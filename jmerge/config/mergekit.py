@@ -52,8 +52,11 @@ Known differences from mergekit, where semantics cannot match exactly:
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
 * ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), parameter gradients
-  (lists over layers) and ``filter`` conditionals, ``slices``/``modules``, LoRA ``model+lora`` references and tokenizer
+  (lists over layers) and ``filter`` conditionals, ``slices``/``modules`` and tokenizer
   surgery are rejected with an error saying so.
+* ``model+lora`` references (any model, or ``base_model``): the model with the PEFT adapter's
+  ``ΔW`` added on read (:func:`jmerge.lora.open_with_lora`), where mergekit writes a merged copy
+  to its LoRA cache first; the sum is cast to the model's dtype as mergekit stores it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from jmerge.config.schema import (
     ConfigError, LearnOptions, MergeConfig, ModelSpec, check_dtype, closest, load_config, per_model, scalar,
 )
 from jmerge.methods import registry
+from jmerge.methods.data_driven import MEASURED, STATISTICS
 from jmerge.validate import MergeInputError
 
 
@@ -43,8 +44,15 @@ class MergePlan:
 
 
 def _resolve_path(ref: str, where: Path, what: str) -> Path:
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"{what} {ref!r}: LoRA references (model+lora) are not supported")
+    if "+" in ref and not (Path(ref).exists() or (where / ref).exists()):  # mergekit's model+lora
+        from jmerge.lora import split_reference
+
+        try:
+            parts = split_reference(ref)
+        except MergeInputError as e:
+            raise ConfigError(f"{what}: {e}") from None
+        model, adapter = (_resolve_path(p, where, what) for p in parts)
+        return Path(f"{model}+{adapter}")
     p = Path(ref).expanduser()
     for cand in ([p] if p.is_absolute() else [p, where / p]):
         if cand.exists():
@@ -111,6 +119,8 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
                           "use jmerge.learn in Python on LwPTV-pruned task vectors")
     learn = _learn(opts.learn, method, experts, where) if opts.learn is not None else None
+    if learn is not None and method in STATISTICS:
+        hp[STATISTICS[method]] = MEASURED  # measured on the prompts by `jmerge run`
     try:
         registry.get(method).resolve(len(experts), hp)
     except MergeInputError as e:
@@ -132,10 +142,15 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
 
 
 def _learn(opts: LearnOptions, method: str, experts: tuple[Path, ...], where: Path) -> LearnOptions:
-    """Checks the ``jmerge.learn`` block against the plan and resolves its prompt files."""
-    if method != "task_arithmetic":
-        raise ConfigError(f"`jmerge.learn` learns task-arithmetic coefficients; merge_method must be "
-                          f"task_arithmetic, not {method!r}")
+    """Checks the ``jmerge.learn`` block against the plan and resolves its prompt files; with
+    ``merge_method: regmean | fisher`` the prompts are the data those methods measure."""
+    if method in STATISTICS:
+        if "method" in opts.model_fields_set and opts.method != method:
+            raise ConfigError(f"`jmerge.learn.method` is {opts.method!r} but merge_method is {method!r}")
+        opts = opts.model_copy(update={"method": method})
+    elif method != "task_arithmetic" or opts.method in STATISTICS:
+        raise ConfigError(f"`jmerge.learn` learns task-arithmetic coefficients, so merge_method must be task_arithmetic "
+                          f"(or regmean / fisher, whose data the prompts are), not {method!r} with learn.method {opts.method!r}")
     if len(opts.prompts) != len(experts):
         raise ConfigError(f"`jmerge.learn.prompts` lists {len(opts.prompts)} files for {len(experts)} models "
                           f"(one per model, in the order of `models`)")

@@ -25,7 +25,7 @@ class LearnOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     prompts: tuple[Path, ...]
-    method: Literal["divmerge", "adamerging"] = "divmerge"
+    method: Literal["divmerge", "adamerging", "regmean", "fisher"] = "divmerge"  # regmean/fisher: merge_method's
     granularity: Literal["task", "layer", "tensor"] = "task"
     layers: str | None = None  # a jmerge.lwptv preset or regex, for granularity "layer"
     samples: PositiveInt = 200

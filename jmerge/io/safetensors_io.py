@@ -244,8 +244,13 @@ def find_weights(path: Path) -> Path | None:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Opens a ``.safetensors`` file, an ``*.index.json``, an HF directory or a ``.gguf`` file, reading headers only."""
+    """Opens a ``.safetensors`` file, an ``*.index.json``, an HF directory, a ``.gguf`` file or a
+    ``model+lora`` reference (a PEFT adapter applied on read), reading headers only."""
     path = Path(path)
+    if not path.exists() and "+" in str(path):  # mergekit's model+lora reference (jmerge.lora)
+        from jmerge.lora import open_with_lora
+
+        return open_with_lora(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.suffix.lower() == ".gguf":  # llama.cpp files: dequantized, HF names (jmerge.io.gguf)

@@ -9,5 +9,6 @@ from jmerge.methods import model_stock  # noqa: F401
 from jmerge.methods import spherical  # noqa: F401
 from jmerge.methods import svd  # noqa: F401
 from jmerge.methods import mergekit_extra  # noqa: F401
+from jmerge.methods import data_driven  # noqa: F401
 
 __all__ = ["Method", "available", "get", "merge", "merge_task_vectors", "register"]

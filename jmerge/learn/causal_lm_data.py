@@ -1,0 +1,57 @@
+"""RegMean and Fisher merging of Hugging Face causal LMs, as ``jmerge run`` does them.
+
+The ``jmerge: learn:`` block of a ``merge_method: regmean`` (or ``fisher``) config gives one
+prompt file per model (:mod:`jmerge.learn.causal_lm`: the same files, sampling, left padding
+and transformers Flax model). Each expert's statistics are measured on its own task's prompts:
+RegMean's Gram matrices of every linear map's inputs over all positions (padding included, as
+FusionBench counts its pad tokens); Fisher's diagonal by FusionBench's batch estimate over the
+next-token distributions of the real prompt tokens (the exact expectation over a vocabulary
+is out of reach). The merge runs in Flax layout and comes back under the base's PyTorch names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jmerge import tree as jtree
+from jmerge.io import flax_io
+from jmerge.learn import causal_lm
+from jmerge.learn.statistics import fisher_diagonal, gram_matrices
+from jmerge.methods.registry import merge_task_vectors
+from jmerge.validate import MergeInputError
+
+
+def merged_tensors(base_dir: Path, expert_dirs: Sequence[Path], options, method: str,
+                   hparams: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``{PyTorch name: merged float32 tensor}`` of ``method`` ("regmean" or "fisher")."""
+    if method not in ("regmean", "fisher"):
+        raise MergeInputError(f"causal-LM data merges are regmean and fisher, not {method!r}")
+    prompt_sets = [causal_lm.read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
+    model, _ = causal_lm._model(base_dir)
+    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    base, names = causal_lm._flax_params(base_dir, like)
+    tvs = [jtree.task_vector(base, causal_lm._flax_params(e, like)[0]) for e in expert_dirs]
+    apply = causal_lm.model_apply(model)
+    prompts = [causal_lm.prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
+               for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
+    expert = jax.jit(jtree.apply)
+    if method == "regmean":
+        stats = tuple(gram_matrices(expert(base, tv), apply, p, batch_size=options.batch_per_task)
+                      for tv, p in zip(tvs, prompts))
+        hp = {**hparams, "grams": stats}
+    else:
+        stats = tuple(fisher_diagonal(expert(base, tv), apply, p, batch_size=options.batch_per_task, estimator="batch",
+                                      mask=p != causal_lm.PAD) for tv, p in zip(tvs, prompts))
+        hp = {**hparams, "fishers": stats}
+    merged = jax.jit(lambda b, ts, h: merge_task_vectors(b, ts, method, **h))(base, tvs, hp)
+    flat = {p: np.asarray(x) for p, x in jtree.flatten(merged).items()}
+    rules = flax_io.NamingRules.make(like=like)
+    out = {}
+    for name, path in names.items():
+        x = flat[path]
+        out[name] = flax_io._kernel_to_torch(x) if rules.flax_name(name, x.ndim)[1] else x
+    return out
