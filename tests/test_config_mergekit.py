@@ -101,7 +101,10 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(root, text, mes
 
 @pytest.mark.parametrize("text, message", [
     (models("e0") + "base_model: base\nmerge_method: passthrough\n",
-     "merge_method 'passthrough' (a mergekit method) is not implemented in jmerge"),
+     "models: merge_method 'passthrough' takes no `base_model` (mergekit would merge it as one more model)"),
+    (models("e0", "e1") + "merge_method: passthrough\n",
+     "merge_method 'passthrough': passthrough merges one model (per slice: a frankenmerge lists one source per "
+     "slice), got 2 experts"),
     (models("e0", "e1") + "merge_method: nuslerp\n",
      "merge_method 'nuslerp' needs a `weight` for every model; missing for e0, e1"),
     (models("e0") + "base_model: base\nmerge_method: nearswap\n",

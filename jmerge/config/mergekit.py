@@ -39,7 +39,7 @@ nuslerp            nuslerp             weight (required) -> weights, nuslerp_fla
                                        (task vectors with it, whole weights without)
 ram                ram                 epsilon (1e-5); base_model required
 ramplus_tl         ramplus_tl          r (0.1), alpha (0.2), epsilon (1e-5); base_model required
-passthrough        -                   "not implemented in jmerge"
+passthrough        passthrough         scale (1.0, per model); one model (per slice), no base
 =================  ==================  ==========================================================
 
 Known differences from mergekit, where semantics cannot match exactly:
@@ -63,10 +63,6 @@ from typing import Any
 
 from jmerge.config.schema import ConfigError, MergeConfig, ModelSpec, closest, per_model, scalar
 from jmerge.methods import registry
-
-
-# mergekit 0.1.5 methods jmerge does not implement (the others: each Method's `mergekit` fact)
-UNIMPLEMENTED = frozenset({"passthrough"})
 
 
 def table() -> dict[str, registry.Method]:
