@@ -24,7 +24,7 @@ SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered 
 # under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
-ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}}  # methods merging one model, with required hparams
+ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}, "passthrough": {"scale": 0.5}}  # methods merging one model, with required hparams
 
 
 @pytest.fixture(scope="module")

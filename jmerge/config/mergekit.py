@@ -51,9 +51,9 @@ Known differences from mergekit, where semantics cannot match exactly:
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
-* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), parameter gradients
-  (lists over layers) and ``filter`` conditionals, ``slices``/``modules``, LoRA ``model+lora`` references and tokenizer
-  surgery are rejected with an error saying so.
+* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), ``modules``, LoRA
+  ``model+lora`` references and tokenizer surgery are rejected with an error saying so.
+  ``slices``, gradients and ``filter`` conditionals: :mod:`jmerge.config.slices`.
 """
 
 from __future__ import annotations

@@ -65,7 +65,10 @@ def jobs(plan: MergePlan) -> tuple[list[Job], int]:
         base = models.source(sp.base, base_name, None, name)
         info = base[0].tensors[base_name]
         experts = tuple(models.source(p, n, info, name) for p, n in zip(sp.experts, expert_names))
-        return Job(name, base, experts, tensor_hparams(cfg, plan.method, sp, name, t))
+        try:
+            return Job(name, base, experts, tensor_hparams(cfg, plan.method, sp, name, t))
+        except ConfigError as e:
+            raise ConfigError(f"{sp.where}, tensor {name!r} (t = {t:g}): {e}") from None
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # reported once, when the config was resolved
