@@ -68,7 +68,7 @@ def models(*names, **params):
      {"weights": (0.7, 0.6), "normalize": False}, ("e0", "e1")),
     ("ties", models("./base", "e0", "e1", e0="{weight: 1.0, density: 0.3}", e1="{weight: 0.5, density: 0.3}")
      + "base_model: base\nparameters: {rescale: true}\n",
-     {"weights": (1.0, 0.5), "density": 0.3, "normalize": True, "rescale": True, "scale": 1.0, "trim": "tensor",
+     {"weights": (1.0, 0.5), "density": 0.3, "normalize": True, "rescale": True, "scale": 1.0, "trim": "tensor", "tie_break": "first",
       "sign": "sum"}, ("e0", "e1")),
 ])
 def test_mergekit_configs_map_to_jmerge(root, method, text, hparams, experts):

@@ -12,7 +12,8 @@ mergekit           jmerge              mapping
 linear             average             weight -> weights; normalize (true; false: sum_t w_t theta_t)
 task_arithmetic    task_arithmetic     lambda (1.0) -> scale; weight -> weights; normalize
                                        (default false) divides the weights by their sum
-ties               ties                trim="tensor" (mergekit ranks per tensor), sign="sum";
+ties               ties                trim="tensor" (mergekit ranks per tensor), tie_break="first"
+                                       (exactly max(1, int(d n)) kept per tensor), sign="sum";
                                        density (1.0), normalize (true), lambda -> scale,
                                        rescale (false; true: each trimmed tensor to its L1 norm)
 dare_linear        dare_linear         density (1.0), rescale (true), lambda; normalize (false)
