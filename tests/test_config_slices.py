@@ -65,10 +65,14 @@ def test_settings_evaluate_like_mergekit(setting, tensor, t, expected):
 
 
 def test_passthrough_frankenmerge_renumbers_layers_and_sets_the_layer_count(root):
+    for name in ("a", "b"):  # a per-layer list (Qwen2's layer_types): the output's follows its layers
+        cfg = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**cfg, "layer_types": [f"{name}{i}" for i in range(LAYERS)]}))
     out, cfg = run(root, "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 3]\n"
                          "  - sources:\n      - model: b\n        layer_range: [1, 4]\nmerge_method: passthrough\n")
     a, b = load(root, "a"), load(root, "b")
-    assert cfg == {"model_type": "llama", "num_hidden_layers": 6, "torch_dtype": "float32", "hidden_size": 8}
+    assert cfg == {"model_type": "llama", "num_hidden_layers": 6, "torch_dtype": "float32", "hidden_size": 8,
+                   "layer_types": ["a0", "a1", "a2", "b1", "b2", "b3"]}
     expected = {"model.embed_tokens.weight": a["model.embed_tokens.weight"],  # before the layers: the first slice's
                 "model.norm.weight": b["model.norm.weight"], "lm_head.weight": b["lm_head.weight"]}  # after: the last's
     for p in PARTS:
@@ -182,7 +186,8 @@ def test_a_filter_matching_no_tensor_warns_naming_it(root):
                                  "          value: 0\n        - value: 1\nmerge_method: passthrough\n")
     with pytest.warns(config.ConfigWarning, match="^" + re.escape("filter 'o_proj' matches no tensor of the output") + "$"):
         jobs, layers = slices.jobs(plan)
-    assert layers == LAYERS and len(jobs) == len(OUTER) + LAYERS * len(PARTS)
+    assert [(p.name, i) for p, i in layers] == [("a", i) for i in range(LAYERS)]
+    assert len(jobs) == len(OUTER) + LAYERS * len(PARTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         slices.jobs(config.plan_from_yaml("models:\n  - model: a\n    parameters: {scale: [{filter: q_proj, value: 0}, "

@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_config(base: Path, out_dtype: str | None, layers: int | None) -> dict[str, str]:
+def _out_config(base: Path, out_dtype: str | None, layers: list | None) -> dict[str, str]:
     """``{"config.json": text}`` with the output's dtype and layer count, when the base directory has one."""
     from jmerge.config.hf_layers import out_config
 
@@ -139,13 +139,13 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
         base=str(plan.base), experts=[str(e) for e in dict.fromkeys(p for sp in plan.slices for p in sp.experts)],
         config_text=plan.config_text, version=__version__,
         extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype)
-        + f"Per-tensor plan: {len(plan.slices)} slice(s), {layers} output layers, {len(jobs)} tensors; the "
+        + f"Per-tensor plan: {len(plan.slices)} slice(s), {len(layers)} output layers, {len(jobs)} tensors; the "
         "hyper-parameters above are those at t = 0.\n\n",
     )
     extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None),
              "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(f"merging {len(plan.slices)} slice(s) into {args.out} with {plan.method} "
-                               f"(streamed; {len(jobs)} tensors, {layers} layers)")
+                               f"(streamed; {len(jobs)} tensors, {len(layers)} layers)")
     tensors = {j.name: j.info for j in jobs}
     with progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(jobs))

@@ -80,10 +80,12 @@ def _declared_layers(directory: Path) -> int | None:
     return next((cfg[k] for k in LAYER_KEYS if isinstance(cfg.get(k), int)), None)
 
 
-def out_config(directory: Path, *, dtype: str | None, layers: int | None) -> str | None:
+def out_config(directory: Path, *, dtype: str | None, layers: list[tuple[Path, int]] | None) -> str | None:
     """The output ``config.json``: the donor's, with ``torch_dtype`` (and ``dtype``, when the
-    donor has it: transformers 5's name) set to the output dtype and its layer count set to
-    ``layers``, as mergekit writes them; None when the donor has no ``config.json``."""
+    donor has it: transformers 5's name) set to the output dtype, as mergekit writes them, and,
+    for a frankenmerge whose output layer ``j`` is layer ``layers[j] = (model, index)``, the layer
+    count set to ``len(layers)`` and every per-layer list (e.g. Qwen2's ``layer_types``) taken
+    from those layers' models; None when the donor has no ``config.json``."""
     cfg = _read_config(directory)
     if cfg is None:
         return None
@@ -93,5 +95,10 @@ def out_config(directory: Path, *, dtype: str | None, layers: int | None) -> str
             cfg["dtype"] = dtype
     if layers is not None:
         key = next((k for k in LAYER_KEYS if k in cfg), LAYER_KEYS[0])
-        cfg[key] = layers
+        per_layer = [k for k, v in cfg.items() if isinstance(v, list) and len(v) == cfg.get(key)]
+        sources = {p: _read_config(p) or {} for p in dict.fromkeys(p for p, _ in layers)}
+        for k in per_layer:
+            if all(isinstance(sources[p].get(k), list) and i < len(sources[p][k]) for p, i in layers):
+                cfg[k] = [sources[p][k][i] for p, i in layers]
+        cfg[key] = len(layers)
     return json.dumps(cfg, indent=2) + "\n"

@@ -189,6 +189,8 @@ def _hparams(name: str, method: str, cfg: MergeConfig, specs: list[ModelSpec], n
         if opts.trim not in ("global", "tensor"):
             raise ConfigError(f"`jmerge.trim` must be 'global' or 'tensor', got {opts.trim!r}")
         hp["trim"] = opts.trim
+        if opts.trim == "global" and hp.get("tie_break") == "first":
+            hp["tie_break"] = "all"  # mergekit's exactly-k rule counts per tensor; the paper's global trim keeps ties
     try:
         registry.get(method).resolve(num_experts, hp)
     except MergeInputError as e:

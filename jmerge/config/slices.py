@@ -55,8 +55,9 @@ class _Models:
         return ckpt, name
 
 
-def jobs(plan: MergePlan) -> tuple[list[Job], int]:
-    """``(jobs in output order, number of output layers)`` of a per-tensor plan."""
+def jobs(plan: MergePlan) -> tuple[list[Job], list[tuple[Path, int]]]:
+    """``(jobs in output order, output layers)`` of a per-tensor plan; output layer ``j`` is
+    layer ``index`` of ``model`` (its slice's base) for ``layers[j] = (model, index)``."""
     models, out = _Models(), []
     cfg = plan.config
     donor = models.layers(plan.base)
@@ -74,7 +75,7 @@ def jobs(plan: MergePlan) -> tuple[list[Job], int]:
         warnings.simplefilter("ignore", ConfigWarning)  # reported once, when the config was resolved
         first, last = plan.slices[0], plan.slices[-1]
         out += [job(first, n, n, [n] * len(first.experts), 0.0) for n in donor.before]
-        offset = 0
+        offset, layers = 0, []
         for sp in plan.slices:
             stacks = [models.layers(p) for p in (sp.base, *sp.experts)]
             starts = [r[0] for r in (sp.base_range, *sp.ranges)]
@@ -84,9 +85,10 @@ def jobs(plan: MergePlan) -> tuple[list[Job], int]:
                     names = [s.name(lo + j, part) for s, lo in zip(stacks, starts)]
                     out.append(job(sp, donor.name(offset + j, part), names[0], names[1:], t))
             offset += sp.length
+            layers += [(sp.base, sp.base_range[0] + j) for j in range(sp.length)]
         out += [job(last, n, n, [n] * len(last.experts), 0.0) for n in donor.after]
     _warn_unmatched(plan, [j.name for j in out])
-    return out, offset
+    return out, layers
 
 
 def _warn_unmatched(plan: MergePlan, names: list[str]) -> None:
