@@ -122,8 +122,9 @@ def _jmerge(cfg: Path, out: Path) -> tuple[bool, str]:
             contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
         code = cli.main(["run", str(cfg), str(out), "--no-progress"])
-    text = " ".join(err.getvalue().split()) if code else "; ".join(sorted({str(w.message) for w in caught
-                                                                            if "Config" in type(w.message).__name__}))
+    text = " ".join(err.getvalue().split()) if code else "; ".join(sorted({
+        re.sub(r"models\[[^\]]*/(\w+)\]", r"models[\1]", str(w.message)) for w in caught
+        if "Config" in type(w.message).__name__}))
     return code == 0, text
 
 
@@ -135,23 +136,25 @@ def run_cases(venv: Path, cases) -> list[dict]:
         subprocess.run([str(venv / "bin" / "python"), str(DRIVER), "make", str(tmp)], check=True, capture_output=True)
         jobs, todo = [], []
         for i, (name, arch, body, dtypes, kind) in enumerate(cases):
-            for dtype in dtypes:
-                cfg = tmp / f"case{i}-{dtype}.yaml"
-                cfg.write_text(_absolute(body, tmp / arch) + f"dtype: {dtype}\n")
-                jobs.append([str(cfg), str(tmp / f"case{i}-{dtype}-mergekit")])
-                todo.append((name, arch, dtype, kind, cfg))
+            for dtype in dtypes:  # low precision: also with jmerge's switch to mergekit's input rounding
+                for compute in ("float32",) if dtype == "float32" else ("float32", "model"):
+                    cfg = tmp / f"case{i}-{dtype}-{compute}.yaml"
+                    cfg.write_text(_absolute(body, tmp / arch) + f"dtype: {dtype}\njmerge: {{compute_dtype: {compute}}}\n")
+                    jobs.append([str(cfg), str(cfg.with_name(cfg.stem + "-mergekit"))])
+                    todo.append((name, arch, dtype, compute, kind, cfg))
         (tmp / "jobs.json").write_text(json.dumps(jobs))
         p = subprocess.run([str(venv / "bin" / "python"), str(DRIVER), "merge", str(tmp / "jobs.json")],
                            capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
         status = {s["config"]: s for s in map(json.loads, filter(None, p.stdout.splitlines()))}
-        for name, arch, dtype, kind, cfg in todo:
+        for name, arch, dtype, compute, kind, cfg in todo:
             mk = status.get(str(cfg), {"ok": False, "error": f"mergekit crashed: {p.stderr[-300:]}"})
             jm_out = cfg.with_name(cfg.stem + "-jmerge")
             ok, note = _jmerge(cfg, jm_out)
-            row = {"case": name, "arch": arch, "dtype": dtype, "kind": kind, "mergekit": mk.get("error", "ok"),
+            row = {"case": name, "arch": arch, "dtype": dtype, "compute": compute, "kind": kind,
+                   "mergekit": mk.get("error", "ok"),
                    "jmerge": "ok" if ok else note, "warnings": note if ok else ""}
             if mk["ok"] and ok:
-                mk_out = Path(mk["config"][:-5] + "-mergekit")
+                mk_out = cfg.with_name(cfg.stem + "-mergekit")
                 row.update(compare(mk_out, jm_out))
                 row["config"] = (_layers_and_dtype(mk_out), _layers_and_dtype(jm_out))
             rows.append(row)
@@ -162,13 +165,14 @@ def run_cases(venv: Path, cases) -> list[dict]:
 def _line(row: dict) -> str:
     if "max" not in row:
         outcome = "; ".join(f"{t} failed: {row[t]}" for t in ("mergekit", "jmerge") if row[t] != "ok")
-        return f"| {row['case']} | {row['arch']} | {row['dtype']} | - | - | - | {outcome} |"
+        return f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['compute']} | - | - | - | {outcome} |"
     (mk_layers, mk_dtype), (jm_layers, jm_dtype) = row["config"]
     cfg = "same" if (mk_layers, mk_dtype) == (jm_layers, jm_dtype) else \
         f"mergekit {mk_layers} layers {mk_dtype}, jmerge {jm_layers} {jm_dtype}"
     only = f"; {len(row['only'])} names in one output only" if row["only"] else ""
     note = (row["warnings"] + only).strip("; ")
-    return (f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['max']:.2e} | {row['differing']} | {cfg} | "
+    return (f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['compute']} | {row['max']:.2e} | {row['differing']} "
+            f"| {cfg} | "
             f"{'random masks; ' if row['kind'] == 'random' else ''}{note} |")
 
 
@@ -187,11 +191,13 @@ def main(argv=None) -> int:
         + "`",
         "",
         f"{versions(args.venv)}. Models: transformers' Llama, Mistral, Qwen2 and GPT-2 with 6 layers, hidden size 32, "
-        "vocab 64 (random init), float32; experts = base + 0.01 N(0,1). `dtype` is each row's.",
+        "vocab 64 (random init), float32; experts = base + 0.01 N(0,1). `dtype` is each row's; low-precision rows run "
+        "jmerge twice: its default (float32 inputs, rounded once) and `jmerge: {compute_dtype: model}` (inputs "
+        "rounded to `dtype` first, as mergekit loads them). Entries per model: Llama 56736, Mistral 50592, Qwen2 50976, GPT-2 79360.",
         "",
-        "| case | architecture | dtype | max abs difference | entries differing by > 1e-6 | config.json (layers, dtype) | "
-        "notes (jmerge's ConfigWarnings) |",
-        "|---|---|---|---|---|---|---|",
+        "| case | architecture | dtype | jmerge compute_dtype | max abs difference | entries differing by > 1e-6 | "
+        "config.json (layers, dtype) | notes (jmerge's ConfigWarnings) |",
+        "|---|---|---|---|---|---|---|---|",
         *map(_line, rows),
         "",
     ]

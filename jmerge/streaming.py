@@ -91,11 +91,15 @@ def open_inputs(
 
 
 def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray], out: np.dtype | None = None,
-                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+                 compute: np.dtype | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """The one mixed-dtype rule: when an expert stores another float dtype than the base, or
     the output dtype ``out`` is not the base's, that tensor of every model is taken in float32
     (exact for bf16/f16 inputs), so the merge is rounded once, to the output dtype (a bf16 merge
-    written as float32 keeps its float32 result); else unchanged."""
+    written as float32 keeps its float32 result); else unchanged. ``compute`` (mergekit's
+    ``dtype`` under ``jmerge: {compute_dtype: model}``) instead rounds every tensor to it first,
+    as mergekit loads its inputs, and the merge returns that dtype."""
+    if compute is not None:
+        return base.astype(compute), [x.astype(compute) for x in experts]
     if any(x.dtype != base.dtype for x in experts) or (out is not None and out != base.dtype):
         return base.astype(np.float32), [x.astype(np.float32) for x in experts]
     return base, list(experts)
@@ -165,7 +169,7 @@ class Job(NamedTuple):
 
 def stream_inputs(
     inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
-    progress: Progress | None = None,
+    progress: Progress | None = None, compute_dtype: Any = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """:func:`iter_merged` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
@@ -173,17 +177,18 @@ def stream_inputs(
     coverage.report(coverage.of_checkpoint(method, base, hp, len(experts)))
     jobs = [Job(n, (base, n), tuple((e, n) for e in experts)) for n in base.tensors]
     yield from stream_jobs(jobs, method, hp, key=key, answers=answers, out_dtype=out_dtype, check_finite=check_finite,
-                           progress=progress)
+                           progress=progress, compute_dtype=compute_dtype)
 
 
 def stream_jobs(
     jobs: Sequence[Job], method: str, hparams: dict[str, Any], *, key: jax.Array | None = None, answers=None,
-    out_dtype: Any = None, check_finite: bool = True, progress: Progress | None = None,
+    out_dtype: Any = None, check_finite: bool = True, progress: Progress | None = None, compute_dtype: Any = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(job.name, merged tensor)`` for each job in order, one tensor in memory at a
-    time (plus one of lookahead). Non-float tensors are copied from the job's base."""
+    time (plus one of lookahead). Non-float tensors are copied from the job's base. Dtypes:
+    :func:`unify_dtypes`."""
     m = registry.get(method)
-    cast = _np_dtype(out_dtype)
+    cast, compute = _np_dtype(out_dtype), _np_dtype(compute_dtype)
 
     def dispatch(job: Job):
         """Reads one tensor of every model and starts its merge; JAX runs it asynchronously."""
@@ -195,7 +200,7 @@ def stream_jobs(
         if check_finite:
             for (c, n), x in zip([job.base, *job.experts], [b, *es]):
                 _check_finite(c, n, x)
-        b, es = unify_dtypes(b, es, cast)
+        b, es = unify_dtypes(b, es, cast, compute)
         hp = hparams if job.hparams is None else job.hparams
         leaf = job.name if any(hp.get(p) is not None for p in m.path_params) else LEAF
         with coverage.quiet():  # reported once for the whole merge
@@ -243,12 +248,12 @@ def iter_merged_in_memory(
 
 
 def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint], out: np.dtype | None = None,
-                ) -> tuple[dict, list[dict]]:
+                compute: np.dtype | None = None) -> tuple[dict, list[dict]]:
     """Every float tensor of every model as flat ``{name: array}`` dicts, :func:`unify_dtypes` per tensor."""
     b, es = {}, [{} for _ in experts]
     for n, t in base.tensors.items():
         if t.is_float:
-            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts], out)
+            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts], out, compute)
             for e, x in zip(es, values):
                 e[n] = x
     return b, es
@@ -256,12 +261,12 @@ def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint], out: np.d
 
 def merge_in_memory(
     inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
-    lwptv: Any = None,
+    lwptv: Any = None, compute_dtype: Any = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
     cast = _np_dtype(out_dtype)
-    b, es = read_floats(base, experts, cast)
+    b, es = read_floats(base, experts, cast, _np_dtype(compute_dtype))
     extra = {} if lwptv is None else {"lwptv": lwptv}
     merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hp)
     del es
@@ -344,6 +349,7 @@ def merge_to_dir(
     in_memory: bool = False,
     lwptv: Any = None,
     progress: Progress | None = None,
+    compute_dtype: Any = None,
     **hparams,
 ) -> StreamResult:
     """Merges into an HF directory ``out``: sharded safetensors + index, the base's
@@ -359,7 +365,7 @@ def merge_to_dir(
     in_memory = in_memory or lwptv is not None
     inputs = base if isinstance(base, Inputs) else open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
     plan = output_plan(inputs.base.tensors, out_dtype, shard_size)
-    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite)
+    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite, compute_dtype=compute_dtype)
     if in_memory:
         tensors = merge_in_memory(inputs, method, lwptv=lwptv, **common)
     else:

@@ -233,3 +233,26 @@ def run_again(root, text):
 
     shutil.rmtree(root / "out")
     return run(root, text)
+
+
+def test_compute_dtype_model_rounds_the_inputs_to_dtype_first_as_mergekit(root):
+    """mergekit casts every input to `dtype` before merging; `jmerge: {compute_dtype: model}` does too
+    (its default merges the float32 inputs and rounds once)."""
+    bf16 = st.numpy_dtype("bfloat16")
+    text = ("models:\n  - model: a\n    parameters: {weight: 0.6}\n  - model: b\n    parameters: {weight: 0.4}\n"
+            "merge_method: linear\ndtype: bfloat16\n")
+    a, b = load(root, "a"), load(root, "b")
+    default, _ = run(root, text)
+    model, cfg = run_again(root, text + "jmerge: {compute_dtype: model}\n")
+    assert cfg["torch_dtype"] == "bfloat16"
+    same = {"model": 0, "default": 0}
+    total = 0
+    for n in a:
+        x, y = (m[n].astype(bf16).astype(np.float32) for m in (a, b))
+        want = ((0.6 * x + 0.4 * y) / np.float32(1.0)).astype(bf16)  # mergekit's linear: float32 sum of the bf16 inputs
+        assert model[n].dtype == bf16
+        same["model"] += int(np.sum(model[n] == want))
+        same["default"] += int(np.sum(default[n] == want))
+        total += x.size
+    # 933 of 936 measured: jmerge sums base + w (x - base) where mergekit sums w x, in float32 either way
+    assert same["model"] >= 0.99 * total and same["default"] < 0.9 * total, (same, total)

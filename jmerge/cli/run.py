@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jmerge.io.gguf import model_files
 
     extra = {**model_files(base), **_out_config(plan.base, out_dtype, None),  # a GGUF base: its config and tokenizer
-             "jmerge_config.yml": plan.config_text}
+             **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(
         f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
         f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         streaming.merge_to_dir(
             args.out, inputs, None, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
             force=args.force, card=card, extra_files=extra, check_finite=plan.check_finite, in_memory=in_memory,
-            lwptv=plan.lwptv_config(), progress=tick,
+            lwptv=plan.lwptv_config(), progress=tick, compute_dtype=plan.compute_dtype,
         )
     _summary(args.out, start, base.nbytes * (len(experts) + 1))
     return 0
@@ -143,14 +143,14 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
         "hyper-parameters above are those at t = 0.\n\n",
     )
     extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None),
-             "jmerge_config.yml": plan.config_text}
+             **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(f"merging {len(plan.slices)} slice(s) into {args.out} with {plan.method} "
                                f"(streamed; {len(jobs)} tensors, {len(layers)} layers)")
     tensors = {j.name: j.info for j in jobs}
     with progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(jobs))
         stream = streaming.stream_jobs(jobs, plan.method, plan.hparams, key=key, out_dtype=out_dtype,
-                                       check_finite=plan.check_finite,
+                                       check_finite=plan.check_finite, compute_dtype=plan.compute_dtype,
                                        progress=lambda phase, name: bar.update(task, advance=1, description=phase))
         streaming.write_dir(args.out, base, stream, streaming.output_plan(tensors, out_dtype, args.shard_size),
                             protect=[p for sp in plan.slices for p in sp.experts], force=args.force, card=card,

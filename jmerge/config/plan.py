@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jmerge.config import settings
+from jmerge.config import settings, tokenizer
 from jmerge.config.hf_layers import layers_of
 from jmerge.config.mergekit import map_mergekit, table
 from jmerge.config.schema import (
@@ -36,6 +36,8 @@ class MergePlan:
     config_text: str
     source_method: str
     config: MergeConfig
+    compute_dtype: str | None  # inputs rounded to it first (mergekit's `dtype`, jmerge.compute_dtype: model)
+    extra_files: dict[str, str]  # tokenizer files written over the base's (tokenizer_source, chat_template)
     slices: tuple["SlicePlan", ...] | None  # a per-tensor plan (slices, gradients, filters): jmerge.config.slices
 
     @property
@@ -241,6 +243,7 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
                           "use jmerge.learn in Python on LwPTV-pruned task vectors")
     learn = _learn(opts.learn, method, sp.experts, where) if opts.learn is not None else None
+    extra_files = _tokenizer_files(cfg, sp.base, list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
     return MergePlan(
         method=method,
         base=sp.base,
@@ -255,8 +258,29 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         config_text=config_text,
         source_method=cfg.merge_method,
         config=cfg,
+        compute_dtype=cfg.dtype if opts.compute_dtype == "model" else None,
+        extra_files=extra_files,
         slices=tuple(plans) if per_tensor else None,
     )
+
+
+def _tokenizer_files(cfg: MergeConfig, base: Path, models: list[Path], where: Path) -> dict[str, str]:
+    """The tokenizer files ``tokenizer_source`` / ``tokenizer`` / ``chat_template`` give (:mod:`.tokenizer`)."""
+    if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
+        raise ConfigError("give one of `tokenizer_source` and `tokenizer` (mergekit refuses both)")
+    key, source = ("tokenizer_source", cfg.tokenizer_source) if cfg.tokenizer is None else ("tokenizer.source", cfg.tokenizer.source)
+    if cfg.tokenizer is not None:
+        for field in ("tokens", "pad_to_multiple_of"):
+            if getattr(cfg.tokenizer, field) is not None:
+                raise ConfigError(f"`tokenizer.{field}` (mergekit's new-token embeddings) is not supported")
+    files: dict[str, str] = {}
+    if source is not None:
+        if source not in ("base", "union"):
+            source = str(_resolve_path(source, where, key))
+        files = tokenizer.source_files(source, base, [m for m in models if m != base], key)
+    if cfg.chat_template is not None:
+        files.update(tokenizer.chat_template_files(cfg.chat_template, files, base, models))
+    return files
 
 
 def _learn(opts: LearnOptions, method: str, experts: tuple[Path, ...], where: Path) -> LearnOptions:

@@ -74,6 +74,16 @@ class JmergeOptions(BaseModel):
     learn: LearnOptions | None = None
     check_finite: bool = True
     in_memory: bool = False
+    compute_dtype: Literal["float32", "model"] = "float32"  # "model": mergekit's arithmetic in `dtype`
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block (only ``source`` is supported)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
 
 
 class MergeConfig(BaseModel):
@@ -87,15 +97,15 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Any] = {}
     dtype: str | None = None
     out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     jmerge: JmergeOptions = JmergeOptions()
 
 
 # mergekit top-level keys jmerge does not support, and why
 _UNSUPPORTED_TOP = {
     "modules": "multi-module configs are not supported; list whole models under `models`",
-    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer files are copied",
-    "tokenizer_source": "tokenizer merging is not supported; the base model's tokenizer files are copied",
-    "chat_template": "chat templates are not supported; the base model's tokenizer files are copied",
     "name": "multi-stage configs (mergekit-multi) are not supported",
 }
 
@@ -151,6 +161,8 @@ def _known_keys(parent: tuple) -> list[str]:
         return list(LearnOptions.model_fields)
     if parent[0] == "jmerge":
         return list(JmergeOptions.model_fields)
+    if parent[0] == "tokenizer":
+        return list(TokenizerSpec.model_fields)
     if parent[0] == "models":
         return list(ModelSpec.model_fields)
     if parent[0] == "slices":
