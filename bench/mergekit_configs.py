@@ -14,7 +14,6 @@ mergekit's ``run_merge`` (one process for all, :mod:`bench._mergekit_driver`) an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -25,8 +24,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bench import write_report
-from bench.mergekit_bench import VENV, compare, ensure_mergekit, versions
+from bench import table_report
+from bench.mergekit_bench import compare, ensure_mergekit, versions
+from bench.mergekit_methods import parse_args
 
 RESULTS = Path(__file__).parent / "results" / "mergekit_configs.md"
 DRIVER = Path(__file__).parent / "_mergekit_driver.py"
@@ -177,31 +177,19 @@ def _line(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--venv", type=Path, default=VENV)
-    p.add_argument("--only", nargs="*", help="case names starting with these words")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    cases = [c for c in CASES if not args.only or any(c[0].startswith(o) for o in args.only)]
+    args, cases = parse_args(__doc__, RESULTS, CASES, argv)
     rows = run_cases(ensure_mergekit(args.venv).parents[1], cases)
-    lines = [
-        "# jmerge vs mergekit on mergekit's test configs and config keys, tiny real architectures",
-        "",
-        "Command: `" + " ".join([".venv/bin/python -m bench.mergekit_configs", *(argv if argv is not None else sys.argv[1:])])
-        + "`",
-        "",
+    table_report(
+        args.out, "jmerge vs mergekit on mergekit's test configs and config keys, tiny real architectures",
+        "bench.mergekit_configs", argv,
         f"{versions(args.venv)}. Models: transformers' Llama, Mistral, Qwen2 and GPT-2 with 6 layers, hidden size 32, "
         "vocab 64 (random init), float32; experts = base + 0.01 N(0,1). `dtype` is each row's; low-precision rows run "
         "jmerge twice: its default (float32 inputs, rounded once) and `jmerge: {compute_dtype: model}` (inputs "
-        "rounded to `dtype` first, as mergekit loads them). Entries per model: Llama 56736, Mistral 50592, Qwen2 50976, GPT-2 79360.",
-        "",
-        "| case | architecture | dtype | jmerge compute_dtype | max abs difference | entries differing by > 1e-6 | "
-        "config.json (layers, dtype) | notes (jmerge's ConfigWarnings) |",
-        "|---|---|---|---|---|---|---|---|",
-        *map(_line, rows),
-        "",
-    ]
-    write_report(args.out, "\n".join(lines))
+        "rounded to `dtype` first, as mergekit loads them). Entries per model: Llama 56736, Mistral 50592, Qwen2 "
+        "50976, GPT-2 79360.",
+        ["case", "architecture", "dtype", "jmerge compute_dtype", "max abs difference", "entries differing by > 1e-6",
+         "config.json (layers, dtype)", "notes (jmerge's ConfigWarnings)"],
+        map(_line, rows))
     return 0
 
 

@@ -45,9 +45,10 @@ passthrough        passthrough         scale (1.0, per model); one model (per sl
 
 Known differences from mergekit, where semantics cannot match exactly:
 
-* ``dtype`` is mergekit's compute dtype; jmerge always computes in float32 and uses
-  ``dtype`` (or ``out_dtype``) only as the output dtype, so low-precision outputs are
-  rounded once instead of at every step.
+* ``dtype`` is mergekit's compute dtype (it rounds every input to it); jmerge by default
+  merges the stored inputs in float32 and rounds once, to ``out_dtype`` or ``dtype``;
+  ``jmerge: {compute_dtype: model}`` rounds the inputs to ``dtype`` first, as mergekit does
+  (mergekit's per-step rounding inside a method is not reproduced; docs/mergekit.md).
 * DARE/DELLA ``rescale``: jmerge divides survivors by the keep probability (the papers);
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
