@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.mergekit_bench import VENV, compare, ensure_mergekit, versions
 from jmerge.io import safetensors_io as st
-from bench import write_report
+from bench import table_report
 
 RESULTS = Path(__file__).parent / "results" / "mergekit_methods.md"
 TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 16}
@@ -158,28 +158,25 @@ def run_cases(mergekit_yaml: Path, cases) -> list[tuple[str, dict | None, str, l
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, results: Path, cases: list, argv) -> tuple[argparse.Namespace, list]:
+    """``--venv``, ``--only`` (case names starting with these words), ``--out``: the args and the chosen cases."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--venv", type=Path, default=VENV)
     p.add_argument("--only", nargs="*", help="case names starting with these words")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=results)
     args = p.parse_args(argv)
-    cases = [c for c in CASES if not args.only or any(c[0].startswith(o) for o in args.only)]
+    return args, [c for c in cases if not args.only or any(c[0].startswith(o) for o in args.only)]
+
+
+def main(argv=None) -> int:
+    args, cases = parse_args(__doc__, RESULTS, CASES, argv)
     rows = run_cases(ensure_mergekit(args.venv), cases)
-    lines = [
-        "# jmerge vs mergekit: one tiny float32 config per method / config key",
-        "",
-        "Command: `" + " ".join([".venv/bin/python -m bench.mergekit_methods", *(argv if argv is not None else sys.argv[1:])]) + "`",
-        "",
+    table_report(
+        args.out, "jmerge vs mergekit: one tiny float32 config per method / config key", "bench.mergekit_methods", argv,
         f"{versions(args.venv)}. Models: a 2-layer GPT-2 (n_embd 16, vocab 64), base ~ 0.1 N(0,1), experts "
         "base + 0.01 N(0,1) (RAM rows: on 30 % of the entries). `dtype: float32`.",
-        "",
-        "| case | max abs difference (mergekit vs jmerge) | entries differing by > 1e-6 |",
-        "|---|---|---|",
-        *(f"| {n} | {o} |" for n, _, o, _ in rows),
-        "",
-    ]
-    write_report(args.out, "\n".join(lines))
+        ["case", "max abs difference (mergekit vs jmerge)", "entries differing by > 1e-6"],
+        (f"| {n} | {o} |" for n, _, o, _ in rows))
     return 0
 
 

@@ -115,23 +115,51 @@ def _kept(tvs: Sequence[PyTree], lower: Sequence, upper: Sequence | None = None)
     return out
 
 
-def magnitude_trim(density: float | Sequence[float], scope: str = "global") -> Sparsifier:
-    """TIES trim (Yadav et al., 2023, arXiv 2306.01708): keep ``|tau_t| >= kth_t``, ``kth_t``
-    the ``int(d_t n)``-th largest ``|tau_t|`` of the unit, zero the rest (ties with the k-th
-    largest are kept).
+def magnitude_trim(density: float | Sequence[float], scope: str = "global", tie_break: str = "all") -> Sparsifier:
+    """TIES trim (Yadav et al., 2023, arXiv 2306.01708): keep the ``k_t = int(d_t n)`` largest
+    ``|tau_t|`` of each unit, zero the rest.
 
     ``scope="global"`` ranks over the whole flattened task vector (TIES paper, FusionBench);
     ``scope="tensor"`` ranks within each tensor (mergekit, PEFT). ``density`` may be one
-    value or one per task.
+    value or one per task. ``tie_break`` settles entries tied with the k-th largest:
+    ``"all"`` keeps them all (``|tau_t| >= kth_t``; jmerge's rule, which needs no order);
+    ``"first"`` keeps exactly ``k = max(1, int(d n))``, the tied entries first in row-major
+    order, as mergekit 0.1.5 (its ``torch.argsort`` breaks ties in an unspecified order, so
+    which tied entries survive can still differ; how many cannot). ``"first"`` needs
+    ``scope="tensor"``.
     """
     if scope not in ("global", "tensor"):
         raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
+    if tie_break not in ("all", "first"):
+        raise ValueError(f"tie_break must be 'all' or 'first', got {tie_break!r}")
+    if tie_break == "first" and scope != "tensor":
+        raise ValueError("tie_break='first' ranks within each tensor: it needs scope 'tensor'")
+    first = tie_break == "first"
+
+    def count(t: int, n: int) -> int:
+        return thresholds.keep_count(_at(density, t), n, at_least_one=first)
 
     def apply(tvs, answers, key=None):
         per_task(density, len(tvs))  # one density or one per task
-        return _kept(tvs, [a[0] for a in answers])
+        if not first:
+            return _kept(tvs, [a[0] for a in answers])
+        return [_kept_first(tv, a[0], lambda n, t=t: count(t, n)) for t, (tv, a) in enumerate(zip(tvs, answers))]
 
-    return Sparsifier(thresholds.Query(scope, lambda t, n: (thresholds.keep_count(_at(density, t), n),)), apply)
+    return Sparsifier(thresholds.Query(scope, lambda t, n: (count(t, n),)), apply)
+
+
+def _kept_first(tv: PyTree, lower, count: Callable[[int], int]) -> PyTree:
+    """Per leaf, ``tau`` on exactly ``count(size)`` entries: those above the leaf's threshold
+    ``lower`` (its k-th largest ``|tau|``), then the tied ones in row-major order."""
+    leaves, treedef = jax.tree.flatten(tv)
+    out = []
+    for x, lo in zip(leaves, _per_leaf(tv, lower)):
+        mag, lo = jnp.abs(x.astype(jnp.float32)), jnp.asarray(lo, jnp.float32)
+        above, tied = mag > lo, mag == lo
+        room = count(x.size) - jnp.sum(above)
+        rank = jnp.cumsum(tied.reshape(-1)).reshape(x.shape)
+        out.append(jnp.where(above | (tied & (rank <= room)), x, 0.0))
+    return jax.tree.unflatten(treedef, out)
 
 
 def dare(density: float | Sequence[float], rescale: bool = True) -> Sparsifier:

@@ -90,10 +90,17 @@ def open_inputs(
     return Inputs(base, experts, hp)
 
 
-def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The one mixed-dtype rule: when an expert stores another float dtype than the base, that
-    tensor of every model is taken in float32 (exact for bf16/f16 inputs); else unchanged."""
-    if any(x.dtype != base.dtype for x in experts):
+def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray], out: np.dtype | None = None,
+                 compute: np.dtype | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The one mixed-dtype rule: when an expert stores another float dtype than the base, or
+    the output dtype ``out`` is not the base's, that tensor of every model is taken in float32
+    (exact for bf16/f16 inputs), so the merge is rounded once, to the output dtype (a bf16 merge
+    written as float32 keeps its float32 result); else unchanged. ``compute`` (mergekit's
+    ``dtype`` under ``jmerge: {compute_dtype: model}``) instead rounds every tensor to it first,
+    as mergekit loads its inputs, and the merge returns that dtype."""
+    if compute is not None:
+        return base.astype(compute), [x.astype(compute) for x in experts]
+    if any(x.dtype != base.dtype for x in experts) or (out is not None and out != base.dtype):
         return base.astype(np.float32), [x.astype(np.float32) for x in experts]
     return base, list(experts)
 
@@ -144,34 +151,64 @@ def iter_merged(
                          check_finite=check_finite, progress=progress)
 
 
+class Job(NamedTuple):
+    """One output tensor ``name``: merged from ``base``'s and ``experts``' tensors (each a
+    ``(checkpoint, tensor name)``) with ``hparams`` (the merge's when None). A merge of whole
+    checkpoints is one job per base tensor; mergekit's slices and gradients
+    (:mod:`jmerge.config.slices`) give each output tensor its own sources and hyper-parameters."""
+
+    name: str
+    base: tuple[st.Checkpoint, str]
+    experts: tuple[tuple[st.Checkpoint, str], ...]
+    hparams: dict[str, Any] | None = None
+
+    @property
+    def info(self) -> st.TensorInfo:
+        return self.base[0].tensors[self.base[1]]
+
+
 def stream_inputs(
     inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
-    progress: Progress | None = None,
+    progress: Progress | None = None, compute_dtype: Any = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """:func:`iter_merged` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
     answers = global_answers(base, experts, method, hp, progress)
-    use_names = any(hp.get(p) is not None for p in registry.get(method).path_params)
     coverage.report(coverage.of_checkpoint(method, base, hp, len(experts)))
-    cast = _np_dtype(out_dtype)
+    jobs = [Job(n, (base, n), tuple((e, n) for e in experts)) for n in base.tensors]
+    yield from stream_jobs(jobs, method, hp, key=key, answers=answers, out_dtype=out_dtype, check_finite=check_finite,
+                           progress=progress, compute_dtype=compute_dtype)
 
-    def dispatch(name: str, info: st.TensorInfo):
+
+def stream_jobs(
+    jobs: Sequence[Job], method: str, hparams: dict[str, Any], *, key: jax.Array | None = None, answers=None,
+    out_dtype: Any = None, check_finite: bool = True, progress: Progress | None = None, compute_dtype: Any = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(job.name, merged tensor)`` for each job in order, one tensor in memory at a
+    time (plus one of lookahead). Non-float tensors are copied from the job's base. Dtypes:
+    :func:`unify_dtypes`."""
+    m = registry.get(method)
+    cast, compute = _np_dtype(out_dtype), _np_dtype(compute_dtype)
+
+    def dispatch(job: Job):
         """Reads one tensor of every model and starts its merge; JAX runs it asynchronously."""
-        b = base.read(name)
+        (ckpt, src), info = job.base, job.info
+        b = ckpt.read(src)
         if not info.is_float:
             return b
-        es = [e.read(name) for e in experts]
+        es = [c.read(n) for c, n in job.experts]
         if check_finite:
-            for ckpt, x in zip([base, *experts], [b, *es]):
-                _check_finite(ckpt, name, x)
-        b, es = unify_dtypes(b, es)
-        leaf = name if use_names else LEAF
-        with coverage.quiet():  # reported once for the whole checkpoint, above
+            for (c, n), x in zip([job.base, *job.experts], [b, *es]):
+                _check_finite(c, n, x)
+        b, es = unify_dtypes(b, es, cast, compute)
+        hp = hparams if job.hparams is None else job.hparams
+        leaf = job.name if any(hp.get(p) is not None for p in m.path_params) else LEAF
+        with coverage.quiet():  # reported once for the whole merge
             return registry.merge(
                 {leaf: b},
                 [{leaf: x} for x in es],
                 method,
-                key=None if key is None else {leaf: jtree.keys_like(key, {name: b})[name]},
+                key=None if key is None else {leaf: jtree.keys_like(key, {job.name: b})[job.name]},
                 check_finite=False,
                 answers=answers,
                 **hp,
@@ -180,13 +217,14 @@ def stream_inputs(
     # One tensor of lookahead: the host reads tensor i+1 (and finds its thresholds) while
     # XLA merges tensor i, so disk, numpy and XLA overlap; memory stays at two tensors.
     pending = None
-    for name, info in [*base.tensors.items(), (None, None)]:
-        current = None if name is None else (name, info, dispatch(name, info))
+    for job in [*jobs, None]:
+        current = None if job is None else (job, dispatch(job))
         if pending is not None:
-            pname, pinfo, result = pending
-            yield pname, np.asarray(result).astype(cast or pinfo.dtype, copy=False) if pinfo.is_float else result
+            pjob, result = pending
+            info = pjob.info
+            yield pjob.name, np.asarray(result).astype(cast or info.dtype, copy=False) if info.is_float else result
             if progress:
-                progress("merge", pname)
+                progress("merge", pjob.name)
         pending = current
 
 
@@ -209,12 +247,13 @@ def iter_merged_in_memory(
     return merge_in_memory(inputs, method, key=key, out_dtype=out_dtype, check_finite=check_finite, lwptv=lwptv)
 
 
-def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint]) -> tuple[dict, list[dict]]:
+def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint], out: np.dtype | None = None,
+                compute: np.dtype | None = None) -> tuple[dict, list[dict]]:
     """Every float tensor of every model as flat ``{name: array}`` dicts, :func:`unify_dtypes` per tensor."""
     b, es = {}, [{} for _ in experts]
     for n, t in base.tensors.items():
         if t.is_float:
-            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts])
+            b[n], values = unify_dtypes(base.read(n), [e.read(n) for e in experts], out, compute)
             for e, x in zip(es, values):
                 e[n] = x
     return b, es
@@ -222,15 +261,15 @@ def read_floats(base: st.Checkpoint, experts: Sequence[st.Checkpoint]) -> tuple[
 
 def merge_in_memory(
     inputs: Inputs, method: str, *, key: jax.Array | None = None, out_dtype: Any = None, check_finite: bool = True,
-    lwptv: Any = None,
+    lwptv: Any = None, compute_dtype: Any = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
-    b, es = read_floats(base, experts)
+    cast = _np_dtype(out_dtype)
+    b, es = read_floats(base, experts, cast, _np_dtype(compute_dtype))
     extra = {} if lwptv is None else {"lwptv": lwptv}
     merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hp)
     del es
-    cast = _np_dtype(out_dtype)
     for name, info in base.tensors.items():
         yield name, (np.asarray(merged[name]).astype(cast or info.dtype, copy=False) if info.is_float else base.read(name))
 
@@ -286,10 +325,11 @@ class StreamResult:
     seconds: float
 
 
-def output_plan(base: st.Checkpoint, out_dtype: Any = None, shard_size: int | str = st.DEFAULT_SHARD_SIZE) -> st.ShardPlan:
-    """The output shards of a merge of ``base``: its tensors, float ones cast to ``out_dtype``."""
+def output_plan(tensors: Mapping[str, st.TensorInfo], out_dtype: Any = None,
+                shard_size: int | str = st.DEFAULT_SHARD_SIZE) -> st.ShardPlan:
+    """The output shards of a merge into ``tensors`` (e.g. the base's): float ones cast to ``out_dtype``."""
     code = None if out_dtype is None else st.dtype_code(_np_dtype(out_dtype))
-    specs = [(n, t.shape, code if (code and t.is_float) else t.code) for n, t in base.tensors.items()]
+    specs = [(n, t.shape, code if (code and t.is_float) else t.code) for n, t in tensors.items()]
     return st.ShardPlan.build(specs, st.parse_size(shard_size))
 
 
@@ -309,6 +349,7 @@ def merge_to_dir(
     in_memory: bool = False,
     lwptv: Any = None,
     progress: Progress | None = None,
+    compute_dtype: Any = None,
     **hparams,
 ) -> StreamResult:
     """Merges into an HF directory ``out``: sharded safetensors + index, the base's
@@ -323,8 +364,8 @@ def merge_to_dir(
     start = time.perf_counter()
     in_memory = in_memory or lwptv is not None
     inputs = base if isinstance(base, Inputs) else open_inputs(base, experts, method, key=key, in_memory=in_memory, **hparams)
-    plan = output_plan(inputs.base, out_dtype, shard_size)
-    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite)
+    plan = output_plan(inputs.base.tensors, out_dtype, shard_size)
+    common = dict(key=key, out_dtype=out_dtype, check_finite=check_finite, compute_dtype=compute_dtype)
     if in_memory:
         tensors = merge_in_memory(inputs, method, lwptv=lwptv, **common)
     else:
@@ -368,4 +409,4 @@ def write_dir(
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     out = Path(out)
-    return StreamResult(out, tuple(p.name for p in files), len(base.tensors), st.dir_size(out), time.perf_counter() - start)
+    return StreamResult(out, tuple(p.name for p in files), sum(map(len, plan.members)), st.dir_size(out), time.perf_counter() - start)

@@ -68,7 +68,7 @@ def models(*names, **params):
      {"weights": (0.7, 0.6), "normalize": False}, ("e0", "e1")),
     ("ties", models("./base", "e0", "e1", e0="{weight: 1.0, density: 0.3}", e1="{weight: 0.5, density: 0.3}")
      + "base_model: base\nparameters: {rescale: true}\n",
-     {"weights": (1.0, 0.5), "density": 0.3, "normalize": True, "rescale": True, "scale": 1.0, "trim": "tensor",
+     {"weights": (1.0, 0.5), "density": 0.3, "normalize": True, "rescale": True, "scale": 1.0, "trim": "tensor", "tie_break": "first",
       "sign": "sum"}, ("e0", "e1")),
 ])
 def test_mergekit_configs_map_to_jmerge(root, method, text, hparams, experts):
@@ -101,7 +101,10 @@ def test_parameters_mergekit_ignores_are_accepted_with_a_warning(root, text, mes
 
 @pytest.mark.parametrize("text, message", [
     (models("e0") + "base_model: base\nmerge_method: passthrough\n",
-     "merge_method 'passthrough' (a mergekit method) is not implemented in jmerge"),
+     "models: merge_method 'passthrough' takes no `base_model` (mergekit would merge it as one more model)"),
+    (models("e0", "e1") + "merge_method: passthrough\n",
+     "merge_method 'passthrough': passthrough merges one model (per slice: a frankenmerge lists one source per "
+     "slice), got 2 experts"),
     (models("e0", "e1") + "merge_method: nuslerp\n",
      "merge_method 'nuslerp' needs a `weight` for every model; missing for e0, e1"),
     (models("e0") + "base_model: base\nmerge_method: nearswap\n",

@@ -62,8 +62,8 @@ def np_model_stock_merge(base, experts, filter_wise=False):
     out = {}
     for p in b:
         ts = [tau[p] for tau in taus]
-        rows = filter_wise and ts[0].ndim >= 2
-        flat = [x.reshape(x.shape[0], -1) if rows else x.reshape(1, -1) for x in ts]
+        rows = filter_wise and ts[0].ndim >= 2  # mergekit: cosines over the last axis, one t per other index
+        flat = [x if rows else x.reshape(1, -1) for x in ts]
         cos = []
         for i in range(k):
             for j in range(i + 1, k):
@@ -72,7 +72,7 @@ def np_model_stock_merge(base, experts, filter_wise=False):
                 cos.append(np.clip(num / np.maximum(den, 1e-6), -1, 1))
         c = np.mean(cos, axis=0)
         t = k * c / ((k - 1) * c + 1)
-        t = t.reshape((-1,) + (1,) * (ts[0].ndim - 1)) if rows else t.reshape(())
+        t = t[..., None] if rows else t.reshape(())
         out[p] = b[p] + t * np.mean(ts, axis=0)
     return out
 

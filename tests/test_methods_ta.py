@@ -106,6 +106,38 @@ def test_ties_global_trim_on_a_large_model_matches_numpy():
         assert_close_to_reference(out, ref.ties(ref.flat(base), [ref.flat(e) for e in experts], 0.3, 1.0, trim))
 
 
+def test_ties_tie_break_first_keeps_exactly_k_per_tensor_like_numpy():
+    """mergekit's rule: exactly max(1, int(d n)) entries per tensor, tied ones first in row-major order."""
+    rng = np.random.default_rng(4)
+    base = {"w": jnp.zeros((12, 10), jnp.float32), "b": jnp.zeros(7, jnp.float32)}
+    experts = [{p: jnp.asarray(rng.integers(-3, 4, x.shape), jnp.float32) for p, x in base.items()} for _ in range(2)]
+
+    def first_k(tv, density):
+        out = {}
+        for p, x in tv.items():
+            flat = x.reshape(-1)
+            k = max(1, int(density * flat.size))
+            order = np.argsort(-np.abs(flat), kind="stable")[:k]  # ties: the lowest index first
+            kept = np.zeros_like(flat)
+            kept[order] = flat[order]
+            out[p] = kept.reshape(x.shape)
+        return out
+
+    for density in (0.35, 0.05):  # 0.05 * 7 < 1: mergekit still keeps one entry of the bias
+        tvs = [first_k(ref.flat(e), density) for e in experts]
+        want = {p: x for p, x in ref.disjoint_merge(tvs).items()}
+        out = jmerge.merge(base, experts, "ties", trim="tensor", tie_break="first", density=density)
+        for p, x in ref.flat(out).items():
+            np.testing.assert_array_equal(x, want[p], err_msg=p)
+        kept = jmerge.merge(base, experts[:1], "ties", trim="tensor", tie_break="first", density=density)
+        assert {p: int(np.count_nonzero(x)) for p, x in ref.flat(kept).items()} == {
+            p: int(np.count_nonzero(x)) for p, x in tvs[0].items()}
+    everything = jmerge.merge(base, experts[:1], "ties", trim="tensor", density=0.35)  # "all" keeps the ties
+    assert int(np.count_nonzero(ref.flat(everything)["w"])) > int(0.35 * 120)
+    with pytest.raises(jmerge.MergeInputError, match=r"^tie_break='first' \(mergekit's exactly k per tensor\) needs trim='tensor'$"):
+        jmerge.merge(base, experts, "ties", tie_break="first")
+
+
 @pytest.mark.parametrize("method,sparsify", [
     ("dare_linear", lambda tvs, key: stages.dare(0.4)(tvs, key)),
     ("dare_ties", lambda tvs, key: stages.dare(0.4)(tvs, key)),

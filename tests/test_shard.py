@@ -26,7 +26,7 @@ SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered 
 STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 SOLVE_METHODS = {"regmean"}  # a linear solve over each kernel's whole input axis: gathered, as the SVD methods
 SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
-ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}}  # methods merging one model, with required hparams
+ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}, "passthrough": {"scale": 0.5}}  # methods merging one model, with required hparams
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ PER_TENSOR = [
     ("ram", {"epsilon": 0.05}),
     ("ramplus_tl", {"epsilon": 0.05}),
 ]
-FEWER_EXPERTS = [("nearswap", 1, {"t": 0.05}), ("arcee_fusion", 1, {}), ("nuslerp", 2, {"weights": (1.0, 3.0)})]
+FEWER_EXPERTS = [("nearswap", 1, {"t": 0.05}), ("arcee_fusion", 1, {}), ("nuslerp", 2, {"weights": (1.0, 3.0)}),
+                 ("passthrough", 1, {"scale": 0.5})]
 
 
 def test_every_streamable_method_is_covered():

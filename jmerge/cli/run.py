@@ -77,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (args.out.exists() or args.out.is_symlink()) and not args.force:
         raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
     st.parse_size(args.shard_size)
+    if plan.slices is not None:
+        _run_slices(args, plan, out_dtype, key, seed)
+        _summary(args.out, start, sum(st.dir_size(p) for p in {plan.base, *plan.experts}))
+        return 0
     inputs = streaming.open_inputs(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
     base, experts, hp = inputs
     cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
@@ -87,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from jmerge.io.gguf import model_files
 
-    extra = {**model_files(base), "jmerge_config.yml": plan.config_text}  # a GGUF base: its config and tokenizer
+    extra = {**model_files(base), **_out_config(plan.base, out_dtype, None),  # a GGUF base: its config and tokenizer
+             **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(
         f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "
         f"({'in memory' if in_memory else 'streamed'}; {len(base.tensors)} tensors, "
@@ -107,10 +112,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         streaming.merge_to_dir(
             args.out, inputs, None, plan.method, key=key, out_dtype=out_dtype, shard_size=args.shard_size,
             force=args.force, card=card, extra_files=extra, check_finite=plan.check_finite, in_memory=in_memory,
-            lwptv=plan.lwptv_config(), progress=tick,
+            lwptv=plan.lwptv_config(), progress=tick, compute_dtype=plan.compute_dtype,
         )
     _summary(args.out, start, base.nbytes * (len(experts) + 1))
     return 0
+
+
+def _out_config(base: Path, out_dtype: str | None, layers: list | None) -> dict[str, str]:
+    """``{"config.json": text}`` with the output's dtype and layer count, when the base directory has one."""
+    from jmerge.config.hf_layers import out_config
+
+    text = out_config(base, dtype=out_dtype, layers=layers) if base.is_dir() and (out_dtype or layers) else None
+    return {} if text is None else {"config.json": text}
+
+
+def _run_slices(args, plan, out_dtype, key, seed) -> None:
+    """A per-tensor plan (mergekit ``slices``, gradients, filters): :func:`jmerge.config.slices.jobs`, streamed."""
+    from jmerge import __version__, streaming
+    from jmerge.config import slices
+    from jmerge.io import safetensors_io as st
+
+    jobs, layers = slices.jobs(plan)
+    base = jobs[0].base[0]
+    card = st.model_card(
+        method=plan.source_method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
+        base=str(plan.base), experts=[str(e) for e in dict.fromkeys(p for sp in plan.slices for p in sp.experts)],
+        config_text=plan.config_text, version=__version__,
+        extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype)
+        + f"Per-tensor plan: {len(plan.slices)} slice(s), {len(layers)} output layers, {len(jobs)} tensors; the "
+        "hyper-parameters above are those at t = 0.\n\n",
+    )
+    extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None),
+             **plan.extra_files, "jmerge_config.yml": plan.config_text}
+    console(stdout=True).print(f"merging {len(plan.slices)} slice(s) into {args.out} with {plan.method} "
+                               f"(streamed; {len(jobs)} tensors, {len(layers)} layers)")
+    tensors = {j.name: j.info for j in jobs}
+    with progress(args.no_progress) as bar:
+        task = bar.add_task("merge", total=len(jobs))
+        stream = streaming.stream_jobs(jobs, plan.method, plan.hparams, key=key, out_dtype=out_dtype,
+                                       check_finite=plan.check_finite, compute_dtype=plan.compute_dtype,
+                                       progress=lambda phase, name: bar.update(task, advance=1, description=phase))
+        streaming.write_dir(args.out, base, stream, streaming.output_plan(tensors, out_dtype, args.shard_size),
+                            protect=[p for sp in plan.slices for p in sp.experts], force=args.force, card=card,
+                            extra_files=extra)
 
 
 def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtype) -> None:
@@ -143,7 +187,7 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
     text = json.dumps(coefficients, indent=1)
     card = card.replace("## Configuration", f"## Learned coefficients\n\n```json\n{text}\n```\n\n## Configuration", 1)
     tensors = causal_lm.merged_tensors(base, experts, per_tensor, out_dtype)
-    streaming.write_dir(args.out, base, tensors, streaming.output_plan(base, out_dtype, args.shard_size),
+    streaming.write_dir(args.out, base, tensors, streaming.output_plan(base.tensors, out_dtype, args.shard_size),
                         protect=[e.path for e in experts], force=args.force, card=card,
                         extra_files={**extra, "coefficients.json": text + "\n"})
     console(stdout=True).print(f"coefficients: {np.round(np.asarray(result.coefficients), 4).tolist()}")

@@ -18,6 +18,7 @@ closest known name) and resolved to a :class:`MergePlan` before any tensor is re
       parameters: {sign: count}  # any jmerge hyper-parameter of the method, passed as is
       lwptv: {layers: gpt2, score: trim_survival, rule: keep_ratio, value: 0.8}  # LwPTV (in memory)
       # method: iso_cts        # run this jmerge method instead, global parameters passed as is
+      # compute_dtype: model   # round the inputs to `dtype` first, as mergekit (default float32)
       # in_memory: false       # load whole models instead of streaming
       # check_finite: true     # refuse NaN/inf inputs
       # learn:                 # DivMerge / AdaMerging coefficients for causal LMs (merge_method
@@ -31,6 +32,10 @@ misspelt ``densty``). The ``base_model`` may also be listed among ``models`` (un
 spelling of its path); it is then not merged as an expert, except for ``linear`` and
 ``karcher``, which average every listed model (``karcher`` the base_model too).
 
+mergekit's ``slices`` (``sources`` with ``layer_range``), parameter gradients and ``filter``
+conditionals (:mod:`.settings`) give a per-tensor plan (:mod:`.slices`);
+``tokenizer_source``/``tokenizer``/``chat_template``: :mod:`.tokenizer`.
+
 Any other registered jmerge method (``magmax``, ``consensus``, ``tsv``, ``iso_c``,
 ``iso_cts``...) may be named in ``merge_method`` directly: its global ``parameters`` are
 jmerge hyper-parameters and per-model values become per-task tuples (``weight`` ->
@@ -38,8 +43,10 @@ jmerge hyper-parameters and per-model values become per-task tuples (``weight`` 
 
 The package has one module per job: :mod:`.schema` (the YAML document and its errors),
 :mod:`.mergekit` (mapping mergekit's methods from the facts each
-:class:`~jmerge.methods.registry.Method` declares in its ``mergekit``; the mapping table) and :mod:`.plan`
-(resolving a config to a :class:`MergePlan`).
+:class:`~jmerge.methods.registry.Method` declares in its ``mergekit``; the mapping table), :mod:`.plan`
+(resolving a config to a :class:`MergePlan`), :mod:`.settings` (gradients and filters),
+:mod:`.hf_layers` (a checkpoint's layer stack; the output config.json), :mod:`.slices` (per-tensor
+jobs) and :mod:`.tokenizer`.
 """
 
 from jmerge.config.mergekit import ConfigWarning

@@ -12,7 +12,8 @@ mergekit           jmerge              mapping
 linear             average             weight -> weights; normalize (true; false: sum_t w_t theta_t)
 task_arithmetic    task_arithmetic     lambda (1.0) -> scale; weight -> weights; normalize
                                        (default false) divides the weights by their sum
-ties               ties                trim="tensor" (mergekit ranks per tensor), sign="sum";
+ties               ties                trim="tensor" (mergekit ranks per tensor), tie_break="first"
+                                       (exactly max(1, int(d n)) kept per tensor), sign="sum";
                                        density (1.0), normalize (true), lambda -> scale,
                                        rescale (false; true: each trimmed tensor to its L1 norm)
 dare_linear        dare_linear         density (1.0), rescale (true), lambda; normalize (false)
@@ -39,21 +40,22 @@ nuslerp            nuslerp             weight (required) -> weights, nuslerp_fla
                                        (task vectors with it, whole weights without)
 ram                ram                 epsilon (1e-5); base_model required
 ramplus_tl         ramplus_tl          r (0.1), alpha (0.2), epsilon (1e-5); base_model required
-passthrough        -                   "not implemented in jmerge"
+passthrough        passthrough         scale (1.0, per model); one model (per slice), no base
 =================  ==================  ==========================================================
 
 Known differences from mergekit, where semantics cannot match exactly:
 
-* ``dtype`` is mergekit's compute dtype; jmerge always computes in float32 and uses
-  ``dtype`` (or ``out_dtype``) only as the output dtype, so low-precision outputs are
-  rounded once instead of at every step.
+* ``dtype`` is mergekit's compute dtype (it rounds every input to it); jmerge by default
+  merges the stored inputs in float32 and rounds once, to ``out_dtype`` or ``dtype``;
+  ``jmerge: {compute_dtype: model}`` rounds the inputs to ``dtype`` first, as mergekit does
+  (mergekit's per-step rounding inside a method is not reproduced; docs/mergekit.md).
 * DARE/DELLA ``rescale``: jmerge divides survivors by the keep probability (the papers);
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
-* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), parameter gradients
-  (lists over layers) and ``filter`` conditionals, ``slices``/``modules`` and tokenizer
-  surgery are rejected with an error saying so.
+* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), ``modules`` and tokenizer
+  surgery are rejected with an error saying so. ``slices``, gradients and ``filter``
+  conditionals: :mod:`jmerge.config.slices`.
 * ``model+lora`` references (any model, or ``base_model``): the model with the PEFT adapter's
   ``ΔW`` added on read (:func:`jmerge.lora.open_with_lora`), where mergekit writes a merged copy
   to its LoRA cache first; the sum is cast to the model's dtype as mergekit stores it.
@@ -66,10 +68,6 @@ from typing import Any
 
 from jmerge.config.schema import ConfigError, MergeConfig, ModelSpec, closest, per_model, scalar
 from jmerge.methods import registry
-
-
-# mergekit 0.1.5 methods jmerge does not implement (the others: each Method's `mergekit` fact)
-UNIMPLEMENTED = frozenset({"passthrough"})
 
 
 def table() -> dict[str, registry.Method]:

@@ -4,14 +4,17 @@ before any tensor is read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jmerge.config.mergekit import UNIMPLEMENTED, map_mergekit, table
+from jmerge.config import settings, tokenizer
+from jmerge.config.hf_layers import layers_of
+from jmerge.config.mergekit import map_mergekit, table
 from jmerge.config.schema import (
     ConfigError, LearnOptions, MergeConfig, ModelSpec, check_dtype, closest, load_config, per_model, scalar,
 )
+from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 from jmerge.methods.data_driven import MEASURED, STATISTICS
 from jmerge.validate import MergeInputError
@@ -33,6 +36,10 @@ class MergePlan:
     check_finite: bool
     config_text: str
     source_method: str
+    config: MergeConfig
+    compute_dtype: str | None  # inputs rounded to it first (mergekit's `dtype`, jmerge.compute_dtype: model)
+    extra_files: dict[str, str]  # tokenizer files written over the base's (tokenizer_source, chat_template)
+    slices: tuple["SlicePlan", ...] | None  # a per-tensor plan (slices, gradients, filters): jmerge.config.slices
 
     @property
     def needs_key(self) -> bool:
@@ -63,48 +70,127 @@ def _resolve_path(ref: str, where: Path, what: str) -> Path:
     )
 
 
-def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) -> MergePlan:
-    """Checks the whole config and maps it to a jmerge method and hyper-parameters."""
-    where = where or Path.cwd()
-    opts = cfg.jmerge
-    name = opts.method or cfg.merge_method
-    mergekit_names = table()
-    mapped = mergekit_names.get(name) if opts.method is None else None  # a method named as mergekit names it
-    mk = mapped.mergekit if mapped else None
-    if mk is None and name in UNIMPLEMENTED and name not in registry.available():
-        raise ConfigError(f"merge_method {name!r} (a mergekit method) is not implemented in jmerge")
-    if mk is None and name not in registry.available():
-        known = sorted(set(mergekit_names) | set(registry.available()))
-        raise ConfigError(f"unknown merge_method {name!r}{closest(name, known)} (known: {', '.join(known)})")
-    method = mapped.name if mapped else name
-    check_dtype(cfg.dtype, "dtype")
-    check_dtype(cfg.out_dtype, "out_dtype")
-    if not cfg.models:
-        raise ConfigError("`models` is empty")
+@dataclass(frozen=True)
+class SlicePlan:
+    """One output slice (a ``models:`` config is one slice of every layer): the model the task
+    vectors start from, the merged models with their layer ranges (None: every layer), and the
+    settings that give each tensor's hyper-parameters (:func:`tensor_hparams`)."""
 
-    base_ref = cfg.base_model
-    refs = [m.model for m in cfg.models]
-    if base_ref is None:
+    where: str
+    base: Path
+    base_range: tuple[int, int] | None
+    experts: tuple[Path, ...]
+    ranges: tuple[tuple[int, int] | None, ...]
+    specs: tuple[ModelSpec, ...]  # the models whose per-model parameters are read (the base's are not)
+    parameters: dict[str, Any]  # the slice's settings, over the global ones
+
+    @property
+    def length(self) -> int | None:
+        return None if self.base_range is None else self.base_range[1] - self.base_range[0]
+
+
+def _slice(cfg: MergeConfig, mk, name: str, members, base_ref: str | None, where: Path, label: str,
+           parameters: dict[str, Any]) -> SlicePlan:
+    """The base and merged models of one slice (``members``: ``(spec, layer range or None)``),
+    by the method's mergekit facts: the base_model may be listed among them (under any spelling
+    of its path) and is then not merged, except where the method averages every model."""
+    paths = [_resolve_path(m.model, where, "model") for m, _ in members]
+    if mk is not None and mk.base == "refused" and base_ref is not None:
+        raise ConfigError(f"{label}: merge_method {name!r} takes no `base_model` (mergekit would merge it as "
+                          "one more model)")
+    base = None if base_ref is None else _resolve_path(base_ref, where, "base_model")
+    if base is None:
         if mk is not None and mk.base == "required":
             raise ConfigError(f"merge_method {name!r} needs `base_model`")
         if mk is None:
             raise ConfigError("`base_model` is required (the pre-trained model the task vectors start from)")
-        base_ref = refs[0]
-    base = _resolve_path(base_ref, where, "base_model")
-    paths = [_resolve_path(m.model, where, "model") for m in cfg.models]
-    if mk is None or mk.base == "required" or (mk.base == "optional" and cfg.base_model is not None):
-        # the base_model may also be listed among `models` (mergekit's examples do), under any spelling of its path
-        kept = [(m, p) for m, p in zip(cfg.models, paths) if cfg.base_model is None or p.resolve() != base.resolve()]
+    listed = [i for i, p in enumerate(paths) if base is not None and p.resolve() == base.resolve()]
+    slices = cfg.slices is not None
+    if slices and base is not None and not listed and (mk is None or mk.base != "none"):
+        raise ConfigError(f"{label}: base_model {base_ref!r} is not among its sources")
+    base_i = listed[0] if listed else (0 if base is None or slices else None)
+    base = paths[0] if base is None else base
+    if mk is None or mk.base == "required" or (mk.base == "optional" and base_ref is not None):
+        kept = [i for i in range(len(paths)) if i not in listed]
     else:
-        kept = list(zip(cfg.models, paths))
+        kept = list(range(len(paths)))
     if not kept:
-        raise ConfigError("no models to merge besides base_model")
-    expert_specs = [m for m, _ in kept]
-    experts = tuple(p for _, p in kept)
-    if mk is not None and mk.base_merged and cfg.base_model is not None and all(p.resolve() != base.resolve() for p in experts):
-        experts = (base, *experts)  # e.g. mergekit's slerp: t=0 is the base model; karcher averages it with the models
+        raise ConfigError(f"{label}: no models to merge besides base_model")
+    experts = [(paths[i], members[i][1]) for i in kept]
+    base_range = None if base_i is None else members[base_i][1]
+    if mk is not None and mk.base_merged and base_ref is not None and not any(i in listed for i in kept):
+        experts = [(base, base_range), *experts]  # e.g. mergekit's slerp: t=0 is the base model
+    return SlicePlan(label, base if base_i is None else paths[base_i], base_range, tuple(p for p, _ in experts),
+                     tuple(r for _, r in experts), tuple(members[i][0] for i in kept), parameters)
 
-    hp = map_mergekit(name, mapped, cfg, expert_specs) if mk else _map_native(method, cfg, expert_specs)
+
+def _groups(cfg: MergeConfig):
+    """``(label, members, base_model, slice parameters)`` per slice; a ``models:`` config is one slice."""
+    if (cfg.models is None) == (cfg.slices is None):
+        raise ConfigError("give exactly one of `models` and `slices`")
+    if cfg.models is not None:
+        if not cfg.models:
+            raise ConfigError("`models` is empty")
+        return [("models", [(m, None) for m in cfg.models], cfg.base_model, {})]
+    if not cfg.slices:
+        raise ConfigError("`slices` is empty")
+    groups = []
+    for i, s in enumerate(cfg.slices):
+        if not s.sources:
+            raise ConfigError(f"slices[{i}]: `sources` is empty")
+        lengths = [hi - lo for lo, hi in (src.layer_range for src in s.sources)]
+        if len(set(lengths)) > 1:
+            raise ConfigError(f"slices[{i}]: its sources' layer ranges have unequal lengths {lengths} "
+                              f"({', '.join(f'{src.model} {list(src.layer_range)}' for src in s.sources)})")
+        groups.append((f"slices[{i}]", [(src, tuple(src.layer_range)) for src in s.sources],
+                       s.base_model or cfg.base_model, s.parameters))
+    return groups
+
+
+def _check_ranges(plans: list[SlicePlan]) -> None:
+    """Each source's layer range lies inside its model (headers only)."""
+    counts: dict[Path, int] = {}
+    for sp in plans:
+        for path, (lo, hi) in {(sp.base, sp.base_range), *zip(sp.experts, sp.ranges)}:
+            if path not in counts:
+                counts[path] = layers_of(st.open_checkpoint(path)).count
+            if not 0 <= lo < hi <= counts[path]:
+                raise ConfigError(f"{sp.where}: layer_range [{lo}, {hi}] of {path} is out of bounds "
+                                  f"(it has {counts[path]} layers)")
+
+
+def _all_settings(cfg: MergeConfig, plans: list[SlicePlan]):
+    """``(where, setting, layers it spreads over or None)`` for every parameter setting of the config."""
+    length = plans[0].length if cfg.slices is None else None
+    for key, value in cfg.parameters.items():
+        yield f"parameters.{key}", value, length
+    for sp in plans:
+        for key, value in sp.parameters.items():
+            yield f"{sp.where}.parameters.{key}", value, sp.length
+        for spec in sp.specs:
+            for key, value in spec.parameters.items():
+                yield f"{sp.where}[{spec.model}].parameters.{key}", value, sp.length
+
+
+def tensor_hparams(cfg: MergeConfig, method: str, sp: SlicePlan, tensor: str, t: float) -> dict[str, Any]:
+    """The hyper-parameters of output ``tensor`` of slice ``sp`` at gradient position ``t``:
+    every setting evaluated (:func:`jmerge.config.settings.evaluate`; filters match the output
+    tensor's name), mapped as a scalar config, jmerge's overrides applied, checked."""
+    glob = {k: v for k, v in ((k, settings.evaluate(v, tensor, t)) for k, v in {**cfg.parameters, **sp.parameters}.items())
+            if v is not None}
+    specs = [s.model_copy(update={"parameters": {k: v for k, v in ((k, settings.evaluate(v, tensor, t))
+                                                                     for k, v in s.parameters.items()) if v is not None}})
+             for s in sp.specs]
+    scalar_cfg = cfg.model_copy(update={"parameters": glob})
+    return _hparams(cfg.jmerge.method or cfg.merge_method, method, scalar_cfg, specs, len(sp.experts))
+
+
+def _hparams(name: str, method: str, cfg: MergeConfig, specs: list[ModelSpec], num_experts: int) -> dict[str, Any]:
+    """Hyper-parameters of a scalar config: mergekit's mapping (or a jmerge method's own), then
+    the ``jmerge:`` overrides, checked by the method."""
+    opts = cfg.jmerge
+    mapped = table().get(name) if opts.method is None else None
+    hp = map_mergekit(name, mapped, cfg, specs) if mapped else _map_native(method, cfg, specs)
     for key, value in opts.parameters.items():
         hp[key] = scalar(value, f"jmerge.parameters.{key}")
     if opts.trim is not None:
@@ -113,22 +199,69 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         if opts.trim not in ("global", "tensor"):
             raise ConfigError(f"`jmerge.trim` must be 'global' or 'tensor', got {opts.trim!r}")
         hp["trim"] = opts.trim
+        if opts.trim == "global" and hp.get("tie_break") == "first":
+            hp["tie_break"] = "all"  # mergekit's exactly-k rule counts per tensor; the paper's global trim keeps ties
+    try:
+        registry.get(method).resolve(num_experts, hp)
+    except MergeInputError as e:
+        raise ConfigError(f"merge_method {name!r}: {e}") from None
+    return hp
+
+
+def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) -> MergePlan:
+    """Checks the whole config and maps it to a jmerge method and hyper-parameters."""
+    where = where or Path.cwd()
+    opts = cfg.jmerge
+    name = opts.method or cfg.merge_method
+    mergekit_names = table()
+    mapped = mergekit_names.get(name) if opts.method is None else None  # a method named as mergekit names it
+    mk = mapped.mergekit if mapped else None
+    if mk is None and name not in registry.available():
+        known = sorted(set(mergekit_names) | set(registry.available()))
+        raise ConfigError(f"unknown merge_method {name!r}{closest(name, known)} (known: {', '.join(known)})")
+    method = mapped.name if mapped else name
+    check_dtype(cfg.dtype, "dtype")
+    check_dtype(cfg.out_dtype, "out_dtype")
+    plans = [_slice(cfg, mk, name, members, base_ref, where, label, params)
+             for label, members, base_ref, params in _groups(cfg)]
+    for key, value, _ in _all_settings(cfg, plans):
+        settings.check(value, key, None)
+    per_tensor = cfg.slices is not None or any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans))
+    if per_tensor:
+        if mk is None:
+            raise ConfigError(f"slices, gradients and filters apply to mergekit's methods, not {name!r}")
+        for what, given in (("jmerge.lwptv", opts.lwptv), ("jmerge.learn", opts.learn)):
+            if given is not None:
+                raise ConfigError(f"`{what}` needs whole models; it does not combine with slices, gradients or filters")
+        if opts.trim == "global":
+            raise ConfigError("`jmerge.trim: global` ranks over the whole model; it does not combine with slices, "
+                              "gradients or filters")
+    if cfg.slices is not None:
+        _check_ranges(plans)
+    elif per_tensor:  # a `models:` config with gradients or filters: one slice of every layer
+        count = layers_of(st.open_checkpoint(plans[0].base)).count
+        plans = [replace(plans[0], base_range=(0, count), ranges=((0, count),) * len(plans[0].experts))]
+    for key, value, layers in _all_settings(cfg, plans):
+        settings.check(value, key, layers)
+    sp = plans[0]
+    hp = tensor_hparams(cfg, method, sp, "", 0.0)  # a scalar config's only values; else checks the names and the t = 0 values
     if opts.lwptv is not None:
         _lwptv(opts.lwptv).check()
     if opts.learn is not None and opts.lwptv is not None:
         raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
                           "use jmerge.learn in Python on LwPTV-pruned task vectors")
-    learn = _learn(opts.learn, method, experts, where) if opts.learn is not None else None
+    learn = _learn(opts.learn, method, sp.experts, where) if opts.learn is not None else None
     if learn is not None and method in STATISTICS:
         hp[STATISTICS[method]] = MEASURED  # measured on the prompts by `jmerge run`
     try:
-        registry.get(method).resolve(len(experts), hp)
+        registry.get(method).resolve(len(sp.experts), hp)
     except MergeInputError as e:
         raise ConfigError(f"merge_method {name!r}: {e}") from None
+    extra_files = _tokenizer_files(cfg, sp.base, list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
     return MergePlan(
         method=method,
-        base=base,
-        experts=experts,
+        base=sp.base,
+        experts=sp.experts,
         hparams=hp,
         seed=opts.seed,
         out_dtype=cfg.out_dtype or cfg.dtype,
@@ -138,7 +271,30 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         check_finite=opts.check_finite,
         config_text=config_text,
         source_method=cfg.merge_method,
+        config=cfg,
+        compute_dtype=cfg.dtype if opts.compute_dtype == "model" else None,
+        extra_files=extra_files,
+        slices=tuple(plans) if per_tensor else None,
     )
+
+
+def _tokenizer_files(cfg: MergeConfig, base: Path, models: list[Path], where: Path) -> dict[str, str]:
+    """The tokenizer files ``tokenizer_source`` / ``tokenizer`` / ``chat_template`` give (:mod:`.tokenizer`)."""
+    if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
+        raise ConfigError("give one of `tokenizer_source` and `tokenizer` (mergekit refuses both)")
+    key, source = ("tokenizer_source", cfg.tokenizer_source) if cfg.tokenizer is None else ("tokenizer.source", cfg.tokenizer.source)
+    if cfg.tokenizer is not None:
+        for field in ("tokens", "pad_to_multiple_of"):
+            if getattr(cfg.tokenizer, field) is not None:
+                raise ConfigError(f"`tokenizer.{field}` (mergekit's new-token embeddings) is not supported")
+    files: dict[str, str] = {}
+    if source is not None:
+        if source not in ("base", "union"):
+            source = str(_resolve_path(source, where, key))
+        files = tokenizer.source_files(source, base, [m for m in models if m != base], key)
+    if cfg.chat_template is not None:
+        files.update(tokenizer.chat_template_files(cfg.chat_template, files, base, models))
+    return files
 
 
 def _learn(opts: LearnOptions, method: str, experts: tuple[Path, ...], where: Path) -> LearnOptions:

@@ -40,8 +40,25 @@ class LearnOptions(BaseModel):
 
 
 class ModelSpec(BaseModel):
+    """A model and its parameter settings (values, gradients or filter lists: :mod:`.settings`)."""
+
     model_config = ConfigDict(extra="forbid")
     model: str
+    parameters: dict[str, Any] = {}
+
+
+class SourceSpec(ModelSpec):
+    """A slice's source: a model's layers ``[start, stop)``."""
+
+    layer_range: tuple[int, int]
+
+
+class SliceSpec(BaseModel):
+    """An output slice (mergekit's ``slices``): its sources, merged layer by layer."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SourceSpec]
+    base_model: str | None = None
     parameters: dict[str, Any] = {}
 
 
@@ -57,28 +74,38 @@ class JmergeOptions(BaseModel):
     learn: LearnOptions | None = None
     check_finite: bool = True
     in_memory: bool = False
+    compute_dtype: Literal["float32", "model"] = "float32"  # "model": mergekit's arithmetic in `dtype`
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block (only ``source`` is supported)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
 
 
 class MergeConfig(BaseModel):
     """The YAML document (mergekit's top-level keys plus ``jmerge``)."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelSpec]
+    models: list[ModelSpec] | None = None
+    slices: list[SliceSpec] | None = None
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, Any] = {}
     dtype: str | None = None
     out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     jmerge: JmergeOptions = JmergeOptions()
 
 
 # mergekit top-level keys jmerge does not support, and why
 _UNSUPPORTED_TOP = {
-    "slices": "layer slicing (frankenmerges) is not supported; list whole models under `models`",
     "modules": "multi-module configs are not supported; list whole models under `models`",
-    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer files are copied",
-    "tokenizer_source": "tokenizer merging is not supported; the base model's tokenizer files are copied",
-    "chat_template": "chat templates are not supported; the base model's tokenizer files are copied",
     "name": "multi-stage configs (mergekit-multi) are not supported",
 }
 
@@ -91,9 +118,7 @@ def closest(name: str, known) -> str:
 def scalar(value: Any, where: str) -> Any:
     """``value`` if it is one value; a config error naming ``where`` for lists and mappings."""
     if isinstance(value, list):
-        if value and isinstance(value[0], dict):
-            raise ConfigError(f"{where}: `filter` conditionals are not supported yet; give one value")
-        raise ConfigError(f"{where}: gradients (lists of values over layers) are not supported yet; give one value")
+        raise ConfigError(f"{where}: gradients and `filter` lists apply to mergekit's methods; give one value")
     if isinstance(value, dict):
         raise ConfigError(f"{where}: expected a single value, got a mapping {value!r}")
     return value
@@ -136,8 +161,12 @@ def _known_keys(parent: tuple) -> list[str]:
         return list(LearnOptions.model_fields)
     if parent[0] == "jmerge":
         return list(JmergeOptions.model_fields)
+    if parent[0] == "tokenizer":
+        return list(TokenizerSpec.model_fields)
     if parent[0] == "models":
         return list(ModelSpec.model_fields)
+    if parent[0] == "slices":
+        return list(SourceSpec.model_fields if "sources" in parent else SliceSpec.model_fields)
     return []
 
 

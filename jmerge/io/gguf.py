@@ -319,7 +319,7 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None =
 
     ckpt = open_gguf(src)
     files = hf_files(ckpt)
-    streaming.write_dir(dst, ckpt, ckpt.items(), streaming.output_plan(ckpt, dtype, shard_size), force=force,
+    streaming.write_dir(dst, ckpt, ckpt.items(), streaming.output_plan(ckpt.tensors, dtype, shard_size), force=force,
                         extra_files=files)
     return {"tensors": len(ckpt.tensors), "from": "gguf", "to": "safetensors", "model_type": "llama",
             "copied": sorted(files)}

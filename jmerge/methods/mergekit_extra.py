@@ -330,3 +330,17 @@ def ramplus_tl(base, tvs, *, key=None, r=0.1, alpha=0.2, epsilon=1e-5):
         return jnp.sum(boosted + jnp.where(shared, x / jnp.maximum(count, 1), 0.0), axis=0)
 
     return jtree.apply(base, jtree.map_tasks(leaf, tvs))
+
+
+# ----------------------------------------------------------------------------- passthrough
+def _passthrough_check(num_experts, hp):
+    _exactly("passthrough", 1, num_experts, "one model (per slice: a frankenmerge lists one source per slice)")
+
+
+@register("passthrough", check=_passthrough_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
+          per_model=("scale",), mergekit=Mergekit("passthrough", model_params={"scale": 1.0}, base="refused"))
+def passthrough(base, tvs, *, key=None, scale=1.0):
+    """Passthrough (mergekit ``passthrough``): the one model's tensor, times ``scale``:
+    ``scale theta_1``. jmerge passes that model as the base, so ``theta_1 = theta_0`` exactly."""
+    del tvs
+    return jax.tree.map(lambda b: b * scale, base)

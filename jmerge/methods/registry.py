@@ -40,7 +40,8 @@ class Mergekit:
     * ``fixed``: jmerge hyper-parameters that give mergekit's semantics (TIES' per-tensor trim);
     * ``passed``: global parameter -> hyper-parameter, typed like mergekit's default;
     * ``base``: ``"required"``, ``"optional"`` (task vectors with one, whole weights without:
-      the ``space`` hyper-parameter) or ``"none"`` (every listed model is merged);
+      the ``space`` hyper-parameter), ``"none"`` (every listed model is merged) or
+      ``"refused"`` (as ``"none"``, and a ``base_model`` is an error: passthrough's one input);
     * ``base_merged``: the base_model is merged as the first model (SLERP's ``t = 0``);
     * ``required``: global parameters without a default; ``models``: how many models besides
       the base it takes, if fixed;
@@ -61,8 +62,9 @@ class Mergekit:
     below: dict[str, tuple[float, str]] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.base not in ("required", "optional", "none"):
-            raise ValueError(f"mergekit {self.name!r}: base must be 'required', 'optional' or 'none', got {self.base!r}")
+        if self.base not in ("required", "optional", "none", "refused"):
+            raise ValueError(f"mergekit {self.name!r}: base must be 'required', 'optional', 'none' or 'refused', "
+                             f"got {self.base!r}")
 
 
 # mergekit's generalized task arithmetic (generalized_task_arithmetic.py): its global parameters

@@ -52,6 +52,10 @@ def _ties_check(num_experts, hp):
     _check(num_experts, hp)
     if hp["trim"] not in ("global", "tensor"):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
+    if hp["tie_break"] not in ("all", "first"):
+        raise validate.MergeInputError(f"tie_break must be 'all' or 'first', got {hp['tie_break']!r}")
+    if hp["tie_break"] == "first" and hp["trim"] != "tensor":
+        raise validate.MergeInputError("tie_break='first' (mergekit's exactly k per tensor) needs trim='tensor'")
 
 
 _PER_MODEL = ("weights", "density")  # one value per expert in a YAML model's parameters
@@ -94,22 +98,25 @@ def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
 
 def _trim(hp):
     """TIES' sparsifier: the magnitude trim, then (``rescale``) mergekit's L1 rescale."""
-    trim = stages.magnitude_trim(hp["density"], hp["trim"])
+    trim = stages.magnitude_trim(hp["density"], hp["trim"], hp["tie_break"])
     if not hp["rescale"]:
         return trim
     return stages.Sparsifier(trim.query, lambda tvs, answers, key=None: stages.l1_rescale(tvs, trim.apply(tvs, answers, key)))
 
 
-@register("ties", static=("density", "trim", "sign", "normalize", "rescale"), check=_ties_check, sparsify=_trim,
+@register("ties", static=("density", "trim", "tie_break", "sign", "normalize", "rescale"), check=_ties_check, sparsify=_trim,
           reference="Yadav et al., 2023, arXiv 2306.01708", per_model=_PER_MODEL,
-          mergekit=Mergekit("ties", {**MERGEKIT_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, fixed={"trim": "tensor", "sign": "sum"}))
+          mergekit=Mergekit("ties", {**MERGEKIT_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, fixed={"trim": "tensor", "tie_break": "first", "sign": "sum"}))
 def ties(
-    base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", sign="sum", weights=None, normalize=True, rescale=False
+    base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", tie_break="all", sign="sum", weights=None,
+    normalize=True, rescale=False,
 ):
     """TIES (Yadav et al., 2023): trim to the top ``density`` magnitudes, elect signs, disjoint mean, scale.
 
     The trim's exact thresholds come from :func:`jmerge.thresholds.solve` (on a mesh by
-    collectives, on the host CPU by numpy, inside ``jit`` by the XLA search). ``rescale``
+    collectives, on the host CPU by numpy, inside ``jit`` by the XLA search). ``tie_break``
+    settles entries tied with the k-th largest (:func:`jmerge.stages.magnitude_trim`): ``"all"``
+    keeps them all, ``"first"`` exactly ``max(1, int(d n))`` per tensor (mergekit). ``rescale``
     multiplies each trimmed tensor back to its L1 norm before the election (mergekit's
     ``rescale: true``, :func:`jmerge.stages.l1_rescale`).
     """

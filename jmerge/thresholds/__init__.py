@@ -48,9 +48,11 @@ class Query(NamedTuple):
     ranks: Ranks
 
 
-def keep_count(density: float, size: int) -> int:
-    """Entries kept at ``density``: ``int(density * size)`` (mergekit's and PEFT's rounding)."""
-    return int(density * size)
+def keep_count(density: float, size: int, at_least_one: bool = False) -> int:
+    """Entries kept at ``density``: ``int(density * size)`` (PEFT's rounding); ``at_least_one``:
+    ``max(1, int(density * size))`` for ``0 < density < 1`` (mergekit 0.1.5's ``sparsify.magnitude``)."""
+    k = int(density * size)
+    return max(1, k) if at_least_one and 0 < density < 1 and size > 0 else k
 
 
 def trivial_threshold(k: int, n: int) -> float | None:
