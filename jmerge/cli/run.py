@@ -175,7 +175,7 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
                                                {k: v for k, v in plan.hparams.items() if k not in ("grams", "fishers")})
         tensors = ((n, merged[n].astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype) if info.is_float
                     else base.read(n)) for n, info in base.tensors.items())
-        streaming.write_dir(args.out, base, tensors, streaming.output_plan(base, out_dtype, args.shard_size),
+        streaming.write_dir(args.out, base, tensors, streaming.output_plan(base.tensors, out_dtype, args.shard_size),
                             protect=[e.path for e in experts], force=args.force, card=card, extra_files=extra)
         return
     console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "

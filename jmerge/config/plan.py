@@ -201,6 +201,8 @@ def _hparams(name: str, method: str, cfg: MergeConfig, specs: list[ModelSpec], n
         hp["trim"] = opts.trim
         if opts.trim == "global" and hp.get("tie_break") == "first":
             hp["tie_break"] = "all"  # mergekit's exactly-k rule counts per tensor; the paper's global trim keeps ties
+    if opts.learn is not None and method in STATISTICS:
+        hp[STATISTICS[method]] = MEASURED  # measured on the prompts by `jmerge run`
     try:
         registry.get(method).resolve(num_experts, hp)
     except MergeInputError as e:
@@ -251,12 +253,6 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
                           "use jmerge.learn in Python on LwPTV-pruned task vectors")
     learn = _learn(opts.learn, method, sp.experts, where) if opts.learn is not None else None
-    if learn is not None and method in STATISTICS:
-        hp[STATISTICS[method]] = MEASURED  # measured on the prompts by `jmerge run`
-    try:
-        registry.get(method).resolve(len(sp.experts), hp)
-    except MergeInputError as e:
-        raise ConfigError(f"merge_method {name!r}: {e}") from None
     extra_files = _tokenizer_files(cfg, sp.base, list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
     return MergePlan(
         method=method,
