@@ -7,30 +7,23 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import tiny_transformer, write_pt_dir
 from jmerge import cli, config
-from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
-
-
-def _save(path, model, params):
-    path.mkdir()
-    st.save_safetensors(path, flax_io.flax_to_torch(params))
-    model.config.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """base, an expert that moved (its task's prompts), an expert equal to the base, prompt files."""
     root = tmp_path_factory.mktemp("learn")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=24, eos_token_id=0)
-    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    model = tiny_transformer("gpt2", vocab_size=32, n_positions=24, eos_token_id=0)
     base = jax.tree.map(np.asarray, model.params)
     rng = np.random.default_rng(1)
     moved = jax.tree.map(lambda x: x + 0.5 * rng.standard_normal(x.shape).astype(np.float32), base)
     for name, params in (("base", base), ("moved", moved), ("same", base)):
-        _save(root / name, model, params)
+        write_pt_dir(root / name, model, params)
     for name in ("p1", "p2"):
         lines = [json.dumps({"ids": rng.integers(1, 32, rng.integers(4, 8)).tolist()}) for _ in range(12)]
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from _core_models import BF16, flat_shapes, nested_shapes, nnx_models, random_models
+from helpers import BF16, flat_shapes, nested_shapes, nnx_models, random_models
 from jmerge import tree as jtree
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from _core_models import nested_shapes, random_models
+from helpers import nested_shapes, random_models
 from jmerge import validate
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
