@@ -19,6 +19,21 @@ import helpers  # noqa: E402
 DATA_SKIP = "(`make data` installs it)"  # the tail of every experiments.data.DataUnavailable message
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "standard_promotion(reason): run under jax_numpy_dtype_promotion='standard', "
+                            "for third-party code that promotes implicitly (transformers' Flax models mix int32 and bool)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of a ``standard_promotion`` test under standard promotion."""
+    if item.get_closest_marker("standard_promotion") is None:
+        yield
+        return
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def mesh8():
     """The (1, 8) ("data", "model") mesh over the 8 fake CPU devices."""
