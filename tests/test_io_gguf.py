@@ -165,7 +165,7 @@ def _write_gguf(path, arch="llama", tensors=(), **kv):
     return path
 
 
-def test_bad_gguf_files_are_named(tiny, tmp_path):
+def test_bad_gguf_files_are_named(tiny, tmp_path, capsys):
     good = (tiny / "untied.gguf").read_bytes()
     (tmp_path / "trunc.gguf").write_bytes(good[: len(good) - 1000])
     with pytest.raises(gg.GGUFError, match=r"trunc\.gguf: truncated GGUF file: tensor 'output\.weight' needs bytes up to \d+, the file holds \d+"):
@@ -188,6 +188,7 @@ def test_bad_gguf_files_are_named(tiny, tmp_path):
     with pytest.raises(gg.GGUFError, match=r"unsupported GGUF output type 'q5_k'; choose one of f32, f16, bf16, q8_0, q4_0, q4_1"):
         gg.convert(tiny / "untied", tmp_path / "x.gguf", quant="q5_k")
     assert cli.main(["convert", str(tiny / "untied"), str(tmp_path / "x.gguf"), "--dtype", "bfloat16"]) == 2
+    assert "--dtype applies to HF output; GGUF output takes --quant" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -232,7 +233,7 @@ def _yaml(root, base, experts, method="task_arithmetic"):
     return root / "merge.yml"
 
 
-def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path):
+def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path, capsys):
     e1, e2 = tiny_llama(tmp_path / "e1", seed=5), tiny_llama(tmp_path / "e2", seed=6)
     for e in (e1, e2):
         _run(["convert", e, e.with_suffix(".gguf"), "--quant", "q8_0"])
@@ -253,10 +254,13 @@ def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path):
     assert back.fields["jmerge.method"] == "task_arithmetic" and "lambda" in back.fields["jmerge.config"]
     assert back.fields["tokenizer.chat_template"] == CHAT_TEMPLATE  # the base's metadata kept
     assert back.fields["general.file_type"] == 0 and not list(tmp_path.glob(".out.gguf*"))
-    assert cli.main(["run", str(cfg), str(tmp_path / "out.gguf"), "--out-format", "gguf"]) == 2  # exists, no --force
+    capsys.readouterr()
+    assert cli.main(["run", str(cfg), str(tmp_path / "out.gguf"), "--out-format", "gguf"]) == 2
+    assert f"output {tmp_path / 'out.gguf'} already exists; pass --force to replace it" in " ".join(capsys.readouterr().err.split())
     _run(["run", cfg, tmp_path / "out.gguf", "--out-format", "gguf", "--quant", "q4_1", "--force", "--no-progress"])
     assert {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors} == {"F32", "Q4_1"}
-    assert cli.main(["run", str(cfg), str(tmp_path / "o2"), "--quant", "q8_0"]) == 2  # --quant needs --out-format gguf
+    assert cli.main(["run", str(cfg), str(tmp_path / "o2"), "--quant", "q8_0"]) == 2
+    assert "--quant needs --out-format gguf" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the real SmolLM2
