@@ -13,6 +13,7 @@ from jmerge import cli
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 IDS = np.array([[5, 3, 9, 1, 7, 2, 8, 4]], np.int32)
 

@@ -12,6 +12,7 @@ from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 
 def _perturbed(params, seed, scale=0.05):

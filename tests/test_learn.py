@@ -13,6 +13,7 @@ import jmerge.learn as L
 from helpers import place
 from jmerge.learn import objectives, targets as targets_mod
 from jmerge.validate import MergeInputError
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32)")
 
 
 # ---------------------------------------------------------------------------- numpy references

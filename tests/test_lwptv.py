@@ -152,6 +152,7 @@ def _check_hf(model_cls, config, preset, expected_layers):
     return g
 
 
+@pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 def test_presets_on_real_transformers_models():
     tf = pytest.importorskip("transformers")
     bert_cfg = tf.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,

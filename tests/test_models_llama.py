@@ -13,6 +13,7 @@ from jmerge.io import flax_io
 from helpers import llama_config, llama_weights
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 
 def _flax_logits(cfg_dict, flat, ids):
