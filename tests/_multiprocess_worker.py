@@ -27,10 +27,9 @@ DENSITY = 0.2
 
 def make_models():
     """Base and expert parameters as flat ``{name: float32 numpy}`` dicts (same on every process)."""
-    rng = np.random.default_rng(0)
-    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    experts = [{k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()} for _ in range(NUM_EXPERTS)]
-    return base, experts
+    from helpers import random_models  # here, not at the top: it imports jax, after distributed.initialize in main
+
+    return random_models(SHAPES, NUM_EXPERTS, seed=0, numpy=True)
 
 
 def make_inputs():

@@ -1,11 +1,11 @@
 """The jmerge command line, run in-process: mergekit-style YAML configs, convert, inspect, bad input."""
 
-import json
 
 import numpy as np
 import pytest
 
 import jmerge
+from helpers import BUFFERS, random_models, write_checkpoint, write_checkpoints
 from jmerge import cli, config
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
@@ -21,14 +21,9 @@ def _shape(n):
 def models(tmp_path, monkeypatch):
     """base + 3 experts as HF directories (2 shards each, config.json, tokenizer.json) under tmp_path."""
     monkeypatch.chdir(tmp_path)
-    r = np.random.default_rng(0)
-    base = {n: r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES}
-    experts = [{n: base[n] + 0.1 * r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES} for _ in range(3)]
-    for name, tensors in [("base", base)] + [(f"e{i}", e) for i, e in enumerate(experts)]:
-        (tmp_path / name).mkdir()
-        st.save_safetensors(tmp_path / name, {**tensors, "position_ids": np.arange(4).reshape(1, 4)}, shard_size=400)
-        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "toy"}))
-        (tmp_path / name / "tokenizer.json").write_text("{}")
+    base, experts = random_models({n: _shape(n) for n in NAMES}, 3, numpy=True)
+    write_checkpoints(tmp_path, base, experts, shard_size=400, buffers=True, config={"model_type": "toy"},
+                      files={"tokenizer.json": "{}"})
     return tmp_path, base, experts
 
 
@@ -94,7 +89,7 @@ def test_mergekit_ties_config_gives_mergekit_result(models):
         ref = _mergekit_gta(base[n], [e[n] for e in experts], [1.0, 0.5, 0.8], [0.3, 0.5, 0.7], lam=0.9, normalize=True,
                             consensus=True, sparsify=True)
         np.testing.assert_allclose(out[n], ref, rtol=0, atol=1e-6, err_msg=n)
-    np.testing.assert_array_equal(out["position_ids"], np.arange(4).reshape(1, 4))
+    np.testing.assert_array_equal(out["position_ids"], BUFFERS["position_ids"])
     listing = sorted(p.name for p in (root / "out").iterdir())
     assert {"config.json", "tokenizer.json", "README.md", "jmerge_config.yml"} <= set(listing)
     assert (root / "out" / "jmerge_config.yml").read_text() == TIES_YAML
@@ -204,18 +199,12 @@ def test_bad_configs_name_the_problem(models, capsys):
 def test_bad_checkpoints_are_named_before_any_read(models, capsys, monkeypatch):
     root, base, experts = models
     # names and shapes differing from the base
-    ids = {"position_ids": np.arange(4).reshape(1, 4)}
-    (root / "renamed").mkdir()
-    st.save_safetensors(root / "renamed", {**{("x." + n if n == "layers.1.b" else n): v for n, v in experts[0].items()}, **ids})
-    (root / "reshaped").mkdir()
-    st.save_safetensors(root / "reshaped", {**experts[0], "layers.0.w": np.zeros((3, 12), np.float32), **ids})
+    write_checkpoint(root / "renamed", {("x." + n if n == "layers.1.b" else n): v for n, v in experts[0].items()}, buffers=True)
+    write_checkpoint(root / "reshaped", {**experts[0], "layers.0.w": np.zeros((3, 12), np.float32)}, buffers=True)
     # a truncated shard
-    (root / "trunc").mkdir()
-    files = st.save_safetensors(root / "trunc", {**experts[1], **ids}, shard_size=400)
+    files = sorted(write_checkpoint(root / "trunc", experts[1], shard_size=400, buffers=True).glob("*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:-7])
-    (root / "llama").mkdir()
-    st.save_safetensors(root / "llama", {**experts[1], **ids})
-    (root / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    write_checkpoint(root / "llama", experts[1], buffers=True, config={"model_type": "llama"})
     read = []
     monkeypatch.setattr(st.Checkpoint, "read", lambda self, name: read.append(name))
     for model, message in [("renamed", "missing 1 tensor(s) of the base: layers.1.b; 1 tensor(s) not in the base: x.layers.1.b"),
@@ -245,8 +234,7 @@ def test_failure_mid_run_leaves_no_output(models, capsys):
     root, base, experts = models
     bad = dict(experts[2])
     bad["layers.1.w"] = np.full((6, 6), np.inf, np.float32)  # found only when that tensor is merged
-    (root / "bad").mkdir()
-    st.save_safetensors(root / "bad", {**bad, "position_ids": np.arange(4).reshape(1, 4)})
+    write_checkpoint(root / "bad", bad, buffers=True)
     text = "models: [{model: e0}, {model: bad}]\nbase_model: base\nmerge_method: task_arithmetic\n"
     err = _error(capsys, "run", _yaml(root, text), root / "out", "--no-progress", "--shard-size", "100")
     assert "tensor 'layers.1.w' holds NaN or infinite values" in err

@@ -8,38 +8,19 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import tiny_transformer, write_pt_dir
 from jmerge import cli
-from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 IDS = np.array([[5, 3, 9, 1, 7, 2, 8, 4]], np.int32)
-
-
-def _model(kind):
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
-        return transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                      vocab_size=64, max_position_embeddings=16)
-        return transformers.FlaxBertModel(cfg, seed=0)
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=64, max_position_embeddings=16)
-    return transformers.FlaxLlamaForCausalLM(cfg, seed=0)
 
 
 def _logits(model, params):
     out = model(IDS, params=params)
     return np.asarray(out.logits if hasattr(out, "logits") else out.last_hidden_state)
-
-
-def _save_pt_dir(path, model, params):
-    """An HF directory as a PyTorch user would have it: PT-layout safetensors (2 shards) + config."""
-    path.mkdir()
-    st.save_safetensors(path, flax_io.flax_to_torch(params), shard_size=6000)
-    model.config.save_pretrained(path)
 
 
 def _ties_reference(base, experts, weights, density, lam):
@@ -64,12 +45,12 @@ def _ties_reference(base, experts, weights, density, lam):
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
 def test_jmerge_run_output_loads_in_transformers(tmp_path, kind, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = _model(kind)
+    model = tiny_transformer(kind)
     r = np.random.default_rng(1)
     base = jax.tree.map(lambda x: np.asarray(x) + 0.02 * r.standard_normal(x.shape).astype(np.float32), model.params)
     experts = [jax.tree.map(lambda x: x + 0.05 * r.standard_normal(x.shape).astype(np.float32), base) for _ in range(2)]
     for name, params in [("base", base), ("ft0", experts[0]), ("ft1", experts[1])]:
-        _save_pt_dir(tmp_path / name, model, params)
+        write_pt_dir(tmp_path / name, model, params, shard_size=6000)
     (tmp_path / "ties.yaml").write_text(
         "models:\n"
         "  - {model: ft0, parameters: {weight: 1.0}}\n"

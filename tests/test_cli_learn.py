@@ -7,30 +7,24 @@ import jax
 import numpy as np
 import pytest
 
-from jmerge import cli, config
-from jmerge.io import flax_io
+from helpers import tiny_transformer, write_pt_dir
+from jmerge import cli, config, lwptv
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
-
-
-def _save(path, model, params):
-    path.mkdir()
-    st.save_safetensors(path, flax_io.flax_to_torch(params))
-    model.config.save_pretrained(path)
+pytestmark = pytest.mark.standard_promotion("transformers' Flax GPT-2 mixes int32 and bool")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """base, an expert that moved (its task's prompts), an expert equal to the base, prompt files."""
     root = tmp_path_factory.mktemp("learn")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=24, eos_token_id=0)
-    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    model = tiny_transformer("gpt2", vocab_size=32, n_positions=24, eos_token_id=0)
     base = jax.tree.map(np.asarray, model.params)
     rng = np.random.default_rng(1)
     moved = jax.tree.map(lambda x: x + 0.5 * rng.standard_normal(x.shape).astype(np.float32), base)
     for name, params in (("base", base), ("moved", moved), ("same", base)):
-        _save(root / name, model, params)
+        write_pt_dir(root / name, model, params)
     for name in ("p1", "p2"):
         lines = [json.dumps({"ids": rng.integers(1, 32, rng.integers(4, 8)).tolist()}) for _ in range(12)]
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
@@ -71,13 +65,27 @@ def test_one_expert_coefficient_climbs_to_the_expert(models, tmp_path):
 
 
 def test_run_learns_layer_level_adamerging(models, tmp_path):
+    """AdaMerging with one Γ per task and layer (the gpt2 preset): the entropy falls and Γ of the
+    expert that moved leaves its init (0.3) in every layer, by different amounts; Γ of the expert
+    equal to the base gets no gradient. The written tensors are θ0 + Σ_t Γ[t, layer] τ_t, the layer
+    of each PyTorch tensor found here by the preset on the PyTorch names (the CLI maps Flax paths)."""
     out = tmp_path / "merged"
     cfg = _config(models, "adamerging", granularity="layer", layers="gpt2", learning_rate=0.01, epochs=2)
     assert cli.main(["run", str(cfg), str(out), "--no-progress"]) == 0
     saved = json.loads((out / "coefficients.json").read_text())
-    gamma = np.asarray(saved["coefficients"])
-    assert gamma.shape == (2, len(saved["layer_names"])) and np.all((gamma >= 0) & (gamma <= 1))
-    assert saved["layer_names"][:2] == ["embeddings", "layer.0"]
+    gamma, names = np.asarray(saved["coefficients"]), saved["layer_names"]
+    assert saved["method"] == "adamerging" and names == ["embeddings", "layer.0", "layer.1", "final_norm"]
+    assert gamma.shape == (2, 4) and np.all((gamma >= 0) & (gamma <= 1))
+    assert np.all(np.abs(gamma[0] - 0.3) > 1e-3) and np.ptp(gamma[0]) > 1e-4 and np.all(gamma[1] == np.float32(0.3))
+    losses, per_epoch = np.asarray(saved["losses"]), saved["steps_per_epoch"]
+    assert losses[-per_epoch:].mean() < losses[:per_epoch].mean()
+    base, moved, merged = (st.load(p) for p in (models / "base", models / "moved", out))
+    grouping = lwptv.group(base, "gpt2")
+    layer = {p: names.index(grouping.names[g]) for p, g in zip(grouping.leaf_paths, grouping.leaf_layer)}
+    assert set(layer) == set(base) == set(merged)
+    for name, b in base.items():
+        g = np.float32(gamma[0, layer[name]])
+        np.testing.assert_allclose(merged[name], b + g * (moved[name] - b), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_learn_block_bad_input_is_named(models):

@@ -13,7 +13,7 @@ import pytest
 import jmerge
 from jmerge import cli, config
 from jmerge.io import safetensors_io as st
-from _methods_testing import as_np, assert_matches, make_models
+from helpers import as_np, assert_matches, method_models
 
 
 @pytest.fixture()
@@ -126,14 +126,14 @@ def test_bad_mergekit_configs_get_a_precise_error(root, text, message):
 
 
 def test_average_without_normalize_is_the_weighted_sum_of_the_models():
-    base, experts = make_models(40, 2)
+    base, experts = method_models(40, 2)
     out = jmerge.merge(base, experts, "average", weights=(0.7, 0.6), normalize=False)
     e0, e1 = as_np(experts[0]), as_np(experts[1])
     assert_matches(out, {p: 0.7 * e0[p] + 0.6 * e1[p] for p in e0}, jnp.float32)
 
 
 def test_multislerp_on_whole_weights_equals_task_vectors_from_a_zero_base():
-    base, experts = make_models(41, 3)
+    base, experts = method_models(41, 3)
     zero = jax.tree.map(jnp.zeros_like, base)
     whole = as_np(jmerge.merge(base, experts, "multislerp", weights=(1.0, 2.0, 0.5), space="weights"))
     ref = as_np(jmerge.merge(zero, experts, "multislerp", weights=(1.0, 2.0, 0.5)))

@@ -1,6 +1,5 @@
 """Coverage reports: what each method's own rule merges vs what falls back, logged, warned, in cards and rows."""
 
-import json
 import logging
 import math
 import types
@@ -12,8 +11,7 @@ import pytest
 import jmerge
 from jmerge import cli, coverage, streaming
 from jmerge.coverage import CoverageWarning
-from jmerge.io import safetensors_io as st
-from _methods_testing import as_np, nest, np_task_vectors
+from helpers import as_np, nest, np_task_vectors, write_checkpoint
 
 SVD = ["tsv", "iso_c", "iso_cts"]
 # No 2-D parameter (as MobileNetV2): conv kernels (HWIO, depthwise, 1x1) and 1-D vectors.
@@ -113,11 +111,7 @@ def test_markdown_lists_every_fallback_tensor():
 
 # ----------------------------------------------------------------------------- streamed merges and jmerge run
 def _write(root, name, tensors):
-    d = root / name
-    d.mkdir()
-    st.save_safetensors(d, tensors, shard_size=4000)
-    (d / "config.json").write_text(json.dumps({"model_type": "toy"}))
-    return d
+    return write_checkpoint(root / name, tensors, shard_size=4000, config={"model_type": "toy"})
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import pytest
 from test_suite_t2 import CONFIG, built, model  # noqa: F401  (fixtures)
 
 from experiments import criteria, demo
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
 
 
 @pytest.fixture

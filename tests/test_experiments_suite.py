@@ -18,6 +18,7 @@ from experiments.encoders import Images, TextEncoder, Tokens, tokenize, trim
 from experiments.evaluate import embed, fit_linear_head, head_accuracy, probe_accuracy
 from experiments.data import Task
 from experiments.models.bert import Bert, BertConfig
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
 
 CFG = BertConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=16)
 MAX_LEN = 8

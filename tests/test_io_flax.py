@@ -6,29 +6,13 @@ import numpy as np
 import pytest
 
 import jmerge
+from helpers import tiny_transformer
 from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tiny(kind):
-    """A tiny random transformers Flax model built from a config (offline)."""
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
-        return transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64,
-            max_position_embeddings=16,
-        )
-        return transformers.FlaxBertModel(cfg, seed=0)
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=64, max_position_embeddings=16,
-    )
-    return transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 
 def _perturbed(params, seed, scale=0.05):
@@ -102,7 +86,7 @@ def test_layout_rules():
 def test_transformers_round_trip(tmp_path, kind):
     """Flax msgpack -> PT-layout safetensors loads in transformers with the same outputs;
     PT -> Flax gives back the msgpack bit for bit."""
-    model = _tiny(kind)
+    model = tiny_transformer(kind)
     params = _perturbed(model.params, 1)  # differs from any seed-0 random init
     model.save_pretrained(tmp_path / "flax", params=params, safe_serialization=False)
     info = flax_io.convert(tmp_path / "flax", tmp_path / "pt")
@@ -123,7 +107,7 @@ def test_transformers_round_trip(tmp_path, kind):
 
 def test_merge_transformers_flax_params_and_save_back(tmp_path):
     """Load a transformers Flax model's params, merge with jmerge, run, save back, reload."""
-    model = _tiny("bert")
+    model = tiny_transformer("bert")
     base = jax.tree.map(np.asarray, model.params)
     experts = [_perturbed(base, s) for s in (1, 2)]
     merged = jmerge.merge(base, experts, "task_arithmetic", scale=0.5)

@@ -15,7 +15,7 @@ from jmerge import cli
 from jmerge.io import gguf as gg
 from jmerge.io import safetensors_io as st
 
-from _tiny_llama import TEMPLATE, make
+from helpers import CHAT_TEMPLATE, tiny_llama
 
 F16_EPS = 2.0**-11  # half an ulp of float16, relative (round to nearest)
 
@@ -24,7 +24,7 @@ F16_EPS = 2.0**-11  # half an ulp of float16, relative (round to nearest)
 def tiny(tmp_path_factory):
     """An untied and a tied tiny Llama HF directory, and each converted to GGUF F32."""
     root = tmp_path_factory.mktemp("gguf")
-    dirs = {"untied": make(root / "untied", seed=0), "tied": make(root / "tied", seed=1, tied=True)}
+    dirs = {"untied": tiny_llama(root / "untied", seed=0), "tied": tiny_llama(root / "tied", seed=1, tied=True)}
     for name, d in dirs.items():
         assert cli.main(["convert", str(d), str(root / f"{name}.gguf")]) == 0
     return root
@@ -55,7 +55,7 @@ def test_hf_to_gguf_f32_to_hf_is_bit_exact(tiny, tmp_path, kind):
     text = "the 2024 theory is<|im_end|> ünïcödé\ttabs  and 12345"
     assert tb(text)["input_ids"] == ta(text)["input_ids"]
     assert tb.decode(tb(text)["input_ids"]) == text
-    assert tb.chat_template == TEMPLATE and tb.eos_token == "<|im_end|>" and tb.pad_token_id == 2
+    assert tb.chat_template == CHAT_TEMPLATE and tb.eos_token == "<|im_end|>" and tb.pad_token_id == 2
     msgs = [{"role": "user", "content": "the capital?"}]
     assert tb.apply_chat_template(msgs, add_generation_prompt=True) == ta.apply_chat_template(msgs, add_generation_prompt=True)
 
@@ -132,7 +132,7 @@ def test_quantized_round_trip_stays_within_the_format_bound(tiny, tmp_path, quan
 
 
 def test_rows_not_a_multiple_of_the_block_fall_back_to_f16_and_are_counted(tmp_path, caplog):
-    src = make(tmp_path / "odd", hidden=48, heads=4, kv_heads=2, ffn=96)  # 48 = 1.5 blocks of 32
+    src = tiny_llama(tmp_path / "odd", hidden=48, heads=4, kv_heads=2, ffn=96)  # 48 = 1.5 blocks of 32
     with caplog.at_level("WARNING"):
         info = gg.convert(src, tmp_path / "odd.gguf", quant="q8_0")
     assert info["fallback_f16"] == info["types"]["F16"] > 0
@@ -146,7 +146,7 @@ def test_gguf_metadata_is_built_from_the_hf_config(tiny):
     assert f.tied and "lm_head.weight" not in f.tensors
     assert f.hparams == {"layers": 2, "hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "head_dim": 16, "context": 64,
                          "rope_theta": 10000.0, "rms_eps": pytest.approx(1e-5), "vocab": 267}
-    assert f.fields["tokenizer.ggml.pre"] == "smollm" and f.fields["tokenizer.chat_template"] == TEMPLATE
+    assert f.fields["tokenizer.ggml.pre"] == "smollm" and f.fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     assert f.fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1] and f.fields["tokenizer.ggml.eos_token_id"] == 2
     assert f.fields["jmerge.source"] == str(tiny / "tied")
 
@@ -165,7 +165,7 @@ def _write_gguf(path, arch="llama", tensors=(), **kv):
     return path
 
 
-def test_bad_gguf_files_are_named(tiny, tmp_path):
+def test_bad_gguf_files_are_named(tiny, tmp_path, capsys):
     good = (tiny / "untied.gguf").read_bytes()
     (tmp_path / "trunc.gguf").write_bytes(good[: len(good) - 1000])
     with pytest.raises(gg.GGUFError, match=r"trunc\.gguf: truncated GGUF file: tensor 'output\.weight' needs bytes up to \d+, the file holds \d+"):
@@ -188,6 +188,7 @@ def test_bad_gguf_files_are_named(tiny, tmp_path):
     with pytest.raises(gg.GGUFError, match=r"unsupported GGUF output type 'q5_k'; choose one of f32, f16, bf16, q8_0, q4_0, q4_1"):
         gg.convert(tiny / "untied", tmp_path / "x.gguf", quant="q5_k")
     assert cli.main(["convert", str(tiny / "untied"), str(tmp_path / "x.gguf"), "--dtype", "bfloat16"]) == 2
+    assert "--dtype applies to HF output; GGUF output takes --quant" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -202,9 +203,9 @@ def test_a_gguf_missing_block_tensors_is_named(tiny, tmp_path):
 
 
 def test_mismatched_and_mixed_vocab_models_are_refused_naming_the_tensor(tiny, tmp_path):
-    other = make(tmp_path / "deep", layers=3)
+    other = tiny_llama(tmp_path / "deep", layers=3)
     _run(["convert", other, tmp_path / "deep.gguf"])
-    src = make(tmp_path / "wide", seed=3)
+    src = tiny_llama(tmp_path / "wide", seed=3)
     flat = st.load(src)
     flat["model.embed_tokens.weight"] = np.zeros((300, 64), np.float32)
     flat["lm_head.weight"] = np.zeros((300, 64), np.float32)
@@ -232,8 +233,8 @@ def _yaml(root, base, experts, method="task_arithmetic"):
     return root / "merge.yml"
 
 
-def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path):
-    e1, e2 = make(tmp_path / "e1", seed=5), make(tmp_path / "e2", seed=6)
+def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path, capsys):
+    e1, e2 = tiny_llama(tmp_path / "e1", seed=5), tiny_llama(tmp_path / "e2", seed=6)
     for e in (e1, e2):
         _run(["convert", e, e.with_suffix(".gguf"), "--quant", "q8_0"])
     cfg = _yaml(tmp_path, tiny / "untied.gguf", [e1.with_suffix(".gguf"), e2.with_suffix(".gguf")])
@@ -251,12 +252,15 @@ def test_run_merges_gguf_models_into_hf_and_gguf(tiny, tmp_path):
     for n, x in back.items():
         np.testing.assert_array_equal(x, merged[n])  # F32: exactly the HF merge
     assert back.fields["jmerge.method"] == "task_arithmetic" and "lambda" in back.fields["jmerge.config"]
-    assert back.fields["tokenizer.chat_template"] == TEMPLATE  # the base's metadata kept
+    assert back.fields["tokenizer.chat_template"] == CHAT_TEMPLATE  # the base's metadata kept
     assert back.fields["general.file_type"] == 0 and not list(tmp_path.glob(".out.gguf*"))
-    assert cli.main(["run", str(cfg), str(tmp_path / "out.gguf"), "--out-format", "gguf"]) == 2  # exists, no --force
+    capsys.readouterr()
+    assert cli.main(["run", str(cfg), str(tmp_path / "out.gguf"), "--out-format", "gguf"]) == 2
+    assert f"output {tmp_path / 'out.gguf'} already exists; pass --force to replace it" in " ".join(capsys.readouterr().err.split())
     _run(["run", cfg, tmp_path / "out.gguf", "--out-format", "gguf", "--quant", "q4_1", "--force", "--no-progress"])
     assert {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors} == {"F32", "Q4_1"}
-    assert cli.main(["run", str(cfg), str(tmp_path / "o2"), "--quant", "q8_0"]) == 2  # --quant needs --out-format gguf
+    assert cli.main(["run", str(cfg), str(tmp_path / "o2"), "--quant", "q8_0"]) == 2
+    assert "--quant needs --out-format gguf" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the real SmolLM2

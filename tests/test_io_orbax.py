@@ -19,9 +19,8 @@ def _merged():
     return jmerge.merge(base, experts, "task_arithmetic", scale=0.5)
 
 
-def test_save_on_8_devices_restore_on_4x2_mesh(tmp_path):
+def test_save_on_8_devices_restore_on_4x2_mesh(tmp_path, mesh8):
     merged = _merged()
-    mesh8 = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
     sharded = {
         "dense": {
             "kernel": jax.device_put(merged["dense"]["kernel"], NamedSharding(mesh8, P("model"))),

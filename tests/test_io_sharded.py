@@ -1,6 +1,5 @@
 """Safetensors blocks straight onto a mesh, sharded merge, orbax out (one process, 8 devices)."""
 
-import functools
 import json
 
 import jax
@@ -11,17 +10,16 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
 import jmerge
+from helpers import RULE, random_models
 from jmerge import shard, streaming
 from jmerge.io import orbax_io, sharded
 from jmerge.io.safetensors_io import CheckpointError, OutputError
 
-RULE = functools.partial(shard.spec_for, min_size=0)
 SHAPES = {"w": (16, 24), "u": (6, 32), "b": (5,)}
 
 
 def _model(seed, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    out = {k: rng.standard_normal(s).astype(np.float32).astype(dtype) for k, s in SHAPES.items()}
+    out = random_models(SHAPES, 0, seed, dtype=dtype, numpy=True)[0]
     out["ids"] = np.arange(7, dtype=np.int64)  # a non-float buffer: copied from the base
     return out
 
@@ -44,18 +42,13 @@ def checkpoints(tmp_path):
     return base, experts
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return shard.make_mesh(model=8)
-
-
-def test_read_sharded_places_blocks_by_rule(checkpoints, mesh):
+def test_read_sharded_places_blocks_by_rule(checkpoints, mesh8):
     base, _ = checkpoints
-    arrays = sharded.read_sharded(base, mesh, RULE)
+    arrays = sharded.read_sharded(base, mesh8, RULE)
     ref = _model(0)
     for name, x in arrays.items():
         np.testing.assert_array_equal(np.asarray(x), ref[name])
-        assert x.sharding.spec == RULE(name, ref[name].shape, mesh), name
+        assert x.sharding.spec == RULE(name, ref[name].shape, mesh8), name
     assert arrays["w"].sharding.spec == P(None, "model") and arrays["u"].sharding.spec == P(None, "model")
     assert arrays["w"].addressable_shards[0].data.shape == (16, 3)
 
@@ -71,22 +64,22 @@ def test_read_sharded_reads_each_block_once(tmp_path, monkeypatch):
     assert [n for n, _ in reads].count("r") == 1
 
 
-def test_read_sharded_bfloat16_and_errors(tmp_path, mesh):
+def test_read_sharded_bfloat16_and_errors(tmp_path, mesh8):
     save_file({"w": _model(0)["w"].astype(ml_dtypes.bfloat16)}, str(tmp_path / "m.safetensors"))
-    x = sharded.read_sharded(tmp_path / "m.safetensors", mesh, RULE)["w"]
+    x = sharded.read_sharded(tmp_path / "m.safetensors", mesh8, RULE)["w"]
     assert x.dtype == jax.numpy.bfloat16 and x.sharding.spec == P(None, "model")
     np.testing.assert_array_equal(np.asarray(x), _model(0)["w"].astype(ml_dtypes.bfloat16))
     with pytest.raises(CheckpointError, match="no tensor"):
-        sharded.read_sharded(tmp_path / "m.safetensors", mesh, RULE, names=["nope"])
+        sharded.read_sharded(tmp_path / "m.safetensors", mesh8, RULE, names=["nope"])
 
 
-def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh, tmp_path):
+def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh8, tmp_path):
     base, experts = checkpoints
-    out = streaming.merge_to_orbax(base, experts, tmp_path / "merged", "ties", mesh=mesh, rule=RULE, density=0.5)
+    out = streaming.merge_to_orbax(base, experts, tmp_path / "merged", "ties", mesh=mesh8, rule=RULE, density=0.5)
     floats = [k for k in SHAPES]
     ref = jmerge.merge({k: _model(0)[k] for k in floats}, [{k: _model(i + 1)[k] for k in floats} for i in range(2)], "ties", density=0.5)
     like = {**{k: jax.ShapeDtypeStruct(s, np.float32) for k, s in SHAPES.items()}, "ids": jax.ShapeDtypeStruct((7,), np.int64)}
-    restored = orbax_io.restore(out, shard.abstract_for(like, mesh, RULE))
+    restored = orbax_io.restore(out, shard.abstract_for(like, mesh8, RULE))
     for k in floats:
         np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(ref[k]), err_msg=k)
     assert restored["w"].sharding.spec == P(None, "model")
@@ -94,21 +87,21 @@ def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh, tmp_path):
     assert orbax_io.metadata(out)["method"] == "ties"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     with pytest.raises(OutputError, match="already exists"):
-        streaming.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE)
-    streaming.merge_to_orbax(base, experts, out, mesh=mesh, rule=RULE, force=True)
+        streaming.merge_to_orbax(base, experts, out, mesh=mesh8, rule=RULE)
+    streaming.merge_to_orbax(base, experts, out, mesh=mesh8, rule=RULE, force=True)
     assert orbax_io.metadata(out)["method"] == "task_arithmetic"
 
 
-def test_merge_to_orbax_checks_before_reading(checkpoints, mesh, tmp_path, monkeypatch):
+def test_merge_to_orbax_checks_before_reading(checkpoints, mesh8, tmp_path, monkeypatch):
     base, experts = checkpoints
     bad = _model(3)
     bad["w"] = bad["w"][:8]
     bad_dir = _save_hf_sharded(tmp_path / "bad", bad)
     monkeypatch.setattr(sharded, "_read_block", lambda *a: pytest.fail("read a tensor before checking"))
     with pytest.raises(CheckpointError, match="w"):
-        streaming.merge_to_orbax(base, [experts[0], bad_dir], tmp_path / "o", mesh=mesh, rule=RULE)
+        streaming.merge_to_orbax(base, [experts[0], bad_dir], tmp_path / "o", mesh=mesh8, rule=RULE)
     with pytest.raises(jmerge.MergeInputError, match="density"):
-        streaming.merge_to_orbax(base, experts, tmp_path / "o", "ties", mesh=mesh, rule=RULE, density=1.5)
+        streaming.merge_to_orbax(base, experts, tmp_path / "o", "ties", mesh=mesh8, rule=RULE, density=1.5)
     with pytest.raises(jmerge.MergeInputError, match="method 'dare_linear' is stochastic: pass key"):
-        streaming.merge_to_orbax(base, experts, tmp_path / "o", "dare_linear", mesh=mesh, rule=RULE)
+        streaming.merge_to_orbax(base, experts, tmp_path / "o", "dare_linear", mesh=mesh8, rule=RULE)
     assert not (tmp_path / "o").exists()

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _core_models import flat_shapes, nnx_models, random_models
+from helpers import flat_shapes, nnx_models, random_models
 from jmerge.layers import group_layers, layer_sizes
 
 

@@ -8,15 +8,13 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import CHAT_TEMPLATE, byte_tokenizer, tiny_llama, tiny_transformer, write_pt_dir
 from jmerge import config
-from jmerge.io import flax_io
-from jmerge.io import safetensors_io as st
 from jmerge.learn import causal_lm, lm_targets
 from jmerge.validate import MergeInputError
 
-from _tiny_llama import TEMPLATE, tokenizer
-
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool; optax 0.2.8's adam computes decay ** count (float ** int32)")
 
 
 def test_prompts_of_different_lengths_keep_their_last_tokens(caplog):
@@ -31,8 +29,7 @@ def test_prompts_of_different_lengths_keep_their_last_tokens(caplog):
 
 @pytest.fixture(scope="module")
 def gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=24, eos_token_id=0)
-    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    model = tiny_transformer("gpt2", vocab_size=32, n_positions=24, eos_token_id=0)
     params = jax.tree.map(lambda x: np.asarray(x) * 4, model.params)  # sharper logits, varied greedy tokens
     return model, params
 
@@ -55,13 +52,9 @@ def test_padded_prompts_give_each_prompts_own_logits_and_continuation(gpt2):
 
 def _base(tmp_path, chat_template: str | None, n_positions: int = 24):
     """A tiny GPT-2 HF directory with the byte-level tokenizer (267 tokens)."""
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=267, n_positions=n_positions, eos_token_id=2)
-    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
-    base = tmp_path / "base"
-    base.mkdir(parents=True)
-    st.save_safetensors(base, flax_io.flax_to_torch(jax.tree.map(np.asarray, model.params)))
-    cfg.save_pretrained(base)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer(), eos_token="<|im_end|>")
+    model = tiny_transformer("gpt2", n_layer=1, vocab_size=267, n_positions=n_positions, eos_token_id=2)
+    base = write_pt_dir(tmp_path / "base", model, jax.tree.map(np.asarray, model.params))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer(), eos_token="<|im_end|>")
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(base)
@@ -70,7 +63,7 @@ def _base(tmp_path, chat_template: str | None, n_positions: int = 24):
 
 def test_chat_template_wraps_text_prompts_and_its_absence_is_named(tmp_path):
     (tmp_path / "p.txt").write_text("the answer is\nthe theory\n")
-    with_template = _base(tmp_path / "a", TEMPLATE)
+    with_template = _base(tmp_path / "a", CHAT_TEMPLATE)
     ids = causal_lm.read_prompts(tmp_path / "p.txt", with_template, chat_template=True)
     tok = transformers.AutoTokenizer.from_pretrained(with_template)
     assert tok.decode(ids[0]) == "<|im_start|>user\nthe answer is<|im_end|>\n<|im_start|>assistant\n"
@@ -99,9 +92,7 @@ def test_gguf_models_in_a_learn_block_are_refused_by_name(tmp_path):
 
 
 def test_a_llama_transformers_flax_would_run_wrongly_is_refused(tmp_path):
-    from _tiny_llama import make
-
-    base = make(tmp_path / "llama", tied=True, rope_theta=100000.0)
+    base = tiny_llama(tmp_path / "llama", tied=True, rope_theta=100000.0)
     (tmp_path / "p.jsonl").write_text(json.dumps({"ids": [3, 4]}) + "\n")
     opts = config.LearnOptions(prompts=(tmp_path / "p.jsonl",))
     with pytest.raises(MergeInputError, match=r"learn: transformers' Flax Llama ignores rope_theta \(100000\.0\) and "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jmerge
+from helpers import assert_trees_equal, bert_like_models, place
 from jmerge import lwptv
 from jmerge import tree as jtree
 from jmerge.lwptv import LayerMask, LwPTV
@@ -18,69 +19,14 @@ K = 3  # tasks
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _bert_like(num_layers=2, hidden=8):
-    """A tiny nested param tree with Hugging Face Flax BERT paths (plus a classifier head)."""
-    blocks = {
-        str(i): {
-            "attention": {"self": {"query": {"kernel": (hidden, hidden), "bias": (hidden,)}}},
-            "intermediate": {"dense": {"kernel": (hidden, 2 * hidden)}},
-            "output": {"dense": {"kernel": (2 * hidden, hidden)}, "LayerNorm": {"scale": (hidden,)}},
-        }
-        for i in range(num_layers)
-    }
-    return {
-        "bert": {
-            "embeddings": {"word_embeddings": {"embedding": (24, hidden)}, "LayerNorm": {"scale": (hidden,)}},
-            "encoder": {"layer": blocks},
-            "pooler": {"dense": {"kernel": (hidden, hidden)}},
-        },
-        "classifier": {"kernel": (hidden, 8), "bias": (8,)},
-    }
-
-
-def make_models(num_tasks=K, seed=0, num_layers=2):
-    """Base weights ~N(0,1) and experts base + tau_t, with a scale varying by task and leaf."""
-    shapes = _bert_like(num_layers)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    rng = np.random.default_rng(seed)
-    base = jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=s), jnp.float32) for s in leaves])
-    experts = []
-    for _ in range(num_tasks):
-        scales = rng.uniform(0.001, 0.05, size=len(leaves))
-        experts.append(
-            jax.tree.unflatten(
-                treedef,
-                [b + jnp.asarray(c * rng.standard_t(3, size=b.shape), jnp.float32) for b, c in zip(jax.tree.leaves(base), scales)],
-            )
-        )
-    return base, experts
-
-
 @pytest.fixture(scope="module")
 def models():
-    return make_models()
+    return bert_like_models(K)
 
 
 @pytest.fixture(scope="module")
 def grouping(models):
     return lwptv.group(models[0], "bert")
-
-
-def _shard(tree, mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    def spec(x):
-        for d, s in enumerate(x.shape):
-            if s % 8 == 0:
-                return P(*([None] * d + ["model"]))
-        return P()
-
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), tree)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ---------------------------------------------------------------------------- presets
@@ -206,6 +152,7 @@ def _check_hf(model_cls, config, preset, expected_layers):
     return g
 
 
+@pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 def test_presets_on_real_transformers_models():
     tf = pytest.importorskip("transformers")
     bert_cfg = tf.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
@@ -301,13 +248,13 @@ def test_scores_match_numpy_reference(models, grouping, name, kw):
 
 
 @pytest.mark.parametrize("name", list(lwptv.SCORES))
-def test_scores_invariant_to_task_order_and_sharding(models, grouping, mesh, name):
+def test_scores_invariant_to_task_order_and_sharding(models, grouping, mesh8, name):
     base, experts = models
     perm = [2, 0, 1]
     s = np.asarray(lwptv.compute_scores(jmerge.task_vectors(base, experts), base, grouping, name))
     sp = np.asarray(lwptv.compute_scores(jmerge.task_vectors(base, [experts[i] for i in perm]), base, grouping, name))
     np.testing.assert_allclose(sp, s[perm], rtol=1e-6, atol=1e-7)
-    b_s, e_s = _shard(base, mesh), _shard(experts, mesh)
+    b_s, e_s = place(base, mesh8), place(experts, mesh8)
     sharded = lwptv.scores.compute_from_experts(b_s, e_s, grouping, name)
     np.testing.assert_allclose(np.asarray(sharded), s, rtol=1e-6, atol=1e-7)
 
@@ -421,7 +368,7 @@ def test_prune_zeroes_exactly_the_masked_layers(models, grouping):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
     # pure and traceable: a traced mask inside a caller's jit (e.g. before learning coefficients)
     traced = jax.jit(lambda tvs, m: lwptv.prune(tvs, m, grouping))(tvs, jnp.asarray(mask.mask))
-    jax.tree.map(np.testing.assert_array_equal, traced, pruned)
+    assert_trees_equal(traced, pruned)
 
 
 def _with_base_layers(expert, base, grouping, dropped):
@@ -438,7 +385,7 @@ def test_masked_layers_are_base_and_full_mask_is_identity(models, grouping, meth
     base, experts = models
     plain = jmerge.merge(base, experts, method, **kw)
     full = jmerge.merge(base, experts, method, lwptv=LwPTV(layers="bert", rule="keep_ratio", value=1.0), **kw)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), full, plain)  # bitwise
+    assert_trees_equal(full, plain)  # bitwise
     mask = _drop_mask(grouping)
     out = jmerge.merge(base, experts, method, lwptv=mask, **kw)
     # reference: the plain method (same compiled function) on experts whose dropped layers are the base's
@@ -481,7 +428,7 @@ def test_keep_base_restores_base_even_when_a_method_does_not(models, grouping):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
 
 
-def test_lwptv_merge_sharded_equals_unsharded_and_uses_the_scores(models, grouping, mesh):
+def test_lwptv_merge_sharded_equals_unsharded_and_uses_the_scores(models, grouping, mesh8):
     base, experts = models
     cfg = LwPTV(layers="bert", score="relative_update", rule="top_k", value=2)
     scores, mask = lwptv.inspect(base, experts, cfg)
@@ -490,11 +437,11 @@ def test_lwptv_merge_sharded_equals_unsharded_and_uses_the_scores(models, groupi
     _, same = lwptv.inspect(base, experts, cfg, layers=grouping)  # a ready LayerGrouping works too
     assert np.array_equal(same.mask, mask.mask) and same.layers is None
     out = jmerge.merge(base, experts, "ties", lwptv=cfg)
-    out_s = jmerge.merge(_shard(base, mesh), _shard(experts, mesh), "ties", lwptv=cfg)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), out_s, out)
+    out_s = jmerge.merge(place(base, mesh8), place(experts, mesh8), "ties", lwptv=cfg)
+    assert_trees_equal(out_s, out)
     assert jax.tree.leaves(out_s)[0].sharding.num_devices == 8
     via_mask = jmerge.merge(base, experts, "ties", lwptv=mask)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), via_mask, out)
+    assert_trees_equal(via_mask, out)
 
 
 def test_lwptv_bad_input(models, grouping):

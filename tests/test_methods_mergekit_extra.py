@@ -9,7 +9,7 @@ import pytest
 
 import jmerge
 from jmerge import MergeInputError
-from _methods_testing import as_np, assert_matches, make_models, mesh, np_task_vectors, shard
+from helpers import as_np, assert_matches, method_models, np_task_vectors
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -128,13 +128,13 @@ def per_tensor(base, experts, fn):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("topk", [1.0, 0.3])
 def test_sce_matches_numpy(dtype, topk):
-    base, experts = make_models(20, 3, dtype)
+    base, experts = method_models(20, 3, dtype)
     out = jmerge.merge(base, experts, "sce", select_topk=topk)
     assert_matches(out, per_tensor(base, experts, lambda b, ts: b + np_sce(ts, topk)), dtype)
 
 
 def test_sce_topk_keeps_the_high_variance_entries_only():
-    base, experts = make_models(21, 3)
+    base, experts = method_models(21, 3)
     b, taus = np_task_vectors(base, experts)
     out = as_np(jmerge.merge(base, experts, "sce", select_topk=0.25))
     for p in b:
@@ -147,13 +147,13 @@ def test_sce_topk_keeps_the_high_variance_entries_only():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", [0.05, 0.3])
 def test_nearswap_matches_numpy(dtype, t):
-    base, experts = make_models(22, 1, dtype)
+    base, experts = method_models(22, 1, dtype)
     out = jmerge.merge(base, experts, "nearswap", t=t)
     assert_matches(out, per_tensor(base, experts, lambda b, ts: np_nearswap(b, ts[0], t)), dtype)
 
 
 def test_nearswap_takes_close_values_and_keeps_far_ones_near_the_base():
-    base, experts = make_models(23, 1, tv_scale=1.0)
+    base, experts = method_models(23, 1, spread=1.0)
     b, (tau,) = np_task_vectors(base, experts)
     out = as_np(jmerge.merge(base, experts, "nearswap", t=0.1))
     for p in b:
@@ -164,7 +164,7 @@ def test_nearswap_takes_close_values_and_keeps_far_ones_near_the_base():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_arcee_fusion_matches_numpy(dtype):
-    base, experts = make_models(24, 1, dtype)
+    base, experts = method_models(24, 1, dtype)
     out = jmerge.merge(base, experts, "arcee_fusion")
     ref = per_tensor(base, experts, lambda b, ts: np_arcee_fusion(b, ts[0]))
     assert_matches(out, ref, dtype)
@@ -175,14 +175,14 @@ def test_arcee_fusion_matches_numpy(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, max_iter", [(3, 10), (2, 1), (4, 0)])
 def test_karcher_matches_numpy(dtype, n, max_iter):
-    base, experts = make_models(25, n, dtype, tv_scale=1.0)
+    base, experts = method_models(25, n, dtype, spread=1.0)
     out = jmerge.merge(base, experts, "karcher", max_iter=max_iter)
     ref = per_tensor(base, experts, lambda b, ts: np_karcher([b + t for t in ts], max_iter))
     assert_matches(out, ref, dtype, rtol32=2e-5, atol32=5e-5)
 
 
 def test_karcher_of_one_direction_is_the_mean_norm_times_it():
-    base, (e,) = make_models(26, 1)
+    base, (e,) = method_models(26, 1)
     out = jmerge.merge(base, [e, jax.tree.map(lambda x: 3 * x, e)], "karcher")
     assert_matches(out, {p: 2 * x for p, x in as_np(e).items()}, jnp.float32)
 
@@ -191,7 +191,7 @@ def test_karcher_of_one_direction_is_the_mean_norm_times_it():
 @pytest.mark.parametrize("space", ["weights", "task_vectors"])
 @pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)])
 def test_nuslerp_matches_numpy(dtype, space, flatten, row_wise):
-    base, experts = make_models(27, 2, dtype)
+    base, experts = method_models(27, 2, dtype)
     w = (1.0, 3.0)
     out = jmerge.merge(base, experts, "nuslerp", weights=w, flatten=flatten, row_wise=row_wise, space=space)
 
@@ -204,7 +204,7 @@ def test_nuslerp_matches_numpy(dtype, space, flatten, row_wise):
 
 
 def test_nuslerp_row_wise_differs_from_whole_tensor_on_matrices():
-    base, experts = make_models(28, 2)
+    base, experts = method_models(28, 2)
     whole = as_np(jmerge.merge(base, experts, "nuslerp", weights=(1.0, 1.0)))
     rows = as_np(jmerge.merge(base, experts, "nuslerp", weights=(1.0, 1.0), flatten=False))
     assert max(np.max(np.abs(whole[p] - rows[p])) for p in whole if whole[p].ndim >= 2) > 1e-4
@@ -213,7 +213,7 @@ def test_nuslerp_row_wise_differs_from_whole_tensor_on_matrices():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method, hp", [("ram", {}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.5, "alpha": 1.0})])
 def test_ram_matches_numpy(dtype, method, hp):
-    base, experts = make_models(29, 3, dtype)
+    base, experts = method_models(29, 3, dtype)
     # RL-style sparse task vectors: each expert changes a random ~40 % of the entries
     rng = np.random.default_rng(0)
     experts = [jax.tree.map(lambda b, e: jnp.where(jnp.asarray(rng.random(b.shape) < 0.4), e, b), base, e) for e in experts]
@@ -226,7 +226,7 @@ def test_ram_matches_numpy(dtype, method, hp):
 def test_della_linear_l1_rescale_and_weighted_sum():
     """With a key, della_linear's masks are those of stages.della; given them, the output is
     mergekit's ``sum_t w_t l1_rescale(tau_t, kept_t)``, and ``keep_probability`` divides by p."""
-    base, experts = make_models(30, 2)
+    base, experts = method_models(30, 2)
     key = jax.random.key(3)
     b, taus = np_task_vectors(base, experts)
     plain = as_np(jmerge.merge(base, experts, "della_linear", key=key, density=0.5, epsilon=0.1, rescale=False))
@@ -249,7 +249,7 @@ def test_della_linear_l1_rescale_and_weighted_sum():
 
 
 def test_ties_rescale_restores_each_trimmed_tensor_l1_norm():
-    base, experts = make_models(31, 2)
+    base, experts = method_models(31, 2)
     b, taus = np_task_vectors(base, experts)
     out = as_np(jmerge.merge(base, experts, "ties", density=0.3, trim="tensor", rescale=True, normalize=False))
     for p in b:
@@ -269,7 +269,7 @@ def test_ties_rescale_restores_each_trimmed_tensor_l1_norm():
     ("nuslerp", {"weights": (1.0, 2.0), "space": "task_vectors"}), ("ram", {}), ("ramplus_tl", {}),
 ])
 def test_identical_experts_give_that_expert(method, hp):
-    base, (e,) = make_models(32, 1)
+    base, (e,) = method_models(32, 1)
     n = 2 if method == "nuslerp" else 3
     out = jmerge.merge(base, [e] * n, method, **hp)
     assert_matches(out, as_np(e), jnp.float32)
@@ -293,24 +293,6 @@ def test_identical_experts_give_that_expert(method, hp):
     ],
 )
 def test_bad_input(method, n, hp, match):
-    base, experts = make_models(33, n)
+    base, experts = method_models(33, n)
     with pytest.raises(MergeInputError, match=match):
         jmerge.merge(base, experts, method, key=jax.random.key(0), **hp)
-
-
-# ----------------------------------------------------------------------------- sharding
-@pytest.mark.parametrize(
-    "method, n, hp",
-    [("sce", 3, {"select_topk": 0.5}), ("nearswap", 1, {"t": 0.2}), ("arcee_fusion", 1, {}), ("karcher", 3, {}),
-     ("nuslerp", 2, {"weights": (1.0, 2.0), "flatten": False}), ("ram", 3, {}), ("ramplus_tl", 3, {}),
-     ("della_linear", 2, {"density": 0.5})],
-)
-def test_sharded_equals_unsharded(method, n, hp):
-    base, experts = make_models(34, n)
-    key = jax.random.key(1)
-    want = as_np(jmerge.merge(base, experts, method, key=key, **hp))
-    m = mesh()
-    out = jmerge.merge(shard(base, m), [shard(e, m) for e in experts], method, key=key, **hp)
-    for (p, x), leaf in zip(jmerge.tree.flatten(out).items(), jax.tree.leaves(shard(base, m))):
-        assert x.sharding.is_equivalent_to(leaf.sharding, x.ndim), p
-    assert_matches(out, want, jnp.float32, rtol32=1e-6, atol32=1e-6)

@@ -1,6 +1,5 @@
 """SLERP, Multi-SLERP and Model Stock against plain-numpy references of their formulas."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 import jmerge
 from jmerge import MergeInputError
-from _methods_testing import as_np, assert_matches, make_models, mesh, np_task_vectors, shard
+from helpers import as_np, assert_matches, method_models, np_task_vectors
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 EPS = 1e-8
@@ -82,13 +81,13 @@ def np_model_stock_merge(base, experts, filter_wise=False):
 @pytest.mark.parametrize("space", ["weights", "task_vectors"])
 @pytest.mark.parametrize("t", [0.5, 0.3])
 def test_slerp_matches_numpy(dtype, space, t):
-    base, experts = make_models(0, 2, dtype)
+    base, experts = method_models(0, 2, dtype)
     out = jmerge.merge(base, experts, "slerp", t=t, space=space)
     assert_matches(out, np_slerp_merge(base, experts, t, space), dtype)
 
 
 def test_slerp_is_not_lerp_on_random_inputs():
-    base, experts = make_models(1, 2)
+    base, experts = method_models(1, 2)
     for space in ("weights", "task_vectors"):
         out = as_np(jmerge.merge(base, experts, "slerp", space=space))
         lerp = as_np(jmerge.merge(base, experts, "average"))
@@ -97,7 +96,7 @@ def test_slerp_is_not_lerp_on_random_inputs():
 
 
 def test_slerp_falls_back_to_lerp_for_nearly_parallel_inputs():
-    base, experts = make_models(2, 2, tv_scale=1e-3)  # cos(w1, w2) ~ 1 - 1e-6 > 0.9995
+    base, experts = method_models(2, 2, spread=1e-3)  # cos(w1, w2) ~ 1 - 1e-6 > 0.9995
     out = jmerge.merge(base, experts, "slerp", t=0.25)
     b, (t1, t2) = np_task_vectors(base, experts)
     assert_matches(out, {p: 0.75 * (b[p] + t1[p]) + 0.25 * (b[p] + t2[p]) for p in b}, jnp.float32)
@@ -111,13 +110,13 @@ def test_slerp_falls_back_to_lerp_for_nearly_parallel_inputs():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights", [None, (1.0, 2.0, 0.5)])
 def test_multislerp_matches_numpy(dtype, weights):
-    base, experts = make_models(3, 3, dtype)
+    base, experts = method_models(3, 3, dtype)
     out = jmerge.merge(base, experts, "multislerp", weights=weights)
     assert_matches(out, np_multislerp_merge(base, experts, weights), dtype)
 
 
 def test_multislerp_two_opposite_task_vectors_fall_back_to_weighted_sum():
-    base, (e1,) = make_models(4, 1)
+    base, (e1,) = method_models(4, 1)
     base = jax.tree.map(jnp.zeros_like, base)
     e2 = jax.tree.map(jnp.negative, e1)  # tau_2 = -tau_1 exactly
     out = jmerge.merge(base, [e1, e2], "multislerp")
@@ -128,13 +127,13 @@ def test_multislerp_two_opposite_task_vectors_fall_back_to_weighted_sum():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_matches_numpy(dtype, filter_wise):
-    base, experts = make_models(5, 3, dtype)
+    base, experts = method_models(5, 3, dtype)
     out = jmerge.merge(base, experts, "model_stock", filter_wise=filter_wise)
     assert_matches(out, np_model_stock_merge(base, experts, filter_wise), dtype)
 
 
 def test_model_stock_filter_wise_changes_matrices_only():
-    base, experts = make_models(6, 3)
+    base, experts = method_models(6, 3)
     whole = as_np(jmerge.merge(base, experts, "model_stock"))
     rows = as_np(jmerge.merge(base, experts, "model_stock", filter_wise=True))
     for p in whole:
@@ -147,7 +146,7 @@ def test_model_stock_filter_wise_changes_matrices_only():
 # ----------------------------------------------------------------------------- identities
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_identical_experts_give_that_expert(dtype):
-    base, (e,) = make_models(7, 1, dtype)
+    base, (e,) = method_models(7, 1, dtype)
     want = as_np(e)
     for method, n, hp in [
         ("slerp", 2, {"space": "weights"}),
@@ -162,7 +161,7 @@ def test_identical_experts_give_that_expert(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("space", ["weights", "task_vectors"])
 def test_slerp_endpoints_are_the_experts(dtype, space):
-    base, experts = make_models(8, 2, dtype)
+    base, experts = method_models(8, 2, dtype)
     for t, e in [(0.0, experts[0]), (1.0, experts[1])]:
         assert_matches(jmerge.merge(base, experts, "slerp", t=t, space=space), as_np(e), dtype)
 
@@ -183,25 +182,6 @@ def test_slerp_endpoints_are_the_experts(dtype, space):
     ],
 )
 def test_bad_input(method, n, hp, match):
-    base, experts = make_models(9, n)
+    base, experts = method_models(9, n)
     with pytest.raises(MergeInputError, match=match):
         jmerge.merge(base, experts, method, **hp)
-
-
-# ----------------------------------------------------------------------------- sharding
-@pytest.mark.parametrize(
-    "method, n, hp",
-    [
-        ("slerp", 2, {"space": "weights"}),
-        ("slerp", 2, {"space": "task_vectors", "t": 0.7}),
-        ("multislerp", 3, {}),
-        ("model_stock", 3, {"filter_wise": True}),
-    ],
-)
-def test_sharded_equals_unsharded(method, n, hp):
-    base, experts = make_models(10, n)
-    want = jmerge.merge(base, experts, method, **hp)
-    m = mesh()
-    got = jmerge.merge(shard(base, m), [shard(e, m) for e in experts], method, **hp)
-    assert len(jax.tree.leaves(got)[0].sharding.device_set) == 8
-    chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), rtol=1e-6, atol=1e-6)

@@ -1,6 +1,5 @@
 """TSV-M, Iso-C and Iso-CTS against plain-numpy (float64) references of the papers' formulas."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ from jmerge import MergeInputError
 from jmerge.coverage import CoverageWarning
 from jmerge.methods.svd import iso_cts_sizes
 from jmerge import tree as jtree
-from _methods_testing import as_np, assert_matches, make_models, mesh, nest, np_task_vectors, shard, transpose_matrices
+from helpers import as_np, assert_matches, method_models, nest, np_task_vectors, transpose_matrices
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -96,20 +95,20 @@ REFERENCES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", sorted(REFERENCES))
 def test_matches_numpy(method, dtype):
-    base, experts = make_models(0, 3, dtype)
+    base, experts = method_models(0, 3, dtype)
     out = jmerge.merge(base, experts, method)
     assert_matches(out, np_merge(base, experts, REFERENCES[method]), dtype)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.0, 1.0])
 def test_iso_cts_fraction_and_scale_match_numpy(fraction):
-    base, experts = make_models(1, 3)
+    base, experts = method_models(1, 3)
     out = jmerge.merge(base, experts, "iso_cts", common_space_fraction=fraction, scale=1.5)
     assert_matches(out, np_merge(base, experts, lambda ts: np_iso_cts_flax(ts, fraction), scale=1.5), jnp.float32)
 
 
 def test_tsv_scale_and_svd_filter_match_numpy():
-    base, experts = make_models(2, 4)
+    base, experts = method_models(2, 4)
     # e.g. leave embeddings (or here the head) out of the SVD: they get the mean task vector
     out = jmerge.merge(base, experts, "tsv", scale=0.6, svd_filter=r"^(?!head/)")
     want = np_merge(base, experts, np_tsv, scale=0.6, selected=lambda p: not p.startswith("head/"))
@@ -177,7 +176,7 @@ def test_torch_conv_kernels_merge_as_the_flax_ones(method):
 @pytest.mark.parametrize("method", sorted(REFERENCES))
 def test_pointwise_conv_is_its_dense_matrix(method):
     """A 1x1 kernel ``[1, 1, in, out]`` merges exactly as the Dense kernel ``[in, out]``."""
-    base, experts = make_models(23, 3)
+    base, experts = method_models(23, 3)
     as_conv = lambda t: {**t, "block": {**t["block"], "dense": {**t["block"]["dense"], "kernel": t["block"]["dense"]["kernel"][None, None]}}}  # noqa: E731
     dense = jmerge.merge(base, experts, method)["block"]["dense"]["kernel"]
     conv = jmerge.merge(as_conv(base), [as_conv(e) for e in experts], method)["block"]["dense"]["kernel"]
@@ -200,7 +199,7 @@ def test_lwptv_merges_each_layer_over_the_tasks_that_keep_it(method):
     run on the kept tasks alone (and a numpy reference of it), not on zero matrices for the others."""
     from jmerge.lwptv import LayerMask, group
 
-    base, experts = make_models(24, 3)
+    base, experts = method_models(24, 3)
     layers = r"^([^/]+)/"
     grouping = group(base, layers)
     assert grouping.names == ("block", "conv", "head", "norm")
@@ -223,7 +222,7 @@ def test_lwptv_merges_each_layer_over_the_tasks_that_keep_it(method):
 def test_lwptv_layer_dropped_by_all_is_the_base():
     from jmerge.lwptv import LayerMask
 
-    base, experts = make_models(25, 3)
+    base, experts = method_models(25, 3)
     mask = LWPTV_MASK.copy()
     mask[:, 2] = False  # head
     out = jmerge.merge(base, experts, "iso_cts", lwptv=LayerMask(mask, ("block", "conv", "head", "norm"), layers=r"^([^/]+)/"))
@@ -253,7 +252,7 @@ def test_single_expert(dtype):
     """TSV-M of one expert keeps all r components: the expert itself. Iso-C flattens the
     expert's singular spectrum to its mean; Iso-CTS of one expert gives the same as Iso-C
     (the common and task-specific spaces together are all of the expert's singular vectors)."""
-    base, experts = make_models(3, 1, dtype)
+    base, experts = method_models(3, 1, dtype)
     assert_matches(jmerge.merge(base, experts, "tsv"), as_np(experts[0]), dtype)
     iso = np_merge(base, experts, np_iso_c)
     out = jmerge.merge(base, experts, "iso_c")
@@ -270,7 +269,7 @@ def test_tsv_of_orthogonal_low_rank_task_matrices_is_their_sum():
     truncate or orthogonalise. (With rank < k the extra, arbitrary null directions of one task
     overlap the others' and the Procrustes step rotates everything: TSV-M is not the sum then.)"""
     rng = np.random.default_rng(4)
-    base, _ = make_models(4, 3)
+    base, _ = method_models(4, 3)
     b = as_np(base)
     flat_experts = [dict(b) for _ in range(3)]
     for path in ("block/dense/kernel", "block/out/kernel", "head/kernel"):
@@ -304,7 +303,7 @@ def test_tsv_matrix_of_rank_below_task_count_is_left_unchanged():
 
 # ----------------------------------------------------------------------------- layout
 def test_iso_cts_torch_layout_is_the_transpose_of_flax_layout():
-    base, experts = make_models(6, 3)  # (conv kernels in torch layout: test_torch_conv_kernels_merge_as_the_flax_ones)
+    base, experts = method_models(6, 3)  # (conv kernels in torch layout: test_torch_conv_kernels_merge_as_the_flax_ones)
     flax_out = jmerge.merge(base, experts, "iso_cts", conv="average")
     torch_out = jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], "iso_cts", layout="torch",
                              conv="average")
@@ -316,7 +315,7 @@ def test_iso_cts_torch_layout_is_the_transpose_of_flax_layout():
 
 @pytest.mark.parametrize("method", ["tsv", "iso_c"])
 def test_tsv_and_iso_c_are_transpose_invariant(method):
-    base, experts = make_models(7, 3)
+    base, experts = method_models(7, 3)
     out = as_np(jmerge.merge(base, experts, method))
     out_t = as_np(transpose_matrices(jmerge.merge(transpose_matrices(base), [transpose_matrices(e) for e in experts], method)))
     for p in out:
@@ -339,17 +338,6 @@ def test_tsv_and_iso_c_are_transpose_invariant(method):
     ],
 )
 def test_bad_input(method, hp, match):
-    base, experts = make_models(8, 2)
+    base, experts = method_models(8, 2)
     with pytest.raises(MergeInputError, match=match):
         jmerge.merge(base, experts, method, **hp)
-
-
-# ----------------------------------------------------------------------------- sharding
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
-def test_sharded_equals_unsharded(method):
-    base, experts = make_models(9, 3)
-    want = jmerge.merge(base, experts, method)
-    m = mesh()
-    got = jmerge.merge(shard(base, m), [shard(e, m) for e in experts], method)
-    assert len(jax.tree.leaves(got)[0].sharding.device_set) == 8
-    chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 """The task-arithmetic family through jmerge.merge, against tests/reference.py; identities;
-permutation invariance; every registered method sharded on 8 devices == unsharded."""
+permutation invariance; keys (the all-methods sharding sweep is in test_shard.py)."""
 
 import chex
 import jax
@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.sharding import NamedSharding, PartitionSpec
 
 import jmerge
 import reference as ref
-from _core_models import BF16, flat_shapes, nested_shapes, nnx_models, random_models
-from _methods_testing import data_statistics
+from helpers import BF16, assert_matches, flat_shapes, nested_shapes, nnx_models, random_models, sweep_models
 from jmerge import stages
 from jmerge import tree as jtree
-from jmerge.methods.data_driven import MEASURED, STATISTICS
 
 STRUCTURES = {
     "nested": lambda k, seed=0: random_models(nested_shapes(), k, seed),
@@ -50,21 +47,14 @@ HP = {
 }
 
 
-def assert_trees_close(a, b, rtol=1e-5):
-    """Leaf by leaf; bfloat16 leaves to one bfloat16 rounding."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        tol = 2**-7 if x.dtype == BF16 else rtol
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
+def assert_trees_close(a, b):
+    """Leaf by leaf; float32 to 1e-5, bfloat16 leaves to one bfloat16 rounding."""
+    assert_matches(a, ref.flat(b), rtol32=1e-5, atol32=1e-5, bf16=(2**-7, 2**-7))
 
 
 def assert_close_to_reference(got, want: dict):
     """float32 leaves to 1e-5; bfloat16 leaves to one bfloat16 rounding (float64 vs float32 sums)."""
-    got = ref.flat(got)
-    assert set(got) == set(want)
-    for p, x in got.items():
-        assert x.dtype == want[p].dtype, p
-        tol = 1e-2 if x.dtype == BF16 else 1e-5
-        np.testing.assert_allclose(x.astype(np.float32), want[p].astype(np.float32), rtol=tol, atol=tol, err_msg=p)
+    assert_matches(got, want, rtol32=1e-5, atol32=1e-5, bf16=(1e-2, 1e-2))
 
 
 @pytest.mark.parametrize(
@@ -106,38 +96,6 @@ def test_ties_global_trim_on_a_large_model_matches_numpy():
         assert_close_to_reference(out, ref.ties(ref.flat(base), [ref.flat(e) for e in experts], 0.3, 1.0, trim))
 
 
-def test_ties_tie_break_first_keeps_exactly_k_per_tensor_like_numpy():
-    """mergekit's rule: exactly max(1, int(d n)) entries per tensor, tied ones first in row-major order."""
-    rng = np.random.default_rng(4)
-    base = {"w": jnp.zeros((12, 10), jnp.float32), "b": jnp.zeros(7, jnp.float32)}
-    experts = [{p: jnp.asarray(rng.integers(-3, 4, x.shape), jnp.float32) for p, x in base.items()} for _ in range(2)]
-
-    def first_k(tv, density):
-        out = {}
-        for p, x in tv.items():
-            flat = x.reshape(-1)
-            k = max(1, int(density * flat.size))
-            order = np.argsort(-np.abs(flat), kind="stable")[:k]  # ties: the lowest index first
-            kept = np.zeros_like(flat)
-            kept[order] = flat[order]
-            out[p] = kept.reshape(x.shape)
-        return out
-
-    for density in (0.35, 0.05):  # 0.05 * 7 < 1: mergekit still keeps one entry of the bias
-        tvs = [first_k(ref.flat(e), density) for e in experts]
-        want = {p: x for p, x in ref.disjoint_merge(tvs).items()}
-        out = jmerge.merge(base, experts, "ties", trim="tensor", tie_break="first", density=density)
-        for p, x in ref.flat(out).items():
-            np.testing.assert_array_equal(x, want[p], err_msg=p)
-        kept = jmerge.merge(base, experts[:1], "ties", trim="tensor", tie_break="first", density=density)
-        assert {p: int(np.count_nonzero(x)) for p, x in ref.flat(kept).items()} == {
-            p: int(np.count_nonzero(x)) for p, x in tvs[0].items()}
-    everything = jmerge.merge(base, experts[:1], "ties", trim="tensor", density=0.35)  # "all" keeps the ties
-    assert int(np.count_nonzero(ref.flat(everything)["w"])) > int(0.35 * 120)
-    with pytest.raises(jmerge.MergeInputError, match=r"^tie_break='first' \(mergekit's exactly k per tensor\) needs trim='tensor'$"):
-        jmerge.merge(base, experts, "ties", tie_break="first")
-
-
 @pytest.mark.parametrize("method,sparsify", [
     ("dare_linear", lambda tvs, key: stages.dare(0.4)(tvs, key)),
     ("dare_ties", lambda tvs, key: stages.dare(0.4)(tvs, key)),
@@ -177,7 +135,7 @@ SCALED = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", 
 @pytest.mark.parametrize("method", SCALED)
 def test_scale_zero_returns_base_exactly(method):
     if jmerge.get(method).needs_key:  # the sharding test's models: one compilation for both
-        base, experts = _models_for(method)
+        base, experts = sweep_models(method)
         out = jmerge.merge(base, experts, method, key=jax.random.key(3), scale=0.0)
     else:
         base, experts = STRUCTURES["nested"](3)
@@ -220,7 +178,7 @@ def test_permuting_experts_leaves_the_merge_unchanged(seed, perm):
 # ---------------------------------------------------------------------------- keys
 @pytest.mark.parametrize("method", [m for m in jmerge.available() if jmerge.get(m).needs_key])
 def test_stochastic_methods_are_deterministic_per_key(method):
-    base, experts = _models_for(method)
+    base, experts = sweep_models(method)
     a = jmerge.merge(base, experts, method, key=jax.random.key(1))
     b = jmerge.merge(base, experts, method, key=jax.random.key(1))
     c = jmerge.merge(base, experts, method, key=jax.random.key(2))
@@ -245,48 +203,33 @@ def test_donate_base_gives_the_same_merge():
     chex.assert_trees_all_equal(jmerge.merge(copy, experts, "ties", donate_base=True), want)
 
 
-# ---------------------------------------------------------------------------- sharding
-SHARD_SHAPES = {"w": (16, 8), "b": (8,), "e": (32, 4), "v": (3,)}
-BIG = {"big": (136, 128)}  # above the sort cut-off: the counting search runs sharded too
-SEARCHING = ("ties", "breadcrumbs", "breadcrumbs_ties")
+def test_ties_tie_break_first_keeps_exactly_k_per_tensor_like_numpy():
+    """mergekit's rule: exactly max(1, int(d n)) entries per tensor, tied ones first in row-major order."""
+    rng = np.random.default_rng(4)
+    base = {"w": jnp.zeros((12, 10), jnp.float32), "b": jnp.zeros(7, jnp.float32)}
+    experts = [{p: jnp.asarray(rng.integers(-3, 4, x.shape), jnp.float32) for p, x in base.items()} for _ in range(2)]
 
+    def first_k(tv, density):
+        out = {}
+        for p, x in tv.items():
+            flat = x.reshape(-1)
+            k = max(1, int(density * flat.size))
+            order = np.argsort(-np.abs(flat), kind="stable")[:k]  # ties: the lowest index first
+            kept = np.zeros_like(flat)
+            kept[order] = flat[order]
+            out[p] = kept.reshape(x.shape)
+        return out
 
-def _sharded(tree, mesh):
-    def put(x):
-        spec = PartitionSpec("model") if x.ndim and x.shape[0] % 8 == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(mesh, spec))
-
-    return jax.tree.map(put, tree)
-
-
-REQUIRED = {"nearswap": {"t": 0.1}}  # hyper-parameters without a default
-
-
-def _models_for(method):
-    """Two experts (SLERP takes exactly two), or three if the method needs more, or one
-    (nearswap, arcee_fusion)."""
-    shapes = {k: (s, np.float32) for k, s in {**SHARD_SHAPES, **(BIG if method in SEARCHING else {})}.items()}
-    for k in (2, 3, 1):
-        try:
-            jmerge.get(method).resolve(k, {**REQUIRED.get(method, {}), **{n: MEASURED for n in (STATISTICS.get(method),) if n}})
-        except jmerge.MergeInputError:
-            continue
-        return random_models(shapes, k, seed=5)
-    raise AssertionError(f"{method} accepts neither 2, 3 nor 1 experts with its defaults")
-
-
-@pytest.mark.parametrize("method", jmerge.available())
-def test_every_method_sharded_on_8_devices_equals_unsharded(method):
-    assert len(jax.devices()) == 8
-    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
-    base, experts = _models_for(method)
-    key = jax.random.key(3) if jmerge.get(method).needs_key else None
-    hp = {**REQUIRED.get(method, {}), **data_statistics(method, base, len(experts))}
-    plain = jmerge.merge(base, experts, method, key=key, **hp)
-    sbase, sexperts = _sharded(base, mesh), [_sharded(e, mesh) for e in experts]
-    sharded = jmerge.merge(sbase, sexperts, method, key=key, **hp)
-    chex.assert_trees_all_close(sharded, plain, rtol=1e-5, atol=1e-5)
-    for out, inp in zip(jax.tree.leaves(sharded), jax.tree.leaves(sbase)):
-        assert out.sharding.is_equivalent_to(inp.sharding, out.ndim), (method, out.sharding, inp.sharding)
-
-
+    for density in (0.35, 0.05):  # 0.05 * 7 < 1: mergekit still keeps one entry of the bias
+        tvs = [first_k(ref.flat(e), density) for e in experts]
+        want = {p: x for p, x in ref.disjoint_merge(tvs).items()}
+        out = jmerge.merge(base, experts, "ties", trim="tensor", tie_break="first", density=density)
+        for p, x in ref.flat(out).items():
+            np.testing.assert_array_equal(x, want[p], err_msg=p)
+        kept = jmerge.merge(base, experts[:1], "ties", trim="tensor", tie_break="first", density=density)
+        assert {p: int(np.count_nonzero(x)) for p, x in ref.flat(kept).items()} == {
+            p: int(np.count_nonzero(x)) for p, x in tvs[0].items()}
+    everything = jmerge.merge(base, experts[:1], "ties", trim="tensor", density=0.35)  # "all" keeps the ties
+    assert int(np.count_nonzero(ref.flat(everything)["w"])) > int(0.35 * 120)
+    with pytest.raises(jmerge.MergeInputError, match=r"^tie_break='first' \(mergekit's exactly k per tensor\) needs trim='tensor'$"):
+        jmerge.merge(base, experts, "ties", tie_break="first")

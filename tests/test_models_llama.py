@@ -10,10 +10,10 @@ import pytest
 from experiments.models import llama
 from jmerge.io import flax_io
 
-from _tiny_llama import config as tiny_config
-from _tiny_llama import weights
+from helpers import llama_config, llama_weights
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.standard_promotion("transformers' Flax models mix int32 and bool")
 
 
 def _flax_logits(cfg_dict, flat, ids):
@@ -28,8 +28,8 @@ def _flax_logits(cfg_dict, flat, ids):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_match_transformers_flax_llama(tied):
-    cfg_dict = tiny_config(64, tied=tied)
-    flat = weights(cfg_dict, seed=2, scale=0.2)
+    cfg_dict = llama_config(64, tied=tied)
+    flat = llama_weights(cfg_dict, seed=2, scale=0.2)
     cfg = llama.LlamaConfig.from_dict(cfg_dict)
     ids = np.random.default_rng(0).integers(0, 64, (2, 11)).astype(np.int32)
     ours = np.asarray(llama.logits(llama.stack(flat, cfg), cfg, jnp.asarray(ids)))
@@ -40,8 +40,8 @@ def test_logits_match_transformers_flax_llama(tied):
 
 def test_logits_match_torch_llama_with_rope_theta_and_tied_head():
     torch = pytest.importorskip("torch")
-    cfg_dict = tiny_config(64, tied=True, rope_theta=100000.0)
-    flat = weights(cfg_dict, seed=2, scale=0.2)
+    cfg_dict = llama_config(64, tied=True, rope_theta=100000.0)
+    flat = llama_weights(cfg_dict, seed=2, scale=0.2)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg_dict)).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in flat.items()}, strict=False)
     ids = np.random.default_rng(0).integers(0, 64, (2, 11))
@@ -67,9 +67,9 @@ def test_rope_matches_numpy_half_split_rotation():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg_dict = tiny_config(64, tied=True, rope_theta=100000.0)
+    cfg_dict = llama_config(64, tied=True, rope_theta=100000.0)
     cfg = llama.LlamaConfig.from_dict(cfg_dict)
-    return cfg, llama.stack(weights(cfg_dict, seed=4, scale=0.3), cfg)
+    return cfg, llama.stack(llama_weights(cfg_dict, seed=4, scale=0.3), cfg)
 
 
 def test_left_padding_leaves_the_real_tokens_logits_unchanged(model):

@@ -6,65 +6,46 @@ import re
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
+from helpers import REQUIRED, RULE, SHARD_SHAPES, assert_trees_equal, data_statistics, place, random_models, sweep_models
 from jmerge import shard, stages
-from jmerge.methods import svd
+from jmerge.methods import registry, svd
 from jmerge.thresholds import mesh as tmesh
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
-from _methods_testing import data_statistics
-
-RULE = functools.partial(shard.spec_for, min_size=0)  # tiny test tensors: shard whatever divides
-SVD_METHODS = {"tsv", "iso_c", "iso_cts"}  # factorise whole matrices: gathered (docs/scaling.md)
-# jmerge.stages' exact threshold sorts small groups and a strided sample, which XLA gathers
-# under plain jit; jmerge.thresholds.mesh.magnitude_trim moves only counts (tests/test_thresholds.py).
-STAGES_THRESHOLD_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-SOLVE_METHODS = {"regmean"}  # a linear solve over each kernel's whole input axis: gathered, as the SVD methods
-SORTING_METHODS = {"sce", "arcee_fusion"}  # a sort of each tensor: sce's variance top-k, arcee_fusion's quantiles
-ONE_EXPERT = {"nearswap": {"t": 0.05}, "arcee_fusion": {}, "passthrough": {"scale": 0.5}}  # methods merging one model, with required hparams
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return shard.make_mesh(model=8)
-
-
-def _model(key, scale=1.0):
-    ks = jax.random.split(key, 5)
-    return {
-        "dense": {"kernel": scale * jax.random.normal(ks[0], (64, 32)), "bias": scale * jax.random.normal(ks[1], (5,))},
-        "proj": {"kernel": scale * jax.random.normal(ks[2], (16, 128))},  # sharded on its last axis
-        "odd": scale * jax.random.normal(ks[3], (6, 10)),  # no axis divisible by 8: replicated
-        "conv": scale * jax.random.normal(ks[4], (3, 3, 4, 16)),
-    }
+def _gathers(name, hp):
+    """Whether the compiled merge all-gathers: the SVD methods factorise whole matrices
+    (docs/scaling.md), RegMean solves over each kernel's whole input axis, DELLA ranks entries along the last axis, arcee_fusion sorts each tensor
+    for its quantiles, and sce for its variance top-k (when it selects: select_topk < 1)."""
+    return name in {"tsv", "iso_c", "iso_cts", "regmean", "della", "della_linear", "arcee_fusion"} or (
+        name == "sce" and hp.get("select_topk", jmerge.get("sce").defaults["select_topk"]) < 1)
 
 
 @pytest.fixture(scope="module")
 def models():
-    base = _model(jax.random.key(0))
-    experts = [jax.tree.map(jnp.add, base, _model(jax.random.key(10 + i), 0.1)) for i in range(2)]
-    return base, experts
+    return random_models(SHARD_SHAPES, 2, seed=0)
 
 
 @pytest.fixture(scope="module")
-def placed(models, mesh):
+def placed(models, mesh8):
     base, experts = models
-    return shard.shard_params(base, mesh, RULE), [shard.shard_params(e, mesh, RULE) for e in experts]
+    return place(base, mesh8), [place(e, mesh8) for e in experts]
 
 
 def _hparams(name):
-    return {**({"key": jax.random.key(0)} if jmerge.get(name).needs_key else {}), **ONE_EXPERT.get(name, {})}
+    return {**({"key": jax.random.key(0)} if jmerge.get(name).needs_key else {}), **REQUIRED.get(name, {})}
 
 
-def _compiled(name, base, experts, extra=None):
+def _compiled(name, base, experts):
     """The method compiled for these inputs, and a call running it (one compilation for both)."""
     m = jmerge.get(name)
-    hp = m.resolve(len(experts), {**ONE_EXPERT.get(name, {}), **(extra or {})})
+    hp = m.resolve(len(experts), REQUIRED.get(name, {}))
     static = tuple(sorted(k for k in hp if k in m.static))
     key = _hparams(name).get("key")
     fn = jax.jit(lambda b, e, key, **hp: m.fn(b, jtree.task_vectors(b, e), key=key, **hp), static_argnames=static)
@@ -116,15 +97,15 @@ def test_make_mesh_axes_and_errors():
         ((), P()),
     ],
 )
-def test_spec_for_shards_largest_divisible_dimension(mesh, shape, spec):
-    assert RULE("w", shape, mesh) == spec
+def test_spec_for_shards_largest_divisible_dimension(mesh8, shape, spec):
+    assert RULE("w", shape, mesh8) == spec
 
 
-def test_spec_for_replicates_small_tensors(mesh):
-    assert shard.spec_for("w", (64, 32), mesh) == P()  # 2048 < DEFAULT_MIN_SIZE
-    assert shard.spec_for("w", (512, 128), mesh) == P("model")
-    assert shard.spec_for("w", (64, 32), mesh, min_size=2048) == P("model")
-    assert shard.spec_for("w", (64, 32), mesh, min_size=2049) == P()
+def test_spec_for_replicates_small_tensors(mesh8):
+    assert shard.spec_for("w", (64, 32), mesh8) == P()  # 2048 < DEFAULT_MIN_SIZE
+    assert shard.spec_for("w", (512, 128), mesh8) == P("model")
+    assert shard.spec_for("w", (64, 32), mesh8, min_size=2048) == P("model")
+    assert shard.spec_for("w", (64, 32), mesh8, min_size=2049) == P()
 
 
 def test_spec_for_axis_of_size_one_and_tuple_axes():
@@ -136,79 +117,113 @@ def test_spec_for_axis_of_size_one_and_tuple_axes():
         RULE("w", (8,), mesh, axis="x")
 
 
-def test_spec_for_overrides_first_match_wins(mesh):
+def test_spec_for_overrides_first_match_wins(mesh8):
     overrides = [(r"emb", P(None, "model")), (r"emb|dense", P()), (re.compile(r"kernel$"), P("model", None))]
     rule = functools.partial(RULE, overrides=overrides)
-    assert rule("emb", (40, 24), mesh) == P(None, "model")  # default would shard dim 0
-    assert rule("dense/kernel", (64, 32), mesh) == P()  # second pattern before the third
-    assert rule("proj/kernel", (16, 128), mesh) == P("model", None)
-    assert rule("other", (16, 128), mesh) == P(None, "model")  # no match: default rule
+    assert rule("emb", (40, 24), mesh8) == P(None, "model")  # default would shard dim 0
+    assert rule("dense/kernel", (64, 32), mesh8) == P()  # second pattern before the third
+    assert rule("proj/kernel", (16, 128), mesh8) == P("model", None)
+    assert rule("other", (16, 128), mesh8) == P(None, "model")  # no match: default rule
 
 
-def test_spec_for_bad_override_names_the_parameter(mesh):
+def test_spec_for_bad_override_names_the_parameter(mesh8):
     with pytest.raises(MergeInputError, match=r"'odd'.*not divisible"):
-        RULE("odd", (6, 10), mesh, overrides=[("odd", P("model"))])
+        RULE("odd", (6, 10), mesh8, overrides=[("odd", P("model"))])
     with pytest.raises(MergeInputError, match=r"'b'.*more entries"):
-        RULE("b", (8,), mesh, overrides=[("b", P(None, "model"))])
+        RULE("b", (8,), mesh8, overrides=[("b", P(None, "model"))])
 
 
-def test_shard_params_places_host_and_device_leaves(models, mesh):
+def test_shard_params_places_host_and_device_leaves(models, mesh8):
     base, _ = models
     host = jax.tree.map(np.asarray, base)
     for tree in (base, host):
-        placed = shard.shard_params(tree, mesh, RULE)
+        placed = shard.shard_params(tree, mesh8, RULE)
         chex.assert_trees_all_equal(jax.tree.map(np.asarray, placed), host)
         for path, x in jtree.flatten(placed).items():
-            assert x.sharding.spec == RULE(path, x.shape, mesh), path
+            assert x.sharding.spec == RULE(path, x.shape, mesh8), path
     assert placed["dense"]["kernel"].addressable_shards[0].data.shape == (8, 32)
-    chex.assert_tree_is_sharded(placed["proj"], devices=mesh.devices.flatten().tolist())
+    chex.assert_tree_is_sharded(placed["proj"], devices=mesh8.devices.flatten().tolist())
 
 
-def test_abstract_for_and_shardings_for(models, mesh):
+def test_abstract_for_and_shardings_for(models, mesh8):
     base, _ = models
-    abstract = shard.abstract_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), mesh, RULE)
+    abstract = shard.abstract_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), mesh8, RULE)
     leaf = abstract["proj"]["kernel"]
     assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (16, 128)
-    assert leaf.sharding == NamedSharding(mesh, P(None, "model"))
-    assert jax.tree.structure(shard.shardings_for(base, mesh, RULE)) == jax.tree.structure(base)
-    table = {p: s for p, _, s in shard.spec_table(base, mesh, RULE)}
+    assert leaf.sharding == NamedSharding(mesh8, P(None, "model"))
+    assert jax.tree.structure(shard.shardings_for(base, mesh8, RULE)) == jax.tree.structure(base)
+    table = {p: s for p, _, s in shard.spec_table(base, mesh8, RULE)}
     assert table["odd"] == P() and table["dense/kernel"] == P("model")
 
 
 # ---------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("name", jmerge.available())
-def test_every_method_sharded_equals_unsharded_and_gathers_nothing(name, models, placed):
-    """Same result, outputs sharded like the base, and no all-gather unless the method
-    factorises whole matrices (SVD methods), ranks along the last axis (DELLA) or sorts
-    for its threshold (see STAGES_THRESHOLD_METHODS)."""
-    base, experts = models
-    base_s, experts_s = placed
-    n = 1 if name in ONE_EXPERT else len(experts)
-    stats = data_statistics(name, base, n)  # regmean's Grams, fisher's Fisher pytrees
-    ref = jmerge.merge(base, experts[:n], name, **_hparams(name), **stats)
-    compiled, run = _compiled(name, base_s, experts_s[:n], stats)
-    out = run()
-    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
-    for path, (o, b) in zip(jtree.paths(base), zip(jax.tree.leaves(out), jax.tree.leaves(base_s))):
-        assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, path, o.sharding, b.sharding)
-    if name not in SVD_METHODS | SOLVE_METHODS | STAGES_THRESHOLD_METHODS | SORTING_METHODS | {"della", "della_linear"}:
-        gathers = _all_gathers(compiled.as_text())
-        assert gathers == [], name
+# Non-default settings that take another code path (from the per-family files).
+VARIANTS = [
+    ("slerp", {"space": "task_vectors", "t": 0.7}),
+    ("model_stock", {"filter_wise": True}),
+    ("nuslerp", {"weights": (1.0, 2.0), "flatten": False}),
+    ("nearswap", {"t": 0.2}),
+    ("sce", {"select_topk": 0.5}),
+    ("della_linear", {"density": 0.5}),
+    ("ties", {"trim": "tensor", "density": 0.3}),
+]
+BIT_EXACT = {"task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "magmax", "consensus"}
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "magmax", "consensus"])
-def test_elementwise_and_threshold_methods_are_bit_exact_sharded(name, models, placed):
-    base, experts = models
-    ref = jmerge.merge(base, experts, name, **_hparams(name))
-    out = jmerge.merge(*placed, name, **_hparams(name))
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+def _spied_merge(monkeypatch, *args, **kwargs):
+    """``jmerge.merge(*args, **kwargs)`` and the compiled executable it ran (from jit's cache)."""
+    calls = []
+    real = registry._jitted
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+        return lambda *xs, **kw: calls.append((fn, xs, kw)) or fn(*xs, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(registry, "_jitted", spy)
+        out = jmerge.merge(*args, **kwargs)
+    (fn, xs, kw), = calls
+    return out, fn.lower(*xs, **kw).compile()
 
 
-def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh):
+@pytest.mark.parametrize("name,hp", [(m, {}) for m in jmerge.available()] + VARIANTS,
+                         ids=list(jmerge.available()) + [f"{m}-{'-'.join(map(str, hp.values()))}" for m, hp in VARIANTS])
+def test_every_method_sharded_on_8_devices_equals_unsharded(name, hp, mesh8, monkeypatch):
+    """``jmerge.merge`` of inputs sharded over 8 devices equals the unsharded merge (bit for bit for
+    the BIT_EXACT methods), with outputs sharded like the base; the compiled merge all-gathers
+    nothing, unless the method needs whole tensors (:func:`_gathers`), which then does gather. A method
+    whose thresholds ``merge`` solves first (jmerge.thresholds' mesh backend) also runs under the
+    caller's jit on the sharded inputs (jmerge.thresholds.xla's search): equal there too."""
+    m = jmerge.get(name)
+    hp = {**REQUIRED.get(name, {}), **hp}
+    base, experts = sweep_models(name, hp)
+    hp = {**hp, **data_statistics(name, base, len(experts))}  # regmean's Grams, fisher's Fisher pytrees
+    key = {"key": jax.random.key(3)} if m.needs_key else {}
+    base_s, experts_s = place(base, mesh8), [place(e, mesh8) for e in experts]
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(base_s))
+    plain = jmerge.merge(base, experts, name, **key, **hp)
+    out, compiled = _spied_merge(monkeypatch, base_s, experts_s, name, **key, **hp)
+    runs = {"merge": out}
+    sparsifier = m.sparsifier(m.resolve(len(experts), hp))
+    if sparsifier is not None and sparsifier.query is not None:
+        inside = jax.jit(lambda b, es: jmerge.merge_task_vectors(b, jtree.task_vectors(b, es), name, **key, **hp))
+        runs["under jit"] = inside(base_s, experts_s)
+    for run, got in runs.items():
+        if name in BIT_EXACT:
+            assert_trees_equal(got, plain)
+        else:
+            chex.assert_trees_all_close(got, plain, rtol=1e-5, atol=1e-5)
+        for path, o, b in zip(jtree.paths(base), jax.tree.leaves(got), jax.tree.leaves(base_s)):
+            assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, run, path, o.sharding, b.sharding)
+    gathers = _all_gathers(compiled.as_text())
+    assert bool(gathers) == _gathers(name, hp), (name, gathers)
+
+
+def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh8):
     """DELLA ranks entries along the last axis: a rule that never shards it moves nothing."""
     base, experts = models
     rule = lambda path, shape, mesh: RULE(path, tuple(shape[:-1]) + (1,), mesh)  # noqa: E731
-    base_s, experts_s = shard.shard_params(base, mesh, rule), [shard.shard_params(e, mesh, rule) for e in experts]
+    base_s, experts_s = shard.shard_params(base, mesh8, rule), [shard.shard_params(e, mesh8, rule) for e in experts]
     assert base_s["conv"].sharding.is_fully_replicated  # (3, 3, 4): nothing divisible by 8
     compiled, _ = _compiled("della", base_s, experts_s)
     assert not re.search(r" (all-gather|all-to-all)(-start)?\(", compiled.as_text())
@@ -238,7 +253,7 @@ def test_explicit_mesh_merges(name, models):
             out, ref = _ties_with_sharded_trim(mesh)(base_s, experts_s), jmerge.merge(base, experts, "ties")
         else:
             out, ref = jmerge.merge(base_s, experts_s, name, **_hparams(name)), jmerge.merge(base, experts, name, **_hparams(name))
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+    assert_trees_equal(out, ref)
     assert jax.typeof(out["proj"]["kernel"]).sharding.spec == P(None, "model")
 
 
@@ -253,6 +268,7 @@ def test_lwptv_merge_sharded_equals_unsharded(models, placed):
     assert out["dense"]["kernel"].sharding.spec == P("model")
 
 
+@pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32)")
 def test_learned_coefficients_sharded_equal_unsharded(models, placed):
     from jmerge.learn import fit_coefficients
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jmerge
+from helpers import BUFFERS, random_models, write_checkpoint, write_checkpoints
 from jmerge import streaming
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
@@ -19,25 +20,18 @@ def _shape(name):
 
 
 def _models(k=3, seed=0):
-    r = np.random.default_rng(seed)
-    base = {n: r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES}
-    experts = [{n: base[n] + 0.1 * r.standard_normal(_shape(n)).astype(np.float32) for n in NAMES} for _ in range(k)]
-    return base, experts
+    return random_models({n: _shape(n) for n in NAMES}, k, seed, numpy=True)
 
 
 def _write(root, name, tensors):
-    d = root / name
-    d.mkdir()
-    ids = {"position_ids": np.arange(5, dtype=np.int64).reshape(1, 5)}
-    st.save_safetensors(d, {**tensors, **ids}, shard_size=600)  # several shards
-    return d
+    return write_checkpoint(root / name, tensors, shard_size=600, buffers=True)  # several shards
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     base, experts = _models()
-    paths = [_write(root, "base", base)] + [_write(root, f"e{i}", e) for i, e in enumerate(experts)]
+    paths = write_checkpoints(root, base, experts, shard_size=600, buffers=True)
     assert (paths[0] / st.INDEX_NAME).exists()
     return root, base, experts, paths
 
@@ -84,7 +78,7 @@ def test_streamed_equals_in_memory(ckpts, method, hp):
     for n in NAMES:
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), rtol=0, atol=1e-6, err_msg=n)
         assert got[n].dtype == np.float32
-    np.testing.assert_array_equal(got["position_ids"], np.arange(5).reshape(1, 5))  # copied from the base
+    np.testing.assert_array_equal(got["position_ids"], BUFFERS["position_ids"])  # copied from the base
 
 
 @pytest.mark.parametrize("method,n,hp", FEWER_EXPERTS, ids=[m for m, _, _ in FEWER_EXPERTS])

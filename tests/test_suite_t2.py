@@ -18,6 +18,7 @@ from experiments.data import Split, Task
 from experiments.encoders import TextEncoder, tokenize
 from experiments.evaluate import embed, head_logits
 from experiments.models.bert import Bert
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
 
 DESCRIPTIONS = {
     "alpha": {"apple": ("apple", "an apple w1"), "banana": ("banana",)},

@@ -6,7 +6,6 @@ Moved here unchanged from test_methods_ta, test_shard, test_streaming and test_l
 
 import re
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,15 +14,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jmerge
-from _core_models import BF16
+from helpers import BF16, RULE, assert_trees_equal, bert_like_models
 from jmerge import lwptv, shard, stages, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.lwptv import scores as lscores
 from jmerge.methods import registry
 from jmerge.thresholds import host as thost, mesh as tmesh, xla
-from test_lwptv import _drop_mask, make_models  # noqa: F401  (fixtures and helpers shared with the
-from test_shard import RULE, _all_gathers, _ties_with_sharded_trim, mesh, models, placed  # noqa: F401  source files)
+from test_lwptv import _drop_mask  # noqa: F401  (fixtures and helpers shared with the
+from test_shard import _all_gathers, _ties_with_sharded_trim, models, placed  # noqa: F401  source files)
 from test_streaming import NAMES, _shape, ckpts, _streamed  # noqa: F401
 
 # ---------------------------------------------------------------------------- host vs jitted (from test_methods_ta)
@@ -51,18 +50,18 @@ def test_ties_host_thresholds_equal_the_jitted_search(hp, dtype, monkeypatch):
     static = {k: resolved.pop(k) for k in list(resolved) if k in m.static}
     jitted = jax.jit(lambda b, es, **h: m.fn(b, jtree.task_vectors(b, es), **static, **h))(base, experts, **resolved)
     assert calls  # the host path ran
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, host), jax.tree.map(np.asarray, jitted))
+    assert_trees_equal(host, jitted)
 
 
 # ---------------------------------------------------------------------------- mesh vs one device (from test_shard)
 
 
 @pytest.fixture(scope="module")
-def big_task_vector(mesh):
+def big_task_vector(mesh8):
     """About 140k entries (counts above 2**16 exercise the carry of the split count), mixed specs."""
     k = jax.random.split(jax.random.key(3), 3)
     tv = {"a": jax.random.normal(k[0], (256, 512)), "b": jax.random.laplace(k[1], (24, 320)), "c": jax.random.normal(k[2], (7, 9))}
-    return tv, shard.shard_params(tv, mesh, RULE)
+    return tv, shard.shard_params(tv, mesh8, RULE)
 
 KS = [1, 2, 1000, 65535, 65536, 65537, 100_000, 256 * 512 + 24 * 320 + 63]
 
@@ -74,12 +73,12 @@ def _reference_thresholds(leaves, ks):
         assert np.asarray(xla.kth_largest_magnitude(leaves, ks[i])).view(np.int32) == ref[i].view(np.int32)
     return ref
 
-def test_sharded_threshold_equals_single_device(big_task_vector, mesh):
+def test_sharded_threshold_equals_single_device(big_task_vector, mesh8):
     tv, tv_s = big_task_vector
     leaves_s = jax.tree.leaves(tv_s)
-    out = tmesh.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
+    out = tmesh.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh8)
     np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
-    assert np.asarray(tmesh.kth_largest_magnitude(leaves_s, 1000, mesh)) == out[2]
+    assert np.asarray(tmesh.kth_largest_magnitude(leaves_s, 1000, mesh8)) == out[2]
 
 def test_sharded_threshold_on_2d_mesh_counts_replicas_once(big_task_vector):
     tv, _ = big_task_vector
@@ -89,43 +88,43 @@ def test_sharded_threshold_on_2d_mesh_counts_replicas_once(big_task_vector):
     out = tmesh.kth_largest_magnitudes([leaves_s] * len(KS), KS, mesh)
     np.testing.assert_array_equal(np.asarray(out), _reference_thresholds(jax.tree.leaves(tv), KS))
 
-def test_sharded_threshold_subnormals_and_zeros(mesh):
+def test_sharded_threshold_subnormals_and_zeros(mesh8):
     """Counts compare bit patterns where XLA:CPU would flush subnormal floats to zero."""
     tiny = np.finfo(np.float32).tiny
     x = np.zeros((16, 8), np.float32)
     x[:4] = np.linspace(tiny / 64, tiny / 2, 32, dtype=np.float32).reshape(4, 8)  # subnormal
     x[4, 0] = -3 * tiny / 4
-    xs = shard.shard_params({"x": x}, mesh, RULE)["x"]
+    xs = shard.shard_params({"x": x}, mesh8, RULE)["x"]
     ks = [1, 2, 20, 33, 128]
-    out = np.asarray(tmesh.kth_largest_magnitudes([[xs]] * len(ks), ks, mesh))
+    out = np.asarray(tmesh.kth_largest_magnitudes([[xs]] * len(ks), ks, mesh8))
     np.testing.assert_array_equal(out.view(np.int32), _reference_thresholds([jnp.asarray(x)], ks).view(np.int32))
 
-def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh):
+def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh8):
     tv, tv_s = big_task_vector
     leaves, leaves_s = jax.tree.leaves(tv), jax.tree.leaves(tv_s)
     specs = [x.sharding.spec for x in leaves_s]
     groups, ks = [leaves, leaves[:1], leaves[2:]], [10, 300, 7]
-    fn = jax.jit(lambda ls: tmesh.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh, [specs, specs[:1], specs[2:]]))
+    fn = jax.jit(lambda ls: tmesh.kth_largest_magnitudes([ls, ls[:1], ls[2:]], ks, mesh8, [specs, specs[:1], specs[2:]]))
     out = np.asarray(fn(leaves_s))
     ref = np.asarray([xla.kth_largest_magnitude(g, k) for g, k in zip(groups, ks)])
     np.testing.assert_array_equal(out, ref)
     with pytest.raises(ValueError, match="k=0"):
-        tmesh.kth_largest_magnitude(leaves_s, 0, mesh)
+        tmesh.kth_largest_magnitude(leaves_s, 0, mesh8)
 
 @pytest.mark.parametrize("scope, density", [("global", 0.2), ("tensor", (0.1, 1.0)), ("global", (1e-5, 0.3))])
-def test_sharded_magnitude_trim_equals_stages(models, placed, mesh, scope, density):
+def test_sharded_magnitude_trim_equals_stages(models, placed, mesh8, scope, density):
     base, experts = models
     base_s, experts_s = placed
     ref = stages.magnitude_trim(density, scope)(jtree.task_vectors(base, experts))
-    trim = tmesh.magnitude_trim(density, mesh, RULE, scope)
+    trim = tmesh.magnitude_trim(density, mesh8, RULE, scope)
     out = jax.jit(lambda b, es: trim(jtree.task_vectors(b, es)))(base_s, experts_s)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+    assert_trees_equal(out, ref)
 
-def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
+def test_ties_with_sharded_trim_equals_ties(models, placed, mesh8):
     base, experts = models
-    ties = _ties_with_sharded_trim(mesh)
+    ties = _ties_with_sharded_trim(mesh8)
     out = ties(*placed)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, jmerge.merge(base, experts, "ties")))
+    assert_trees_equal(out, jmerge.merge(base, experts, "ties"))
     assert out["proj"]["kernel"].sharding.spec == P(None, "model")
     text = ties.lower(*placed).compile().as_text()
     assert _all_gathers(text) == []
@@ -138,7 +137,7 @@ def test_ties_with_sharded_trim_equals_ties(models, placed, mesh):
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
     ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
 ])
-def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, monkeypatch, name, hp):
+def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh8, monkeypatch, name, hp):
     """jmerge.merge on sharded inputs: the trim thresholds come from the mesh backend (the
     gathering XLA search never runs), the merge itself moves nothing, and the
     result equals the single-device merge bit for bit."""
@@ -149,7 +148,7 @@ def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh, m
     monkeypatch.setattr(tmesh, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(xla, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
     out = jmerge.merge(*placed, name, **hp)
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, ref))
+    assert_trees_equal(out, ref)
     assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
     m = jmerge.get(name)
     resolved = m.resolve(2, hp)
@@ -240,7 +239,7 @@ class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
     @pytest.fixture(scope="class")
     @classmethod
     def models(cls):
-        return make_models()
+        return bert_like_models()
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -260,7 +259,7 @@ class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
         monkeypatch.setattr(thost, "on_host_cpu", lambda tree: False)  # the jitted search instead
         jitted = jmerge.merge(base, experts, "ties", lwptv=mask, **hp)
         assert calls == [1]
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), host, jitted)
+        assert_trees_equal(host, jitted)
 
 
 # ---------------------------------------------------------------------------- paths the refactor added
@@ -281,14 +280,14 @@ def test_breadcrumbs_host_thresholds_equal_the_jitted_search(name, hp, monkeypat
     static = {k: resolved.pop(k) for k in list(resolved) if k in m.static}
     jitted = jax.jit(lambda b, es, **h: m.fn(b, jtree.task_vectors(b, es), **static, **h))(base, experts, **resolved)
     assert calls == [1]
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, host), jax.tree.map(np.asarray, jitted))
+    assert_trees_equal(host, jitted)
 
 
 @pytest.mark.parametrize("score, kwargs", [("trim_survival", {"density": 0.3}), ("energy_concentration", {"top": 0.1})])
 def test_lwptv_magnitude_scores_on_the_host_equal_the_jitted_search(score, kwargs, monkeypatch):
     """LwPTV's magnitude-ranking scores find their thresholds on the host for CPU inputs; the
     scores equal those of the XLA search bit for bit."""
-    base, experts = make_models()
+    base, experts = bert_like_models()
     grouping = lwptv.group(base, "bert")
     calls = []
     real = thost.solve

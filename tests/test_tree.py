@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from _core_models import BF16, flat_shapes, nested_shapes, nnx_models, random_models
+from helpers import BF16, flat_shapes, nested_shapes, nnx_models, random_models
 from jmerge import tree as jtree
 
 
@@ -120,9 +120,10 @@ def test_transpose_leaves_and_map_tasks():
     assert treedef == jax.tree.structure(tvs[0]) and len(per_leaf) == len(jax.tree.leaves(base))
     assert all(len(ts) == 3 for ts in per_leaf)
     seen = []
-    combined = jtree.map_tasks(lambda p, ts, b: (seen.append(p), sum(ts) + b)[1], tvs, base)
+    base32 = jax.tree.map(lambda x: x.astype(jnp.float32), base)  # an extra tree, float32 like the task vectors
+    combined = jtree.map_tasks(lambda p, ts, b: (seen.append(p), sum(ts) + b)[1], tvs, base32)
     assert seen == jtree.paths(base)
-    chex.assert_trees_all_close(combined, jax.tree.map(lambda a, b, c, x: a + b + c + x, *tvs, base))
+    chex.assert_trees_all_close(combined, jax.tree.map(lambda a, b, c, x: a + b + c + x, *tvs, base32))
     split = jtree.map_tasks(lambda p, ts: tuple(2 * t for t in ts), tvs)
     assert len(split) == 3
     for s, tv in zip(split, tvs):

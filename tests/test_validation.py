@@ -1,12 +1,13 @@
 """Bad input is refused before the merge is compiled, with errors naming the culprit."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jmerge
-from _core_models import nested_shapes, random_models
+from helpers import nested_shapes, random_models
 from jmerge import validate
 from jmerge.methods import registry
 from jmerge.validate import MergeInputError
@@ -162,3 +163,6 @@ def test_traced_hyper_parameters_are_not_checked_under_jit(models):
 
     out = run(0.5, jnp.asarray([1.0, 2.0, 3.0]))
     assert jax.tree.structure(out) == jax.tree.structure(base)
+    want = jmerge.merge(base, experts, "task_arithmetic", scale=0.5, weights=(1.0, 2.0, 3.0))
+    chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-6)  # the traced values were used
+    chex.assert_trees_all_equal_dtypes(out, base)

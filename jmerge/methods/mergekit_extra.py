@@ -295,7 +295,7 @@ def _ram_parts(ts, epsilon):
     x = jnp.stack(ts)
     changed = jnp.abs(x) > epsilon
     count = jnp.sum(changed, axis=0)
-    return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count
+    return jnp.where(changed, x, 0.0), changed, count == 1, count > 1, count.astype(x.dtype)
 
 
 @register("ram", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572",

@@ -174,7 +174,7 @@ def _search(chunks: Sequence[jax.Array], n: int, k: jax.Array) -> jax.Array:
         )
         answer = jnp.select([final, done_width], [found, n_lo], answer)
         w0 = jnp.where((phase == _SEARCH) & (w0 == 0), (hi - lo).astype(jnp.float32), w0)
-        return n_lo, n_hi, n_c_lo, n_c_hi, nxt, j + (phase == _SEARCH), w0, passes + 1, answer
+        return n_lo, n_hi, n_c_lo, n_c_hi, nxt, j + (phase == _SEARCH).astype(jnp.int32), w0, passes + 1, answer
 
     first = jnp.where(i_lo >= 0, _BRACKET_LO, _BRACKET_HI)
     state = (
