@@ -98,12 +98,62 @@ def test_gguf_models_in_a_learn_block_are_refused_by_name(tmp_path):
         causal_lm.learn(tmp_path / "base.gguf", [tmp_path / "e.gguf"], opts, progress=False)
 
 
-def test_a_llama_transformers_flax_would_run_wrongly_is_refused(tmp_path):
+def _flax_llama_logits(monkeypatch, cfg: dict, flat: dict, ids: np.ndarray, fix_rope: bool = True) -> np.ndarray:
+    """transformers' Flax Llama with lm_head tied to the embedding and (``fix_rope``) the RoPE
+    base read from the config: with both fixes it matched torch to 1.1e-4 on SmolLM2 (issue 14)."""
+    from transformers.models.llama import modeling_flax_llama as mfl
+
+    def sinusoidal(num_pos, dim):
+        inv_freq = 1.0 / (cfg["rope_theta"] ** (np.arange(0, dim, 2) / dim))
+        freqs = np.einsum("i , j -> i j", np.arange(num_pos), inv_freq).astype("float32")
+        emb = np.concatenate((freqs, freqs), axis=-1)
+        return jax.numpy.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+    if fix_rope:
+        monkeypatch.setattr(mfl, "create_sinusoidal_positions", sinusoidal)
+    model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**{**cfg, "tie_word_embeddings": False}),
+                                              _do_init=False)
+    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    params = flax_io.torch_to_flax({**flat, "lm_head.weight": flat["model.embed_tokens.weight"]}, like=like)
+    return np.asarray(model(ids, params=params).logits)
+
+
+def test_the_learn_path_runs_a_llama_with_rope_theta_and_a_tied_head_correctly(tmp_path, monkeypatch):
     from _tiny_llama import make
 
-    base = make(tmp_path / "llama", tied=True, rope_theta=100000.0)
-    (tmp_path / "p.jsonl").write_text(json.dumps({"ids": [3, 4]}) + "\n")
-    opts = config.LearnOptions(prompts=(tmp_path / "p.jsonl",))
-    with pytest.raises(MergeInputError, match=r"learn: transformers' Flax Llama ignores rope_theta \(100000\.0\) and "
-                                              r"tie_word_embeddings \(True\), so it cannot run this model correctly"):
-        causal_lm.learn(base, [base], opts, progress=False)
+    base = make(tmp_path / "llama", seed=3, tied=True, rope_theta=100000.0)
+    lm = causal_lm.open_model(base)
+    params, names = lm.load(base)
+    assert "lm_head.weight" not in params and names["model.norm.weight"] == "model.norm.weight"
+    assert (lm.context, lm.eos, lm.model_type) == (64, 2, "llama")
+    rows = [[5, 9, 3, 7, 1, 8, 40, 41], [4, 2, 6], [11, 12, 13, 14, 15]]
+    padded = causal_lm.prompt_array(rows, samples=3, length=32, seed=0, where="p")
+    got = np.asarray(jax.jit(lm.apply)(params, padded))
+    cfg = json.loads((base / "config.json").read_text())
+    for i, r in enumerate(rows):
+        want = _flax_llama_logits(monkeypatch, cfg, params, np.asarray([r]))[0]
+        assert np.abs(want).max() > 0.5
+        np.testing.assert_allclose(got[i, padded.shape[1] - len(r):], want, atol=2e-5, rtol=1e-4)
+    monkeypatch.undo()  # transformers' own RoPE base (10000) computes another model
+    stock = _flax_llama_logits(monkeypatch, cfg, params, np.asarray([rows[0]]), fix_rope=False)[0]
+    assert np.abs(stock - got[0]).max() > 1e-3
+
+
+def test_a_llama_jmerge_cannot_run_is_refused_by_name(tmp_path):
+    from _tiny_llama import make
+
+    base = make(tmp_path / "llama")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(MergeInputError, match=r"llama/config\.json: learn: jmerge's Llama does not implement "
+                                              r"rope_scaling=\{'rope_type': 'llama3', 'factor': 8\.0\}$"):
+        causal_lm.open_model(base)
+    (base / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(MergeInputError, match=r"learn: jmerge's Llama does not implement hidden_act='gelu'$"):
+        causal_lm.open_model(base)
+    (base / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "short").mkdir()
+    st.save_safetensors(tmp_path / "short", {"model.embed_tokens.weight": np.zeros((3, 4), np.float32)})
+    with pytest.raises(MergeInputError, match=r"short: learn: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+                                              r"of the Llama in config\.json is missing \(20 missing\)"):
+        causal_lm.open_model(base).load(tmp_path / "short")

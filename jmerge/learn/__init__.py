@@ -4,7 +4,9 @@
 Γ in ``θ0 + Σ_t Γ_t^l τ_t`` with optax on unlabelled inputs of each task; see
 :mod:`jmerge.learn.engine`. Pieces: :mod:`~jmerge.learn.objectives` (JS, KL, entropy in log
 space), :mod:`~jmerge.learn.coefficients` (granularity, constraints, θ(Γ)),
-:mod:`~jmerge.learn.targets` (expert targets, cached; the causal-LM protocol).
+:mod:`~jmerge.learn.targets` (expert targets, cached; the causal-LM protocol),
+:mod:`~jmerge.learn.causal_lm` (the ``jmerge run`` learn block) and :mod:`~jmerge.learn.llama`
+(the pure-JAX Llama it runs).
 """
 
 from jmerge.learn.coefficients import CoefficientLayout, layout, merged_params

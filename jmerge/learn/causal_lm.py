@@ -6,9 +6,11 @@ JS divergence, per generated token, between each expert and θ(Γ) = θ0 + Σ_t 
 (:func:`jmerge.learn.lm_targets`, :func:`jmerge.learn.fit_coefficients`). AdaMerging
 instead minimizes the entropy of θ(Γ)'s next-token distributions over the prompts.
 
-The model runs as a transformers Flax class built from the base's ``config.json`` (the
-``hf`` extra); weights are read from PyTorch-layout safetensors and mapped to the Flax
-layout (:mod:`jmerge.io.flax_io`). Prompts: one file per expert, ``.txt`` (one prompt per
+The model: a Llama (``model_type: llama``) runs as :mod:`jmerge.learn.llama` on the
+checkpoint's HF-named tensors, honouring ``rope_theta`` and a tied head (transformers 4.57's
+Flax Llama ignores both and would silently compute another model); other architectures run as
+the transformers Flax class built from the base's ``config.json`` (the ``hf`` extra), with the
+PyTorch-layout safetensors mapped to the Flax layout (:mod:`jmerge.io.flax_io`). Prompts: one file per expert, ``.txt`` (one prompt per
 line; needs the base's tokenizer files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token
 ids) per line; with ``chat_template: true`` each text prompt becomes a user turn of the
 tokenizer's chat template, ending in the assistant's generation prompt. Each task's prompts are
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -33,7 +36,7 @@ import optax
 from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
-from jmerge.learn import engine
+from jmerge.learn import engine, llama
 from jmerge.learn.coefficients import layout as coefficient_layout
 from jmerge.learn.targets import TaskTargets, lm_targets
 from jmerge.validate import MergeInputError
@@ -137,9 +140,34 @@ def model_apply(model) -> Callable:
     return apply
 
 
-def _check_context(config, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
+def llama_apply(cfg: llama.LlamaConfig) -> Callable:
+    """``apply(params, tokens) -> logits`` of :mod:`jmerge.learn.llama` on HF-named ``params``
+    for left-padded ``tokens`` (:data:`PAD` = -1), masked and positioned as :func:`model_apply`."""
+
+    def apply(params, tokens):
+        real = tokens != PAD
+        return llama.logits(llama.stack(params, cfg), cfg, jnp.where(real, tokens, 0), real)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """How the learn path runs a base's architecture: ``apply(params, tokens) -> logits``,
+    ``load(path) -> (params, {checkpoint tensor name: params path})``, its context length
+    (``None``: unbounded), EOS id, model type, and ``tag`` (its ``config.json`` text, which
+    keys the expert-target cache: ``apply`` closes over a config the cache cannot see)."""
+
+    apply: Callable
+    load: Callable[[Path], tuple[Any, dict[str, str]]]
+    context: int | None
+    eos: int
+    model_type: str | None
+    tag: str
+
+
+def _check_context(context: int | None, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
     """The longest prompt plus the generated tokens fit the model's positions."""
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     need = prompts.shape[1] + int(max_new_tokens)
     if context is not None and need > context:
         raise MergeInputError(f"{where}: prompts of {prompts.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
@@ -147,24 +175,53 @@ def _check_context(config, prompts: np.ndarray, max_new_tokens: int, where: Path
                               f"lower learn.prompt_tokens or learn.max_new_tokens")
 
 
-def _model(base_dir: Path):
+def _eos(eos) -> int:
+    eos = 0 if eos is None else eos
+    return int(eos[0] if isinstance(eos, list) else eos)
+
+
+def open_model(base_dir: Path) -> CausalLM:
+    """The :class:`CausalLM` of the base's ``config.json``: jmerge's Llama for ``model_type:
+    llama``, else transformers' Flax class; a clear error for what neither runs."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise MergeInputError(f"{base_dir}: learn: needs the base model's config.json")
+    text = path.read_text()
+    c = json.loads(text)
+    arch = c.get("architectures") or []
+    if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
+        raise MergeInputError(f"{path}: learn: needs a causal language model, got architectures {arch}")
+    if c.get("model_type") == "llama":
+        try:
+            cfg = llama.LlamaConfig.from_dict(c)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MergeInputError(f"{path}: learn: {e}") from None
+        return CausalLM(llama_apply(cfg), lambda p: _llama_params(p, cfg), c.get("max_position_embeddings"),
+                        _eos(cfg.eos_token_id), "llama", text)
+    return _transformers_flax(base_dir, text)
+
+
+def _llama_params(path: Path, cfg: llama.LlamaConfig) -> tuple[dict, dict[str, str]]:
+    tensors = {n: np.asarray(a, np.float32) for n, a in st.load(path).items()}
+    missing = [n for n in llama.param_names(cfg) if n not in tensors]
+    if missing:
+        raise MergeInputError(f"{path}: learn: tensor {missing[0]!r} of the Llama in config.json is missing "
+                              f"({len(missing)} missing)")
+    return tensors, {n: n for n in tensors}
+
+
+def _transformers_flax(base_dir: Path, tag: str) -> CausalLM:
     from transformers import AutoConfig, FlaxAutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_dir)
-    arch = config.architectures or []
-    if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
-        raise MergeInputError(f"{base_dir}/config.json: learn: needs a causal language model, "
-                              f"got architectures {config.architectures}")
-    if config.model_type == "llama" and (getattr(config, "rope_theta", 10000.0) != 10000.0 or config.tie_word_embeddings):
-        # transformers 4.57's Flax Llama hard-codes RoPE base 10000 and always has its own lm_head
-        # (research/smollm2.md §3): it would silently compute another model.
-        raise MergeInputError(f"{base_dir}/config.json: learn: transformers' Flax Llama ignores rope_theta "
-                              f"({config.rope_theta}) and tie_word_embeddings ({config.tie_word_embeddings}), "
-                              f"so it cannot run this model correctly")
     try:
-        return FlaxAutoModelForCausalLM.from_config(config, _do_init=False), config
+        model = FlaxAutoModelForCausalLM.from_config(config, _do_init=False)
     except ValueError as e:
         raise MergeInputError(f"{base_dir}: transformers has no Flax causal-LM class for {config.model_type!r} ({e})") from None
+    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return CausalLM(model_apply(model), lambda p: _flax_params(p, like), context, _eos(config.eos_token_id),
+                    config.model_type, tag)
 
 
 def _flax_params(path: Path, like) -> tuple[dict, dict[str, str]]:
@@ -182,29 +239,24 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
     if any(str(p).lower().endswith(".gguf") for p in (base_dir, *expert_dirs)):
         raise MergeInputError("learn: convert GGUF models to HF directories first (`jmerge convert model.gguf dir/`)")
     prompt_sets = [read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
-    model, config = _model(base_dir)
-    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
-    base, names = _flax_params(base_dir, like)
-    tvs = [jtree.task_vector(base, _flax_params(e, like)[0]) for e in expert_dirs]
-
-    apply = model_apply(model)
-    eos = config.eos_token_id if config.eos_token_id is not None else 0
-    eos = eos[0] if isinstance(eos, list) else eos
+    lm = open_model(base_dir)
     prompts = [prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
     for p, f in zip(prompts, options.prompts):
-        _check_context(config, p, options.max_new_tokens, f)
-    layers = _grouping(base, options, config.model_type)
+        _check_context(lm.context, p, options.max_new_tokens, f)
+    base, names = lm.load(base_dir)
+    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
+    layers = _grouping(base, options, lm.model_type)
     common = dict(granularity=options.granularity, layers=layers, optimizer=optax.adam(options.learning_rate),
                   epochs=options.epochs, batch_per_task=options.batch_per_task, key=options.seed, progress=progress,
                   **({} if options.init is None else {"init": options.init}))
     if options.method == "divmerge":
-        targets = [lm_targets(apply, jtree.apply(base, tv), p, options.max_new_tokens, int(eos))
+        targets = [lm_targets(lm.apply, jtree.apply(base, tv), p, options.max_new_tokens, lm.eos, cache_tag=lm.tag)
                    for tv, p in zip(tvs, prompts)]
-        result = engine.divmerge(base, tvs, apply, targets=targets, **common)
+        result = engine.divmerge(base, tvs, lm.apply, targets=targets, **common)
     else:
         targets = [TaskTargets(p, mask=p != PAD) for p in prompts]  # entropy over real tokens only
-        result = engine.adamerging(base, tvs, apply, None, targets=targets, **common)
+        result = engine.adamerging(base, tvs, lm.apply, None, targets=targets, **common)
     return result, _per_tensor(result, base, len(tvs), options.granularity, layers, names)
 
 
