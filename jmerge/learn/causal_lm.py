@@ -285,14 +285,15 @@ def _per_tensor(result, base, num_tasks: int, granularity: str, layers, names: d
 
 def merged_tensors(base_ckpt: st.Checkpoint, expert_ckpts: Sequence[st.Checkpoint], per_tensor: dict[str, np.ndarray],
                    out_dtype=None):
-    """Yields ``(name, θ0 + Σ_t Γ_t τ_t)`` tensor by tensor, computed in float32 and stored in
-    ``out_dtype`` (default: the base tensor's dtype); non-float tensors are the base's."""
+    """Yields ``(name, θ0 + Σ_t Γ_t τ_t)`` tensor by tensor (:func:`jmerge.tree.apply_tasks` in
+    float32, as the learn path merged them), stored in ``out_dtype`` (default: the base tensor's
+    dtype); non-float tensors are the base's."""
     for name, info in base_ckpt.tensors.items():
         b = base_ckpt.read(name)
         if not info.is_float:
             yield name, b
             continue
         b32 = np.asarray(b, np.float32)
-        out = b32 + sum(np.float32(g) * (np.asarray(e.read(name), np.float32) - b32)
-                        for g, e in zip(per_tensor[name], expert_ckpts))
+        tvs = [{name: np.asarray(e.read(name), np.float32) - b32} for e in expert_ckpts]
+        out = np.asarray(jtree.apply_tasks({name: b32}, tvs, per_tensor[name])[name])
         yield name, out.astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype, copy=False)
