@@ -83,6 +83,22 @@ def test_chat_template_wraps_text_prompts_and_its_absence_is_named(tmp_path):
         causal_lm.read_prompts(tmp_path / "ids.jsonl", with_template, chat_template=True)
 
 
+def test_a_system_turn_precedes_the_user_turn_and_needs_the_chat_template(tmp_path):
+    base = _base(tmp_path, TEMPLATE)
+    rows = [{"system": "Answer in one word.", "text": "the answer is"}, {"text": "the theory"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = causal_lm.read_prompts(tmp_path / "s.jsonl", base, chat_template=True)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    assert tok.decode(ids[0]) == ("<|im_start|>system\nAnswer in one word.<|im_end|>\n"
+                                  "<|im_start|>user\nthe answer is<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids[1]) == "<|im_start|>user\nthe theory<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(MergeInputError, match=r"s\.jsonl: a \"system\" turn needs learn\.chat_template: true$"):
+        causal_lm.read_prompts(tmp_path / "s.jsonl", base)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"system": 3, "text": "x"}) + "\n")
+    with pytest.raises(MergeInputError, match=r"bad\.jsonl: \"system\" must be a string$"):
+        causal_lm.read_prompts(tmp_path / "bad.jsonl", base, chat_template=True)
+
+
 def test_prompts_longer_than_the_context_are_refused(tmp_path):
     base = _base(tmp_path, None, n_positions=24)
     (tmp_path / "long.jsonl").write_text("\n".join(json.dumps({"ids": list(range(3, 25))}) for _ in range(2)) + "\n")

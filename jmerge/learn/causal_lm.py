@@ -10,14 +10,16 @@ The model: a Llama (``model_type: llama``) runs as :mod:`jmerge.learn.llama` on 
 checkpoint's HF-named tensors, honouring ``rope_theta`` and a tied head (transformers 4.57's
 Flax Llama ignores both and would silently compute another model); other architectures run as
 the transformers Flax class built from the base's ``config.json`` (the ``hf`` extra), with the
-PyTorch-layout safetensors mapped to the Flax layout (:mod:`jmerge.io.flax_io`). Prompts: one file per expert, ``.txt`` (one prompt per
-line; needs the base's tokenizer files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token
-ids) per line; with ``chat_template: true`` each text prompt becomes a user turn of the
-tokenizer's chat template, ending in the assistant's generation prompt. Each task's prompts are
-padded on the left to its longest one (a prompt longer than ``prompt_tokens`` keeps its last
-``prompt_tokens`` tokens, logged), so every prompt ends at the same position with its last
-token kept; padding is the id ``-1``, which the model sees as masked out, with positions
-counting real tokens only (:func:`model_apply`).
+PyTorch-layout safetensors mapped to the Flax layout (:mod:`jmerge.io.flax_io`).
+
+Prompts: one file per expert, ``.txt`` (one prompt per line; needs the base's tokenizer
+files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token ids) per line; with
+``chat_template: true`` each text prompt becomes a user turn of the tokenizer's chat template
+(after a ``"system"`` turn when the ``.jsonl`` line has one), ending in the assistant's
+generation prompt. Each task's prompts are padded on the left to its longest one (a prompt
+longer than ``prompt_tokens`` keeps its last ``prompt_tokens`` tokens, logged), so every prompt
+ends at the same position with its last token kept; padding is the id ``-1``, which the model
+sees as masked out, with positions counting real tokens only (:func:`model_apply`).
 """
 
 from __future__ import annotations
@@ -94,9 +96,13 @@ def read_prompts(path: Path, base_dir: Path, chat_template: bool = False) -> lis
             return [[int(t) for t in r["ids"]] for r in rows]
         if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
             raise MergeInputError(f"{path}: every line needs a \"text\" string or an \"ids\" list")
-        texts = [r["text"] for r in rows]
+        if not all(isinstance(r.get("system", ""), str) for r in rows):
+            raise MergeInputError(f"{path}: \"system\" must be a string")
+        texts, systems = [r["text"] for r in rows], [r.get("system") for r in rows]
+        if any(systems) and not chat_template:
+            raise MergeInputError(f"{path}: a \"system\" turn needs learn.chat_template: true")
     elif path.suffix == ".txt":
-        texts = lines
+        texts, systems = lines, [None] * len(lines)
     else:
         raise MergeInputError(f"prompt file {path}: use .txt (one prompt per line) or .jsonl")
     tok = _tokenizer(base_dir)
@@ -104,7 +110,9 @@ def read_prompts(path: Path, base_dir: Path, chat_template: bool = False) -> lis
         return [tok(t)["input_ids"] for t in texts]
     if not getattr(tok, "chat_template", None):
         raise MergeInputError(f"{path}: learn.chat_template is true but the tokenizer of {base_dir} has no chat template")
-    return [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)) for t in texts]
+    turns = [[*([{"role": "system", "content": sy}] if sy else []), {"role": "user", "content": t}]
+             for t, sy in zip(texts, systems)]
+    return [list(tok.apply_chat_template(m, add_generation_prompt=True)) for m in turns]
 
 
 def prompt_array(prompts: list[list[int]], samples: int, length: int, seed: int, where: Path) -> np.ndarray:
