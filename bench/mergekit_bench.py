@@ -185,6 +185,15 @@ def side_by_side(mergekit_yaml: Path, root: Path, dirs: list[Path], configs: dic
     return rows
 
 
+def protocol(venv: Path) -> str:
+    """How :func:`side_by_side` runs the tools, for a report."""
+    return ("Both tools run the same YAML file (`models` with `weight: 1.0, density: 0.2`, `base_model`, "
+            "`merge_method`, `parameters`, `dtype: float32`) in a child process; peak RSS is the child's `ru_maxrss` "
+            f"(the largest over the repeats). {versions(venv)}; jmerge in its own venv (jax, no torch). Each repeat "
+            "runs mergekit, then jmerge cold (new process, empty compilation cache) and warm (new process, the cold "
+            "run's cache).")
+
+
 def table_rows(rows: list, entries: int) -> list[str]:
     """The markdown table of :func:`side_by_side`'s rows (``entries``: values per model)."""
     lines = ["| merge | mergekit | jmerge cold | jmerge warm | speed-up cold | speed-up warm | max abs diff "
@@ -229,11 +238,7 @@ def main(argv=None) -> int:
         "Command: `" + " ".join([".venv/bin/python -m bench.mergekit_bench", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "",
         f"Inputs: base + {args.experts} experts with GPT-2 small's 148 tensors (124M parameters, random values), "
-        f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. Both tools run the same YAML file "
-        f"(`models` with `weight: 1.0, density: 0.2`, `base_model`, `merge_method`, `parameters`, `dtype: float32`) "
-        f"in a child process; peak RSS is the child's `ru_maxrss` (the largest over the repeats). "
-        f"{versions(args.venv)}; jmerge in its own venv (jax, no torch). Each repeat runs mergekit, then jmerge "
-        f"cold (new process, empty compilation cache) and warm (new process, the cold run's cache). "
+        f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. {protocol(args.venv)} "
         f"Machine: 2 CPU cores, 24 GiB; load average at the end {load[0]:.1f}, the benchmark's own processes "
         f"included; medians of {args.repeats} repeats.",
         "",

