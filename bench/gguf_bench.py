@@ -3,7 +3,7 @@
 ``jmerge convert`` runs in child processes (wall time, CPU seconds and peak RSS from
 ``os.wait4``): the shipped GGUF -> an HF float32 directory, then that directory -> GGUF in
 each output type. Each GGUF is read back through ``jmerge.io.gguf`` and run with the pure-JAX
-Llama (``experiments.models.llama``): max |logit - float32 logit| over a chat prompt, and the
+Llama (``jmerge.learn.llama``): max |logit - float32 logit| over a chat prompt, and the
 greedy answer to it. Results: ``bench/results/gguf_bench.md``.
 
     .venv/bin/python -m bench.gguf_bench
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from transformers import PreTrainedTokenizerFast
 
-    from experiments.models import llama
+    from jmerge.learn import llama
 
     src = _source()
     rows, quality = [], {}
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     lines = ["# GGUF round trips on SmolLM2-135M-Instruct", "", f"Command: `python -m bench.gguf_bench --quants {args.quants}`", "",
              "| conversion | output bytes | wall s | CPU s | peak RSS MB |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {b:,} | {w:.1f} | {c:.1f} | {r / 1e6:.0f} |" for n, b, w, c, r in rows]
-    lines += ["", f"Read back and run with experiments.models.llama on the chat prompt {QUESTION!r} "
+    lines += ["", f"Read back and run with jmerge.learn.llama on the chat prompt {QUESTION!r} "
               f"({len(ids)} tokens); |Δlogit| against the float32 conversion:", "",
               "| model | max abs logit diff | greedy answer |", "|---|---|---|"]
     lines += [f"| {n} | {d:.4g} | {a!r} |" for n, (d, a) in quality.items()]

@@ -147,6 +147,68 @@ def startup_seconds(argv: list[str], runs: int = 5) -> float:
     return statistics.median(times)
 
 
+CONFIGS = {  # the merges both tools run, as mergekit YAML after `models` and `base_model`
+    "task_arithmetic": "merge_method: task_arithmetic\nparameters: {lambda: 0.3}\n",
+    "ties (density 0.2 per tensor)": "merge_method: ties\nparameters: {lambda: 1.0}\n",
+}
+
+
+def side_by_side(mergekit_yaml: Path, root: Path, dirs: list[Path], configs: dict[str, str], repeats: int) -> list:
+    """Runs each of ``configs`` on base ``dirs[0]`` + experts ``dirs[1:]`` (weight 1, density 0.2)
+    with mergekit, then jmerge cold and warm, ``repeats`` times, each in a child process; returns
+    ``(name, {tool: (median seconds, max peak RSS)}, compare(...))`` per config. Leaves the last
+    config file at ``root / "config.yaml"``."""
+    models = "".join(f"  - model: {d}\n    parameters: {{weight: 1.0, density: 0.2}}\n" for d in dirs[1:])
+    jmerge_run = [sys.executable, "-m", "jmerge.cli", "run"]
+    rows = []
+    for name, body in configs.items():
+        cfg = root / "config.yaml"
+        cfg.write_text(f"models:\n{models}base_model: {dirs[0]}\n{body}dtype: float32\n")
+        runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "jmerge cold": [], "jmerge warm": []}
+        for r in range(repeats):
+            xla_cache = root / f"jmerge-cache-{name.split()[0]}-{r}"  # empty: the cold run fills it
+            for tool, cmd, env in (
+                ("mergekit", [str(mergekit_yaml), str(cfg), str(root / "out-mergekit")], None),
+                ("jmerge cold", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
+                ("jmerge warm", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
+            ):
+                shutil.rmtree(root / ("out-mergekit" if tool == "mergekit" else "out-jmerge"), ignore_errors=True)
+                seconds, rss, code = run_child(cmd, env=None if env is None else {**os.environ, "JMERGE_CACHE_DIR": str(env)})
+                if code != 0:
+                    raise SystemExit(f"{tool} failed on {name} (exit {code})")
+                runs[tool].append((seconds, rss))
+                print(f"{name:30s} {tool:12s} {seconds:6.1f} s  peak RSS {rss / 2**20:6.0f} MiB")
+        cmp = compare(root / "out-mergekit", root / "out-jmerge")
+        med = {t: (statistics.median(s for s, _ in v), max(m for _, m in v)) for t, v in runs.items()}
+        rows.append((name, med, cmp))
+        print(f"{name}: {cmp}")
+    shutil.rmtree(root / "out-jmerge", ignore_errors=True)
+    return rows
+
+
+def protocol(venv: Path) -> str:
+    """How :func:`side_by_side` runs the tools, for a report."""
+    return ("Both tools run the same YAML file (`models` with `weight: 1.0, density: 0.2`, `base_model`, "
+            "`merge_method`, `parameters`, `dtype: float32`) in a child process; peak RSS is the child's `ru_maxrss` "
+            f"(the largest over the repeats). {versions(venv)}; jmerge in its own venv (jax, no torch). Each repeat "
+            "runs mergekit, then jmerge cold (new process, empty compilation cache) and warm (new process, the cold "
+            "run's cache).")
+
+
+def table_rows(rows: list, entries: int) -> list[str]:
+    """The markdown table of :func:`side_by_side`'s rows (``entries``: values per model)."""
+    lines = ["| merge | mergekit | jmerge cold | jmerge warm | speed-up cold | speed-up warm | max abs diff "
+             "| entries differing by > 1e-6 | max abs diff elsewhere |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, med, cmp in rows:
+        (mt, mr), (ct, cr), (wt, wr) = med["mergekit"], med["jmerge cold"], med["jmerge warm"]
+        lines.append(
+            f"| {name} | {mt:.1f} s, {mr / 2**20:.0f} MiB | {ct:.1f} s, {cr / 2**20:.0f} MiB | {wt:.1f} s, {wr / 2**20:.0f} MiB "
+            f"| {mt / ct:.1f}x | {mt / wt:.1f}x | {cmp['max']:.2e} | {cmp['differing']} of {entries} | {cmp['rest']:.2e} |"
+            + (f" names in one output only: {', '.join(cmp['only'][:5])}" if cmp["only"] else "")
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=4)
@@ -157,40 +219,13 @@ def main(argv=None) -> int:
 
     mergekit_yaml = ensure_mergekit(args.venv)
     root = Path(tempfile.mkdtemp(prefix="jmerge-mergekit-bench-"))
-    rows = []
     try:
         t0 = time.perf_counter()
         dirs = make_models(root, args.experts)
         input_bytes = sum(st.dir_size(d) for d in dirs)
         print(f"wrote {input_bytes / 1e9:.2f} GB (GPT-2 124M x {len(dirs)}, float32) in {time.perf_counter() - t0:.0f} s")
-        models = "".join(f"  - model: {d}\n    parameters: {{weight: 1.0, density: 0.2}}\n" for d in dirs[1:])
-        configs = {
-            "task_arithmetic": "merge_method: task_arithmetic\nparameters: {lambda: 0.3}\n",
-            "ties (density 0.2 per tensor)": "merge_method: ties\nparameters: {lambda: 1.0}\n",
-        }
-        jmerge_run = [sys.executable, "-m", "jmerge.cli", "run"]
-        for name, body in configs.items():
-            cfg = root / "config.yaml"
-            cfg.write_text(f"models:\n{models}base_model: {dirs[0]}\n{body}dtype: float32\n")
-            runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "jmerge cold": [], "jmerge warm": []}
-            for r in range(args.repeats):
-                xla_cache = root / f"jmerge-cache-{name.split()[0]}-{r}"  # empty: the cold run fills it
-                for tool, cmd, env in (
-                    ("mergekit", [str(mergekit_yaml), str(cfg), str(root / "out-mergekit")], None),
-                    ("jmerge cold", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
-                    ("jmerge warm", jmerge_run + [str(cfg), str(root / "out-jmerge"), "--no-progress"], xla_cache),
-                ):
-                    shutil.rmtree(root / ("out-mergekit" if tool == "mergekit" else "out-jmerge"), ignore_errors=True)
-                    seconds, rss, code = run_child(cmd, env=None if env is None else {**os.environ, "JMERGE_CACHE_DIR": str(env)})
-                    if code != 0:
-                        raise SystemExit(f"{tool} failed on {name} (exit {code})")
-                    runs[tool].append((seconds, rss))
-                    print(f"{name:30s} {tool:12s} {seconds:6.1f} s  peak RSS {rss / 2**20:6.0f} MiB")
-            cmp = compare(root / "out-mergekit", root / "out-jmerge")
-            med = {t: (statistics.median(s for s, _ in v), max(m for _, m in v)) for t, v in runs.items()}
-            rows.append((name, med, cmp))
-            print(f"{name}: {cmp}")
-        shutil.rmtree(root / "out-jmerge", ignore_errors=True)
+        rows = side_by_side(mergekit_yaml, root, dirs, CONFIGS, args.repeats)
+        cfg = root / "config.yaml"
         jax_import = startup_seconds([sys.executable, "-c", "import jax"])
         jmerge_start = startup_seconds([sys.executable, "-c", STARTUP_PROBE, "run", str(cfg), str(root / "out-jmerge"), "--no-progress"])
         print(f"start-up: import jax {jax_import:.2f} s, jmerge run to its first tensor read {jmerge_start:.2f} s")
@@ -204,25 +239,12 @@ def main(argv=None) -> int:
         "Command: `" + " ".join([".venv/bin/python -m bench.mergekit_bench", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "",
         f"Inputs: base + {args.experts} experts with GPT-2 small's 148 tensors (124M parameters, random values), "
-        f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. Both tools run the same YAML file "
-        f"(`models` with `weight: 1.0, density: 0.2`, `base_model`, `merge_method`, `parameters`, `dtype: float32`) "
-        f"in a child process; peak RSS is the child's `ru_maxrss` (the largest over the repeats). "
-        f"{versions(args.venv)}; jmerge in its own venv (jax, no torch). Each repeat runs mergekit, then jmerge "
-        f"cold (new process, empty compilation cache) and warm (new process, the cold run's cache). "
+        f"float32 safetensors, {input_bytes / 1e9:.2f} GB together. {protocol(args.venv)} "
         f"Machine: 2 CPU cores, 24 GiB; load average at the end {load[0]:.1f}, the benchmark's own processes "
         f"included; medians of {args.repeats} repeats.",
         "",
-        "| merge | mergekit | jmerge cold | jmerge warm | speed-up cold | speed-up warm | max abs diff | entries differing by > 1e-6 | max abs diff elsewhere |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, med, cmp in rows:
-        (mt, mr), (ct, cr), (wt, wr) = med["mergekit"], med["jmerge cold"], med["jmerge warm"]
-        lines.append(
-            f"| {name} | {mt:.1f} s, {mr / 2**20:.0f} MiB | {ct:.1f} s, {cr / 2**20:.0f} MiB | {wt:.1f} s, {wr / 2**20:.0f} MiB "
-            f"| {mt / ct:.1f}x | {mt / wt:.1f}x | "
-            f"{cmp['max']:.2e} | {cmp['differing']} of {sum(int(np.prod(x)) for x in gpt2_shapes().values())} | {cmp['rest']:.2e} |"
-            + (f" names in one output only: {', '.join(cmp['only'][:5])}" if cmp["only"] else "")
-        )
+    lines += table_rows(rows, sum(int(np.prod(x)) for x in gpt2_shapes().values()))
     lines += [
         "",
         f"Start-up (median of 5 processes each): `python -c \"import jax\"` {jax_import:.2f} s; `jmerge run` from "

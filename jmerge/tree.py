@@ -9,7 +9,8 @@ hyper-parameters, sharding) is a regex or callable over that path.
 Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and kept
 in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
 exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
-base dtype.
+base dtype; ``apply_tasks`` is task arithmetic with one coefficient per task and layer, the one
+kernel behind ``task_arithmetic``, learned coefficients and their checkpoint writer.
 """
 
 from __future__ import annotations
@@ -85,6 +86,28 @@ def task_vectors(base: PyTree, experts: Sequence[PyTree]) -> list[PyTree]:
 def apply(base: PyTree, tv: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
     """``theta_0 + scale * tau``, accumulated in float32, cast once to each base leaf's dtype."""
     return jax.tree.map(lambda b, t: (b.astype(ACCUM_DTYPE) + scale * t).astype(b.dtype), base, tv)
+
+
+def apply_tasks(base: PyTree, tvs: Sequence[PyTree], coefficients, leaf_layer: Sequence[int] | None = None) -> PyTree:
+    """Task arithmetic per layer, ``theta^p = theta_0^p + sum_t Gamma[t, l(p)] tau_t^p``
+    (arXiv 2212.04089; per layer: AdaMerging, arXiv 2310.02575, and DivMerge, arXiv 2509.02108).
+
+    ``coefficients``: ``(K,)`` (one per task) or ``(K, L)`` with ``leaf_layer[i]`` the layer of
+    leaf ``i`` (``jax.tree.leaves`` order). An unrolled sum over tasks accumulated in float32
+    from ``theta_0``, cast once to each base leaf's dtype; differentiable in ``coefficients``.
+    """
+    leaves = jax.tree.leaves(base)
+    layer_of = [0] * len(leaves) if leaf_layer is None else list(leaf_layer)
+    if len(layer_of) != len(leaves):
+        raise ValueError(f"leaf_layer names {len(layer_of)} layers for {len(leaves)} leaves")
+    c = jnp.reshape(jnp.asarray(coefficients, ACCUM_DTYPE), (len(tvs), -1))
+    out = []
+    for b, taus, l in zip(leaves, transpose_leaves(tvs)[0], layer_of):
+        total = b.astype(ACCUM_DTYPE)
+        for t, tau in enumerate(taus):
+            total = total + c[t, l] * tau
+        out.append(total.astype(b.dtype))
+    return jax.tree.unflatten(jax.tree.structure(base), out)
 
 
 def add(*tvs: PyTree) -> PyTree:

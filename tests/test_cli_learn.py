@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_transformer, write_pt_dir
+from helpers import tiny_llama, tiny_transformer, write_llama_dir, write_pt_dir
 from jmerge import cli, config, lwptv
 from jmerge.io import safetensors_io as st
 
@@ -106,3 +106,44 @@ def test_learn_block_bad_input_is_named(models):
         plan(prompts=["p1.jsonl", "missing.jsonl"])
     with pytest.raises(config.ConfigError, match="granularity"):
         plan(prompts=["p1.jsonl", "p2.jsonl"], granularity="block")
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A tiny random Llama with RoPE base 1e5 and a tied head, two experts moved from it, text prompts."""
+    root = tmp_path_factory.mktemp("llama")
+    base = tiny_llama(root / "base", seed=0, tied=True, rope_theta=100000.0)
+    tensors = st.load(base)
+    for i, name in enumerate(("e1", "e2")):
+        rng = np.random.default_rng(10 + i)
+        moved = {n: a + 0.5 * np.abs(a).mean() * rng.standard_normal(a.shape).astype(np.float32) for n, a in tensors.items()}
+        write_llama_dir(root / name, json.loads((base / "config.json").read_text()), moved)
+    (root / "p1.txt").write_text("the theory is\nis the answer\nan apple\nthe end\n")
+    (root / "p2.txt").write_text("on and on\nthe other\nanother one\nin the air\n")
+    return root
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_run_learns_divmerge_on_a_llama_with_rope_theta_and_a_tied_head(llamas, tmp_path, granularity):
+    learn = {"prompts": ["p1.txt", "p2.txt"], "method": "divmerge", "chat_template": True, "samples": 4,
+             "prompt_tokens": 24, "max_new_tokens": 4, "epochs": 4, "learning_rate": 0.05, "granularity": granularity}
+    cfg = llamas / f"llama-{granularity}.yml"
+    cfg.write_text(json.dumps({"models": [{"model": "e1"}, {"model": "e2"}], "base_model": "base",
+                               "merge_method": "task_arithmetic", "jmerge": {"learn": learn}}))
+    out = tmp_path / "merged"
+    assert cli.main(["run", str(cfg), str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "coefficients.json").read_text())
+    gamma = np.asarray(saved["coefficients"])
+    if granularity == "layer":  # the llama preset: embeddings, 2 blocks, final norm (the head is tied)
+        assert saved["layer_names"] == ["embeddings", "layer.0", "layer.1", "final_norm"] and gamma.shape == (2, 4)
+    assert np.abs(gamma - 0.5).max() > 0.01  # learning moved Γ from 1/K
+    base, experts, merged = st.load(llamas / "base"), [st.load(llamas / e) for e in ("e1", "e2")], st.load(out)
+    assert set(merged) == set(base) and "lm_head.weight" not in merged
+    for name, b in base.items():  # θ0 + Σ Γ_t τ_t with the saved Γ of the tensor's layer
+        layer = 0 if granularity == "task" else next(i for i, l in enumerate(("embed", "layers.0", "layers.1", "norm"))
+                                                      if l in name)
+        g = gamma if gamma.ndim == 1 else gamma[:, layer]
+        want = b + sum(np.float32(g[t]) * (experts[t][name] - b) for t in range(2))
+        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == 100000.0
+    assert (out / "tokenizer.json").exists()

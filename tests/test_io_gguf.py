@@ -280,7 +280,7 @@ def test_real_smollm2_converted_answers_paris(tmp_path):
     import jax.numpy as jnp
     from transformers import PreTrainedTokenizerFast
 
-    from experiments.models import llama
+    from jmerge.learn import llama
 
     start = time.perf_counter()
     _run(["convert", path, tmp_path / "smol"])

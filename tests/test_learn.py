@@ -346,6 +346,40 @@ def test_composes_with_ties_trimmed_task_vectors():
     assert np.all(np.isfinite(m.coefficients))
 
 
+def test_task_arithmetic_learned_coefficients_and_the_checkpoint_writer_are_one_kernel(tmp_path):
+    """θ0 + Σ_t Γ_t^l τ_t: learn.merged_params (the learned model), causal_lm.merged_tensors (what
+    `jmerge run` writes) and the task_arithmetic method (Γ_t = λ w_t, jitted like jmerge.merge)
+    agree bit for bit, and with numpy."""
+    from jmerge.io import safetensors_io as st
+    from jmerge.learn import causal_lm
+
+    rng = np.random.default_rng(5)
+    shapes = {"blocks.0.w": (8, 6), "blocks.0.b": (6,), "blocks.1.w": (6, 4), "head.w": (4, 3)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    experts = [{n: a + rng.standard_normal(a.shape).astype(np.float32) for n, a in base.items()} for _ in range(3)]
+    taus = jmerge.tree.task_vectors(base, experts)
+    lay = L.layout(base, 3, "layer", r"blocks\.\d|head")
+    gamma = rng.uniform(-0.5, 1.5, lay.shape).astype(np.float32)
+    learned = L.merged_params(base, taus, jnp.asarray(gamma), lay)
+    layer_of = dict(zip(lay.grouping.leaf_paths, lay.grouping.leaf_layer))
+    for n, b in base.items():
+        want = b.astype(np.float64) + sum(gamma[t, layer_of[n]] * (experts[t][n] - b.astype(np.float64)) for t in range(3))
+        np.testing.assert_allclose(learned[n], want, rtol=1e-5, atol=1e-5)
+    for name, tensors in (("base", base), *((f"e{t}", e) for t, e in enumerate(experts))):
+        (tmp_path / name).mkdir()
+        st.save_safetensors(tmp_path / name, tensors)
+    per_tensor = {n: gamma[:, layer_of[n]] for n in base}
+    written = dict(causal_lm.merged_tensors(st.open_checkpoint(tmp_path / "base"),
+                                            [st.open_checkpoint(tmp_path / f"e{t}") for t in range(3)], per_tensor))
+    for n in base:
+        np.testing.assert_array_equal(written[n], learned[n])
+    w = np.asarray([0.5, 1.0, 2.0], np.float32)
+    ta = jmerge.merge(base, experts, "task_arithmetic", scale=0.3, weights=w)
+    task_level = jax.jit(L.merged_params, static_argnums=3)(base, taus, jnp.asarray(0.3 * w), L.layout(base, 3))
+    for n in base:
+        np.testing.assert_array_equal(ta[n], task_level[n])
+
+
 # ---------------------------------------------------------------------------- sharding
 def test_sharded_equals_unsharded(mesh8):
     base, taus, xs = mlp_problem(d=16, hidden=16, c=8)

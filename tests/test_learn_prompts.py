@@ -10,6 +10,8 @@ import pytest
 
 from helpers import CHAT_TEMPLATE, byte_tokenizer, tiny_llama, tiny_transformer, write_pt_dir
 from jmerge import config
+from jmerge.io import flax_io
+from jmerge.io import safetensors_io as st
 from jmerge.learn import causal_lm, lm_targets
 from jmerge.validate import MergeInputError
 
@@ -76,6 +78,22 @@ def test_chat_template_wraps_text_prompts_and_its_absence_is_named(tmp_path):
         causal_lm.read_prompts(tmp_path / "ids.jsonl", with_template, chat_template=True)
 
 
+def test_a_system_turn_precedes_the_user_turn_and_needs_the_chat_template(tmp_path):
+    base = _base(tmp_path, CHAT_TEMPLATE)
+    rows = [{"system": "Answer in one word.", "text": "the answer is"}, {"text": "the theory"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = causal_lm.read_prompts(tmp_path / "s.jsonl", base, chat_template=True)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    assert tok.decode(ids[0]) == ("<|im_start|>system\nAnswer in one word.<|im_end|>\n"
+                                  "<|im_start|>user\nthe answer is<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids[1]) == "<|im_start|>user\nthe theory<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(MergeInputError, match=r"s\.jsonl: a \"system\" turn needs learn\.chat_template: true$"):
+        causal_lm.read_prompts(tmp_path / "s.jsonl", base)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"system": 3, "text": "x"}) + "\n")
+    with pytest.raises(MergeInputError, match=r"bad\.jsonl: \"system\" must be a string$"):
+        causal_lm.read_prompts(tmp_path / "bad.jsonl", base, chat_template=True)
+
+
 def test_prompts_longer_than_the_context_are_refused(tmp_path):
     base = _base(tmp_path, None, n_positions=24)
     (tmp_path / "long.jsonl").write_text("\n".join(json.dumps({"ids": list(range(3, 25))}) for _ in range(2)) + "\n")
@@ -91,10 +109,58 @@ def test_gguf_models_in_a_learn_block_are_refused_by_name(tmp_path):
         causal_lm.learn(tmp_path / "base.gguf", [tmp_path / "e.gguf"], opts, progress=False)
 
 
-def test_a_llama_transformers_flax_would_run_wrongly_is_refused(tmp_path):
-    base = tiny_llama(tmp_path / "llama", tied=True, rope_theta=100000.0)
-    (tmp_path / "p.jsonl").write_text(json.dumps({"ids": [3, 4]}) + "\n")
-    opts = config.LearnOptions(prompts=(tmp_path / "p.jsonl",))
-    with pytest.raises(MergeInputError, match=r"learn: transformers' Flax Llama ignores rope_theta \(100000\.0\) and "
-                                              r"tie_word_embeddings \(True\), so it cannot run this model correctly"):
-        causal_lm.learn(base, [base], opts, progress=False)
+def _flax_llama_logits(monkeypatch, cfg: dict, flat: dict, ids: np.ndarray, fix_rope: bool = True) -> np.ndarray:
+    """transformers' Flax Llama with lm_head tied to the embedding and (``fix_rope``) the RoPE
+    base read from the config: with both fixes it matched torch to 1.1e-4 on SmolLM2 (issue 14)."""
+    from transformers.models.llama import modeling_flax_llama as mfl
+
+    def sinusoidal(num_pos, dim):
+        inv_freq = 1.0 / (cfg["rope_theta"] ** (np.arange(0, dim, 2) / dim))
+        freqs = np.einsum("i , j -> i j", np.arange(num_pos), inv_freq).astype("float32")
+        emb = np.concatenate((freqs, freqs), axis=-1)
+        return jax.numpy.asarray(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+    if fix_rope:
+        monkeypatch.setattr(mfl, "create_sinusoidal_positions", sinusoidal)
+    model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**{**cfg, "tie_word_embeddings": False}),
+                                              _do_init=False)
+    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    params = flax_io.torch_to_flax({**flat, "lm_head.weight": flat["model.embed_tokens.weight"]}, like=like)
+    return np.asarray(model(ids, params=params).logits)
+
+
+def test_the_learn_path_runs_a_llama_with_rope_theta_and_a_tied_head_correctly(tmp_path, monkeypatch):
+    base = tiny_llama(tmp_path / "llama", seed=3, tied=True, rope_theta=100000.0)
+    lm = causal_lm.open_model(base)
+    params, names = lm.load(base)
+    assert "lm_head.weight" not in params and names["model.norm.weight"] == "model.norm.weight"
+    assert (lm.context, lm.eos, lm.model_type) == (64, 2, "llama")
+    rows = [[5, 9, 3, 7, 1, 8, 40, 41], [4, 2, 6], [11, 12, 13, 14, 15]]
+    padded = causal_lm.prompt_array(rows, samples=3, length=32, seed=0, where="p")
+    got = np.asarray(jax.jit(lm.apply)(params, padded))
+    cfg = json.loads((base / "config.json").read_text())
+    for i, r in enumerate(rows):
+        want = _flax_llama_logits(monkeypatch, cfg, params, np.asarray([r]))[0]
+        assert np.abs(want).max() > 0.5
+        np.testing.assert_allclose(got[i, padded.shape[1] - len(r):], want, atol=2e-5, rtol=1e-4)
+    monkeypatch.undo()  # transformers' own RoPE base (10000) computes another model
+    stock = _flax_llama_logits(monkeypatch, cfg, params, np.asarray([rows[0]]), fix_rope=False)[0]
+    assert np.abs(stock - got[0]).max() > 1e-3
+
+
+def test_a_llama_jmerge_cannot_run_is_refused_by_name(tmp_path):
+    base = tiny_llama(tmp_path / "llama")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(MergeInputError, match=r"llama/config\.json: learn: jmerge's Llama does not implement "
+                                              r"rope_scaling=\{'rope_type': 'llama3', 'factor': 8\.0\}$"):
+        causal_lm.open_model(base)
+    (base / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(MergeInputError, match=r"learn: jmerge's Llama does not implement hidden_act='gelu'$"):
+        causal_lm.open_model(base)
+    (base / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "short").mkdir()
+    st.save_safetensors(tmp_path / "short", {"model.embed_tokens.weight": np.zeros((3, 4), np.float32)})
+    with pytest.raises(MergeInputError, match=r"short: learn: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+                                              r"of the Llama in config\.json is missing \(20 missing\)"):
+        causal_lm.open_model(base).load(tmp_path / "short")

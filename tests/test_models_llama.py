@@ -1,4 +1,4 @@
-"""experiments.models.llama, the pure-JAX Llama: against transformers' Flax Llama (a valid oracle
+"""jmerge.learn.llama, the pure-JAX Llama: against transformers' Flax Llama (a valid oracle
 with rope_theta 10000 and an untied head, the two settings it handles) and torch Llama where torch
 is installed; left padding; KV-cache generation against full recomputation; RoPE against numpy."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import llama
+from jmerge.learn import llama
 from jmerge.io import flax_io
 
 from helpers import llama_config, llama_weights

@@ -4,9 +4,10 @@
 Γ in ``θ0 + Σ_t Γ_t^l τ_t`` with optax on unlabelled inputs of each task; see
 :mod:`jmerge.learn.engine`. Pieces: :mod:`~jmerge.learn.objectives` (JS, KL, entropy in log
 space), :mod:`~jmerge.learn.coefficients` (granularity, constraints, θ(Γ)),
-:mod:`~jmerge.learn.targets` (expert targets, cached; the causal-LM protocol). RegMean and
-Fisher merging (:func:`regmean`, :func:`fisher_merge`) measure :mod:`~jmerge.learn.statistics`
-(Gram matrices, diagonal Fisher) on the same data interface.
+:mod:`~jmerge.learn.targets` (expert targets, cached; the causal-LM protocol),
+:mod:`~jmerge.learn.causal_lm` (the ``jmerge run`` learn block) and :mod:`~jmerge.learn.llama`
+(the pure-JAX Llama it runs). RegMean and Fisher merging (:func:`regmean`, :func:`fisher_merge`)
+measure :mod:`~jmerge.learn.statistics` (Gram matrices, diagonal Fisher) on the same data interface.
 """
 
 from jmerge.learn.data_merge import fisher_merge, regmean

@@ -6,22 +6,27 @@ JS divergence, per generated token, between each expert and θ(Γ) = θ0 + Σ_t 
 (:func:`jmerge.learn.lm_targets`, :func:`jmerge.learn.fit_coefficients`). AdaMerging
 instead minimizes the entropy of θ(Γ)'s next-token distributions over the prompts.
 
-The model runs as a transformers Flax class built from the base's ``config.json`` (the
-``hf`` extra); weights are read from PyTorch-layout safetensors and mapped to the Flax
-layout (:mod:`jmerge.io.flax_io`). Prompts: one file per expert, ``.txt`` (one prompt per
-line; needs the base's tokenizer files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token
-ids) per line; with ``chat_template: true`` each text prompt becomes a user turn of the
-tokenizer's chat template, ending in the assistant's generation prompt. Each task's prompts are
-padded on the left to its longest one (a prompt longer than ``prompt_tokens`` keeps its last
-``prompt_tokens`` tokens, logged), so every prompt ends at the same position with its last
-token kept; padding is the id ``-1``, which the model sees as masked out, with positions
-counting real tokens only (:func:`model_apply`).
+The model: a Llama (``model_type: llama``) runs as :mod:`jmerge.learn.llama` on the
+checkpoint's HF-named tensors, honouring ``rope_theta`` and a tied head (transformers 4.57's
+Flax Llama ignores both and would silently compute another model); other architectures run as
+the transformers Flax class built from the base's ``config.json`` (the ``hf`` extra), with the
+PyTorch-layout safetensors mapped to the Flax layout (:mod:`jmerge.io.flax_io`).
+
+Prompts: one file per expert, ``.txt`` (one prompt per line; needs the base's tokenizer
+files) or ``.jsonl`` with ``"text"`` or ``"ids"`` (token ids) per line; with
+``chat_template: true`` each text prompt becomes a user turn of the tokenizer's chat template
+(after a ``"system"`` turn when the ``.jsonl`` line has one), ending in the assistant's
+generation prompt. Each task's prompts are padded on the left to its longest one (a prompt
+longer than ``prompt_tokens`` keeps its last ``prompt_tokens`` tokens, logged), so every prompt
+ends at the same position with its last token kept; padding is the id ``-1``, which the model
+sees as masked out, with positions counting real tokens only (:func:`model_apply`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -33,7 +38,7 @@ import optax
 from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
-from jmerge.learn import engine
+from jmerge.learn import engine, llama
 from jmerge.learn.coefficients import layout as coefficient_layout
 from jmerge.learn.targets import TaskTargets, lm_targets
 from jmerge.validate import MergeInputError
@@ -91,9 +96,13 @@ def read_prompts(path: Path, base_dir: Path, chat_template: bool = False) -> lis
             return [[int(t) for t in r["ids"]] for r in rows]
         if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
             raise MergeInputError(f"{path}: every line needs a \"text\" string or an \"ids\" list")
-        texts = [r["text"] for r in rows]
+        if not all(isinstance(r.get("system", ""), str) for r in rows):
+            raise MergeInputError(f"{path}: \"system\" must be a string")
+        texts, systems = [r["text"] for r in rows], [r.get("system") for r in rows]
+        if any(systems) and not chat_template:
+            raise MergeInputError(f"{path}: a \"system\" turn needs learn.chat_template: true")
     elif path.suffix == ".txt":
-        texts = lines
+        texts, systems = lines, [None] * len(lines)
     else:
         raise MergeInputError(f"prompt file {path}: use .txt (one prompt per line) or .jsonl")
     tok = _tokenizer(base_dir)
@@ -101,7 +110,9 @@ def read_prompts(path: Path, base_dir: Path, chat_template: bool = False) -> lis
         return [tok(t)["input_ids"] for t in texts]
     if not getattr(tok, "chat_template", None):
         raise MergeInputError(f"{path}: learn.chat_template is true but the tokenizer of {base_dir} has no chat template")
-    return [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)) for t in texts]
+    turns = [[*([{"role": "system", "content": sy}] if sy else []), {"role": "user", "content": t}]
+             for t, sy in zip(texts, systems)]
+    return [list(tok.apply_chat_template(m, add_generation_prompt=True)) for m in turns]
 
 
 def prompt_array(prompts: list[list[int]], samples: int, length: int, seed: int, where: Path) -> np.ndarray:
@@ -137,9 +148,34 @@ def model_apply(model) -> Callable:
     return apply
 
 
-def _check_context(config, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
+def llama_apply(cfg: llama.LlamaConfig) -> Callable:
+    """``apply(params, tokens) -> logits`` of :mod:`jmerge.learn.llama` on HF-named ``params``
+    for left-padded ``tokens`` (:data:`PAD` = -1), masked and positioned as :func:`model_apply`."""
+
+    def apply(params, tokens):
+        real = tokens != PAD
+        return llama.logits(llama.stack(params, cfg), cfg, jnp.where(real, tokens, 0), real)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """How the learn path runs a base's architecture: ``apply(params, tokens) -> logits``,
+    ``load(path) -> (params, {checkpoint tensor name: params path})``, its context length
+    (``None``: unbounded), EOS id, model type, and ``tag`` (its ``config.json`` text, which
+    keys the expert-target cache: ``apply`` closes over a config the cache cannot see)."""
+
+    apply: Callable
+    load: Callable[[Path], tuple[Any, dict[str, str]]]
+    context: int | None
+    eos: int
+    model_type: str | None
+    tag: str
+
+
+def _check_context(context: int | None, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
     """The longest prompt plus the generated tokens fit the model's positions."""
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     need = prompts.shape[1] + int(max_new_tokens)
     if context is not None and need > context:
         raise MergeInputError(f"{where}: prompts of {prompts.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
@@ -147,24 +183,53 @@ def _check_context(config, prompts: np.ndarray, max_new_tokens: int, where: Path
                               f"lower learn.prompt_tokens or learn.max_new_tokens")
 
 
-def _model(base_dir: Path):
+def _eos(eos) -> int:
+    eos = 0 if eos is None else eos
+    return int(eos[0] if isinstance(eos, list) else eos)
+
+
+def open_model(base_dir: Path) -> CausalLM:
+    """The :class:`CausalLM` of the base's ``config.json``: jmerge's Llama for ``model_type:
+    llama``, else transformers' Flax class; a clear error for what neither runs."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise MergeInputError(f"{base_dir}: learn: needs the base model's config.json")
+    text = path.read_text()
+    c = json.loads(text)
+    arch = c.get("architectures") or []
+    if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
+        raise MergeInputError(f"{path}: learn: needs a causal language model, got architectures {arch}")
+    if c.get("model_type") == "llama":
+        try:
+            cfg = llama.LlamaConfig.from_dict(c)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MergeInputError(f"{path}: learn: {e}") from None
+        return CausalLM(llama_apply(cfg), lambda p: _llama_params(p, cfg), c.get("max_position_embeddings"),
+                        _eos(cfg.eos_token_id), "llama", text)
+    return _transformers_flax(base_dir, text)
+
+
+def _llama_params(path: Path, cfg: llama.LlamaConfig) -> tuple[dict, dict[str, str]]:
+    tensors = {n: np.asarray(a, np.float32) for n, a in st.load(path).items()}
+    missing = [n for n in llama.param_names(cfg) if n not in tensors]
+    if missing:
+        raise MergeInputError(f"{path}: learn: tensor {missing[0]!r} of the Llama in config.json is missing "
+                              f"({len(missing)} missing)")
+    return tensors, {n: n for n in tensors}
+
+
+def _transformers_flax(base_dir: Path, tag: str) -> CausalLM:
     from transformers import AutoConfig, FlaxAutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_dir)
-    arch = config.architectures or []
-    if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
-        raise MergeInputError(f"{base_dir}/config.json: learn: needs a causal language model, "
-                              f"got architectures {config.architectures}")
-    if config.model_type == "llama" and (getattr(config, "rope_theta", 10000.0) != 10000.0 or config.tie_word_embeddings):
-        # transformers 4.57's Flax Llama hard-codes RoPE base 10000 and always has its own lm_head
-        # (research/smollm2.md §3): it would silently compute another model.
-        raise MergeInputError(f"{base_dir}/config.json: learn: transformers' Flax Llama ignores rope_theta "
-                              f"({config.rope_theta}) and tie_word_embeddings ({config.tie_word_embeddings}), "
-                              f"so it cannot run this model correctly")
     try:
-        return FlaxAutoModelForCausalLM.from_config(config, _do_init=False), config
+        model = FlaxAutoModelForCausalLM.from_config(config, _do_init=False)
     except ValueError as e:
         raise MergeInputError(f"{base_dir}: transformers has no Flax causal-LM class for {config.model_type!r} ({e})") from None
+    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return CausalLM(model_apply(model), lambda p: _flax_params(p, like), context, _eos(config.eos_token_id),
+                    config.model_type, tag)
 
 
 def _flax_params(path: Path, like) -> tuple[dict, dict[str, str]]:
@@ -182,29 +247,25 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
     if any(str(p).lower().endswith(".gguf") for p in (base_dir, *expert_dirs)):
         raise MergeInputError("learn: convert GGUF models to HF directories first (`jmerge convert model.gguf dir/`)")
     prompt_sets = [read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
-    model, config = _model(base_dir)
-    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
-    base, names = _flax_params(base_dir, like)
-    tvs = [jtree.task_vector(base, _flax_params(e, like)[0]) for e in expert_dirs]
-
-    apply = model_apply(model)
-    eos = config.eos_token_id if config.eos_token_id is not None else 0
-    eos = eos[0] if isinstance(eos, list) else eos
+    lm = open_model(base_dir)
     prompts = [prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
     for p, f in zip(prompts, options.prompts):
-        _check_context(config, p, options.max_new_tokens, f)
-    layers = _grouping(base, options, config.model_type)
+        _check_context(lm.context, p, options.max_new_tokens, f)
+    base, names = lm.load(base_dir)
+    base = jax.device_put(base)  # one copy: the engine would otherwise keep the host arrays and a device copy
+    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
+    layers = _grouping(base, options, lm.model_type)
     common = dict(granularity=options.granularity, layers=layers, optimizer=optax.adam(options.learning_rate),
                   epochs=options.epochs, batch_per_task=options.batch_per_task, key=options.seed, progress=progress,
                   **({} if options.init is None else {"init": options.init}))
     if options.method == "divmerge":
-        targets = [lm_targets(apply, jtree.apply(base, tv), p, options.max_new_tokens, int(eos))
+        targets = [lm_targets(lm.apply, jtree.apply(base, tv), p, options.max_new_tokens, lm.eos, cache_tag=lm.tag)
                    for tv, p in zip(tvs, prompts)]
-        result = engine.divmerge(base, tvs, apply, targets=targets, **common)
+        result = engine.divmerge(base, tvs, lm.apply, targets=targets, **common)
     else:
         targets = [TaskTargets(p, mask=p != PAD) for p in prompts]  # entropy over real tokens only
-        result = engine.adamerging(base, tvs, apply, None, targets=targets, **common)
+        result = engine.adamerging(base, tvs, lm.apply, None, targets=targets, **common)
     return result, _per_tensor(result, base, len(tvs), options.granularity, layers, names)
 
 
@@ -233,14 +294,15 @@ def _per_tensor(result, base, num_tasks: int, granularity: str, layers, names: d
 
 def merged_tensors(base_ckpt: st.Checkpoint, expert_ckpts: Sequence[st.Checkpoint], per_tensor: dict[str, np.ndarray],
                    out_dtype=None):
-    """Yields ``(name, θ0 + Σ_t Γ_t τ_t)`` tensor by tensor, computed in float32 and stored in
-    ``out_dtype`` (default: the base tensor's dtype); non-float tensors are the base's."""
+    """Yields ``(name, θ0 + Σ_t Γ_t τ_t)`` tensor by tensor (:func:`jmerge.tree.apply_tasks` in
+    float32, as the learn path merged them), stored in ``out_dtype`` (default: the base tensor's
+    dtype); non-float tensors are the base's."""
     for name, info in base_ckpt.tensors.items():
         b = base_ckpt.read(name)
         if not info.is_float:
             yield name, b
             continue
         b32 = np.asarray(b, np.float32)
-        out = b32 + sum(np.float32(g) * (np.asarray(e.read(name), np.float32) - b32)
-                        for g, e in zip(per_tensor[name], expert_ckpts))
+        tvs = [{name: np.asarray(e.read(name), np.float32) - b32} for e in expert_ckpts]
+        out = np.asarray(jtree.apply_tasks({name: b32}, tvs, per_tensor[name])[name])
         yield name, out.astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype, copy=False)

@@ -117,18 +117,9 @@ def check_constraint(constraint) -> None:
 
 
 def merged_params(base: PyTree, tvs, coefficients: jax.Array, lay: CoefficientLayout) -> PyTree:
-    """``θ0 + Σ_t Γ_t^{l(p)} τ_t`` leaf by leaf (an unrolled sum over tasks, float32
-    accumulation, cast once to each base leaf's dtype); differentiable in ``coefficients``."""
-    c = jnp.reshape(coefficients, (lay.num_tasks, -1)).astype(jtree.ACCUM_DTYPE)
-    layer_of = dict(zip(lay.grouping.leaf_paths, lay.grouping.leaf_layer))
-
-    def leaf(path, taus, b):
-        total = b.astype(jtree.ACCUM_DTYPE)
-        for t, tau in enumerate(taus):
-            total = total + c[t, layer_of[path]] * tau
-        return total.astype(b.dtype)
-
-    return jtree.map_tasks(leaf, list(tvs), base)
+    """``θ0 + Σ_t Γ_t^{l(p)} τ_t`` (:func:`jmerge.tree.apply_tasks` on the layout's layers);
+    differentiable in ``coefficients``."""
+    return jtree.apply_tasks(base, list(tvs), coefficients, lay.grouping.leaf_layer)
 
 
 def coefficient_grad(grad_params: PyTree, tvs, lay: CoefficientLayout) -> jax.Array:

@@ -16,6 +16,7 @@ Where implementations disagree, the choice is a named hyper-parameter:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jmerge import stages
@@ -92,8 +93,10 @@ def average(base, tvs, *, key=None, weights=None, normalize=True):
 @register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089",
           mergekit=Mergekit("task_arithmetic", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0}))
 def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
-    """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3."""
-    return jtree.apply(base, stages.combine(tvs, weights), scale)
+    """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3
+    (:func:`jmerge.tree.apply_tasks` with coefficients ``lambda w_t``)."""
+    w = jnp.ones((len(tvs),), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    return jtree.apply_tasks(base, tvs, scale * w)
 
 
 def _trim(hp):

@@ -1,17 +1,20 @@
 """A Llama decoder in pure JAX, on Hugging Face-named flat parameter dicts, with greedy generation.
 
-Llama (arXiv 2302.13971) as in transformers ``LlamaForCausalLM``: per block
-``h = h + Attn(RMSNorm(h))``, ``h = h + W_down(silu(W_gate x) * W_up x)`` with
-``x = RMSNorm(h)``, ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` computed in float32;
-rotary embeddings in HF's half-split layout with ``inv_freq_i = rope_theta^(-2i/d)`` (the
-config's ``rope_theta``, which transformers 4.57's Flax Llama ignores; research/smollm2.md §3);
-grouped-query attention (each KV head serves ``heads / kv_heads`` consecutive query heads, HF's
-``repeat_kv``); the LM head tied to the token embedding when ``tie_word_embeddings``.
+The causal-LM forward of the learn path (:mod:`jmerge.learn.causal_lm`) for Llama checkpoints,
+and of the experiments' SmolLM2 suite. Llama (arXiv 2302.13971) as in transformers
+``LlamaForCausalLM``: per block ``h = h + Attn(RMSNorm(h))``, ``h = h + W_down(silu(W_gate x) * W_up x)``
+with ``x = RMSNorm(h)``, ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w`` computed in float32;
+rotary embeddings (arXiv 2104.09864) in HF's half-split layout with ``inv_freq_i = rope_theta^(-2i/d)``
+(the config's ``rope_theta``, which transformers 4.57's Flax Llama ignores); grouped-query
+attention (arXiv 2305.13245; each KV head serves ``heads / kv_heads`` consecutive query heads,
+HF's ``repeat_kv``); the LM head tied to the token embedding when ``tie_word_embeddings``
+(transformers 4.57's Flax Llama always has its own, randomly initialised, head).
 
 Parameters are the flat ``{HF name: array}`` dict of a checkpoint (torch layout ``(out, in)``,
 e.g. from ``jmerge.io.gguf.open_gguf(path).load()`` or ``jmerge.io.load(hf_dir)``);
 :func:`stack` turns it into per-kind ``(L, ...)`` arrays so the blocks run under one
-``lax.scan``. Left-padded batches carry an attention mask; positions count real tokens only.
+``lax.scan`` (it traces, so merged parameters can be stacked inside a jitted loss). Left-padded
+batches carry an attention mask; positions count real tokens only.
 
 Usage::
 
@@ -54,8 +57,11 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, c: Mapping[str, Any]) -> "LlamaConfig":
-        if c.get("rope_scaling") or c.get("attention_bias") or c.get("mlp_bias"):
-            raise ValueError("rope_scaling, attention_bias and mlp_bias are not implemented")
+        unsupported = {k: c[k] for k in ("rope_scaling", "attention_bias", "mlp_bias") if c.get(k)}
+        if c.get("hidden_act", "silu") != "silu":
+            unsupported["hidden_act"] = c["hidden_act"]
+        if unsupported:
+            raise ValueError(f"jmerge's Llama does not implement {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}")
         heads = c["num_attention_heads"]
         c = {**c, "num_key_value_heads": c.get("num_key_value_heads") or heads,
              "head_dim": c.get("head_dim") or c["hidden_size"] // heads}
@@ -68,12 +74,20 @@ class LlamaConfig:
         return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))
 
 
+def param_names(cfg: LlamaConfig) -> list[str]:
+    """The HF names :func:`stack` reads (``lm_head.weight`` only for an untied head)."""
+    names = [f"model.layers.{i}.{p}.weight" for p in _PROJ for i in range(cfg.num_hidden_layers)]
+    return [*names, "model.embed_tokens.weight", "model.norm.weight", *([] if cfg.tie_word_embeddings else ["lm_head.weight"])]
+
+
 def stack(flat: Mapping[str, Any], cfg: LlamaConfig, dtype=jnp.float32) -> dict[str, jax.Array]:
     """HF-named flat dict -> ``{"embed", "norm", "head", <kind>: (L, ...)}`` (head = embedding if tied)."""
+    missing = [n for n in param_names(cfg) if n not in flat]
+    if missing:
+        raise KeyError(f"parameter {missing[0]!r} is missing ({len(missing)} of {len(param_names(cfg))} missing)")
+
     def get(name):
-        if name not in flat:
-            raise KeyError(f"parameter {name!r} is missing")
-        return jnp.asarray(np.asarray(flat[name], np.float32), dtype)
+        return jnp.asarray(flat[name]).astype(dtype)
 
     out = {p: jnp.stack([get(f"model.layers.{i}.{p}.weight") for i in range(cfg.num_hidden_layers)]) for p in _PROJ}
     out["embed"] = get("model.embed_tokens.weight")
