@@ -32,7 +32,9 @@ Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -155,11 +157,18 @@ def _fold(s, method: str, names, seed: int, params, seconds: float, **extra) -> 
 
 
 def _save(new: list[dict]) -> None:
-    """Adds ``new`` folds to the fold file as soon as they exist (re-read now: runs in parallel add to one file),
-    replacing earlier folds of the same method, step count, subset and seed."""
-    key = lambda f: (f["method"], f.get("steps"), tuple(f["subset"]), f["seed"])
+    """Adds ``new`` folds to the fold file as soon as they exist, replacing earlier folds of the
+    same method, step count, subset and seed; runs in parallel add to one file, so the file is
+    re-read and rewritten under an exclusive ``flock`` of the results directory."""
+    key = lambda f: (f["method"], f.get("steps"), tuple(f["subset"]), f["seed"])  # noqa: E731
     done = {key(f) for f in new}
-    results.write_json(FOLDS, [f for f in _load_folds() if key(f) not in done] + new, overwrite=True)
+    fd = os.open(results.RESULTS_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        results.write_json(FOLDS, [f for f in _load_folds() if key(f) not in done] + new,
+                           directory=results.RESULTS_DIR, overwrite=True)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _load_folds() -> list[dict]:
