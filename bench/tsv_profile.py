@@ -24,8 +24,8 @@ import jmerge
 from bench import write_report
 from jmerge import tree as jtree
 
-EMBEDDING = "word_embeddings"
-NO_EMBEDDING = rf"^(?!.*{EMBEDDING})"
+EMBEDDING = "embeddings/word/"
+NO_EMBEDDING = rf"^(?!{EMBEDDING})"
 
 
 def _timed(fn, repeat: int = 1) -> list[float]:
