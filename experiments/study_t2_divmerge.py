@@ -4,7 +4,8 @@ Counts :data:`COUNTS`; per count the task subsets of :func:`experiments.study_di
 (all when there are at most :data:`SUBSETS`, else that many seeded ones). Methods:
 
 - data-free: task arithmetic and TIES at the settings :mod:`experiments.study_t2` chose on
-  validation (read from ``suite_t2_study.json``), TSV-M and Iso-CTS at their defaults;
+  validation (read from ``suite_t2_study.json``), TSV-M and Iso-CTS at their defaults with the
+  word embeddings left out of their SVD rule (:data:`SVD_SETTING`);
 - learned (:mod:`jmerge.learn`), each at task and layer level (the base's layers; AdaMerging's
   "layer-wise" is one coefficient per tensor), on :data:`SAMPLES` pool inputs per task drawn
   from the train split, seeds :data:`SEEDS` (seed = pool draw and batch order):
@@ -266,7 +267,9 @@ def report(args) -> list[dict]:
     ran = sorted({(f["method"], f.get("steps")) for f in folds}, key=lambda x: METHODS.index(x[0]))
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. Counts {sorted({f['n_tasks'] for f in folds})}; "
              f"per count {SUBSETS} seeded subsets (seed {SUBSET_SEED}; the one 8-task set). TA/TIES settings chosen "
-             f"on validation by `experiments.study_t2`; TSV-M and Iso-CTS at defaults. Learned methods: {SAMPLES} "
+             f"on validation by `experiments.study_t2`; TSV-M and Iso-CTS at their defaults with svd_filter "
+             f"`{SVD_SETTING['svd_filter']}` (the word embeddings get the task-vector mean; `coverage` in the rows). "
+             f"Learned methods: {SAMPLES} "
              f"pool inputs per task from train, seeds = distinct values in `seeds`; steps per method: "
              f"{', '.join(f'{m} {st}' for m, st in ran if st)}. ci_low/ci_high: percentile bootstrap 95 % CI over "
              f"folds (null with one fold). `divmerge_layer - X` rows: paired differences over subsets (learned "
