@@ -4,7 +4,8 @@ Counts :data:`COUNTS`; per count the task subsets of :func:`experiments.study_di
 (all when there are at most :data:`SUBSETS`, else that many seeded ones). Methods:
 
 - data-free: task arithmetic and TIES at the settings :mod:`experiments.study_t2` chose on
-  validation (read from ``suite_t2_study.json``), TSV-M and Iso-CTS at their defaults;
+  validation (read from ``suite_t2_study.json``), TSV-M and Iso-CTS at their defaults with the
+  word embeddings left out of their SVD rule (:data:`SVD_SETTING`);
 - learned (:mod:`jmerge.learn`), each at task and layer level (the base's layers; AdaMerging's
   "layer-wise" is one coefficient per tensor), on :data:`SAMPLES` pool inputs per task drawn
   from the train split, seeds :data:`SEEDS` (seed = pool draw and batch order):
@@ -32,7 +33,9 @@ Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -57,6 +60,11 @@ STEPS = 48  # DivMerge and the supervised bound: optimizer steps, fixed whatever
 BATCH = 4  # DivMerge: inputs per task per step (arXiv 2509.02108 App. D.2)
 ADA_BATCH, ADA_STEPS = 16, 500  # AdaMerging's official schedule (arXiv 2310.02575 code)
 DATA_FREE = ("task_arithmetic", "ties", "tsv", "iso_cts")
+# TSV-M and Iso-CTS leave the 30522 x 384 word-embedding table (53 % of the encoder) out of their
+# SVD rule: it gets the task-vector mean (the documented svd_filter; coverage in every row). Its
+# thin SVD (3 per 2-task TSV-M merge) costs as much in numpy's LAPACK gesdd as in jnp.linalg.svd
+# (bench/results/tsv_profile.md), which did not fit the session's shared CPU.
+SVD_SETTING = {"svd_filter": r"^(?!embeddings/word/)"}
 LEARNED = ("divmerge", "supervised", "adamerging")
 GRANULARITY = {"task": "task", "layer": "layer"}  # row suffix -> granularity (AdaMerging: "tensor")
 FOLDS = "divmerge_tasks_t2_folds"
@@ -122,15 +130,15 @@ class Pools:
         return {"ids": p.ids, "mask": p.mask, "task": task_index}, p.labels
 
 
-def _learned(s, pools: Pools, method: str, granularity: str, names, seed: int, ada_steps: int):
+def _learned(s, pools: Pools, method: str, granularity: str, names, seed: int, steps: int):
     data = [pools.inputs(t, seed) for t in names]
     xs = [d[0] for d in data]
     kw = dict(granularity=granularity, key=seed, progress=False,
               layers=lwptv.group(s.base, s.config.layers) if granularity == "layer" else None)
     tvs = s.task_vectors(names)
     if method == "divmerge":
-        return learn.divmerge(s.base, tvs, pools.apply, xs, epochs=epochs_for(STEPS, SAMPLES, BATCH),
-                              batch_per_task=BATCH, **kw), STEPS
+        return learn.divmerge(s.base, tvs, pools.apply, xs, epochs=epochs_for(steps, SAMPLES, BATCH),
+                              batch_per_task=BATCH, **kw)
     if method == "supervised":
         targets = []
         for _, y in data:
@@ -138,11 +146,11 @@ def _learned(s, pools: Pools, method: str, granularity: str, names, seed: int, a
             lp[np.arange(len(y)), y] = 0.0
             targets.append(lp)
         return learn.divmerge(s.base, tvs, pools.apply, xs, targets=targets, objective="kl",
-                              epochs=epochs_for(STEPS, SAMPLES, BATCH), batch_per_task=BATCH, **kw), STEPS
+                              epochs=epochs_for(steps, SAMPLES, BATCH), batch_per_task=BATCH, **kw)
     kw["granularity"] = "tensor" if granularity == "layer" else granularity
     kw["layers"] = None
-    return learn.adamerging(s.base, tvs, pools.apply, xs, epochs=epochs_for(ada_steps, SAMPLES, ADA_BATCH),
-                            batch_per_task=ADA_BATCH, **kw), ada_steps
+    return learn.adamerging(s.base, tvs, pools.apply, xs, epochs=epochs_for(steps, SAMPLES, ADA_BATCH),
+                            batch_per_task=ADA_BATCH, **kw)
 
 
 def _fold(s, method: str, names, seed: int, params, seconds: float, **extra) -> dict:
@@ -154,12 +162,23 @@ def _fold(s, method: str, names, seed: int, params, seconds: float, **extra) -> 
             "merge_seconds": seconds, **extra}
 
 
+def _key(f: dict) -> tuple:
+    """A fold's identity: method, step count, subset, seed."""
+    return f["method"], f.get("steps"), tuple(f["subset"]), f["seed"]
+
+
 def _save(new: list[dict]) -> None:
-    """Adds ``new`` folds to the fold file as soon as they exist (re-read now: runs in parallel add to one file),
-    replacing earlier folds of the same method, subset and seed."""
-    key = lambda f: (f["method"], tuple(f["subset"]), f["seed"])
-    done = {key(f) for f in new}
-    results.write_json(FOLDS, [f for f in _load_folds() if key(f) not in done] + new, overwrite=True)
+    """Adds ``new`` folds to the fold file as soon as they exist, replacing earlier folds of the
+    same method, step count, subset and seed; runs in parallel add to one file, so the file is
+    re-read and rewritten under an exclusive ``flock`` of the results directory."""
+    done = {_key(f) for f in new}
+    fd = os.open(results.RESULTS_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        results.write_json(FOLDS, [f for f in _load_folds() if _key(f) not in done] + new,
+                           directory=results.RESULTS_DIR, overwrite=True)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _load_folds() -> list[dict]:
@@ -178,23 +197,31 @@ def run(args) -> None:
     s = build_suite(suite_t.V2, log=_log)
     pools = Pools(s)
     plan = [(n, names) for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
+    stored = set() if args.redo else {_key(f) for f in _load_folds()}
     for method in args.methods:
         if method in DATA_FREE:
-            hp = settings.get(method, {})
+            hp = settings.get(method, SVD_SETTING)  # TA and TIES: chosen on validation; TSV-M, Iso-CTS
             for n, names in plan:
+                if (method, None, tuple(names), 0) in stored:
+                    continue
                 t0 = time.perf_counter()
                 params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
                 _save([_fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
-                             coverage=coverage.of(method, s.base, hp).fraction)])
+                             coverage=coverage.of(method, s.base, hp, len(names)).fraction)])
             continue
         base_method, level = method.rsplit("_", 1)
+        steps = getattr(args, f"{base_method}_steps")
         for seed in args.seeds:
             for n, names in plan:
+                if (method, steps, tuple(names), seed) in stored:
+                    continue
                 t0 = time.perf_counter()
-                res, steps = _learned(s, pools, base_method, GRANULARITY[level], names, seed, args.adamerging_steps)
+                res = _learned(s, pools, base_method, GRANULARITY[level], names, seed, steps)
                 params = jax.block_until_ready(res.params)
                 _save([_fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
                              samples_per_task=SAMPLES, granularity=res.granularity, final_loss=float(res.losses[-1]),
+                             losses=np.asarray(res.losses, np.float64).round(5).tolist(),
+                             coefficients=np.asarray(res.coefficients, np.float64).round(5).tolist(),
                              coverage=coverage.of("task_arithmetic", s.base, None).fraction)])
 
 
@@ -202,32 +229,33 @@ METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY
 
 
 def aggregate(folds: Sequence[dict]) -> list[dict]:
-    """Mean rows with CIs per (method, count), then the paired differences of
-    ``divmerge_layer`` against every other method per count (module docstring)."""
+    """Mean rows with CIs per (method, count, step count), then the paired differences of
+    ``divmerge_layer`` (at :data:`STEPS`) against every other row per count (module docstring)."""
     rows, per_subset = [], {}
     groups: dict = {}
     for f in folds:
-        groups.setdefault((f["method"], f["n_tasks"]), []).append(f)
-    for (method, n), fs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        groups.setdefault((f["method"], f["n_tasks"], f.get("steps")), []).append(f)
+    order = lambda kv: (kv[0][1], METHODS.index(kv[0][0]), kv[0][2] or 0)  # noqa: E731
+    for (method, n, steps), fs in sorted(groups.items(), key=order):
         f0 = fs[0]
         rows.append({"suite": "T2", "method": method, "n_tasks": n,
                      "normalized_acc": float(np.mean([f["normalized_acc"] for f in fs])),
                      **stats.ci_fields(fs, "normalized_acc"), "coverage": f0["coverage"],
-                     "setting": f0.get("setting"), "steps": f0.get("steps"),
+                     "setting": f0.get("setting"), "steps": steps,
                      "samples_per_task": f0.get("samples_per_task", 0), "split": "test"})
         by = {}
         for f in fs:
             by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
-        per_subset[(method, n)] = {k: float(np.mean(v)) for k, v in by.items()}
-    for (method, n), ref in sorted(per_subset.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        if method == "divmerge_layer" or ("divmerge_layer", n) not in per_subset:
+        per_subset[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by.items()}
+    for (method, n, steps), ref in sorted(per_subset.items(), key=order):
+        ours = per_subset.get(("divmerge_layer", n, STEPS))
+        if ours is None or (method, steps) == ("divmerge_layer", STEPS):
             continue
-        ours = per_subset[("divmerge_layer", n)]
         common = sorted(set(ours) & set(ref))
         d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
         rows.append({"suite": "T2", "method": f"divmerge_layer - {method}", "n_tasks": n,
                      "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-                     "subsets": d["folds"], "seeds": None, "split": "test"})
+                     "subsets": d["folds"], "seeds": None, "steps": steps, "split": "test"})
     return rows
 
 
@@ -239,7 +267,9 @@ def report(args) -> list[dict]:
     ran = sorted({(f["method"], f.get("steps")) for f in folds}, key=lambda x: METHODS.index(x[0]))
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. Counts {sorted({f['n_tasks'] for f in folds})}; "
              f"per count {SUBSETS} seeded subsets (seed {SUBSET_SEED}; the one 8-task set). TA/TIES settings chosen "
-             f"on validation by `experiments.study_t2`; TSV-M and Iso-CTS at defaults. Learned methods: {SAMPLES} "
+             f"on validation by `experiments.study_t2`; TSV-M and Iso-CTS at their defaults with svd_filter "
+             f"`{SVD_SETTING['svd_filter']}` (the word embeddings get the task-vector mean; `coverage` in the rows). "
+             f"Learned methods: {SAMPLES} "
              f"pool inputs per task from train, seeds = distinct values in `seeds`; steps per method: "
              f"{', '.join(f'{m} {st}' for m, st in ran if st)}. ci_low/ci_high: percentile bootstrap 95 % CI over "
              f"folds (null with one fold). `divmerge_layer - X` rows: paired differences over subsets (learned "
@@ -247,7 +277,10 @@ def report(args) -> list[dict]:
     cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
     results.write_rows(STEM, rows, suite="T2", columns=["suite"] + cols, title="Suite T v2: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_t2_divmerge report", notes=notes, overwrite=True)
-    _plot([r for r in rows if " - " not in r["method"]], "n_tasks", "merged tasks",
+    means = [r for r in rows if " - " not in r["method"]]
+    variants = {m: {r["steps"] for r in means if r["method"] == m} for m in {r["method"] for r in means}}
+    label = lambda r: r["method"] + (f" ({r['steps']} steps)" if len(variants[r["method"]]) > 1 else "")  # noqa: E731
+    _plot([{**r, "method": label(r)} for r in means], "n_tasks", "merged tasks",
           "Suite T v2, test split (mean over subsets and seeds)", results.RESULTS_DIR / f"{STEM}_t2.png")
     return rows
 
@@ -259,7 +292,10 @@ def main(argv: Sequence[str] | None = None):
     r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     r.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
     r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    r.add_argument("--divmerge-steps", type=int, default=STEPS)
+    r.add_argument("--supervised-steps", type=int, default=STEPS)
     r.add_argument("--adamerging-steps", type=int, default=ADA_STEPS)
+    r.add_argument("--redo", action="store_true", help="recompute folds already stored (default: skip them)")
     sub.add_parser("report")
     args = ap.parse_args(argv)
     return run(args) if args.cmd == "run" else report(args)

@@ -61,9 +61,9 @@ def test_chosen_settings_are_the_validation_study_s(tmp_path):
         st.chosen_settings(tmp_path)
 
 
-def _fold(method, subset, seed, acc):
+def _fold(method, subset, seed, acc, steps=None):
     return {"suite": "T2", "method": method, "n_tasks": len(subset), "subset": list(subset), "seed": seed,
-            "normalized_acc": acc, "coverage": 1.0}
+            "normalized_acc": acc, "coverage": 1.0, "steps": steps}
 
 
 def test_aggregate_means_cis_and_paired_differences():
@@ -72,7 +72,7 @@ def test_aggregate_means_cis_and_paired_differences():
     ta = {k: float(rng.uniform(80, 90)) for k in subsets}
     dm = {(k, seed): float(rng.uniform(85, 95)) for k in subsets for seed in (0, 1, 2)}
     folds = [_fold("task_arithmetic", k, 0, v) for k, v in ta.items()]
-    folds += [_fold("divmerge_layer", k, seed, v) for (k, seed), v in dm.items()]
+    folds += [_fold("divmerge_layer", k, seed, v, st.STEPS) for (k, seed), v in dm.items()]
     rows = {r["method"]: r for r in st.aggregate(folds)}
     r = rows["divmerge_layer"]
     assert r["normalized_acc"] == pytest.approx(np.mean(list(dm.values())))
@@ -83,3 +83,26 @@ def test_aggregate_means_cis_and_paired_differences():
     assert d["normalized_acc"] == pytest.approx(np.mean(per_subset))
     assert (d["ci_low"], d["ci_high"]) == pytest.approx(stats.bootstrap_ci(per_subset))
     assert d["subsets"] == 3 and rows["task_arithmetic"]["seeds"] == 1
+
+
+def test_aggregate_keeps_step_counts_apart():
+    subsets = [("a", "b"), ("a", "c")]
+    folds = [_fold("divmerge_layer", k, 0, 90.0 + i, st.STEPS) for i, k in enumerate(subsets)]
+    folds += [_fold("supervised_layer", k, 0, 80.0 + i, st.STEPS) for i, k in enumerate(subsets)]
+    folds += [_fold("supervised_layer", k, 0, 95.0 + 2 * i, 384) for i, k in enumerate(subsets)]
+    rows = st.aggregate(folds)
+    means = {r["steps"]: r["normalized_acc"] for r in rows if r["method"] == "supervised_layer"}
+    assert means == {st.STEPS: 80.5, 384: 96.0}
+    diffs = {r["steps"]: r["normalized_acc"] for r in rows if r["method"] == "divmerge_layer - supervised_layer"}
+    assert diffs == {st.STEPS: pytest.approx(10.0), 384: pytest.approx(-5.5)}
+    assert [r["method"] for r in rows].count("divmerge_layer") == 1
+
+
+def test_save_replaces_only_the_same_method_steps_subset_and_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(st.results, "RESULTS_DIR", tmp_path)
+    first = [_fold("supervised_layer", ("a", "b"), 0, 80.0, 48), _fold("supervised_layer", ("a", "b"), 1, 81.0, 48)]
+    st._save(first)
+    st._save([_fold("supervised_layer", ("a", "b"), 0, 90.0, 384)])  # another step count: kept apart
+    st._save([_fold("supervised_layer", ("a", "b"), 1, 85.0, 48)])  # same key: replaces
+    got = sorted((f["steps"], f["seed"], f["normalized_acc"]) for f in json.loads((tmp_path / f"{st.FOLDS}.json").read_text()))
+    assert got == [(48, 0, 80.0), (48, 1, 85.0), (384, 0, 90.0)]
