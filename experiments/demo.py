@@ -47,12 +47,11 @@ from experiments.suite import build_suite  # noqa: E402
 TASKS = ("rotten_tomatoes", "wordnet_noun", "wordnet_verb", "fortunes_genre", "debates_2016")
 CONFIG = replace(suite_t.V2, name="T2-demo", tasks=TASKS,
                  recipe=replace(suite_t.V2.recipe, steps=50, train_size=1000))
-ISO_SVD_FILTER = r"^(?!embeddings/)"
+ISO_SVD_FILTER = suite_t.ISO_SVD_FILTER
 GRIDS = {
     "task_arithmetic": [{"scale": s} for s in criteria.TA_SCALES],
     "ties": [{"density": d, "scale": s} for d, s in itertools.product(*study_t2.TIES_GRID.values())],
-    # Iso-CTS on the encoder's matrices; the embedding tables (30522 x 384 words) are averaged: their
-    # SVDs took over 5 minutes per merge on this shared CPU (FusionBench also leaves embeddings out).
+    # Iso-CTS on the encoder's matrices; the embedding tables are averaged (suite_t.ISO_SVD_FILTER).
     "iso_cts": [{"scale": s, "svd_filter": ISO_SVD_FILTER} for s in (0.75, 1.0, 1.5)],
 }
 LWPTV_TOP_K = (4, 5, 6)  # layers kept per task, of the 7 of "jmerge_bert" (6 blocks + embeddings)
