@@ -13,7 +13,10 @@
 
 Hyper-parameters come from ``python -m experiments.demo --tune``, run once beforehand: the
 grids of :data:`GRIDS` and the LwPTV layer counts of :data:`LWPTV_TOP_K` on validation only,
-stored in ``experiments/results/demo_tuning.json``. The demo reads the test split once.
+stored in ``experiments/results/demo_tuning.json``. A method that the Suite T v2 LwPTV study
+(:mod:`experiments.study_t2_lwptv`) tuned takes LwPTV's layer count from that study instead (its
+validation choice: best held-out-task OOD within 0.5 ID points, where the demo's tuning maximises
+ID). The demo reads the test split once.
 
 Run: ``make demo`` (``python -m experiments.demo``; ``--save`` also stores the printed table in
 ``experiments/results/demo.json`` and ``demo_t2-demo.md``).
@@ -39,7 +42,7 @@ import jmerge  # noqa: E402
 from jmerge import learn  # noqa: E402
 from jmerge.cache import enable_compilation_cache  # noqa: E402
 from jmerge.lwptv import LwPTV, group  # noqa: E402
-from experiments import criteria, results, study_t2, suite_t  # noqa: E402
+from experiments import criteria, results, study_t2, study_t2_lwptv, suite_t  # noqa: E402
 from experiments.suite import build_suite  # noqa: E402
 
 # Five of Suite T v2's eight tasks (distinct label spaces; the ones TA merges worst at 8 tasks, so
@@ -115,14 +118,16 @@ def _divmerge(s, granularity: str):
 def methods(s, chosen: dict) -> list[tuple[str, object]]:
     """``(row name, fn() -> merged encoder params)`` for every merge shown."""
     experts = s.experts_for(s.names)
+    study_k = study_t2_lwptv.chosen_top_k()
     out = []
     for method, hp in chosen.items():
         hp = dict(hp)
-        k = hp.pop("lwptv_top_k")
+        k = study_k.get(method, hp.pop("lwptv_top_k"))  # pops the demo's own count either way
+        source = "Suite T v2 LwPTV study" if method in study_k else "demo tuning"
         setting = ", ".join(f"{n}={v}" for n, v in hp.items() if n != "svd_filter")
         setting += ", embeddings averaged" if hp.get("svd_filter") == ISO_SVD_FILTER else ""
         out.append((f"{method} ({setting})", lambda m=method, hp=hp: jmerge.merge(s.base, experts, m, **hp)))
-        out.append((f"{method} + LwPTV (top {k} of 7 layers)",
+        out.append((f"{method} + LwPTV (top {k} of 7 layers, {source})",
                     lambda m=method, hp=hp, k=k: jmerge.merge(s.base, experts, m, lwptv=_lwptv(k), **hp)))
     out += [(f"divmerge ({g}-level, {DIVMERGE_STEPS} steps)", lambda g=g: _divmerge(s, g)) for g in ("task", "layer")]
     return out

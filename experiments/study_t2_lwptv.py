@@ -149,6 +149,7 @@ class Study:
         return hp
 
     def mask(self, method: str, variant: str, k: int, seed: int, names: tuple[str, ...]) -> np.ndarray | None:
+        """The ``(K, L)`` mask of ``variant`` on the subset ``names`` (None for ``plain``)."""
         L = self.grouping.num_layers
         if variant == "plain":
             return None
@@ -174,9 +175,9 @@ class Study:
 
     def fold(self, split: str, method: str, variant: str, k: int | None, seed: int, names: tuple[str, ...]) -> dict:
         """One merge scored on ``split`` (stored, or loaded when a previous run stored it)."""
-        key = (split, method, variant, k, seed, list(names))
+        key = (split, method, variant, k, seed, tuple(names))
         for f in self.folds:
-            if (f["split"], f["method"], f["variant"], f["top_k"], f["seed"], f["subset"]) == key:
+            if _key(f) == key:
                 return f
         t0 = time.perf_counter()
         mask = self.mask(method, variant, k, seed, names)
@@ -188,9 +189,10 @@ class Study:
         res = self.s.evaluate(merged, split, tasks=self.s.names, probes=())
         sc = split_scores(res["id"], names)
         f = {"suite": "T2", "split": split, "method": method, "variant": variant, "top_k": k, "seed": seed,
-             "keep_ratio": None if k is None else k / self.grouping.num_layers, "subset": list(names), **sc, "normalized_acc": float(np.mean([res["normalized"][t] for t in names])),
-             "acc": res["id"], "mask": None if mask is None else mask.astype(int).tolist(),
-             "setting": self.settings[method], "coverage": coverage.of(method, self.s.base, self.settings[method]).fraction,
+             "keep_ratio": None if k is None else k / self.grouping.num_layers, "subset": list(names), **sc,
+             "normalized_acc": float(np.mean([res["normalized"][t] for t in names])), "acc": res["id"],
+             "mask": None if mask is None else mask.astype(int).tolist(), "setting": self.settings[method],
+             "coverage": coverage.of(method, self.s.base, self.settings[method]).fraction,
              "merge_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
         _log(f"  {split:10s} {method:15s} {variant:12s} k={k} seed {seed} {','.join(names)}: ID {sc['id_acc']:6.2f} "
              f"OOD {sc['ood_acc']:6.2f} ({t1 - t0:.0f} + {f['eval_seconds']:.0f} s)")
@@ -198,8 +200,14 @@ class Study:
         return f
 
     def _save(self, new: list[dict]) -> None:
-        self.folds += new
+        """Adds ``new`` to the fold file, re-read first (a test run may go on beside a validation run)."""
+        keys = {_key(f) for f in new}
+        self.folds = [f for f in _load(FOLDS, self.directory) if _key(f) not in keys] + new
         results.write_json(FOLDS, self.folds, directory=self.directory, overwrite=True)
+
+
+def _key(f: dict) -> tuple:
+    return f["split"], f["method"], f["variant"], f["top_k"], f["seed"], tuple(f["subset"])
 
 
 def _load(stem: str, directory=results.RESULTS_DIR):
@@ -215,9 +223,10 @@ def _mean_row(folds: Sequence[dict], **fields) -> dict:
             "id_ci_low": idm["ci_low"], "id_ci_high": idm["ci_high"]}
 
 
-def validate(st: Study) -> dict:
+def validate(st: Study, save=lambda out: None) -> dict:
     """Validation only: base, each of :data:`METHODS` plain and with LwPTV at every ``k`` of
-    :data:`TOP_K`, the OOD entry criterion (after TA's plain folds), the chosen ``k`` per method."""
+    :data:`TOP_K`, the OOD entry criterion (after TA's plain folds), the chosen ``k`` per method
+    (``save(out)`` after each method, so the test split of a chosen method can start)."""
     base = st.base_folds("validation")
     per_subset = lambda fs: {tuple(f["subset"]): f["ood_acc"] for f in fs}
     out = {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
@@ -241,6 +250,7 @@ def validate(st: Study) -> dict:
         out["rows"] += [plain_row, *tried]
         _log(f"{method}: chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
              f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
+        save(out)
     return out
 
 
@@ -318,9 +328,15 @@ def verdict(rows: Sequence[dict]) -> dict:
 
 
 def report(methods: Sequence[str], overwrite: bool) -> list[dict]:
-    folds = _load(FOLDS)
-    if not any(f["split"] == "test" for f in folds):
+    folds = [f for f in _load(FOLDS) if f["split"] == "test"]
+    if not folds:
         raise FileNotFoundError(f"no test folds in {FOLDS}.json: run `python -m experiments.study_t2_lwptv test` first")
+    n = len({tuple(f["subset"]) for f in folds})
+    want = {v: n * (len(RANDOM_SEEDS) if v == "random" else 1) for v in VARIANTS}
+    count = lambda m, v: sum(f["method"] == m and f["variant"] == v for f in folds)
+    short = [f"{m}/{v}: {count(m, v)} of {want[v]}" for m in methods for v in VARIANTS if count(m, v) != want[v]]
+    if short:
+        raise ValueError(f"incomplete test folds ({'; '.join(short)}): rerun `python -m experiments.study_t2_lwptv test`")
     rows = aggregate(folds, methods)
     v = verdict(rows)
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. {SUBSETS} seeded "
@@ -364,17 +380,18 @@ def main(argv: Sequence[str] | None = None):
     if args.cmd == "validate":
         results.check_writable(results.RESULTS_DIR, [f"{VALIDATION}.json"], args.overwrite)
     else:
-        chosen = _load(VALIDATION)[0]["chosen"]
+        stored = _load(VALIDATION)
+        if not stored:
+            raise SystemExit(f"no {VALIDATION}.json: run `python -m experiments.study_t2_lwptv validate` first")
+        chosen = stored[0]["chosen"]
         missing = [m for m in args.methods if m not in chosen]
         if missing:
             raise SystemExit(f"no validation choice for {missing}: run `validate --methods {' '.join(missing)}` first")
     enable_compilation_cache(min_compile_seconds=1.0)
     st = Study(build_suite(suite_t.V2, log=_log))
     if args.cmd == "validate":
-        out = validate(st)
-        out["command"] = "python -m experiments.study_t2_lwptv validate"
-        results.write_json(VALIDATION, [out], overwrite=args.overwrite)
-        return out
+        command = {"command": "python -m experiments.study_t2_lwptv validate"}
+        return validate(st, lambda out: results.write_json(VALIDATION, [{**out, **command}], overwrite=True))
     test(st, chosen, args.methods)
     return report(args.methods, True)
 

@@ -3,6 +3,7 @@ the distinct-mask count, the OOD definition (held-out tasks through the shared z
 against numpy) and the masked merges' identities on the tiny random BERT suite of
 test_suite_t2, the OOD entry criterion, and the aggregation's paired differences."""
 
+import json
 import re
 
 import jax.numpy as jnp
@@ -159,3 +160,18 @@ def test_aggregate_paired_differences_average_seeds_then_methods():
         np.mean([val["ties", "lwptv", k, 0][1] - val["ties", "plain", k, 0][1] for k in subs]))
     v = st.verdict(rows)
     assert set(v) == {"gain", "beats_first_layers", "beats_random"}
+
+
+def test_demo_takes_the_studys_layer_count(built, tmp_path, monkeypatch):
+    from experiments import demo
+
+    s, _ = built
+    assert st.chosen_top_k(tmp_path / "absent.json") == {}
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps([{"chosen": {"ties": {"top_k": 2, "setting": {}}}}]))
+    assert st.chosen_top_k(path) == {"ties": 2}
+    monkeypatch.setattr(st, "chosen_top_k", lambda: {"ties": 2})
+    chosen = {"task_arithmetic": {"scale": 0.3, "lwptv_top_k": 1}, "ties": {"density": 0.2, "scale": 1.0, "lwptv_top_k": 1}}
+    names = [n for n, _ in demo.methods(s, chosen)]
+    assert names[:4] == ["task_arithmetic (scale=0.3)", "task_arithmetic + LwPTV (top 1 of 7 layers, demo tuning)",
+                         "ties (density=0.2, scale=1.0)", "ties + LwPTV (top 2 of 7 layers, Suite T v2 LwPTV study)"]
