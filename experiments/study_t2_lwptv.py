@@ -20,11 +20,12 @@ Variants of each base method, at ``k`` kept layers of the ``L = 7`` of ``jmerge_
 - ``random``: control (b), each task keeps ``k`` layers drawn uniformly, seeds :data:`RANDOM_SEEDS`
   (:func:`random_mask`).
 
-``validate`` (validation split only): the base, then each method plain and with LwPTV at every
-``k`` of :data:`TOP_K`; the OOD entry criterion (:func:`ood_entry`: TA must move held-out accuracy
-away from the base by more than the paired 95 % CI's width, else the OOD metric cannot show
-anything and the study stops); per method the ``k`` with the best OOD among those losing at most
-:data:`ID_TOLERANCE` ID points (:func:`experiments.study_lwptv.choose`). ``test`` then reads the
+``validate`` (validation split only): the base and TA plain; the OOD entry criterion
+(:func:`ood_entry`: TA must move held-out accuracy away from the base by more than the paired
+95 % CI's width, else the OOD metric cannot show anything and the study stops); TA with LwPTV at
+every ``k`` of :data:`TOP_K`, and the ``k`` with the best OOD among those losing at most
+:data:`ID_TOLERANCE` ID points (:func:`experiments.study_lwptv.choose`), for every method
+(:data:`SELECT_ON`). ``test`` then reads the
 test split once: base, plain, and the three masked variants at the chosen ``k``. ``report``:
 rows with percentile-bootstrap 95 % CIs over folds and paired differences over subsets
 (:mod:`experiments.stats`; random seeds averaged first), per method and averaged over methods.
@@ -62,6 +63,10 @@ TOP_K = (4, 5, 6)  # layers kept per task, of 7, tried on validation
 SCORE = "trim_survival"  # the library default; v1 found relative_update gave the same masks
 RANDOM_SEEDS = (0, 1, 2)
 ID_TOLERANCE = 0.5  # ID points LwPTV may lose on validation (the target's bound)
+# LwPTV's k is chosen on TA's validation folds and serves every method (each merge costs about 50 s
+# of scoring on the shared CPU, so a per-method grid did not fit the session); the mask itself does
+# not depend on the method (the score reads the task vectors only).
+SELECT_ON = "task_arithmetic"
 # Base methods beyond TA and TIES (whose settings study_t2 chose on validation), at their published
 # defaults; DARE's drop is seeded; Iso-CTS averages the 30522 x 384 embedding table (its SVD took
 # minutes per merge here) and factorises every other matrix.
@@ -223,35 +228,28 @@ def _mean_row(folds: Sequence[dict], **fields) -> dict:
             "id_ci_low": idm["ci_low"], "id_ci_high": idm["ci_high"]}
 
 
-def validate(st: Study, save=lambda out: None) -> dict:
-    """Validation only: base, each of :data:`METHODS` plain and with LwPTV at every ``k`` of
-    :data:`TOP_K`, the OOD entry criterion (after TA's plain folds), the chosen ``k`` per method
-    (``save(out)`` after each method, so the test split of a chosen method can start)."""
+def validate(st: Study) -> dict:
+    """Validation only: the base and :data:`SELECT_ON` plain, the OOD entry criterion, then
+    :data:`SELECT_ON` with LwPTV at every ``k`` of :data:`TOP_K`; the chosen ``k`` serves every method."""
     base = st.base_folds("validation")
     per_subset = lambda fs: {tuple(f["subset"]): f["ood_acc"] for f in fs}
-    out = {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
-           "chosen": {}, "rows": [_mean_row(base, method="base", variant="base", top_k=None)]}
-    for method in METHODS:
-        plain = [st.fold("validation", method, "plain", None, 0, n) for n in st.subsets]
-        if method == "task_arithmetic":
-            out["ood_entry"] = ood_entry(per_subset(base), per_subset(plain))
-            _log(f"OOD entry criterion: {out['ood_entry']}")
-            if not out["ood_entry"]["passed"]:
-                e = out["ood_entry"]
-                raise criteria.EntryCriteriaError(
-                    f"suite T2 fails entry criterion ood_spread: TA - base on held-out tasks {e['ta_minus_base']:+.2f} "
-                    f"points, CI width {e['ci_width']:.2f} (must be larger in size)")
-        tried = [_mean_row([st.fold("validation", method, "lwptv", k, 0, n) for n in st.subsets],
-                           method=method, variant="lwptv", top_k=k) for k in TOP_K]
-        plain_row = _mean_row(plain, method=method, variant="plain", top_k=None)
-        best = choose(plain_row, tried, ID_TOLERANCE)
-        out["chosen"][method] = {"top_k": best["top_k"], "setting": st.settings[method],
-                                 "within_tolerance": best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE}
-        out["rows"] += [plain_row, *tried]
-        _log(f"{method}: chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
-             f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
-        save(out)
-    return out
+    plain = [st.fold("validation", SELECT_ON, "plain", None, 0, n) for n in st.subsets]
+    entry = ood_entry(per_subset(base), per_subset(plain))
+    _log(f"OOD entry criterion: {entry}")
+    if not entry["passed"]:
+        raise criteria.EntryCriteriaError(
+            f"suite T2 fails entry criterion ood_spread: TA - base on held-out tasks {entry['ta_minus_base']:+.2f} "
+            f"points, CI width {entry['ci_width']:.2f} (must be larger in size)")
+    tried = [_mean_row([st.fold("validation", SELECT_ON, "lwptv", k, 0, n) for n in st.subsets],
+                       method=SELECT_ON, variant="lwptv", top_k=k) for k in TOP_K]
+    plain_row = _mean_row(plain, method=SELECT_ON, variant="plain", top_k=None)
+    best = choose(plain_row, tried, ID_TOLERANCE)
+    _log(f"chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
+         f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
+    return {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
+            "chosen_on": SELECT_ON, "within_tolerance": best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE,
+            "ood_entry": entry, "chosen": {m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in METHODS},
+            "rows": [_mean_row(base, method="base", variant="base", top_k=None), plain_row, *tried]}
 
 
 def test(st: Study, chosen: dict, methods: Sequence[str]) -> None:
@@ -299,9 +297,9 @@ def aggregate(folds: Sequence[dict], methods: Sequence[str]) -> list[dict]:
         for m in [*ran, "mean"] if ran else []:
             row = {"method": m if m != "mean" else f"mean of {len(ran)} methods", "variant": f"lwptv - {other}"}
             for metric, per in diffs.items():
-                if m == "mean":
-                    a = {k: float(np.mean([per[x][0][k] for x in ran])) for k in per[ran[0]][0]}
-                    b = {k: float(np.mean([per[x][1][k] for x in ran])) for k in per[ran[0]][1]}
+                if m == "mean":  # over the subsets every method ran
+                    common = set.intersection(*(set(per[x][0]) for x in ran))
+                    a, b = ({k: float(np.mean([per[x][i][k] for x in ran])) for k in common} for i in (0, 1))
                 else:
                     a, b = per[m]
                 d = stats.paired_difference(a, b)
@@ -327,30 +325,45 @@ def verdict(rows: Sequence[dict]) -> dict:
     return out
 
 
-def report(methods: Sequence[str], overwrite: bool) -> list[dict]:
+def complete(folds: Sequence[dict], method: str) -> set[tuple]:
+    """The subsets on which ``method`` has every variant (and every random seed)."""
+    want = {(v, s) for v in VARIANTS for s in (RANDOM_SEEDS if v == "random" else (0,))}
+    have: dict = {}
+    for f in folds:
+        if f["method"] == method:
+            have.setdefault(tuple(f["subset"]), set()).add((f["variant"], f["seed"]))
+    return {k for k, v in have.items() if want <= v}
+
+
+def report(methods: Sequence[str], overwrite: bool, partial: bool = False) -> list[dict]:
+    """Rows of the test folds; with ``partial``, each method on the subsets it completed only."""
     folds = [f for f in _load(FOLDS) if f["split"] == "test"]
     if not folds:
         raise FileNotFoundError(f"no test folds in {FOLDS}.json: run `python -m experiments.study_t2_lwptv test` first")
-    n = len({tuple(f["subset"]) for f in folds})
-    want = {v: n * (len(RANDOM_SEEDS) if v == "random" else 1) for v in VARIANTS}
-    count = lambda m, v: sum(f["method"] == m and f["variant"] == v for f in folds)
-    short = [f"{m}/{v}: {count(m, v)} of {want[v]}" for m in methods for v in VARIANTS if count(m, v) != want[v]]
-    if short:
-        raise ValueError(f"incomplete test folds ({'; '.join(short)}): rerun `python -m experiments.study_t2_lwptv test`")
+    n = len({tuple(f["subset"]) for f in folds if f["method"] == "base"})
+    done = {m: complete(folds, m) for m in methods}
+    short = [f"{m}: {len(done[m])} of {n} subsets" for m in methods if len(done[m]) != n]
+    if short and not partial:
+        raise ValueError(f"incomplete test folds ({'; '.join(short)}): rerun `python -m experiments.study_t2_lwptv "
+                         "test`, or report them with --partial")
+    methods = [m for m in methods if done[m]]
+    folds = [f for f in folds if f["method"] == "base" or tuple(f["subset"]) in done.get(f["method"], ())]
     rows = aggregate(folds, methods)
     v = verdict(rows)
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. {SUBSETS} seeded "
              f"{SUBSET_SIZE}-task subsets (seed {SUBSET_SEED}); ID = accuracy on the merged tasks, OOD = accuracy "
              f"on the 4 held-out tasks, both through the shared frozen zero-shot heads (points). LwPTV: score {SCORE}, "
-             f"top-k of the 7 layers chosen per method on validation ({VALIDATION}.json). Controls at the same k: "
+             f"top-k of the 7 layers chosen on {SELECT_ON}'s validation folds ({VALIDATION}.json). Controls at the same k: "
              f"first_layers (every task drops the first 7-k layers), random (per-task uniform masks, seeds "
              f"{list(RANDOM_SEEDS)}). ci_low/ci_high: 95 % percentile-bootstrap CI of the OOD figure, id_ci_*: of "
              f"the ID figure (over folds; for `lwptv - X` rows paired over subsets, random seeds averaged first). "
-             f"Targets: {v}. Per-fold rows: `{FOLDS}.json`.")
+             f"Targets: {v}. Per-fold rows: `{FOLDS}.json`."
+             + (f" PARTIAL: {'; '.join(short)} (rows use the completed subsets only)." if short else ""))
     cols = ["method", "variant", "top_k", "id_acc", "id_ci_low", "id_ci_high", "ood_acc", "ci_low", "ci_high",
             "subsets", "seeds"]
     results.write_rows(STEM, rows, suite="T2", columns=cols, title="LwPTV on Suite T v2 with score-free controls",
-                       command="python -m experiments.study_t2_lwptv report", notes=notes, overwrite=overwrite)
+                       command=f"python -m experiments.study_t2_lwptv report --methods {' '.join(methods)}"
+                       + (" --partial" if partial else ""), notes=notes, overwrite=overwrite)
     for r in rows:
         if "masks" in r:
             _log(f"{r['method']} {r['variant']}: masks {r['masks']}")
@@ -371,11 +384,12 @@ def main(argv: Sequence[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=("validate", "test", "report"))
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="test/report: these methods (validate always runs all)")
+                    help="test/report: these methods (validate runs TA only)")
     ap.add_argument("--overwrite", action="store_true", help="replace the stored validation choice / T2 rows")
+    ap.add_argument("--partial", action="store_true", help="report: each method on the subsets it completed")
     args = ap.parse_args(argv)
     if args.cmd == "report":
-        return report(args.methods, args.overwrite)
+        return report(args.methods, args.overwrite, args.partial)
     criteria.require()
     if args.cmd == "validate":
         results.check_writable(results.RESULTS_DIR, [f"{VALIDATION}.json"], args.overwrite)
@@ -390,8 +404,9 @@ def main(argv: Sequence[str] | None = None):
     enable_compilation_cache(min_compile_seconds=1.0)
     st = Study(build_suite(suite_t.V2, log=_log))
     if args.cmd == "validate":
-        command = {"command": "python -m experiments.study_t2_lwptv validate"}
-        return validate(st, lambda out: results.write_json(VALIDATION, [{**out, **command}], overwrite=True))
+        out = {**validate(st), "command": "python -m experiments.study_t2_lwptv validate"}
+        results.write_json(VALIDATION, [out], overwrite=args.overwrite)
+        return out
     test(st, chosen, args.methods)
     return report(args.methods, True)
 

@@ -175,3 +175,10 @@ def test_demo_takes_the_studys_layer_count(built, tmp_path, monkeypatch):
     names = [n for n, _ in demo.methods(s, chosen)]
     assert names[:4] == ["task_arithmetic (scale=0.3)", "task_arithmetic + LwPTV (top 1 of 7 layers, demo tuning)",
                          "ties (density=0.2, scale=1.0)", "ties + LwPTV (top 2 of 7 layers, Suite T v2 LwPTV study)"]
+
+
+def test_complete_needs_every_variant_and_seed():
+    folds = [_f("ties", v, ("a", "b"), s, 60.0, 40.0) for v, s in
+             (("plain", 0), ("lwptv", 0), ("first_layers", 0), ("random", 0), ("random", 1), ("random", 2))]
+    folds += [_f("ties", v, ("a", "c"), 0, 60.0, 40.0) for v in ("plain", "lwptv", "first_layers", "random")]
+    assert st.complete(folds, "ties") == {("a", "b")} and st.complete(folds, "task_arithmetic") == set()
