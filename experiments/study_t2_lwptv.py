@@ -20,9 +20,10 @@ Variants of each base method, at ``k`` kept layers of the ``L = 7`` of ``jmerge_
 - ``random``: control (b), each task keeps ``k`` layers drawn uniformly, seeds :data:`RANDOM_SEEDS`
   (:func:`random_mask`).
 
-``validate`` (validation split only): the base and TA plain; the OOD entry criterion
+``validate`` (validation split only): the base and every method plain; the OOD entry criterion
 (:func:`ood_entry`: TA must move held-out accuracy away from the base by more than the paired
-95 % CI's width, else the OOD metric cannot show anything and the study stops); TA with LwPTV at
+95 % CI's width, else the OOD metric cannot show anything and the study stops, its measured
+values stored; the other methods' spreads are stored as diagnostics); TA with LwPTV at
 every ``k`` of :data:`TOP_K`, and the ``k`` with the best OOD among those losing at most
 :data:`ID_TOLERANCE` ID points (:func:`experiments.study_lwptv.choose`), for every method
 (:data:`SELECT_ON`). ``test`` then reads the
@@ -126,12 +127,12 @@ def distinct_masks(masks: Sequence[np.ndarray]) -> dict:
             "uniform_folds": sum(len({tuple(r) for r in np.asarray(m, bool)}) == 1 for m in masks)}
 
 
-def ood_entry(base: dict, ta: dict) -> dict:
-    """The OOD metric's entry criterion from per-subset OOD of the base and of TA: the paired
-    difference ``TA - base`` must exceed its 95 % CI's width in size."""
-    d = stats.paired_difference(ta, base)
+def ood_entry(base: dict, merged: dict) -> dict:
+    """The OOD metric's entry criterion from per-subset OOD of the base and of a merge (TA for
+    the gate): the paired difference ``merge - base`` must exceed its 95 % CI's width in size."""
+    d = stats.paired_difference(merged, base)
     width = d["ci_high"] - d["ci_low"]
-    return {"criterion": "ood_spread", "rule": "|TA - base| > CI width", "ta_minus_base": d["diff"],
+    return {"criterion": "ood_spread", "rule": "|merge - base| > CI width", "minus_base": d["diff"],
             "ci_low": d["ci_low"], "ci_high": d["ci_high"], "ci_width": width, "subsets": d["folds"],
             "passed": bool(abs(d["diff"]) > width)}
 
@@ -169,14 +170,17 @@ class Study:
         raise ValueError(f"unknown variant {variant!r} (variants: {', '.join(VARIANTS)})")
 
     def base_folds(self, split: str) -> list[dict]:
+        """The base's fold on each subset (one scoring of the base per split, reused)."""
         done = [f for f in self.folds if f["split"] == split and f["method"] == "base"]
-        if done:
-            return done
-        acc = self.s.evaluate(self.s.base, split, tasks=self.s.names, probes=())["id"]
+        acc = done[0]["acc"] if done else self.s.evaluate(self.s.base, split, tasks=self.s.names, probes=())["id"]
+        have = {tuple(f["subset"]) for f in done}
         new = [{"suite": "T2", "split": split, "method": "base", "variant": "base", "top_k": None, "seed": 0,
-                "subset": list(names), **split_scores(acc, names), "acc": acc} for names in self.subsets]
-        self._save(new)
-        return new
+                "subset": list(names), **split_scores(acc, names), "acc": acc} for names in self.subsets
+               if names not in have]
+        if new:
+            self._save(new)
+        return [f for f in self.folds if f["split"] == split and f["method"] == "base"
+                and tuple(f["subset"]) in set(self.subsets)]
 
     def fold(self, split: str, method: str, variant: str, k: int | None, seed: int, names: tuple[str, ...]) -> dict:
         """One merge scored on ``split`` (stored, or loaded when a previous run stored it)."""
@@ -228,28 +232,40 @@ def _mean_row(folds: Sequence[dict], **fields) -> dict:
             "id_ci_low": idm["ci_low"], "id_ci_high": idm["ci_high"]}
 
 
+def entry_message(entry: dict) -> str:
+    """The stop message of a failed OOD entry criterion, with the measured values."""
+    return (f"suite T2 fails entry criterion ood_spread: {SELECT_ON} - base on held-out tasks "
+            f"{entry['minus_base']:+.2f} points (95 % CI [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}], width "
+            f"{entry['ci_width']:.2f}); the difference must exceed the CI width in size")
+
+
 def validate(st: Study) -> dict:
-    """Validation only: the base and :data:`SELECT_ON` plain, the OOD entry criterion, then
-    :data:`SELECT_ON` with LwPTV at every ``k`` of :data:`TOP_K`; the chosen ``k`` serves every method."""
+    """Validation only: the base and every method plain, the OOD entry criterion of each (the
+    gate is :data:`SELECT_ON`'s); if it passes, :data:`SELECT_ON` with LwPTV at every ``k`` of
+    :data:`TOP_K`, and the chosen ``k``, which serves every method. A failed gate returns no choice."""
     base = st.base_folds("validation")
     per_subset = lambda fs: {tuple(f["subset"]): f["ood_acc"] for f in fs}
-    plain = [st.fold("validation", SELECT_ON, "plain", None, 0, n) for n in st.subsets]
-    entry = ood_entry(per_subset(base), per_subset(plain))
-    _log(f"OOD entry criterion: {entry}")
-    if not entry["passed"]:
-        raise criteria.EntryCriteriaError(
-            f"suite T2 fails entry criterion ood_spread: TA - base on held-out tasks {entry['ta_minus_base']:+.2f} "
-            f"points, CI width {entry['ci_width']:.2f} (must be larger in size)")
+    plain = {m: [st.fold("validation", m, "plain", None, 0, n) for n in st.subsets] for m in METHODS}
+    entries = {m: ood_entry(per_subset(base), per_subset(fs)) for m, fs in plain.items()}
+    rows = [_mean_row(base, method="base", variant="base", top_k=None)]
+    rows += [_mean_row(fs, method=m, variant="plain", top_k=None) for m, fs in plain.items()]
+    out = {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
+           "subset_size": SUBSET_SIZE, "chosen_on": SELECT_ON, "ood_entry": entries[SELECT_ON],
+           "ood_entry_by_method": entries, "chosen": {}, "rows": rows}
+    for m, e in entries.items():
+        _log(f"OOD entry criterion, {m}: {e['minus_base']:+.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}] "
+             f"{'passed' if e['passed'] else 'FAILED'}")
+    if not out["ood_entry"]["passed"]:
+        return out
     tried = [_mean_row([st.fold("validation", SELECT_ON, "lwptv", k, 0, n) for n in st.subsets],
                        method=SELECT_ON, variant="lwptv", top_k=k) for k in TOP_K]
-    plain_row = _mean_row(plain, method=SELECT_ON, variant="plain", top_k=None)
+    plain_row = rows[1 + METHODS.index(SELECT_ON)]
     best = choose(plain_row, tried, ID_TOLERANCE)
     _log(f"chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
          f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
-    return {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
-            "chosen_on": SELECT_ON, "within_tolerance": best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE,
-            "ood_entry": entry, "chosen": {m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in METHODS},
-            "rows": [_mean_row(base, method="base", variant="base", top_k=None), plain_row, *tried]}
+    out.update(within_tolerance=best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE, rows=rows + tried,
+               chosen={m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in METHODS})
+    return out
 
 
 def test(st: Study, chosen: dict, methods: Sequence[str]) -> None:
@@ -397,6 +413,8 @@ def main(argv: Sequence[str] | None = None):
         stored = _load(VALIDATION)
         if not stored:
             raise SystemExit(f"no {VALIDATION}.json: run `python -m experiments.study_t2_lwptv validate` first")
+        if not stored[0]["ood_entry"]["passed"]:
+            raise criteria.EntryCriteriaError(entry_message(stored[0]["ood_entry"]) + ": the test split stays unread")
         chosen = stored[0]["chosen"]
         missing = [m for m in args.methods if m not in chosen]
         if missing:
@@ -406,6 +424,8 @@ def main(argv: Sequence[str] | None = None):
     if args.cmd == "validate":
         out = {**validate(st), "command": "python -m experiments.study_t2_lwptv validate"}
         results.write_json(VALIDATION, [out], overwrite=args.overwrite)
+        if not out["ood_entry"]["passed"]:
+            raise criteria.EntryCriteriaError(entry_message(out["ood_entry"]))
         return out
     test(st, chosen, args.methods)
     return report(args.methods, True)

@@ -118,7 +118,7 @@ def test_ood_entry_needs_a_spread_above_the_ci_width():
     moved = {k: v - 4 + float(rng.normal(0, 0.5)) for k, v in base.items()}
     e = st.ood_entry(base, moved)
     d = stats.paired_difference(moved, base)
-    assert e["passed"] and e["ta_minus_base"] == pytest.approx(d["diff"]) and e["ci_width"] == pytest.approx(
+    assert e["passed"] and e["minus_base"] == pytest.approx(d["diff"]) and e["ci_width"] == pytest.approx(
         d["ci_high"] - d["ci_low"])
     noise = {k: v + float(rng.normal(0, 2)) for k, v in base.items()}
     assert not st.ood_entry(base, noise)["passed"]
