@@ -239,13 +239,16 @@ def entry_message(entry: dict) -> str:
             f"{entry['ci_width']:.2f}); the difference must exceed the CI width in size")
 
 
-def validate(st: Study) -> dict:
-    """Validation only: the base and every method plain, the OOD entry criterion of each (the
-    gate is :data:`SELECT_ON`'s); if it passes, :data:`SELECT_ON` with LwPTV at every ``k`` of
-    :data:`TOP_K`, and the chosen ``k``, which serves every method. A failed gate returns no choice."""
+def validate(st: Study, methods: Sequence[str] = METHODS) -> dict:
+    """Validation only: the base and each of ``methods`` (with :data:`SELECT_ON`) plain, the OOD
+    entry criterion of each (the gate is :data:`SELECT_ON`'s); if it passes, :data:`SELECT_ON` with
+    LwPTV at every ``k`` of :data:`TOP_K`, and the chosen ``k`` for ``methods``. A failed gate
+    returns no choice."""
+    if SELECT_ON not in methods:
+        raise ValueError(f"validate needs {SELECT_ON} among the methods (its folds choose k), got {list(methods)}")
     base = st.base_folds("validation")
     per_subset = lambda fs: {tuple(f["subset"]): f["ood_acc"] for f in fs}
-    plain = {m: [st.fold("validation", m, "plain", None, 0, n) for n in st.subsets] for m in METHODS}
+    plain = {m: [st.fold("validation", m, "plain", None, 0, n) for n in st.subsets] for m in methods}
     entries = {m: ood_entry(per_subset(base), per_subset(fs)) for m, fs in plain.items()}
     rows = [_mean_row(base, method="base", variant="base", top_k=None)]
     rows += [_mean_row(fs, method=m, variant="plain", top_k=None) for m, fs in plain.items()]
@@ -259,12 +262,12 @@ def validate(st: Study) -> dict:
         return out
     tried = [_mean_row([st.fold("validation", SELECT_ON, "lwptv", k, 0, n) for n in st.subsets],
                        method=SELECT_ON, variant="lwptv", top_k=k) for k in TOP_K]
-    plain_row = rows[1 + METHODS.index(SELECT_ON)]
+    plain_row = rows[1 + list(methods).index(SELECT_ON)]
     best = choose(plain_row, tried, ID_TOLERANCE)
     _log(f"chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
          f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
     out.update(within_tolerance=best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE, rows=rows + tried,
-               chosen={m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in METHODS})
+               chosen={m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in methods})
     return out
 
 
@@ -400,7 +403,7 @@ def main(argv: Sequence[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=("validate", "test", "report"))
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="test/report: these methods (validate runs TA only)")
+                    help="these methods (validate: their plain folds and OOD spreads; k is chosen on TA's)")
     ap.add_argument("--overwrite", action="store_true", help="replace the stored validation choice / T2 rows")
     ap.add_argument("--partial", action="store_true", help="report: each method on the subsets it completed")
     args = ap.parse_args(argv)
@@ -422,7 +425,8 @@ def main(argv: Sequence[str] | None = None):
     enable_compilation_cache(min_compile_seconds=1.0)
     st = Study(build_suite(suite_t.V2, log=_log))
     if args.cmd == "validate":
-        out = {**validate(st), "command": "python -m experiments.study_t2_lwptv validate"}
+        out = {**validate(st, args.methods),
+               "command": f"python -m experiments.study_t2_lwptv validate --methods {' '.join(args.methods)}"}
         results.write_json(VALIDATION, [out], overwrite=args.overwrite)
         if not out["ood_entry"]["passed"]:
             raise criteria.EntryCriteriaError(entry_message(out["ood_entry"]))

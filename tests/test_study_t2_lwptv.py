@@ -182,3 +182,24 @@ def test_complete_needs_every_variant_and_seed():
              (("plain", 0), ("lwptv", 0), ("first_layers", 0), ("random", 0), ("random", 1), ("random", 2))]
     folds += [_f("ties", v, ("a", "c"), 0, 60.0, 40.0) for v in ("plain", "lwptv", "first_layers", "random")]
     assert st.complete(folds, "ties") == {("a", "b")} and st.complete(folds, "task_arithmetic") == set()
+
+
+def test_validate_stops_at_a_failed_gate_and_chooses_on_validation_only(study, monkeypatch):
+    seen = []
+    real = study.s.evaluate
+    monkeypatch.setattr(study.s, "evaluate", lambda p, split, **k: seen.append(split) or real(p, split, **k))
+    monkeypatch.setattr(st, "TOP_K", (1, 2))
+    with pytest.raises(ValueError, match=re.escape("validate needs task_arithmetic among the methods (its folds "
+                                                   "choose k), got ['ties']")):
+        st.validate(study, ["ties"])
+    monkeypatch.setattr(st, "ood_entry", lambda b, m: {"passed": False, "minus_base": 0.0, "ci_low": -1.0, "ci_high": 1.0})
+    out = st.validate(study, ["task_arithmetic"])
+    assert out["chosen"] == {} and not any(f["variant"] == "lwptv" for f in study.folds)
+    assert st.entry_message(out["ood_entry"]).startswith("suite T2 fails entry criterion ood_spread: task_arithmetic")
+    monkeypatch.setattr(st, "ood_entry", lambda b, m: {"passed": True})
+    out = st.validate(study, ["task_arithmetic"])
+    lw = {r["top_k"]: r for r in out["rows"] if r["variant"] == "lwptv"}
+    plain = next(r for r in out["rows"] if r["variant"] == "plain")
+    assert set(lw) == {1, 2} and out["chosen"]["task_arithmetic"]["top_k"] == st.choose(plain, list(lw.values()),
+                                                                                       st.ID_TOLERANCE)["top_k"]
+    assert set(seen) == {"validation"}
