@@ -35,6 +35,10 @@ Files (``experiments/results/``): folds ``lwptv_t2_folds.json`` (one row per mer
 with its mask), the validation choice ``lwptv_t2_validation.json``, rows in ``lwptv.json``
 (``"suite": "T2"``) and the table ``lwptv_t2.md``.
 
+``explore --methods M --k K`` (validation only, exploratory): M plain and the three masks at a
+``K`` fixed beforehand, rows in ``lwptv_t2_explore.json``; for a study stopped at its gate, to see
+what LwPTV does where OOD moves. No claim rests on it.
+
 Run: ``python -m experiments.study_t2_lwptv validate``, then ``test``, then ``report``.
 """
 
@@ -77,6 +81,7 @@ VARIANTS = ("plain", "lwptv", "first_layers", "random")
 STEM = "lwptv"
 FOLDS = "lwptv_t2_folds"
 VALIDATION = "lwptv_t2_validation"
+EXPLORE = "lwptv_t2_explore"
 
 
 def _log(msg: str) -> None:
@@ -292,11 +297,11 @@ def _by_subset(folds: Sequence[dict], metric: str) -> dict[tuple, float]:
     return {k: float(np.mean(v)) for k, v in by.items()}
 
 
-def aggregate(folds: Sequence[dict], methods: Sequence[str]) -> list[dict]:
-    """Test rows: base; per method each variant (mean, CIs, distinct masks); per method and
+def aggregate(folds: Sequence[dict], methods: Sequence[str], split: str = "test") -> list[dict]:
+    """Rows of ``split``: base; per method each variant (mean, CIs, distinct masks); per method and
     averaged over ``methods`` the paired differences ``lwptv - plain``, ``lwptv - first_layers``,
     ``lwptv - random`` in ID and OOD."""
-    test_folds = [f for f in folds if f["split"] == "test"]
+    test_folds = [f for f in folds if f["split"] == split]
     pick = lambda m, v: [f for f in test_folds if f["method"] == m and f["variant"] == v]
     rows = [_mean_row(pick("base", "base"), method="base", variant="base", top_k=None)]
     for m in methods:
@@ -328,7 +333,7 @@ def aggregate(folds: Sequence[dict], methods: Sequence[str]) -> list[dict]:
             lw = None if m == "mean" else pick(m, "lwptv")[0]
             row["top_k"], row["keep_ratio"] = (None, None) if lw is None else (lw["top_k"], lw["keep_ratio"])
             rows.append(row)
-    return [{"suite": "T2", "split": "test", "lwptv": r["variant"] == "lwptv", "keep_ratio": None,
+    return [{"suite": "T2", "split": split, "lwptv": r["variant"] == "lwptv", "keep_ratio": None,
              "score": SCORE if r["variant"] == "lwptv" else None, "heldout_acc": r.get("ood_acc"), "no_expert_acc": None,
              **r} for r in rows]
 
@@ -390,6 +395,22 @@ def report(methods: Sequence[str], overwrite: bool, partial: bool = False) -> li
     return rows
 
 
+def explore(st: Study, methods: Sequence[str], k: int) -> list[dict]:
+    """Validation only, for a study stopped at its gate: each method plain and the three masks
+    at a ``k`` fixed beforehand (not selected), as :func:`aggregate`'s rows. Exploratory: no test
+    split, and no claim rests on it."""
+    st.base_folds("validation")
+    for m in methods:
+        for names in st.subsets:
+            for variant, seeds in (("plain", (0,)), ("lwptv", (0,)), ("first_layers", (0,)), ("random", RANDOM_SEEDS)):
+                for seed in seeds:
+                    st.fold("validation", m, variant, None if variant == "plain" else k, seed, names)
+    subs = set(st.subsets)
+    folds = [f for f in st.folds if f["split"] == "validation" and tuple(f["subset"]) in subs
+             and f["top_k"] in (None, k) and f["method"] in ("base", *methods)]
+    return aggregate(folds, methods, "validation")
+
+
 def chosen_top_k(path=results.RESULTS_DIR / f"{VALIDATION}.json") -> dict[str, int]:
     """LwPTV's layer count per method chosen on validation by ``validate`` ({} before it ran)."""
     return {m: c["top_k"] for m, c in json.loads(path.read_text())[0]["chosen"].items()} if path.is_file() else {}
@@ -401,7 +422,8 @@ def main(argv: Sequence[str] | None = None):
     from jmerge.cache import enable_compilation_cache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("cmd", choices=("validate", "test", "report"))
+    ap.add_argument("cmd", choices=("validate", "test", "report", "explore"))
+    ap.add_argument("--k", type=int, default=4, help="explore: LwPTV's and the controls' kept layers (fixed)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                     help="these methods (validate: their plain folds and OOD spreads; k is chosen on TA's)")
     ap.add_argument("--overwrite", action="store_true", help="replace the stored validation choice / T2 rows")
@@ -412,7 +434,7 @@ def main(argv: Sequence[str] | None = None):
     criteria.require()
     if args.cmd == "validate":
         results.check_writable(results.RESULTS_DIR, [f"{VALIDATION}.json"], args.overwrite)
-    else:
+    elif args.cmd == "test":
         stored = _load(VALIDATION)
         if not stored:
             raise SystemExit(f"no {VALIDATION}.json: run `python -m experiments.study_t2_lwptv validate` first")
@@ -424,6 +446,14 @@ def main(argv: Sequence[str] | None = None):
             raise SystemExit(f"no validation choice for {missing}: run `validate --methods {' '.join(missing)}` first")
     enable_compilation_cache(min_compile_seconds=1.0)
     st = Study(build_suite(suite_t.V2, log=_log))
+    if args.cmd == "explore":
+        rows = explore(st, args.methods, args.k)
+        results.write_json(EXPLORE, rows, overwrite=True)
+        ci = lambda lo, hi: "-" if lo is None else f"[{lo:.2f}, {hi:.2f}]"
+        for r in rows:
+            _log(f"{r['method']:18s} {r['variant']:22s} ID {r['id_acc']:7.2f} {ci(r['id_ci_low'], r['id_ci_high'])} "
+                 f"OOD {r['ood_acc']:7.2f} {ci(r['ci_low'], r['ci_high'])} {r.get('masks', '')}")
+        return rows
     if args.cmd == "validate":
         out = {**validate(st, args.methods),
                "command": f"python -m experiments.study_t2_lwptv validate --methods {' '.join(args.methods)}"}
