@@ -329,7 +329,8 @@ def aggregate(folds: Sequence[dict], methods: Sequence[str], split: str = "test"
                 d = stats.paired_difference(a, b)
                 pre = "" if metric == "ood_acc" else "id_"
                 row.update({metric: d["diff"], f"{pre}ci_low": d["ci_low"], f"{pre}ci_high": d["ci_high"]})
-                row["subsets"], row["seeds"] = d["folds"], len(RANDOM_SEEDS) if other == "random" else 1
+                row["subsets"] = d["folds"]
+                row["seeds"] = len({f["seed"] for x in (ran if m == "mean" else [m]) for f in pick(x, other)})
             lw = None if m == "mean" else pick(m, "lwptv")[0]
             row["top_k"], row["keep_ratio"] = (None, None) if lw is None else (lw["top_k"], lw["keep_ratio"])
             rows.append(row)
@@ -395,19 +396,20 @@ def report(methods: Sequence[str], overwrite: bool, partial: bool = False) -> li
     return rows
 
 
-def explore(st: Study, methods: Sequence[str], k: int) -> list[dict]:
+def explore(st: Study, methods: Sequence[str], k: int, seeds: Sequence[int] = RANDOM_SEEDS) -> list[dict]:
     """Validation only, for a study stopped at its gate: each method plain and the three masks
     at a ``k`` fixed beforehand (not selected), as :func:`aggregate`'s rows. Exploratory: no test
     split, and no claim rests on it."""
     st.base_folds("validation")
     for m in methods:
         for names in st.subsets:
-            for variant, seeds in (("plain", (0,)), ("lwptv", (0,)), ("first_layers", (0,)), ("random", RANDOM_SEEDS)):
-                for seed in seeds:
+            for variant, draws in (("plain", (0,)), ("lwptv", (0,)), ("first_layers", (0,)), ("random", seeds)):
+                for seed in draws:
                     st.fold("validation", m, variant, None if variant == "plain" else k, seed, names)
     subs = set(st.subsets)
     folds = [f for f in st.folds if f["split"] == "validation" and tuple(f["subset"]) in subs
-             and f["top_k"] in (None, k) and f["method"] in ("base", *methods)]
+             and f["top_k"] in (None, k) and f["method"] in ("base", *methods)
+             and (f["variant"] != "random" or f["seed"] in seeds)]
     return aggregate(folds, methods, "validation")
 
 
@@ -424,6 +426,7 @@ def main(argv: Sequence[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=("validate", "test", "report", "explore"))
     ap.add_argument("--k", type=int, default=4, help="explore: LwPTV's and the controls' kept layers (fixed)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(RANDOM_SEEDS), help="explore: the random masks' seeds")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                     help="these methods (validate: their plain folds and OOD spreads; k is chosen on TA's)")
     ap.add_argument("--overwrite", action="store_true", help="replace the stored validation choice / T2 rows")
@@ -447,7 +450,7 @@ def main(argv: Sequence[str] | None = None):
     enable_compilation_cache(min_compile_seconds=1.0)
     st = Study(build_suite(suite_t.V2, log=_log))
     if args.cmd == "explore":
-        rows = explore(st, args.methods, args.k)
+        rows = explore(st, args.methods, args.k, args.seeds)
         results.write_json(EXPLORE, rows, overwrite=True)
         ci = lambda lo, hi: "-" if lo is None else f"[{lo:.2f}, {hi:.2f}]"
         for r in rows:
