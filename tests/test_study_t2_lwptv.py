@@ -192,11 +192,12 @@ def test_validate_stops_at_a_failed_gate_and_chooses_on_validation_only(study, m
     with pytest.raises(ValueError, match=re.escape("validate needs task_arithmetic among the methods (its folds "
                                                    "choose k), got ['ties']")):
         st.validate(study, ["ties"])
-    monkeypatch.setattr(st, "ood_entry", lambda b, m: {"passed": False, "minus_base": 0.0, "ci_low": -1.0, "ci_high": 1.0})
+    fake = {"minus_base": 0.0, "ci_low": -1.0, "ci_high": 1.0, "ci_width": 2.0}
+    monkeypatch.setattr(st, "ood_entry", lambda b, m: {**fake, "passed": False})
     out = st.validate(study, ["task_arithmetic"])
     assert out["chosen"] == {} and not any(f["variant"] == "lwptv" for f in study.folds)
     assert st.entry_message(out["ood_entry"]).startswith("suite T2 fails entry criterion ood_spread: task_arithmetic")
-    monkeypatch.setattr(st, "ood_entry", lambda b, m: {"passed": True})
+    monkeypatch.setattr(st, "ood_entry", lambda b, m: {**fake, "passed": True})
     out = st.validate(study, ["task_arithmetic"])
     lw = {r["top_k"]: r for r in out["rows"] if r["variant"] == "lwptv"}
     plain = next(r for r in out["rows"] if r["variant"] == "plain")
