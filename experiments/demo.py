@@ -13,7 +13,10 @@
 
 Hyper-parameters come from ``python -m experiments.demo --tune``, run once beforehand: the
 grids of :data:`GRIDS` and the LwPTV layer counts of :data:`LWPTV_TOP_K` on validation only,
-stored in ``experiments/results/demo_tuning.json``. The demo reads the test split once.
+stored in ``experiments/results/demo_tuning.json``. A method that the Suite T v2 LwPTV study
+(:mod:`experiments.study_t2_lwptv`) tuned takes LwPTV's layer count from that study instead (its
+validation choice: best held-out-task OOD within 0.5 ID points, where the demo's tuning maximises
+ID). The demo reads the test split once.
 
 Run: ``make demo`` (``python -m experiments.demo``; ``--save`` also stores the printed table in
 ``experiments/results/demo.json`` and ``demo_t2-demo.md``).
@@ -39,7 +42,7 @@ import jmerge  # noqa: E402
 from jmerge import learn  # noqa: E402
 from jmerge.cache import enable_compilation_cache  # noqa: E402
 from jmerge.lwptv import LwPTV, group  # noqa: E402
-from experiments import criteria, results, study_t2, suite_t  # noqa: E402
+from experiments import criteria, results, study_t2, study_t2_lwptv, suite_t  # noqa: E402
 from experiments.suite import build_suite  # noqa: E402
 
 # Five of Suite T v2's eight tasks (distinct label spaces; the ones TA merges worst at 8 tasks, so
@@ -47,12 +50,11 @@ from experiments.suite import build_suite  # noqa: E402
 TASKS = ("rotten_tomatoes", "wordnet_noun", "wordnet_verb", "fortunes_genre", "debates_2016")
 CONFIG = replace(suite_t.V2, name="T2-demo", tasks=TASKS,
                  recipe=replace(suite_t.V2.recipe, steps=50, train_size=1000))
-ISO_SVD_FILTER = r"^(?!embeddings/)"
+ISO_SVD_FILTER = suite_t.ISO_SVD_FILTER
 GRIDS = {
     "task_arithmetic": [{"scale": s} for s in criteria.TA_SCALES],
     "ties": [{"density": d, "scale": s} for d, s in itertools.product(*study_t2.TIES_GRID.values())],
-    # Iso-CTS on the encoder's matrices; the embedding tables (30522 x 384 words) are averaged: their
-    # SVDs took over 5 minutes per merge on this shared CPU (FusionBench also leaves embeddings out).
+    # Iso-CTS on the encoder's matrices; the embedding tables are averaged (suite_t.ISO_SVD_FILTER).
     "iso_cts": [{"scale": s, "svd_filter": ISO_SVD_FILTER} for s in (0.75, 1.0, 1.5)],
 }
 LWPTV_TOP_K = (4, 5, 6)  # layers kept per task, of the 7 of "jmerge_bert" (6 blocks + embeddings)
@@ -116,14 +118,16 @@ def _divmerge(s, granularity: str):
 def methods(s, chosen: dict) -> list[tuple[str, object]]:
     """``(row name, fn() -> merged encoder params)`` for every merge shown."""
     experts = s.experts_for(s.names)
+    study_k = study_t2_lwptv.chosen_top_k()
     out = []
     for method, hp in chosen.items():
         hp = dict(hp)
-        k = hp.pop("lwptv_top_k")
+        k = study_k.get(method, hp.pop("lwptv_top_k"))  # pops the demo's own count either way
+        source = "Suite T v2 LwPTV study" if method in study_k else "demo tuning"
         setting = ", ".join(f"{n}={v}" for n, v in hp.items() if n != "svd_filter")
         setting += ", embeddings averaged" if hp.get("svd_filter") == ISO_SVD_FILTER else ""
         out.append((f"{method} ({setting})", lambda m=method, hp=hp: jmerge.merge(s.base, experts, m, **hp)))
-        out.append((f"{method} + LwPTV (top {k} of 7 layers)",
+        out.append((f"{method} + LwPTV (top {k} of 7 layers, {source})",
                     lambda m=method, hp=hp, k=k: jmerge.merge(s.base, experts, m, lwptv=_lwptv(k), **hp)))
     out += [(f"divmerge ({g}-level, {DIVMERGE_STEPS} steps)", lambda g=g: _divmerge(s, g)) for g in ("task", "layer")]
     return out
