@@ -15,6 +15,8 @@ import jmerge
 from experiments import stats, study_t2_lwptv as st
 from experiments.evaluate import embed
 
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): test_suite_t2's fixtures fine-tune experts")
+
 
 def test_first_layers_mask_drops_the_first_layers_of_every_task():
     m = st.first_layers_mask(3, 7, 5)
