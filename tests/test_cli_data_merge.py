@@ -15,6 +15,8 @@ from jmerge.io import safetensors_io as st
 from jmerge.learn import causal_lm
 from test_cli_learn import models  # noqa: F401 (fixture: base, moved, same, p1/p2.jsonl)
 
+pytestmark = pytest.mark.standard_promotion("transformers' Flax GPT-2 mixes int32 and bool")
+
 transformers = pytest.importorskip("transformers")
 
 
