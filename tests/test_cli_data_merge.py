@@ -31,15 +31,14 @@ def _config(root, method, **params):
 
 def test_regmean_run_is_the_library_merge(models, tmp_path):
     root = models
-    model = causal_lm._model(root / "base")[0]
+    lm = causal_lm.open_model(root / "base")
     out = tmp_path / "merged"
     assert cli.main(["run", str(_config(root, "regmean", alpha=0.9)), str(out), "--no-progress"]) == 0
-    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
-    base, _ = causal_lm._flax_params(root / "base", like)
-    tvs = [jtree.task_vector(base, causal_lm._flax_params(root / e, like)[0]) for e in ("moved", "same")]
+    base, _ = lm.load(root / "base")
+    tvs = [jtree.task_vector(base, lm.load(root / e)[0]) for e in ("moved", "same")]
     prompts = [causal_lm.prompt_array(causal_lm.read_prompts(root / f"p{t + 1}.jsonl", root / "base"), 6, 8, t, root)
                for t in range(2)]
-    apply = causal_lm.model_apply(model)
+    apply = lm.apply
     grams = learn.gram_matrices(jtree.apply(base, tvs[0]), apply, prompts[0])
     # GPT-2's Conv1D kernels, and the token embedding as the tied LM head (its lookup is a gather)
     assert {p.rsplit("/", 2)[-2] for p, _ in grams.axes} == {"c_attn", "c_proj", "c_fc", "wte"}

@@ -31,11 +31,10 @@ def merged_tensors(base_dir: Path, expert_dirs: Sequence[Path], options, method:
     if method not in ("regmean", "fisher"):
         raise MergeInputError(f"causal-LM data merges are regmean and fisher, not {method!r}")
     prompt_sets = [causal_lm.read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
-    model, _ = causal_lm._model(base_dir)
-    like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
-    base, names = causal_lm._flax_params(base_dir, like)
-    tvs = [jtree.task_vector(base, causal_lm._flax_params(e, like)[0]) for e in expert_dirs]
-    apply = causal_lm.model_apply(model)
+    lm = causal_lm.open_model(base_dir)
+    base, names = lm.load(base_dir)
+    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
+    apply = lm.apply
     prompts = [causal_lm.prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
     expert = jax.jit(jtree.apply)
@@ -49,7 +48,7 @@ def merged_tensors(base_dir: Path, expert_dirs: Sequence[Path], options, method:
         hp = {**hparams, "fishers": stats}
     merged = jax.jit(lambda b, ts, h: merge_task_vectors(b, ts, method, **h))(base, tvs, hp)
     flat = {p: np.asarray(x) for p, x in jtree.flatten(merged).items()}
-    rules = flax_io.NamingRules.make(like=like)
+    rules = flax_io.NamingRules.make(like=base)
     out = {}
     for name, path in names.items():
         x = flat[path]
