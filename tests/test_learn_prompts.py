@@ -164,3 +164,36 @@ def test_a_llama_jmerge_cannot_run_is_refused_by_name(tmp_path):
     with pytest.raises(MergeInputError, match=r"short: learn: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
                                               r"of the Llama in config\.json is missing \(20 missing\)"):
         causal_lm.open_model(base).load(tmp_path / "short")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unload_is_the_inverse_of_load(tmp_path, arch):
+    """jmerge's Llama keeps the checkpoint's names and layout; transformers' Flax classes
+    transpose kernels, and unload transposes them back."""
+    if arch == "llama":
+        base = tiny_llama(tmp_path / "llama", seed=1)
+    else:
+        base = _base(tmp_path, None)
+    lm = causal_lm.open_model(base)
+    params, names = lm.load(base)
+    back = lm.unload(params, names)
+    want = st.load(base)
+    assert set(back) == set(want)
+    for n, x in want.items():
+        np.testing.assert_array_equal(back[n], x, err_msg=n)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_data_merge_of_copies_of_a_llama_is_the_llama(tmp_path, method):
+    """RegMean / Fisher of experts equal to the base give the base back, under its names and layout."""
+    from jmerge.learn import causal_lm_data
+
+    base = tiny_llama(tmp_path / "llama", seed=2, tied=True, rope_theta=100000.0)
+    (tmp_path / "p.txt").write_text("the theory is\nan apple\non and on\nthe end\n")
+    opts = config.LearnOptions(prompts=(tmp_path / "p.txt", tmp_path / "p.txt"), samples=4, prompt_tokens=8)
+    hp = {"alpha": 0.9} if method == "regmean" else {}
+    got = causal_lm_data.merged_tensors(base, [base, base], opts, method, hp)
+    want = st.load(base)
+    assert set(got) == set(want)
+    for n, x in want.items():
+        np.testing.assert_allclose(got[n], x, rtol=1e-5, atol=1e-6, err_msg=n)

@@ -164,7 +164,9 @@ class CausalLM:
     """How the learn path runs a base's architecture: ``apply(params, tokens) -> logits``,
     ``load(path) -> (params, {checkpoint tensor name: params path})``, its context length
     (``None``: unbounded), EOS id, model type, and ``tag`` (its ``config.json`` text, which
-    keys the expert-target cache: ``apply`` closes over a config the cache cannot see)."""
+    keys the expert-target cache: ``apply`` closes over a config the cache cannot see), and
+    ``unload(params, names) -> {checkpoint tensor name: array}``, the inverse of ``load`` (the
+    checkpoint's layout: Flax kernels transposed back where the checkpoint stores them so)."""
 
     apply: Callable
     load: Callable[[Path], tuple[Any, dict[str, str]]]
@@ -172,6 +174,7 @@ class CausalLM:
     eos: int
     model_type: str | None
     tag: str
+    unload: Callable[[Any, dict[str, str]], dict[str, np.ndarray]]
 
 
 def _check_context(context: int | None, prompts: np.ndarray, max_new_tokens: int, where: Path) -> None:
@@ -205,7 +208,8 @@ def open_model(base_dir: Path) -> CausalLM:
         except (KeyError, TypeError, ValueError) as e:
             raise MergeInputError(f"{path}: learn: {e}") from None
         return CausalLM(llama_apply(cfg), lambda p: _llama_params(p, cfg), c.get("max_position_embeddings"),
-                        _eos(cfg.eos_token_id), "llama", text)
+                        _eos(cfg.eos_token_id), "llama", text,
+                        unload=lambda params, names: {n: np.asarray(params[p]) for n, p in names.items()})
     return _transformers_flax(base_dir, text)
 
 
@@ -229,7 +233,16 @@ def _transformers_flax(base_dir: Path, tag: str) -> CausalLM:
     like = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 1)))
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return CausalLM(model_apply(model), lambda p: _flax_params(p, like), context, _eos(config.eos_token_id),
-                    config.model_type, tag)
+                    config.model_type, tag, unload=lambda params, names: _torch_tensors(params, names, like))
+
+
+def _torch_tensors(params, names: dict[str, str], like) -> dict[str, np.ndarray]:
+    """Flax ``params`` back under the PyTorch names (``names``: name -> Flax path) and layout
+    :func:`_flax_params` read them from."""
+    rules = flax_io.NamingRules.make(like=like)
+    flat = {p: np.asarray(x) for p, x in jtree.flatten(params).items()}
+    return {n: flax_io._kernel_to_torch(flat[p]) if rules.flax_name(n, flat[p].ndim)[1] else flat[p]
+            for n, p in names.items()}
 
 
 def _flax_params(path: Path, like) -> tuple[dict, dict[str, str]]:

@@ -6,7 +6,8 @@ and transformers Flax model). Each expert's statistics are measured on its own t
 RegMean's Gram matrices of every linear map's inputs over all positions (padding included, as
 FusionBench counts its pad tokens); Fisher's diagonal by FusionBench's batch estimate over the
 next-token distributions of the real prompt tokens (the exact expectation over a vocabulary
-is out of reach). The merge runs in Flax layout and comes back under the base's PyTorch names.
+is out of reach). The merge runs in the model's own layout and comes back under the base's tensor names
+(:attr:`jmerge.learn.causal_lm.CausalLM.unload`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import jax
 import numpy as np
 
 from jmerge import tree as jtree
-from jmerge.io import flax_io
 from jmerge.learn import causal_lm
 from jmerge.learn.statistics import fisher_diagonal, gram_matrices
 from jmerge.methods.registry import merge_task_vectors
@@ -47,10 +47,4 @@ def merged_tensors(base_dir: Path, expert_dirs: Sequence[Path], options, method:
                                       mask=p != causal_lm.PAD) for tv, p in zip(tvs, prompts))
         hp = {**hparams, "fishers": stats}
     merged = jax.jit(lambda b, ts, h: merge_task_vectors(b, ts, method, **h))(base, tvs, hp)
-    flat = {p: np.asarray(x) for p, x in jtree.flatten(merged).items()}
-    rules = flax_io.NamingRules.make(like=base)
-    out = {}
-    for name, path in names.items():
-        x = flat[path]
-        out[name] = flax_io._kernel_to_torch(x) if rules.flax_name(name, x.ndim)[1] else x
-    return out
+    return lm.unload(merged, names)
