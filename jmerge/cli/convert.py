@@ -21,9 +21,10 @@ examples:
 def add_parser(sub, fmt) -> None:
     conv = sub.add_parser(
         "convert",
-        help="convert between Flax msgpack and PyTorch-layout safetensors",
+        help="convert between Flax msgpack, PyTorch-layout safetensors and GGUF",
         description="Convert a checkpoint (HF directory or file) between flax_model.msgpack and "
-        "PyTorch-layout safetensors (kernels transposed, LayerNorm scale <-> weight, ...). "
+        "PyTorch-layout safetensors (kernels transposed, LayerNorm scale <-> weight, ...), or between a "
+        "llama.cpp GGUF file and an HF Llama directory (see the examples). "
         "config.json and tokenizer files are copied.",
         epilog=EXAMPLES,
         formatter_class=fmt,
