@@ -1,4 +1,5 @@
-"""Small helpers written once: the "did you mean" hint, atomic file writes, the registry of module caches."""
+"""Small helpers written once: the "did you mean" hint, atomic file writes, the registry of module caches,
+the progress bar."""
 
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, ove
             os.unlink(tmp)
         raise
     return path
+
+
+def progress_bar(*, disable: bool = False, transient: bool = True, loss: bool = False):
+    """jmerge's one progress bar (rich, on stderr): description, bar, n/total, elapsed time, and with
+    ``loss=True`` the time remaining and each task's ``loss`` field."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if loss:
+        columns += [TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.5g}")]
+    return Progress(*columns, console=Console(stderr=True, highlight=False), transient=transient, disable=disable)

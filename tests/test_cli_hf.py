@@ -62,7 +62,7 @@ def test_jmerge_run_output_loads_in_transformers(tmp_path, kind, monkeypatch):
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == model.config.model_type
 
     # transformers' loader takes a single-file PT checkpoint (its Flax loader does not read
-    # sharded safetensors, research/jax_ecosystem.md §2.3): reshard with jmerge convert
+    # sharded safetensors, checked with transformers 4.57.6): reshard with jmerge convert
     assert cli.main(["convert", "merged", "merged1", "--to", "safetensors", "--shard-size", "1GB"]) == 0
     loaded = type(model).from_pretrained(tmp_path / "merged1")
     reference = _ties_reference(base, experts, [1.0, 0.6], 0.4, 0.8)

@@ -288,7 +288,7 @@ def test_real_smollm2_converted_answers_paris(tmp_path):
     assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings, cfg.num_key_value_heads) == (100000.0, 1e-5, True, 3)
     tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "smol")
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    assert ids[:3] == [1, 9690, 198] and ids[-4:] == [1, 520, 9531, 198]  # research/smollm2.md §2
+    assert ids[:3] == [1, 9690, 198] and ids[-4:] == [1, 520, 9531, 198]  # <|im_start|>system, "\n" ... <|im_start|>assistant "\n", as transformers renders it
     params = llama.stack(st.load(tmp_path / "smol"), cfg)
     x, m = llama.left_pad([ids], cfg.eos_token_id)
     out = llama.generate(params, cfg, jnp.asarray(x), jnp.asarray(m), 10, cfg.eos_token_id)

@@ -25,9 +25,6 @@ def human(n: float) -> str:
 
 
 def progress(disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from jmerge._util import progress_bar
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console(), transient=True, disable=disable,
-    )
+    return progress_bar(disable=disable)

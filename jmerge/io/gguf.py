@@ -14,7 +14,7 @@ embedding: no ``lm_head.weight`` appears and ``config.json`` says ``tie_word_emb
 :func:`hf_files` builds ``config.json`` (``LlamaConfig``: rope_theta, rms eps, tying),
 ``tokenizer.json`` (``tokenizers``' BPE model, byte-level, with the GGUF's merges and its
 control tokens as special tokens), ``tokenizer_config.json`` (bos/eos/pad, chat template)
-and ``generation_config.json`` from the metadata (research/smollm2.md §2).
+and ``generation_config.json`` from the metadata.
 
 Writing. :func:`write_gguf` streams ``(HF name, array)`` pairs into a GGUF file as F32, F16,
 BF16, Q8_0, Q4_0 or Q4_1 (``gguf.quants.quantize``; 1-D tensors stay F32 as llama.cpp keeps

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jmerge._util import register_cache
+from jmerge._util import progress_bar, register_cache
 from jmerge import tree as jtree
 from jmerge.tree import PyTree
 from jmerge import validate
@@ -307,22 +307,6 @@ def _as_device(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), tree)
 
 
-def _progress_bar(total: int, label: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("loss {task.fields[loss]:.5g}"),
-        console=Console(stderr=True),
-    )
-    return bar, bar.add_task(label, total=total, loss=float("nan"))
-
-
 # ---------------------------------------------------------------------------- entry points
 def fit_coefficients(
     base: PyTree,
@@ -405,7 +389,8 @@ def fit_coefficients(
 
     if progress:
         losses, task_losses = [], []
-        bar, task = _progress_bar(len(schedule), f"{objective} {granularity}-level, {num_tasks} tasks")
+        bar = progress_bar(transient=False, loss=True)
+        task = bar.add_task(f"{objective} {granularity}-level, {num_tasks} tasks", total=len(schedule), loss=float("nan"))
         with bar:
             for s, idx in enumerate(schedule):
                 new, opt_state, loss, per, ok = jstep(coeffs, opt_state, base, tvs, data, idx)
