@@ -235,14 +235,16 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     per_tensor = (cfg.slices is not None or vocab is not None
                   or any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans)))
     if per_tensor:
-        what_needs = "slices, gradients, filters and vocabulary remapping (tokenizer_source)"
+        remap = "" if vocab is None else " (nor with tokenizer_source's row remapping)"
         if mk is None:
-            raise ConfigError(f"{what_needs} apply to mergekit's methods, not {name!r}")
+            raise ConfigError(f"slices, gradients and filters{'' if vocab is None else ' (and tokenizer_source row remapping)'} "
+                              f"apply to mergekit's methods, not {name!r}")
         for what, given in (("jmerge.lwptv", opts.lwptv), ("jmerge.learn", opts.learn)):
             if given is not None:
-                raise ConfigError(f"`{what}` needs whole models; it does not combine with {what_needs}")
+                raise ConfigError(f"`{what}` needs whole models; it does not combine with slices, gradients or filters{remap}")
         if opts.trim == "global":
-            raise ConfigError(f"`jmerge.trim: global` ranks over the whole model; it does not combine with {what_needs}")
+            raise ConfigError("`jmerge.trim: global` ranks over the whole model; it does not combine with slices, "
+                              f"gradients or filters{remap}")
     if cfg.slices is not None:
         _check_ranges(plans)
     elif per_tensor:  # a `models:` config with gradients or filters: one slice of every layer
