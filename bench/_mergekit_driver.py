@@ -1,7 +1,7 @@
 """Runs in mergekit's venv (torch, transformers, mergekit 0.1.5), driven by
-:mod:`bench.mergekit_configs`: ``make ROOT`` writes tiny random HF models, ``merge JOBS.json``
-runs each ``[config.yaml, out_dir]`` through mergekit's own ``run_merge`` in this one process
-(as ``mergekit-yaml CONFIG OUT --allow-crimes`` would) and prints one JSON status line per job.
+:mod:`bench.mergekit_configs`: ``make ROOT`` writes tiny random HF models, ``make_vocab ROOT``
+tiny Llamas with differing tokenizers (``tests/test_config_tokenizer.py``), ``merge JOBS.json``
+runs each ``[config.yaml, out_dir]`` through mergekit's own ``run_merge`` in this one process (as ``mergekit-yaml CONFIG OUT --allow-crimes`` would) and prints one JSON status line per job.
 """
 
 import json
@@ -39,6 +39,47 @@ def make(root: Path) -> None:
             model.save_pretrained(root / arch / name, safe_serialization=True)
 
 
+# tokenizers of the vocabulary models (make_vocab): regular tokens, then added ones (content, special)
+VOCABS = {
+    "base": ([f"t{i}" for i in range(60)], [("<s>", True), ("</s>", True)]),
+    "e0": ([f"t{i}" for i in range(60)], [("<s>", True), ("</s>", True), ("<tool>", True)]),
+    "e1": ([f"t{i}" for i in reversed(range(61))], [("<s>", True), ("</s>", True), ("<img>", True), ("<tool>", True)]),
+}
+
+
+def make_vocab(root: Path) -> None:
+    """``root/{base,e0,e1}``: tiny Llamas whose tokenizer.json (``tokenizers`` WordLevel) differ
+    as :data:`VOCABS` says: e0 adds a token, e1 orders the tokens otherwise and adds a regular
+    and two added tokens. A token's embedding and head rows are the base's + 0.01 N(0,1) (random
+    for new tokens); the other weights are the base's + 0.01 N(0,1)."""
+    import torch
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models
+
+    torch.manual_seed(0)
+    ids = {}
+    for name, (regular, added) in VOCABS.items():
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(regular)}, unk_token="t0"))
+        tok.add_tokens([AddedToken(c, special=s, normalized=False) for c, s in added])
+        ids[name] = tok.get_vocab(with_added_tokens=True)
+        cfg = transformers.LlamaConfig(vocab_size=len(ids[name]), hidden_size=16, intermediate_size=24,
+                                       num_attention_heads=4, num_hidden_layers=2)
+        model = transformers.LlamaForCausalLM(cfg)
+        state = model.state_dict()
+        if name == "base":
+            base = {k: v.detach().clone() for k, v in state.items()}
+        with torch.no_grad():
+            for k, v in state.items():
+                if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                    for t, i in ids[name].items():
+                        j = ids["base"].get(t)
+                        v[i] = torch.randn(v.shape[1]) if j is None else base[k][j] + (0 if name == "base" else 0.01) * torch.randn(v.shape[1])
+                elif name != "base":
+                    v.copy_(base[k] + 0.01 * torch.randn_like(base[k]))
+        model.save_pretrained(root / name, safe_serialization=True)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(root / name)
+
+
 def merge(jobs_file: Path) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
@@ -56,4 +97,4 @@ def merge(jobs_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"make": make, "merge": merge}[sys.argv[1]](Path(sys.argv[2]))
+    {"make": make, "make_vocab": make_vocab, "merge": merge}[sys.argv[1]](Path(sys.argv[2]))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -161,10 +161,13 @@ class Job(NamedTuple):
     base: tuple[st.Checkpoint, str]
     experts: tuple[tuple[st.Checkpoint, str], ...]
     hparams: dict[str, Any] | None = None
+    rows: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None  # [base, *experts] remapped (tokenizer_source)
+    shape: tuple[int, ...] | None = None  # the output's shape when ``rows`` changes it
 
     @property
     def info(self) -> st.TensorInfo:
-        return self.base[0].tensors[self.base[1]]
+        info = self.base[0].tensors[self.base[1]]
+        return info if self.shape is None else replace(info, shape=self.shape)
 
 
 def stream_inputs(
@@ -201,6 +204,8 @@ def stream_jobs(
             for (c, n), x in zip([job.base, *job.experts], [b, *es]):
                 _check_finite(c, n, x)
         b, es = unify_dtypes(b, es, cast, compute)
+        if job.rows is not None:
+            b, *es = job.rows([b, *es])
         hp = hparams if job.hparams is None else job.hparams
         leaf = job.name if any(hp.get(p) is not None for p in m.path_params) else LEAF
         with coverage.quiet():  # reported once for the whole merge

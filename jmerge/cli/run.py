@@ -118,11 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_config(base: Path, out_dtype: str | None, layers: list | None) -> dict[str, str]:
-    """``{"config.json": text}`` with the output's dtype and layer count, when the base directory has one."""
+def _out_config(base: Path, out_dtype: str | None, layers: list | None, vocab_size: int | None = None) -> dict[str, str]:
+    """``{"config.json": text}`` with the output's dtype, layer count and vocabulary size, when the base directory has one."""
     from jmerge.config.hf_layers import out_config
 
-    text = out_config(base, dtype=out_dtype, layers=layers) if base.is_dir() and (out_dtype or layers) else None
+    given = out_dtype or layers or vocab_size
+    text = out_config(base, dtype=out_dtype, layers=layers, vocab_size=vocab_size) if base.is_dir() and given else None
     return {} if text is None else {"config.json": text}
 
 
@@ -142,7 +143,8 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
         + f"Per-tensor plan: {len(plan.slices)} slice(s), {len(layers)} output layers, {len(jobs)} tensors; the "
         "hyper-parameters above are those at t = 0.\n\n",
     )
-    extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None),
+    extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None,
+                           None if plan.vocab is None else plan.vocab.size),
              **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(f"merging {len(plan.slices)} slice(s) into {args.out} with {plan.method} "
                                f"(streamed; {len(jobs)} tensors, {len(layers)} layers)")

@@ -80,12 +80,14 @@ def _declared_layers(directory: Path) -> int | None:
     return next((cfg[k] for k in LAYER_KEYS if isinstance(cfg.get(k), int)), None)
 
 
-def out_config(directory: Path, *, dtype: str | None, layers: list[tuple[Path, int]] | None) -> str | None:
+def out_config(directory: Path, *, dtype: str | None, layers: list[tuple[Path, int]] | None,
+               vocab_size: int | None = None) -> str | None:
     """The output ``config.json``: the donor's, with ``torch_dtype`` (and ``dtype``, when the
     donor has it: transformers 5's name) set to the output dtype, as mergekit writes them, and,
     for a frankenmerge whose output layer ``j`` is layer ``layers[j] = (model, index)``, the layer
     count set to ``len(layers)`` and every per-layer list (e.g. Qwen2's ``layer_types``) taken
-    from those layers' models; None when the donor has no ``config.json``."""
+    from those layers' models, and ``vocab_size`` to the output vocabulary's (mergekit's
+    ``_update_config_vocab``); None when the donor has no ``config.json``."""
     cfg = _read_config(directory)
     if cfg is None:
         return None
@@ -101,4 +103,6 @@ def out_config(directory: Path, *, dtype: str | None, layers: list[tuple[Path, i
             if all(isinstance(sources[p].get(k), list) and i < len(sources[p][k]) for p, i in layers):
                 cfg[k] = [sources[p][k][i] for p, i in layers]
         cfg[key] = len(layers)
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
     return json.dumps(cfg, indent=2) + "\n"

@@ -53,8 +53,8 @@ Known differences from mergekit, where semantics cannot match exactly:
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
-* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), ``modules`` and tokenizer
-  surgery are rejected with an error saying so. ``slices``, gradients and ``filter``
+* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), ``modules`` and
+  ``tokenizer.tokens`` are rejected with an error saying so (``tokenizer_source``: :mod:`.tokenizer`). ``slices``, gradients and ``filter``
   conditionals: :mod:`jmerge.config.slices`.
 * ``model+lora`` references (any model, or ``base_model``): the model with the PEFT adapter's
   ``ΔW`` added on read (:func:`jmerge.lora.open_with_lora`), where mergekit writes a merged copy

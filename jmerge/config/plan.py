@@ -39,6 +39,7 @@ class MergePlan:
     config: MergeConfig
     compute_dtype: str | None  # inputs rounded to it first (mergekit's `dtype`, jmerge.compute_dtype: model)
     extra_files: dict[str, str]  # tokenizer files written over the base's (tokenizer_source, chat_template)
+    vocab: tokenizer.Vocab | None  # embedding rows remapped onto the output vocabulary (tokenizer_source)
     slices: tuple["SlicePlan", ...] | None  # a per-tensor plan (slices, gradients, filters): jmerge.config.slices
 
     @property
@@ -228,16 +229,22 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
              for label, members, base_ref, params in _groups(cfg)]
     for key, value, _ in _all_settings(cfg, plans):
         settings.check(value, key, None)
-    per_tensor = cfg.slices is not None or any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans))
+    base_given = cfg.base_model is not None or (cfg.slices is not None and cfg.slices[0].base_model is not None)
+    extra_files, vocab = _tokenizer_files(cfg, plans[0].base if base_given else None, plans[0].base,
+                                          list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
+    per_tensor = (cfg.slices is not None or vocab is not None
+                  or any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans)))
     if per_tensor:
+        remap = "" if vocab is None else " (nor with tokenizer_source's row remapping)"
         if mk is None:
-            raise ConfigError(f"slices, gradients and filters apply to mergekit's methods, not {name!r}")
+            raise ConfigError(f"slices, gradients and filters{'' if vocab is None else ' (and tokenizer_source row remapping)'} "
+                              f"apply to mergekit's methods, not {name!r}")
         for what, given in (("jmerge.lwptv", opts.lwptv), ("jmerge.learn", opts.learn)):
             if given is not None:
-                raise ConfigError(f"`{what}` needs whole models; it does not combine with slices, gradients or filters")
+                raise ConfigError(f"`{what}` needs whole models; it does not combine with slices, gradients or filters{remap}")
         if opts.trim == "global":
             raise ConfigError("`jmerge.trim: global` ranks over the whole model; it does not combine with slices, "
-                              "gradients or filters")
+                              f"gradients or filters{remap}")
     if cfg.slices is not None:
         _check_ranges(plans)
     elif per_tensor:  # a `models:` config with gradients or filters: one slice of every layer
@@ -253,7 +260,6 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         raise ConfigError("`jmerge.learn` with `jmerge.lwptv` is not supported by `jmerge run`; "
                           "use jmerge.learn in Python on LwPTV-pruned task vectors")
     learn = _learn(opts.learn, method, sp.experts, where) if opts.learn is not None else None
-    extra_files = _tokenizer_files(cfg, sp.base, list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
     return MergePlan(
         method=method,
         base=sp.base,
@@ -270,12 +276,15 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
         config=cfg,
         compute_dtype=cfg.dtype if opts.compute_dtype == "model" else None,
         extra_files=extra_files,
+        vocab=vocab,
         slices=tuple(plans) if per_tensor else None,
     )
 
 
-def _tokenizer_files(cfg: MergeConfig, base: Path, models: list[Path], where: Path) -> dict[str, str]:
-    """The tokenizer files ``tokenizer_source`` / ``tokenizer`` / ``chat_template`` give (:mod:`.tokenizer`)."""
+def _tokenizer_files(cfg: MergeConfig, base_model: Path | None, base: Path, models: list[Path],
+                     where: Path) -> tuple[dict[str, str], tokenizer.Vocab | None]:
+    """The tokenizer files ``tokenizer_source`` / ``tokenizer`` / ``chat_template`` give, and the
+    embedding rows' remapping when the vocabularies differ (:mod:`.tokenizer`); headers only."""
     if cfg.tokenizer_source is not None and cfg.tokenizer is not None:
         raise ConfigError("give one of `tokenizer_source` and `tokenizer` (mergekit refuses both)")
     key, source = ("tokenizer_source", cfg.tokenizer_source) if cfg.tokenizer is None else ("tokenizer.source", cfg.tokenizer.source)
@@ -284,13 +293,14 @@ def _tokenizer_files(cfg: MergeConfig, base: Path, models: list[Path], where: Pa
             if getattr(cfg.tokenizer, field) is not None:
                 raise ConfigError(f"`tokenizer.{field}` (mergekit's new-token embeddings) is not supported")
     files: dict[str, str] = {}
+    vocab = None
     if source is not None:
         if source not in ("base", "union"):
             source = str(_resolve_path(source, where, key))
-        files = tokenizer.source_files(source, base, [m for m in models if m != base], key)
+        files, vocab = tokenizer.build(source, key, base_model, base, [m for m in models if m != base])
     if cfg.chat_template is not None:
         files.update(tokenizer.chat_template_files(cfg.chat_template, files, base, models))
-    return files
+    return files, vocab
 
 
 def _learn(opts: LearnOptions, method: str, experts: tuple[Path, ...], where: Path) -> LearnOptions:

@@ -78,7 +78,7 @@ class JmergeOptions(BaseModel):
 
 
 class TokenizerSpec(BaseModel):
-    """mergekit's ``tokenizer:`` block (only ``source`` is supported)."""
+    """mergekit's ``tokenizer:`` block (``source``; ``tokens`` and ``pad_to_multiple_of`` are refused)."""
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"

@@ -16,9 +16,10 @@ and shape, before any tensor is read. A ``filter`` that matches no output tensor
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
-from jmerge.config import settings
+from jmerge.config import settings, tokenizer
 from jmerge.config.hf_layers import Layers, layers_of
 from jmerge.config.mergekit import ConfigWarning
 from jmerge.config.plan import MergePlan, SlicePlan, tensor_hparams
@@ -44,12 +45,19 @@ class _Models:
             self.stacks[path] = layers_of(self.ckpt(path))
         return self.stacks[path]
 
-    def source(self, path: Path, name: str, like: st.TensorInfo | None, out: str) -> tuple[st.Checkpoint, str]:
+    def source(self, path: Path, name: str, like: st.TensorInfo | None, out: str,
+               rows: int | None = None) -> tuple[st.Checkpoint, str]:
+        """``(checkpoint, name)`` of a source tensor shaped as ``like``; a vocabulary tensor
+        (``rows``: the highest row the remapping takes, plus one) only in its other axes."""
         ckpt = self.ckpt(path)
         info = ckpt.tensors.get(name)
         if info is None:
             raise ConfigError(f"{path}: no tensor {name!r} (needed for output tensor {out!r})")
-        if like is not None and (info.shape != like.shape or info.is_float != like.is_float):
+        if rows is not None and (len(info.shape) < 1 or info.shape[0] < rows):
+            raise ConfigError(f"{path}: tensor {name!r} has {info.shape[0] if info.shape else 0} rows; its tokenizer "
+                              f"gives token ids up to {rows - 1}")
+        axes = slice(None) if rows is None else slice(1, None)
+        if like is not None and (info.shape[axes] != like.shape[axes] or info.is_float != like.is_float):
             raise ConfigError(f"{path}: tensor {name!r} has shape {info.shape} ({info.dtype}), the base's "
                               f"{like.shape} ({like.dtype}) (output tensor {out!r})")
         return ckpt, name
@@ -62,12 +70,18 @@ def jobs(plan: MergePlan) -> tuple[list[Job], list[tuple[Path, int]]]:
     cfg = plan.config
     donor = models.layers(plan.base)
 
+    vocab = plan.vocab
+
     def job(sp: SlicePlan, name: str, base_name: str, expert_names: list[str], t: float) -> Job:
-        base = models.source(sp.base, base_name, None, name)
+        remapped = vocab is not None and tokenizer.VOCAB_TENSORS.search(name) is not None
+        paths = [sp.base, *sp.experts]
+        need = {p: int(vocab.rows[p].max()) + 1 for p in paths} if remapped else {}
+        base = models.source(sp.base, base_name, None, name, need.get(sp.base))
         info = base[0].tensors[base_name]
-        experts = tuple(models.source(p, n, info, name) for p, n in zip(sp.experts, expert_names))
+        experts = tuple(models.source(p, n, info, name, need.get(p)) for p, n in zip(sp.experts, expert_names))
+        extra = dict(rows=partial(vocab.remap, paths), shape=(vocab.size, *info.shape[1:])) if remapped else {}
         try:
-            return Job(name, base, experts, tensor_hparams(cfg, plan.method, sp, name, t))
+            return Job(name, base, experts, tensor_hparams(cfg, plan.method, sp, name, t), **extra)
         except ConfigError as e:
             raise ConfigError(f"{sp.where}, tensor {name!r} (t = {t:g}): {e}") from None
 
