@@ -53,27 +53,31 @@ CODE_VERSION = 1  # bump when the training code changes what a recipe produces
 
 @dataclass(frozen=True)
 class LTask:
-    """An instruction task: its :mod:`experiments.data` ``source``, the kept classes mapped to
-    their answer words (``labels``, in class order) and the system ``instruction``."""
+    """An instruction task: its :mod:`experiments.data` ``source``, the kept classes with their
+    answer words (``labels``: ``(class, word)`` pairs, in class order) and the system ``instruction``."""
 
     source: str
-    labels: Mapping[str, str]
+    labels: tuple[tuple[str, str], ...]
     instruction: str
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.labels)
+        return tuple(c for c, _ in self.labels)
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(w for _, w in self.labels)
 
 
 TASKS = {
-    "sentiment": LTask("rotten_tomatoes", {"rotten": "negative", "fresh": "positive"},
+    "sentiment": LTask("rotten_tomatoes", (("rotten", "negative"), ("fresh", "positive")),
                        "Is this movie review positive or negative?"),
-    "language": LTask("fortunes_language", {"en": "English", "de": "German", "es": "Spanish", "it": "Italian",
-                                            "ru": "Russian"},
+    "language": LTask("fortunes_language", (("en", "English"), ("de", "German"), ("es", "Spanish"), ("it", "Italian"),
+                                            ("ru", "Russian")),
                       "Which language is this: English, German, Spanish, Italian or Russian?"),
-    "pos": LTask("wordnet_pos", {"noun": "noun", "verb": "verb", "adv": "adv"},
+    "pos": LTask("wordnet_pos", (("noun", "noun"), ("verb", "verb"), ("adv", "adv")),
                  "This dictionary gloss defines a word. Is the word a noun, verb or adv?"),
-    "topic": LTask("fortunes_topic", {c: c for c in ("computers", "science", "food", "medicine", "law", "love", "kids")},
+    "topic": LTask("fortunes_topic", tuple((c, c) for c in ("computers", "science", "food", "medicine", "law", "love", "kids")),
                    "Topic: computers, science, food, medicine, law, love or kids?"),
 }
 
@@ -158,16 +162,14 @@ class TaskData:
 
 def check_task(name: str, spec: LTask, classes: Sequence[str]) -> None:
     """Bad task definitions: duplicate class names or words, a class without a word, unknown classes."""
-    if len(set(spec.labels)) != len(list(spec.labels)):
-        raise ValueError(f"task {name!r}: duplicate class names")
-    words = list(spec.labels.values())
-    dup = sorted({w for w in words if words.count(w) > 1})
-    if dup:
-        raise ValueError(f"task {name!r}: the label word {dup[0]!r} names two classes")
-    missing = [c for c, w in spec.labels.items() if not isinstance(w, str) or not w.strip()]
+    for what, items in (("class name", spec.classes), ("label word", spec.words)):
+        dup = sorted({x for x in items if items.count(x) > 1})
+        if dup:
+            raise ValueError(f"task {name!r}: duplicate {what} {dup[0]!r}")
+    missing = [c for c, w in spec.labels if not isinstance(w, str) or not w.strip()]
     if missing:
         raise ValueError(f"task {name!r}: class {missing[0]!r} has no label word")
-    unknown = [c for c in spec.labels if c not in classes]
+    unknown = [c for c in spec.classes if c not in classes]
     if unknown:
         raise ValueError(f"task {name!r}: class {unknown[0]!r} is not one of {spec.source}'s classes {tuple(classes)}")
 
@@ -182,8 +184,8 @@ def prepare_task(name: str, spec: LTask, tok, sizes: Mapping[str, int], seed: in
     """Tokenised, balanced splits of ``sizes`` examples each (``train``, ``validation``, ``test``)."""
     task = loader(spec.source)
     check_task(name, spec, task.classes)
-    answers = [tok.encode(w, add_special_tokens=False) for w in spec.labels.values()]
-    for w, a in zip(spec.labels.values(), answers):
+    answers = [tok.encode(w, add_special_tokens=False) for w in spec.words]
+    for w, a in zip(spec.words, answers):
         if not a or tok.decode(a) != w:
             raise ValueError(f"task {name!r}: the label word {w!r} does not round-trip through the tokenizer ({a})")
     prompts, labels, h = {}, {}, hashlib.sha256(json.dumps([name, asdict(spec) | {"labels": dict(spec.labels)}]).encode())
@@ -194,7 +196,7 @@ def prepare_task(name: str, spec: LTask, tok, sizes: Mapping[str, int], seed: in
         labels[split] = np.array([spec.classes.index(task.classes[s.labels[j]]) for j in idx], np.int32)
         prompts[split] = [chat_ids(tok, spec.instruction, t) for t in texts]
         h.update(json.dumps([split, texts, labels[split].tolist()]).encode())
-    return TaskData(name, tuple(spec.labels.values()), answers, prompts, labels, h.hexdigest())
+    return TaskData(name, spec.words, answers, prompts, labels, h.hexdigest())
 
 
 # ---------------------------------------------------------------------------- training
@@ -219,7 +221,8 @@ def answer_loss(params, cfg: llama.LlamaConfig, ids, mask, loss_mask):
     """Mean cross-entropy of the answer tokens (``loss_mask``) given everything before them."""
     logits = llama.logits(params, cfg, ids, mask)[:, :-1]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-    return jnp.sum(ce * loss_mask) / jnp.maximum(loss_mask.sum(), 1)
+    w = loss_mask.astype(ce.dtype)
+    return jnp.sum(ce * w) / jnp.maximum(w.sum(), 1.0)
 
 
 def _optimizer(r: Recipe):
