@@ -51,6 +51,7 @@ import numpy as np
 import jmerge
 from experiments import criteria, results, stats, suite_l
 from experiments.study_t2_divmerge import epochs_for
+from jmerge._util import atomic_write
 
 TA_SCALES = (0.3, 0.5, 0.7, 1.0)
 COUNTS = (2, 3, 4)
@@ -184,10 +185,10 @@ def run(args) -> None:
 
 
 def example_values(fold: dict) -> dict:
-    """Per test example ``(subset, task, i)``: 100 x correct / expert accuracy / n_tasks, whose sum
-    over a fold's examples (equal counts per task) times n_tasks / N is its normalized accuracy."""
+    """Per test example ``(subset, task, i)``: 100 x (100 x correct) / expert accuracy (%), whose mean
+    over a fold's examples (equal counts per task) is the fold's normalized accuracy."""
     expert = fold["expert_rank_acc"]
-    return {(tuple(fold["subset"]), t, i): 100.0 * c / expert[t]
+    return {(tuple(fold["subset"]), t, i): 100.0 * (100.0 * c) / expert[t]
             for t, cs in fold["rank_correct"].items() for i, c in enumerate(cs)}
 
 
@@ -242,7 +243,40 @@ def report(args) -> list[dict]:
              f"of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json`.")
     results.write_rows(STEM, rows, suite="L", columns=["suite"] + cols, title="Suite L: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_l report", notes=notes, overwrite=True)
+    write_markdown(s, stored, rows, folds, notes, cols)
     return rows
+
+
+def write_markdown(s, stored: dict, rows, folds, notes: str, cols) -> Path:
+    """``suite_l.md``: the commands, the experts (recipe, cost, accuracy), the entry criteria and the study."""
+    r = s.expert_metrics[s.names[0]]["recipe"]
+    experts = [{"task": t, "key": s.expert_dirs[t].name[:16], "seq_len": m["cost"]["seq_len"],
+                "median_step_s": float(np.median(m["cost"]["step_seconds"][1:])), "train_s": m["cost"]["train_seconds"],
+                "base_val_rank": stored["base"][t]["rank_acc"], "val_rank": m["validation"]["rank_acc"],
+                "val_em": m["validation"]["em_acc"], "test_rank": m["test"]["rank_acc"], "test_em": m["test"]["em_acc"]}
+               for t, m in ((t, s.expert_metrics[t]) for t in s.names)]
+    ta = [{"scale": x["scale"], "normalized_rank": x["normalized_rank"], "normalized_em": x["normalized_em"]}
+          for x in stored["ta"]]
+    fold_cols = ["method", "n_tasks", "subset", "normalized_acc", "em_normalized", "merge_seconds"]
+    md = "\n".join([
+        "# Suite L: SmolLM2-135M-Instruct experts and the DivMerge study", "",
+        "Commands (in order): `python -m experiments.suite_l train`, `python -m experiments.study_l entry`, "
+        "`python -m experiments.study_l run`, `python -m experiments.study_l report` (this file).", "",
+        f"## Experts\n\nRecipe: full fine-tuning of all 134.5M parameters, loss on the answer tokens only, {r}; "
+        f"AdamW (optax), params and optimizer state donated. Accuracy in % on {s.config.validation_size} validation / "
+        f"{s.config.test_size} test examples per task (balanced); rank = rank classification over the label words, "
+        "EM = exact match of the greedy answer (label then `<|im_end|>`). Cost: wall seconds on the shared 2-core CPU "
+        "(the log: `suite_l/train.log`).", "",
+        results.markdown_table(experts, list(experts[0])),
+        "## Entry criteria (validation, rank classification)\n", results.markdown_table(stored["criteria"],
+                                                                                       ["criterion", "rule", "value", "passed", "what"]),
+        f"Task arithmetic over the scales (4 tasks, validation); best {stored['ta_best_scale']}:\n",
+        results.markdown_table(ta, ["scale", "normalized_rank", "normalized_em"]),
+        "## Study (test split)\n", notes, "", results.markdown_table(rows, cols),
+        "Folds:\n", results.markdown_table(folds, fold_cols)])
+    path = results.RESULTS_DIR / "suite_l.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(md, encoding="utf-8"), overwrite=True)
+    return path
 
 
 def main(argv: Sequence[str] | None = None):

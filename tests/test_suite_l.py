@@ -109,3 +109,21 @@ def test_too_few_examples_for_a_split(tiny):
     ok = suite_l.prepare_task("mytask", spec, tiny[2], {"train": 12, "validation": 4}, loader=lambda _: _task((9, 3)))
     assert sorted(np.bincount(ok.labels["train"]).tolist()) == [3, 9]  # round robin, then the class left over
     assert ok.prompts["train"][0][-3:] == tiny[2].encode("<|im_start|>assistant\n", add_special_tokens=False)[-3:]
+
+
+def test_study_rows_from_example_values():
+    from experiments import study_l
+
+    expert = {"x": 80.0, "y": 50.0}
+    fold = {"method": "ties", "n_tasks": 2, "subset": ["x", "y"], "seed": 0, "em_normalized": 90.0,
+            "rank_correct": {"x": [1, 1, 0, 1], "y": [0, 1, 0, 0]}}
+    fold["normalized_acc"] = (100 * 0.75 / 80 * 100 + 100 * 0.25 / 50 * 100) / 2  # 71.875
+    ours = {**fold, "method": "divmerge_layer", "rank_correct": {"x": [1, 1, 1, 1], "y": [0, 1, 0, 0]},
+            "normalized_acc": (100 * 1.0 / 80 * 100 + 100 * 0.25 / 50 * 100) / 2}
+    rows = study_l.aggregate([fold, ours], expert)
+    by = {r["method"]: r for r in rows}
+    vals = study_l.example_values({**fold, "expert_rank_acc": expert})
+    assert np.mean(list(vals.values())) == pytest.approx(fold["normalized_acc"])  # equal examples per task
+    assert by["ties"]["ci_over"] == "examples" and by["ties"]["ci_low"] <= by["ties"]["normalized_acc"] <= by["ties"]["ci_high"]
+    diff = by["divmerge_layer - ties"]
+    assert diff["normalized_acc"] == pytest.approx(ours["normalized_acc"] - fold["normalized_acc"])
