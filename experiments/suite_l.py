@@ -19,7 +19,7 @@ Evaluation (validation / test, balanced over the classes):
 * exact match: the greedy answer (KV cache, :func:`jmerge.learn.llama.generate`, capped at the
   longest label's token count + 1) decodes to the label word, followed by ``<|im_end|>``.
 
-    python -m experiments.suite_l train      # fine-tune (or find) the four experts, print their metrics
+    python -m experiments.suite_l train [--link DIR]   # fine-tune (or find) the experts, print their metrics
 """
 
 from __future__ import annotations
@@ -447,10 +447,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("train",))
     ap.add_argument("--tasks", nargs="*", choices=sorted(TASKS))
+    ap.add_argument("--link", type=Path, help="also symlink base/ and one directory per task in here (e.g. "
+                    "examples/smollm2_divmerge/models)")
     args = ap.parse_args(argv)
     suite = build(FULL, train=True, tasks=args.tasks)
-    for n in suite.names:
-        print(n, suite.expert_dirs[n], json.dumps({s: suite.expert_metrics[n][s] for s in ("validation", "test")}))
+    links = {"base": suite.base_dir, **suite.expert_dirs}
+    for n, d in links.items():
+        if n != "base":
+            print(n, d, json.dumps({s: suite.expert_metrics[n][s] for s in ("validation", "test")}))
+        if args.link:
+            args.link.mkdir(parents=True, exist_ok=True)
+            (args.link / n).unlink(missing_ok=True)
+            (args.link / n).symlink_to(d)
 
 
 if __name__ == "__main__":
