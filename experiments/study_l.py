@@ -53,7 +53,7 @@ from experiments import criteria, results, stats, suite_l
 from experiments.study_t2_divmerge import epochs_for
 from jmerge._util import atomic_write
 
-TA_SCALES = (0.3, 0.5, 0.7, 1.0)
+TA_SCALES = (0.3, 0.5, 0.8)
 COUNTS = (2, 3, 4)
 DATA_FREE = ("task_arithmetic", "ties")
 LEARNED = ("divmerge_task", "divmerge_layer", "adamerging_task")
@@ -164,24 +164,24 @@ def run(args) -> None:
     s = suite_l.build(train=False)
     done = {(f["method"], tuple(f["subset"]), f["seed"]) for f in _load_folds()}
     hp = {"task_arithmetic": {"scale": stored["ta_best_scale"]}, "ties": {}}
-    for method in args.methods:
-        counts = args.learned_counts if method in LEARNED else args.counts
-        for n in sorted(counts, reverse=True):  # the full set first: it is what the budget keeps
-            for names in itertools.combinations(s.names, n):
-                if (method, names, 0) in done:
-                    continue
-                t0 = time.perf_counter()
-                if method in DATA_FREE:
-                    flat = jax.block_until_ready(jmerge.merge(s.base, [s.expert(t) for t in names], method, **hp[method]))
-                    _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, setting=hp[method]))
-                else:
-                    res = learned(s, method, names)
-                    flat = jax.block_until_ready(res.params)
-                    _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, steps=STEPS,
-                                samples_per_task=SAMPLES, batch_per_task=BATCH, granularity=res.granularity,
-                                losses=np.asarray(res.losses, np.float64).round(5).tolist(),
-                                coefficients=np.asarray(res.coefficients, np.float64).round(4).tolist()))
-                del flat
+    plan = [(n, method, names) for n in sorted(set(args.counts) | set(args.learned_counts), reverse=True)
+            for method in args.methods if n in (args.learned_counts if method in LEARNED else args.counts)
+            for names in itertools.combinations(s.names, n)]  # every method on the full set first: the budget keeps it
+    for n, method, names in plan:
+        if (method, names, 0) in done:
+            continue
+        t0 = time.perf_counter()
+        if method in DATA_FREE:
+            flat = jax.block_until_ready(jmerge.merge(s.base, [s.expert(t) for t in names], method, **hp[method]))
+            _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, setting=hp[method]))
+        else:
+            res = learned(s, method, names)
+            flat = jax.block_until_ready(res.params)
+            _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, steps=STEPS,
+                        samples_per_task=SAMPLES, batch_per_task=BATCH, granularity=res.granularity,
+                        losses=np.asarray(res.losses, np.float64).round(5).tolist(),
+                        coefficients=np.asarray(res.coefficients, np.float64).round(4).tolist()))
+        del flat
 
 
 def example_values(fold: dict) -> dict:
