@@ -105,6 +105,7 @@ def entry(args) -> dict:
     results.write_json(ENTRY, [out], overwrite=args.overwrite)
     for r in out["criteria"]:
         _log(f"{r['criterion']} {r['rule']}: {r['value']:.2f} {'passed' if r['passed'] else 'FAILED'}")
+    markdown(s, out)
     criteria.check(out["criteria"], "L")
     return out
 
@@ -243,11 +244,11 @@ def report(args) -> list[dict]:
              f"of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json`.")
     results.write_rows(STEM, rows, suite="L", columns=["suite"] + cols, title="Suite L: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_l report", notes=notes, overwrite=True)
-    write_markdown(s, stored, rows, folds, notes, cols)
+    markdown(s, stored, rows, folds, notes, cols)
     return rows
 
 
-def write_markdown(s, stored: dict, rows, folds, notes: str, cols) -> Path:
+def markdown(s, stored: dict, rows=(), folds=(), notes: str = "", cols=("method",)) -> Path:
     """``suite_l.md``: the commands, the experts (recipe, cost, accuracy), the entry criteria and the study."""
     r = s.expert_metrics[s.names[0]]["recipe"]
     experts = [{"task": t, "key": s.expert_dirs[t].name[:16], "seq_len": m["cost"]["seq_len"],
@@ -272,7 +273,9 @@ def write_markdown(s, stored: dict, rows, folds, notes: str, cols) -> Path:
                                                                                        ["criterion", "rule", "value", "passed", "what"]),
         f"Task arithmetic over the scales (4 tasks, validation); best {stored['ta_best_scale']}:\n",
         results.markdown_table(ta, ["scale", "normalized_rank", "normalized_em"]),
-        "## Study (test split)\n", notes, "", results.markdown_table(rows, cols),
+        "## Study (test split)\n",
+        notes if rows else "Not run: `study_l run` refuses to start while an entry criterion fails.", "",
+        results.markdown_table(rows, cols),
         "Folds:\n", results.markdown_table(folds, fold_cols)])
     path = results.RESULTS_DIR / "suite_l.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text(md, encoding="utf-8"), overwrite=True)
