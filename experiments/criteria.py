@@ -82,13 +82,19 @@ def measure(suite, split: str = "validation", scales: Sequence[float] = TA_SCALE
             "expert_train_seconds": {t: suite.expert_metrics[t].get("train_seconds") for t in suite.names}}
 
 
-def require(path: str | Path = results.RESULTS_DIR / f"{STEM}.json") -> dict:
-    """The stored criteria of ``path``; raises if they are missing or one failed."""
+def require(path: str | Path = results.RESULTS_DIR / f"{STEM}.json", exploratory: bool = False) -> dict:
+    """The stored criteria of ``path``; raises if they are missing or one failed, unless
+    ``exploratory`` (then the failure is printed and the caller must label its rows exploratory)."""
     path = Path(path)
     if not path.is_file():
         raise EntryCriteriaError(f"no entry criteria at {path}: run `python -m experiments.criteria` first")
     (stored,) = json.loads(path.read_text())
-    check(stored["criteria"], stored["suite"])
+    try:
+        check(stored["criteria"], stored["suite"])
+    except EntryCriteriaError as e:
+        if not exploratory:
+            raise
+        print(f"EXPLORATORY run past a failed entry gate: {e}")
     return stored
 
 
