@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import chex
@@ -17,10 +18,12 @@ import numpy as np
 from flax import nnx
 
 import jmerge
-from jmerge import shard
+from jmerge import shard, stages
 from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
+from jmerge.lwptv import LayerMask
+from jmerge.thresholds import mesh as tmesh
 
 BF16 = ml_dtypes.bfloat16
 
@@ -214,6 +217,23 @@ def place(tree, mesh):
     return shard.shard_params(tree, mesh, RULE)
 
 
+def all_gathers(text):
+    """Result types of the all-gathers in compiled HLO text (tuples when XLA combined some)."""
+    return [m.group(1) for line in text.splitlines() if (m := re.search(r" = (.*?) all-gather(?:-start)?\(", line))]
+
+
+def ties_with_sharded_trim(mesh):
+    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
+
+    @jax.jit
+    def ties(b, es):
+        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
+        masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
+        return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
+
+    return ties
+
+
 # ---------------------------------------------------------------------------- checkpoints
 BUFFERS = {"position_ids": np.arange(4, dtype=np.int64).reshape(1, 4)}  # a non-float buffer, copied from the base
 
@@ -235,6 +255,39 @@ def write_checkpoint(path: Path, tensors: dict, *, config: dict | None = None, s
 def write_checkpoints(root: Path, base: dict, experts: list[dict], **kw) -> list[Path]:
     """``root/base`` and ``root/e0``, ``root/e1``, ... written by :func:`write_checkpoint`."""
     return [write_checkpoint(root / name, t, **kw) for name, t in [("base", base), *((f"e{i}", e) for i, e in enumerate(experts))]]
+
+
+# The streaming tests' checkpoints: four small float32 tensors, three experts (``stream_ckpts`` in conftest).
+STREAM_NAMES = ["emb.weight", "l0.w", "l0.b", "l1.w"]
+
+
+def stream_shape(name):
+    return (8,) if name.endswith(".b") else (8, 8)
+
+
+def stream_models(k=3, seed=0):
+    return random_models({n: stream_shape(n) for n in STREAM_NAMES}, k, seed, numpy=True)
+
+
+def streamed(paths, method, n_experts=None, **hp):
+    """``{name: array}`` of ``streaming.iter_merged`` over ``paths`` = (base, *experts), the first ``n_experts``."""
+    from jmerge import streaming
+
+    base, *experts = paths
+    experts = experts[:n_experts] if n_experts else experts
+    return dict(streaming.iter_merged(base, experts, method, **hp))
+
+
+# ---------------------------------------------------------------------------- LwPTV
+def drop_mask(grouping, dropped_all=("layer.1", "head"), dropped_some=(("layer.0", 0),), num_tasks=3):
+    """A ``LayerMask`` over ``grouping`` (bert preset) dropping ``dropped_all`` for every task and each
+    ``(layer, task)`` of ``dropped_some``."""
+    m = np.ones((num_tasks, grouping.num_layers), bool)
+    for name in dropped_all:
+        m[:, grouping.names.index(name)] = False
+    for name, t in dropped_some:
+        m[t, grouping.names.index(name)] = False
+    return LayerMask(m, grouping.names, layers="bert")
 
 
 # ---------------------------------------------------------------------------- tiny Hugging Face models

@@ -176,3 +176,37 @@ def consensus(base, experts, k=2, tall_lambda=0.6, scale=0.3):
     total = weighted_sum(tvs)
     keep = {p: sum(m[p].astype(int) for m in masks) >= k for p in base}
     return apply(base, {p: np.where(keep[p], total[p], 0.0) for p in base}, scale)
+
+
+def mergekit_gta(base, experts, weights, densities, *, lam=1.0, normalize, consensus, sparsify):
+    """mergekit's generalized task arithmetic for one tensor (TIES when ``consensus`` and
+    ``sparsify``), as in mergekit's ``merge_methods/generalized_task_arithmetic.py`` and
+    ``sparsify.magnitude``: per expert keep the ``int(d n)`` largest ``|delta|`` (argsort; ties by
+    position), ``w_t delta_t``, sum-elected sign (a zero sum elects +1, zero entries agree with
+    neither), ``base + lam * sum_t w_t m_t delta_t / sum_t w_t m_t`` (a zero divisor counts as 1;
+    without consensus the divisor is ``sum_t w_t``, 1 if under 1e-8). Unlike :func:`ties` (Yadav
+    et al., 2023, arXiv:2306.01708), entries tied with the k-th largest are not all kept."""
+    deltas = []
+    for e, d in zip(experts, densities):
+        delta = e - base
+        if sparsify and d < 1:
+            k = int(d * delta.size)
+            mask = np.zeros(delta.size, np.float32)
+            mask[np.argsort(-np.abs(delta).ravel(), kind="stable")[:k]] = 1
+            delta = delta * mask.reshape(delta.shape)
+        deltas.append(delta)
+    deltas = np.stack(deltas)
+    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
+    wd = deltas * w
+    if consensus:
+        majority = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+        mask = np.sign(wd) == majority
+        mixed = (wd * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = wd.sum(0)
+        divisor = w.sum(0) if abs(w.sum()) >= 1e-8 else 1.0
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed

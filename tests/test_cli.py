@@ -6,6 +6,7 @@ import pytest
 
 import jmerge
 from helpers import BUFFERS, random_models, write_checkpoint, write_checkpoints
+from reference import mergekit_gta
 from jmerge import cli, config
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
@@ -36,35 +37,6 @@ def _run(*argv):
     return cli.main(["run", *map(str, argv), "--no-progress"])
 
 
-def _mergekit_gta(base, experts, weights, densities, *, lam=1.0, normalize, consensus, sparsify):
-    """mergekit's GeneralizedTaskArithmeticMerge for one tensor, in numpy (sum consensus,
-    magnitude sparsification by argsort within the tensor)."""
-    deltas = []
-    for e, d in zip(experts, densities):
-        delta = e - base
-        if sparsify and d < 1:
-            k = int(d * delta.size)
-            mask = np.zeros(delta.size, np.float32)
-            mask[np.argsort(-np.abs(delta).ravel(), kind="stable")[:k]] = 1
-            delta = delta * mask.reshape(delta.shape)
-        deltas.append(delta)
-    deltas = np.stack(deltas)
-    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
-    wd = deltas * w
-    if consensus:
-        majority = np.where(wd.sum(0) >= 0, 1.0, -1.0)
-        mask = np.sign(wd) == majority
-        mixed = (wd * mask).sum(0)
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = wd.sum(0)
-        divisor = w.sum(0) if abs(w.sum()) >= 1e-8 else 1.0
-    if normalize:
-        mixed = mixed / divisor
-    return base + lam * mixed
-
-
 TIES_YAML = """\
 models:
   - model: e0
@@ -86,7 +58,7 @@ def test_mergekit_ties_config_gives_mergekit_result(models):
     assert _run(_yaml(root, TIES_YAML), root / "out") == 0
     out = st.load(root / "out")
     for n in NAMES:
-        ref = _mergekit_gta(base[n], [e[n] for e in experts], [1.0, 0.5, 0.8], [0.3, 0.5, 0.7], lam=0.9, normalize=True,
+        ref = mergekit_gta(base[n], [e[n] for e in experts], [1.0, 0.5, 0.8], [0.3, 0.5, 0.7], lam=0.9, normalize=True,
                             consensus=True, sparsify=True)
         np.testing.assert_allclose(out[n], ref, rtol=0, atol=1e-6, err_msg=n)
     np.testing.assert_array_equal(out["position_ids"], BUFFERS["position_ids"])
@@ -112,7 +84,7 @@ parameters: {{lambda: 1.5, normalize: {str(normalize).lower()}}}
     assert _run(_yaml(root, ta), root / "ta") == 0
     out = st.load(root / "ta")
     for n in NAMES:
-        ref = _mergekit_gta(base[n], [e[n] for e in experts[:2]], [0.7, 0.2], [1, 1], lam=1.5, normalize=normalize, consensus=False,
+        ref = mergekit_gta(base[n], [e[n] for e in experts[:2]], [0.7, 0.2], [1, 1], lam=1.5, normalize=normalize, consensus=False,
                             sparsify=False)
         np.testing.assert_allclose(out[n], ref, atol=1e-6)
     linear = "models:\n  - {model: e0, parameters: {weight: 3}}\n  - {model: e1, parameters: {weight: 1}}\nmerge_method: linear\n"

@@ -4,7 +4,6 @@ random transformers Flax GPT-2 (jmerge.learn.causal_lm_data)."""
 import json
 import re
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +12,6 @@ from jmerge import tree as jtree
 from jmerge.io import flax_io
 from jmerge.io import safetensors_io as st
 from jmerge.learn import causal_lm
-from test_cli_learn import models  # noqa: F401 (fixture: base, moved, same, p1/p2.jsonl)
 
 pytestmark = pytest.mark.standard_promotion("transformers' Flax GPT-2 mixes int32 and bool")
 
@@ -29,8 +27,8 @@ def _config(root, method, **params):
     return path
 
 
-def test_regmean_run_is_the_library_merge(models, tmp_path):
-    root = models
+def test_regmean_run_is_the_library_merge(gpt2_learn_dirs, tmp_path):
+    root = gpt2_learn_dirs
     lm = causal_lm.open_model(root / "base")
     out = tmp_path / "merged"
     assert cli.main(["run", str(_config(root, "regmean", alpha=0.9)), str(out), "--no-progress"]) == 0
@@ -49,8 +47,8 @@ def test_regmean_run_is_the_library_merge(models, tmp_path):
         np.testing.assert_allclose(got[name], x, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_fisher_run_writes_a_weighted_mean(models, tmp_path):
-    root = models
+def test_fisher_run_writes_a_weighted_mean(gpt2_learn_dirs, tmp_path):
+    root = gpt2_learn_dirs
     out = tmp_path / "merged"
     assert cli.main(["run", str(_config(root, "fisher")), str(out), "--no-progress"]) == 0
     e1, e2, got = (st.load(p) for p in (root / "moved", root / "same", out))
@@ -60,8 +58,8 @@ def test_fisher_run_writes_a_weighted_mean(models, tmp_path):
     assert not np.allclose(got[name], (e1[name] + e2[name]) / 2, atol=1e-4)
 
 
-def test_data_merge_config_errors(models):
-    root = models
+def test_data_merge_config_errors(gpt2_learn_dirs):
+    root = gpt2_learn_dirs
     cfg = json.loads(_config(root, "regmean").read_text())
     cfg["jmerge"]["learn"]["method"] = "divmerge"
     (root / "bad.yml").write_text(json.dumps(cfg))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_transformer, write_pt_dir
+from reference import mergekit_gta
 from jmerge import cli
 from jmerge.io import safetensors_io as st
 
@@ -21,25 +22,6 @@ IDS = np.array([[5, 3, 9, 1, 7, 2, 8, 4]], np.int32)
 def _logits(model, params):
     out = model(IDS, params=params)
     return np.asarray(out.logits if hasattr(out, "logits") else out.last_hidden_state)
-
-
-def _ties_reference(base, experts, weights, density, lam):
-    """mergekit TIES per tensor (top-k by |delta| in each tensor, sum election, disjoint weighted mean)."""
-
-    def leaf(b, *es):
-        deltas = []
-        for e in es:
-            d = (e - b).ravel()
-            keep = np.zeros(d.size, bool)
-            keep[np.argsort(-np.abs(d), kind="stable")[: int(density * d.size)]] = True
-            deltas.append(np.where(keep, d, 0.0))
-        wd = np.stack(deltas) * np.asarray(weights)[:, None]
-        agree = np.sign(wd) == np.where(wd.sum(0) >= 0, 1.0, -1.0)
-        div = (np.asarray(weights)[:, None] * agree).sum(0)
-        mixed = (wd * agree).sum(0) / np.where(div == 0, 1.0, div)
-        return (b.ravel() + lam * mixed).reshape(b.shape).astype(np.float32)
-
-    return jax.tree.map(leaf, base, *experts)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
@@ -65,6 +47,7 @@ def test_jmerge_run_output_loads_in_transformers(tmp_path, kind, monkeypatch):
     # sharded safetensors, checked with transformers 4.57.6): reshard with jmerge convert
     assert cli.main(["convert", "merged", "merged1", "--to", "safetensors", "--shard-size", "1GB"]) == 0
     loaded = type(model).from_pretrained(tmp_path / "merged1")
-    reference = _ties_reference(base, experts, [1.0, 0.6], 0.4, 0.8)
+    reference = jax.tree.map(lambda b, *es: mergekit_gta(b, list(es), [1.0, 0.6], [0.4, 0.4], lam=0.8, normalize=True,
+                                                         consensus=True, sparsify=True), base, *experts)
     np.testing.assert_allclose(_logits(loaded, loaded.params), _logits(model, reference), rtol=0, atol=1e-5)
     assert not np.allclose(_logits(model, reference), _logits(model, base), atol=1e-3)  # the merge did something

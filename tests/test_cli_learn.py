@@ -3,32 +3,15 @@ random transformers Flax GPT-2 saved as PyTorch-layout safetensors, then the mer
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_llama, tiny_transformer, write_llama_dir, write_pt_dir
+from helpers import tiny_llama, write_llama_dir
 from jmerge import cli, config, lwptv
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.standard_promotion("transformers' Flax GPT-2 mixes int32 and bool")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """base, an expert that moved (its task's prompts), an expert equal to the base, prompt files."""
-    root = tmp_path_factory.mktemp("learn")
-    model = tiny_transformer("gpt2", vocab_size=32, n_positions=24, eos_token_id=0)
-    base = jax.tree.map(np.asarray, model.params)
-    rng = np.random.default_rng(1)
-    moved = jax.tree.map(lambda x: x + 0.5 * rng.standard_normal(x.shape).astype(np.float32), base)
-    for name, params in (("base", base), ("moved", moved), ("same", base)):
-        write_pt_dir(root / name, model, params)
-    for name in ("p1", "p2"):
-        lines = [json.dumps({"ids": rng.integers(1, 32, rng.integers(4, 8)).tolist()}) for _ in range(12)]
-        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _config(root, method="divmerge", models=("moved", "same"), **extra):
@@ -41,36 +24,36 @@ def _config(root, method="divmerge", models=("moved", "same"), **extra):
     return path
 
 
-def test_run_learns_divmerge_coefficients_and_writes_that_merge(models, tmp_path):
+def test_run_learns_divmerge_coefficients_and_writes_that_merge(gpt2_learn_dirs, tmp_path):
     out = tmp_path / "merged"
-    assert cli.main(["run", str(_config(models)), str(out), "--no-progress"]) == 0
+    assert cli.main(["run", str(_config(gpt2_learn_dirs)), str(out), "--no-progress"]) == 0
     saved = json.loads((out / "coefficients.json").read_text())
     gamma = np.asarray(saved["coefficients"])
     assert saved["method"] == "divmerge" and gamma.shape == (2,)
     assert abs(gamma[0] - 0.5) > 0.05 and gamma[1] == pytest.approx(0.5)  # τ_same = 0: no gradient
-    base, moved, merged = (st.load(p) for p in (models / "base", models / "moved", out))
+    base, moved, merged = (st.load(p) for p in (gpt2_learn_dirs / "base", gpt2_learn_dirs / "moved", out))
     for name, b in base.items():  # the written tensors are θ0 + Σ Γ_t τ_t with the saved Γ
         np.testing.assert_allclose(merged[name], b + np.float32(gamma[0]) * (moved[name] - b), rtol=1e-5, atol=1e-6)
     assert "Learned coefficients" in (out / "README.md").read_text()
     assert (out / "config.json").exists()
 
 
-def test_one_expert_coefficient_climbs_to_the_expert(models, tmp_path):
+def test_one_expert_coefficient_climbs_to_the_expert(gpt2_learn_dirs, tmp_path):
     """With one expert the JS optimum is the expert itself (Γ = 1); from Γ = 0.2 learning climbs."""
     out = tmp_path / "merged"
-    assert cli.main(["run", str(_config(models, models=("moved",), init=0.2)), str(out), "--no-progress"]) == 0
+    assert cli.main(["run", str(_config(gpt2_learn_dirs, models=("moved",), init=0.2)), str(out), "--no-progress"]) == 0
     saved = json.loads((out / "coefficients.json").read_text())
     losses, per_epoch = np.asarray(saved["losses"]), saved["steps_per_epoch"]
     assert saved["coefficients"][0] > 0.6 and losses[-per_epoch:].mean() < 0.5 * losses[:per_epoch].mean()
 
 
-def test_run_learns_layer_level_adamerging(models, tmp_path):
+def test_run_learns_layer_level_adamerging(gpt2_learn_dirs, tmp_path):
     """AdaMerging with one Γ per task and layer (the gpt2 preset): the entropy falls and Γ of the
     expert that moved leaves its init (0.3) in every layer, by different amounts; Γ of the expert
     equal to the base gets no gradient. The written tensors are θ0 + Σ_t Γ[t, layer] τ_t, the layer
     of each PyTorch tensor found here by the preset on the PyTorch names (the CLI maps Flax paths)."""
     out = tmp_path / "merged"
-    cfg = _config(models, "adamerging", granularity="layer", layers="gpt2", learning_rate=0.01, epochs=2)
+    cfg = _config(gpt2_learn_dirs, "adamerging", granularity="layer", layers="gpt2", learning_rate=0.01, epochs=2)
     assert cli.main(["run", str(cfg), str(out), "--no-progress"]) == 0
     saved = json.loads((out / "coefficients.json").read_text())
     gamma, names = np.asarray(saved["coefficients"]), saved["layer_names"]
@@ -79,7 +62,7 @@ def test_run_learns_layer_level_adamerging(models, tmp_path):
     assert np.all(np.abs(gamma[0] - 0.3) > 1e-3) and np.ptp(gamma[0]) > 1e-4 and np.all(gamma[1] == np.float32(0.3))
     losses, per_epoch = np.asarray(saved["losses"]), saved["steps_per_epoch"]
     assert losses[-per_epoch:].mean() < losses[:per_epoch].mean()
-    base, moved, merged = (st.load(p) for p in (models / "base", models / "moved", out))
+    base, moved, merged = (st.load(p) for p in (gpt2_learn_dirs / "base", gpt2_learn_dirs / "moved", out))
     grouping = lwptv.group(base, "gpt2")
     layer = {p: names.index(grouping.names[g]) for p, g in zip(grouping.leaf_paths, grouping.leaf_layer)}
     assert set(layer) == set(base) == set(merged)
@@ -88,11 +71,11 @@ def test_run_learns_layer_level_adamerging(models, tmp_path):
         np.testing.assert_allclose(merged[name], b + g * (moved[name] - b), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_learn_block_bad_input_is_named(models):
+def test_learn_block_bad_input_is_named(gpt2_learn_dirs):
     def plan(**learn):
         text = json.dumps({"models": [{"model": "moved"}, {"model": "same"}], "base_model": "base",
                            "merge_method": learn.pop("merge_method", "task_arithmetic"), "jmerge": {"learn": learn}})
-        path = models / "bad.yml"
+        path = gpt2_learn_dirs / "bad.yml"
         path.write_text(text)
         return config.plan_from_yaml(path)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import jmerge
 import pytest
-from test_suite_t2 import CONFIG, built, model  # noqa: F401  (fixtures)
+from synthetic_suite import T2_CONFIG as CONFIG
 
 from experiments import criteria, demo
 pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
@@ -20,8 +20,8 @@ def small(monkeypatch):
     monkeypatch.setattr(demo, "LWPTV_TOP_K", (1, 2))
 
 
-def test_tune_picks_the_validation_argmax(built, small, monkeypatch):
-    s, _ = built
+def test_tune_picks_the_validation_argmax(t2_suite, small, monkeypatch):
+    s, _ = t2_suite
     seen = []
     real = s.evaluate
     monkeypatch.setattr(s, "evaluate", lambda *a, **k: seen.append(a[1] if len(a) > 1 else k["split"]) or real(*a, **k))
@@ -55,8 +55,8 @@ def test_load_tuning_round_trip_missing_and_stale(small, tmp_path, monkeypatch):
         demo.load_tuning(path)
 
 
-def test_failed_entry_criterion_stops_before_the_test_split(built, small, monkeypatch):
-    s, _ = built
+def test_failed_entry_criterion_stops_before_the_test_split(t2_suite, small, monkeypatch):
+    s, _ = t2_suite
     seen = []
     real = s.evaluate
     monkeypatch.setattr(s, "evaluate", lambda *a, **k: seen.append(a[1] if len(a) > 1 else k["split"]) or real(*a, **k))

@@ -4,7 +4,6 @@ data or weights needed)."""
 
 import itertools
 import json
-import zlib
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -17,43 +16,10 @@ from experiments import finetune, suite
 from experiments.encoders import Images, TextEncoder, Tokens, tokenize, trim
 from experiments.evaluate import embed, fit_linear_head, head_accuracy, probe_accuracy
 from experiments.data import Task
-from experiments.models.bert import Bert, BertConfig
+from experiments.models.bert import Bert
+from synthetic_suite import CFG, MAX_LEN, RECIPE, TASKS, tokenizer
 pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
 
-CFG = BertConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=16)
-MAX_LEN = 8
-
-
-def tokenizer(texts):
-    """Word-hash tokenizer: [CLS]=1, words -> 3 + crc32 % 61, [SEP]=2, padded with 0."""
-    ids = np.zeros((len(texts), MAX_LEN), np.int32)
-    for i, t in enumerate(texts):
-        toks = [1] + [3 + zlib.crc32(w.encode()) % 61 for w in t.split()][: MAX_LEN - 2] + [2]
-        ids[i, : len(toks)] = toks
-    return ids, (ids > 0).astype(np.int32)
-
-
-def synthetic_task(name, keywords, n=240, seed=0):
-    """Class c iff the text contains keyword c, among random filler words."""
-    rng = np.random.default_rng(seed)
-    filler = [f"w{i}" for i in range(20)]
-    texts, labels = [], []
-    for i in range(n):
-        c = i % len(keywords)
-        words = list(rng.choice(filler, rng.integers(1, 5))) + [keywords[c]]
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        labels.append(c)
-    return Task.from_records(name, texts, labels, seed=seed)
-
-
-TASKS = {
-    "alpha": synthetic_task("alpha", ["apple", "banana"], seed=1),
-    "beta": synthetic_task("beta", ["red", "green", "blue"], seed=2),
-    "gamma": synthetic_task("gamma", ["cat", "dog"], seed=3),
-    "delta": synthetic_task("delta", ["up", "down"], seed=4),  # OOD, no expert
-}
-RECIPE = finetune.Recipe(steps=40, batch=16, lr=3e-3, head_lr=3e-2, max_len=MAX_LEN, train_size=150)
 CONFIG = suite.SuiteConfig(name="T", model="minilm", tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",),
                            recipe=RECIPE, validation_size=24, test_size=24, probe_train=60)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from helpers import assert_trees_equal, bert_like_models, place
+from helpers import assert_trees_equal, bert_like_models, drop_mask, place
 from jmerge import lwptv
 from jmerge import tree as jtree
 from jmerge.lwptv import LayerMask, LwPTV
@@ -347,19 +347,10 @@ def test_layer_mask_table_json_and_validation(tmp_path):
 
 
 # ---------------------------------------------------------------------------- stage
-def _drop_mask(grouping, dropped_all=("layer.1", "head"), dropped_some=(("layer.0", 0),), num_tasks=K):
-    m = np.ones((num_tasks, grouping.num_layers), bool)
-    for name in dropped_all:
-        m[:, grouping.names.index(name)] = False
-    for name, t in dropped_some:
-        m[t, grouping.names.index(name)] = False
-    return LayerMask(m, grouping.names, layers="bert")
-
-
 def test_prune_zeroes_exactly_the_masked_layers(models, grouping):
     base, experts = models
     tvs = jmerge.task_vectors(base, experts)
-    mask = _drop_mask(grouping)
+    mask = drop_mask(grouping)
     pruned = lwptv.prune(tvs, mask)  # grouping taken from mask.layers
     for t in range(K):
         for path, x in jtree.flatten(pruned[t]).items():
@@ -386,7 +377,7 @@ def test_masked_layers_are_base_and_full_mask_is_identity(models, grouping, meth
     plain = jmerge.merge(base, experts, method, **kw)
     full = jmerge.merge(base, experts, method, lwptv=LwPTV(layers="bert", rule="keep_ratio", value=1.0), **kw)
     assert_trees_equal(full, plain)  # bitwise
-    mask = _drop_mask(grouping)
+    mask = drop_mask(grouping)
     out = jmerge.merge(base, experts, method, lwptv=mask, **kw)
     # reference: the plain method (same compiled function) on experts whose dropped layers are the base's
     pruned_experts = [_with_base_layers(e, base, grouping, ~mask.mask[t]) for t, e in enumerate(experts)]
@@ -403,7 +394,7 @@ def test_prune_composes_with_learned_coefficients(models, grouping):
     from jmerge.learn import layout, merged_params
 
     base, experts = models
-    mask = _drop_mask(grouping)
+    mask = drop_mask(grouping)
     pruned = lwptv.prune(jmerge.task_vectors(base, experts), mask, grouping)
     lay = layout(base, K, "layer", grouping)
     coeffs = jnp.asarray(np.random.default_rng(0).uniform(0.1, 1.0, lay.shape), jnp.float32)
@@ -421,7 +412,7 @@ def test_prune_composes_with_learned_coefficients(models, grouping):
 def test_keep_base_restores_base_even_when_a_method_does_not(models, grouping):
     base, _ = models
     off = jax.tree.map(lambda b: b + 1e-3, base)  # a "method" that moves every weight
-    out = lwptv.keep_base(off, base, _drop_mask(grouping), grouping)
+    out = lwptv.keep_base(off, base, drop_mask(grouping), grouping)
     for path, x in jtree.flatten(out).items():
         layer = grouping.names[grouping.leaf_layer[grouping.leaf_paths.index(path)]]
         want = jtree.flatten(base if layer in ("layer.1", "head") else off)[path]

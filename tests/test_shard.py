@@ -11,10 +11,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jmerge
-from helpers import REQUIRED, RULE, SHARD_SHAPES, assert_trees_equal, data_statistics, place, random_models, sweep_models
-from jmerge import shard, stages
+from helpers import (REQUIRED, RULE, all_gathers, assert_trees_equal, data_statistics, place, sweep_models,
+                     ties_with_sharded_trim)
+from jmerge import shard
 from jmerge.methods import registry, svd
-from jmerge.thresholds import mesh as tmesh
 from jmerge import tree as jtree
 from jmerge.validate import MergeInputError
 
@@ -25,17 +25,6 @@ def _gathers(name, hp):
     for its quantiles, and sce for its variance top-k (when it selects: select_topk < 1)."""
     return name in {"tsv", "iso_c", "iso_cts", "regmean", "della", "della_linear", "arcee_fusion"} or (
         name == "sce" and hp.get("select_topk", jmerge.get("sce").defaults["select_topk"]) < 1)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return random_models(SHARD_SHAPES, 2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def placed(models, mesh8):
-    base, experts = models
-    return place(base, mesh8), [place(e, mesh8) for e in experts]
 
 
 def _hparams(name):
@@ -51,23 +40,6 @@ def _compiled(name, base, experts):
     fn = jax.jit(lambda b, e, key, **hp: m.fn(b, jtree.task_vectors(b, e), key=key, **hp), static_argnames=static)
     compiled = fn.lower(base, experts, key, **hp).compile()
     return compiled, lambda: compiled(base, experts, key, **{k: v for k, v in hp.items() if k not in static})
-
-
-def _all_gathers(text):
-    """Result types of the all-gathers in compiled HLO text (tuples when XLA combined some)."""
-    return [m.group(1) for line in text.splitlines() if (m := re.search(r" = (.*?) all-gather(?:-start)?\(", line))]
-
-
-def _ties_with_sharded_trim(mesh):
-    """TIES (global trim 0.2, sum election, disjoint mean) with the mesh backend's trim."""
-
-    @jax.jit
-    def ties(b, es):
-        trimmed = tmesh.magnitude_trim(0.2, mesh, RULE)(jtree.task_vectors(b, es))
-        masks = stages.agreement_masks(trimmed, stages.elect_sign(trimmed))
-        return jtree.apply(b, stages.combine(trimmed, masks=masks, normalize=True))
-
-    return ties
 
 
 # ---------------------------------------------------------------------------- mesh and rule
@@ -133,8 +105,8 @@ def test_spec_for_bad_override_names_the_parameter(mesh8):
         RULE("b", (8,), mesh8, overrides=[("b", P(None, "model"))])
 
 
-def test_shard_params_places_host_and_device_leaves(models, mesh8):
-    base, _ = models
+def test_shard_params_places_host_and_device_leaves(shard_models, mesh8):
+    base, _ = shard_models
     host = jax.tree.map(np.asarray, base)
     for tree in (base, host):
         placed = shard.shard_params(tree, mesh8, RULE)
@@ -145,8 +117,8 @@ def test_shard_params_places_host_and_device_leaves(models, mesh8):
     chex.assert_tree_is_sharded(placed["proj"], devices=mesh8.devices.flatten().tolist())
 
 
-def test_abstract_for_and_shardings_for(models, mesh8):
-    base, _ = models
+def test_abstract_for_and_shardings_for(shard_models, mesh8):
+    base, _ = shard_models
     abstract = shard.abstract_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base), mesh8, RULE)
     leaf = abstract["proj"]["kernel"]
     assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (16, 128)
@@ -215,13 +187,13 @@ def test_every_method_sharded_on_8_devices_equals_unsharded(name, hp, mesh8, mon
             chex.assert_trees_all_close(got, plain, rtol=1e-5, atol=1e-5)
         for path, o, b in zip(jtree.paths(base), jax.tree.leaves(got), jax.tree.leaves(base_s)):
             assert o.sharding.is_equivalent_to(b.sharding, o.ndim), (name, run, path, o.sharding, b.sharding)
-    gathers = _all_gathers(compiled.as_text())
+    gathers = all_gathers(compiled.as_text())
     assert bool(gathers) == _gathers(name, hp), (name, gathers)
 
 
-def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh8):
+def test_della_gathers_nothing_when_the_last_axis_is_local(shard_models, mesh8):
     """DELLA ranks entries along the last axis: a rule that never shards it moves nothing."""
-    base, experts = models
+    base, experts = shard_models
     rule = lambda path, shape, mesh: RULE(path, tuple(shape[:-1]) + (1,), mesh)  # noqa: E731
     base_s, experts_s = shard.shard_params(base, mesh8, rule), [shard.shard_params(e, mesh8, rule) for e in experts]
     assert base_s["conv"].sharding.is_fully_replicated  # (3, 3, 4): nothing divisible by 8
@@ -229,11 +201,11 @@ def test_della_gathers_nothing_when_the_last_axis_is_local(models, mesh8):
     assert not re.search(r" (all-gather|all-to-all)(-start)?\(", compiled.as_text())
 
 
-def test_svd_methods_gather_each_matrix_whole(placed):
+def test_svd_methods_gather_each_matrix_whole(shard_models_placed):
     """TSV-M factorises whole matrices: XLA all-gathers each sharded 2-D task vector and the
     matrix view of each sharded conv kernel ((3, 3, 4, 16) as (36, 16))."""
-    base_s, experts_s = placed
-    gathered = " ".join(_all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
+    base_s, experts_s = shard_models_placed
+    gathered = " ".join(all_gathers(_compiled("tsv", base_s, experts_s)[0].as_text()))
     shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", gathered)}
     sharded = {svd.matrix_shape(x.shape, "flax", "matrix") for x in jax.tree.leaves(base_s)
                if x.ndim >= 2 and not x.sharding.is_fully_replicated}
@@ -242,38 +214,38 @@ def test_svd_methods_gather_each_matrix_whole(placed):
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs_ties", "ties_sharded_trim"])
-def test_explicit_mesh_merges(name, models):
+def test_explicit_mesh_merges(name, shard_models):
     """With Explicit axes shardings are types; the elementwise merges and TIES with the
     shard_map trim type-check (jmerge.stages' threshold reshapes, which Explicit mode rejects)."""
-    base, experts = models
+    base, experts = shard_models
     mesh = shard.make_mesh(model=8, explicit=True)
     base_s, experts_s = shard.shard_params(base, mesh, RULE), [shard.shard_params(e, mesh, RULE) for e in experts]
     with jax.set_mesh(mesh):
         if name == "ties_sharded_trim":
-            out, ref = _ties_with_sharded_trim(mesh)(base_s, experts_s), jmerge.merge(base, experts, "ties")
+            out, ref = ties_with_sharded_trim(mesh)(base_s, experts_s), jmerge.merge(base, experts, "ties")
         else:
             out, ref = jmerge.merge(base_s, experts_s, name, **_hparams(name)), jmerge.merge(base, experts, name, **_hparams(name))
     assert_trees_equal(out, ref)
     assert jax.typeof(out["proj"]["kernel"]).sharding.spec == P(None, "model")
 
 
-def test_lwptv_merge_sharded_equals_unsharded(models, placed):
+def test_lwptv_merge_sharded_equals_unsharded(shard_models, shard_models_placed):
     from jmerge.lwptv import LwPTV
 
-    base, experts = models
+    base, experts = shard_models
     config = LwPTV(layers="tensor", score="relative_update", rule="top_k", value=3)
     ref = jmerge.merge(base, experts, "ties", lwptv=config)
-    out = jmerge.merge(*placed, "ties", lwptv=config)
+    out = jmerge.merge(*shard_models_placed, "ties", lwptv=config)
     chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=1e-6)
     assert out["dense"]["kernel"].sharding.spec == P("model")
 
 
 @pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32)")
-def test_learned_coefficients_sharded_equal_unsharded(models, placed):
+def test_learned_coefficients_sharded_equal_unsharded(shard_models, shard_models_placed):
     from jmerge.learn import fit_coefficients
 
-    base, experts = models
-    base_s, experts_s = placed
+    base, experts = shard_models
+    base_s, experts_s = shard_models_placed
     x = jax.random.normal(jax.random.key(5), (8, 16))
 
     def apply_fn(params, batch):

@@ -6,40 +6,14 @@ import numpy as np
 import pytest
 
 import jmerge
-from helpers import BUFFERS, random_models, write_checkpoint, write_checkpoints
+from helpers import BUFFERS, STREAM_NAMES, stream_models, streamed, write_checkpoint
 from jmerge import streaming
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 
-NAMES = ["emb.weight", "l0.w", "l0.b", "l1.w"]
-
-
-def _shape(name):
-    return (8,) if name.endswith(".b") else (8, 8)
-
-
-def _models(k=3, seed=0):
-    return random_models({n: _shape(n) for n in NAMES}, k, seed, numpy=True)
-
-
 def _write(root, name, tensors):
     return write_checkpoint(root / name, tensors, shard_size=600, buffers=True)  # several shards
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    base, experts = _models()
-    paths = write_checkpoints(root, base, experts, shard_size=600, buffers=True)
-    assert (paths[0] / st.INDEX_NAME).exists()
-    return root, base, experts, paths
-
-
-def _streamed(paths, method, n_experts=None, **hp):
-    base, *experts = paths
-    experts = experts[:n_experts] if n_experts else experts
-    return dict(streaming.iter_merged(base, experts, method, **hp))
 
 
 PER_TENSOR = [
@@ -71,47 +45,47 @@ def test_every_streamable_method_is_covered():
 
 
 @pytest.mark.parametrize("method,hp", PER_TENSOR, ids=[m for m, _ in PER_TENSOR])
-def test_streamed_equals_in_memory(ckpts, method, hp):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, method, **hp)
+def test_streamed_equals_in_memory(stream_ckpts, method, hp):
+    _, base, experts, paths = stream_ckpts
+    got = streamed(paths, method, **hp)
     ref = jmerge.merge(base, experts, method, **hp)
-    for n in NAMES:
+    for n in STREAM_NAMES:
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), rtol=0, atol=1e-6, err_msg=n)
         assert got[n].dtype == np.float32
     np.testing.assert_array_equal(got["position_ids"], BUFFERS["position_ids"])  # copied from the base
 
 
 @pytest.mark.parametrize("method,n,hp", FEWER_EXPERTS, ids=[m for m, _, _ in FEWER_EXPERTS])
-def test_streamed_equals_in_memory_with_fewer_experts(ckpts, method, n, hp):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, method, n_experts=n, **hp)
+def test_streamed_equals_in_memory_with_fewer_experts(stream_ckpts, method, n, hp):
+    _, base, experts, paths = stream_ckpts
+    got = streamed(paths, method, n_experts=n, **hp)
     ref = jmerge.merge(base, experts[:n], method, **hp)
-    for n_ in NAMES:
+    for n_ in STREAM_NAMES:
         np.testing.assert_allclose(got[n_], np.asarray(ref[n_]), rtol=0, atol=1e-6, err_msg=n_)
 
 
-def test_slerp_two_experts(ckpts):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, "slerp", n_experts=2, t=0.3)
+def test_slerp_two_experts(stream_ckpts):
+    _, base, experts, paths = stream_ckpts
+    got = streamed(paths, "slerp", n_experts=2, t=0.3)
     ref = jmerge.merge(base, experts[:2], "slerp", t=0.3)
-    for n in NAMES:
+    for n in STREAM_NAMES:
         np.testing.assert_allclose(got[n], np.asarray(ref[n]), atol=1e-6)
 
 
 @pytest.mark.parametrize("method,hp", [("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.6}),
                                        ("della", {"density": 0.6, "epsilon": 0.1}),
                                        ("della_linear", {"density": 0.6, "epsilon": 0.1})])
-def test_streamed_stochastic_merges_equal_in_memory(ckpts, method, hp):
+def test_streamed_stochastic_merges_equal_in_memory(stream_ckpts, method, hp):
     """Streamed DARE/DELLA draw the in-memory merge's masks: every parameter's key is
     fold_in(key, path_hash(path)), and a tensor's path is its name in both."""
-    _, base, experts, paths = ckpts
+    _, base, experts, paths = stream_ckpts
     key = jax.random.key(7)
-    got = _streamed(paths, method, key=key, **hp)
+    got = streamed(paths, method, key=key, **hp)
     ref = jmerge.merge(base, experts, method, key=key, **hp)
-    for n in NAMES:
+    for n in STREAM_NAMES:
         np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
-    other = _streamed(paths, method, key=jax.random.key(8), **hp)
-    assert any(not np.array_equal(got[n], other[n]) for n in NAMES)
+    other = streamed(paths, method, key=jax.random.key(8), **hp)
+    assert any(not np.array_equal(got[n], other[n]) for n in STREAM_NAMES)
 
 
 def test_path_hash_is_stable():
@@ -122,20 +96,20 @@ def test_path_hash_is_stable():
 
 
 def test_mixed_dtypes_and_out_dtype(tmp_path):
-    base, experts = _models(2, seed=3)
+    base, experts = stream_models(2, seed=3)
     b = _write(tmp_path, "base", base)
     e0 = _write(tmp_path, "e0", {n: x.astype(ml_dtypes.bfloat16) for n, x in experts[0].items()})
     e1 = _write(tmp_path, "e1", experts[1])
     got = dict(streaming.iter_merged(b, [e0, e1], "task_arithmetic", scale=0.5, out_dtype="bfloat16"))
     e0_up = {n: x.astype(ml_dtypes.bfloat16).astype(np.float32) for n, x in experts[0].items()}
     ref = jmerge.merge(base, [e0_up, experts[1]], "task_arithmetic", scale=0.5)
-    for n in NAMES:
+    for n in STREAM_NAMES:
         assert got[n].dtype == np.dtype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(got[n], np.asarray(ref[n]).astype(ml_dtypes.bfloat16))
 
 
-def test_merge_to_dir_writes_a_sharded_hf_dir(ckpts, tmp_path):
-    _, base, experts, paths = ckpts
+def test_merge_to_dir_writes_a_sharded_hf_dir(stream_ckpts, tmp_path):
+    _, base, experts, paths = stream_ckpts
     (paths[0] / "config.json").write_text("{}")
     res = streaming.merge_to_dir(tmp_path / "out", paths[0], paths[1:], "ties", trim="tensor", density=0.5,
                                  shard_size=700, card="# card\n")
@@ -143,13 +117,13 @@ def test_merge_to_dir_writes_a_sharded_hf_dir(ckpts, tmp_path):
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "README.md").read_text() == "# card\n"
     ref = jmerge.merge(base, experts, "ties", trim="tensor", density=0.5)
     out = st.load(tmp_path / "out")
-    for n in NAMES:
+    for n in STREAM_NAMES:
         np.testing.assert_allclose(out[n], np.asarray(ref[n]), atol=1e-6)
-    assert res.tensors == len(NAMES) + 1 and res.bytes_written == st.dir_size(tmp_path / "out")
+    assert res.tensors == len(STREAM_NAMES) + 1 and res.bytes_written == st.dir_size(tmp_path / "out")
 
 
-def test_bad_inputs(ckpts, tmp_path):
-    _, base, experts, paths = ckpts
+def test_bad_inputs(stream_ckpts, tmp_path):
+    _, base, experts, paths = stream_ckpts
     bad = dict(experts[0])
     bad["l1.w"] = bad["l1.w"].copy()
     bad["l1.w"][2, 3] = np.nan

@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_suite_t2 import built, model  # noqa: F401 (fixtures)
 
 from experiments import stats, study_t2_divmerge as st
 from jmerge.learn import objectives
 pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
 
 
-def test_shared_head_equals_each_tasks_own_head(built, monkeypatch):
-    s, _ = built
+def test_shared_head_equals_each_tasks_own_head(t2_suite, monkeypatch):
+    s, _ = t2_suite
     monkeypatch.setattr(st, "SAMPLES", 20)
     pools = st.Pools(s)
     assert pools.classes == max(s.tasks[t].num_classes for t in s.names)

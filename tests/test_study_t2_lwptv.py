@@ -6,16 +6,14 @@ test_suite_t2, the OOD entry criterion, and the aggregation's paired differences
 import json
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_suite_t2 import built, model  # noqa: F401 (fixtures)
 
 import jmerge
 from experiments import stats, study_t2_lwptv as st
 from experiments.evaluate import embed
 
-pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): test_suite_t2's fixtures fine-tune experts")
+pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the t2_suite fixture fine-tunes experts")
 
 
 def test_first_layers_mask_drops_the_first_layers_of_every_task():
@@ -59,8 +57,8 @@ def test_split_scores_and_errors():
         st.split_scores(acc, tuple(acc))
 
 
-def test_ood_is_the_shared_heads_accuracy_on_held_out_tasks(built):
-    s, _ = built
+def test_ood_is_the_shared_heads_accuracy_on_held_out_tasks(t2_suite):
+    s, _ = t2_suite
     merged = jmerge.merge(s.base, s.experts_for(("alpha", "beta")), "task_arithmetic", scale=0.5)
     res = s.evaluate(merged, "validation", tasks=s.names, probes=())
     got = st.split_scores(res["id"], ("alpha", "beta"))
@@ -75,8 +73,8 @@ def test_ood_is_the_shared_heads_accuracy_on_held_out_tasks(built):
 
 
 @pytest.fixture
-def study(built, tmp_path, monkeypatch):
-    s, _ = built
+def study(t2_suite, tmp_path, monkeypatch):
+    s, _ = t2_suite
     monkeypatch.setattr(st, "SUBSET_SIZE", 2)
     return st.Study(s, tmp_path)
 
@@ -164,10 +162,10 @@ def test_aggregate_paired_differences_average_seeds_then_methods():
     assert set(v) == {"gain", "beats_first_layers", "beats_random"}
 
 
-def test_demo_takes_the_studys_layer_count(built, tmp_path, monkeypatch):
+def test_demo_takes_the_studys_layer_count(t2_suite, tmp_path, monkeypatch):
     from experiments import demo
 
-    s, _ = built
+    s, _ = t2_suite
     assert st.chosen_top_k(tmp_path / "absent.json") == {}
     path = tmp_path / "v.json"
     path.write_text(json.dumps([{"chosen": {"ties": {"top_k": 2, "setting": {}}}}]))

@@ -5,58 +5,24 @@ BERT and synthetic keyword tasks from test_experiments_suite; no real data or we
 import json
 import re
 from dataclasses import replace
-from functools import partial
 
 import jax
 import jmerge
 import numpy as np
 import pytest
-from test_experiments_suite import CFG, RECIPE, TASKS, synthetic_task, tokenizer
+from synthetic_suite import DESCRIPTIONS, NAMED, T2_CONFIG as CONFIG, synthetic_task
 
 from experiments import criteria, finetune, stats, suite, zeroshot
 from experiments.data import Split, Task
-from experiments.encoders import TextEncoder, tokenize
 from experiments.evaluate import embed, head_logits
-from experiments.models.bert import Bert
 pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the fixtures fine-tune experts")
-
-DESCRIPTIONS = {
-    "alpha": {"apple": ("apple", "an apple w1"), "banana": ("banana",)},
-    "beta": {"red": ("red",), "green": ("green",), "blue": ("blue w3",)},
-    "gamma": {"cat": ("cat",), "dog": ("dog",)},
-}
-# The synthetic tasks' classes are "0", "1", ...: name them by their keywords.
-NAMED = {n: replace(TASKS[n], classes=tuple(DESCRIPTIONS[n])) for n in DESCRIPTIONS} | {"delta": TASKS["delta"]}
-CONFIG = suite.SuiteConfig(name="T2", model="minilm", tasks=("alpha", "beta", "gamma"), ood_tasks=("delta",),
-                           recipe=replace(RECIPE, steps=30), validation_size=24, test_size=24, probe_train=60,
-                           head_scale=10.0, require_sizes=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    bert = Bert(CFG)
-    return TextEncoder(bert), bert.init(jax.random.key(0)), partial(tokenize, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def built(model, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("JMERGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    for name, d in DESCRIPTIONS.items():
-        mp.setitem(zeroshot.CLASS_DESCRIPTIONS, name, d)
-    encoder, base, prepare = model
-    logs = []
-    s = suite.build_suite(CONFIG, logs.append, encoder=encoder, base=base, prepare=prepare, loader=NAMED.__getitem__)
-    yield s, logs
-    mp.undo()
-
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_zero_shot_head_matches_numpy_reference(model):
-    encoder, base, prepare = model
+def test_zero_shot_head_matches_numpy_reference(t2_encoder):
+    encoder, base, prepare = t2_encoder
     task = NAMED["alpha"]
     head = zeroshot.zero_shot_head(encoder, base, prepare, task, 7.0, DESCRIPTIONS)
     texts = ["apple", "an apple w1", "banana"]
@@ -88,11 +54,11 @@ def test_every_v2_task_has_descriptions():
     assert len(set(suite_t.V2.tasks)) >= 8 and all(t in zeroshot.CLASS_DESCRIPTIONS for t in suite_t.V2.tasks)
 
 
-def test_too_small_split_fails_before_fine_tuning(model, monkeypatch, tmp_path):
+def test_too_small_split_fails_before_fine_tuning(t2_encoder, monkeypatch, tmp_path):
     monkeypatch.setenv("JMERGE_CACHE_DIR", str(tmp_path))
     for name, d in DESCRIPTIONS.items():
         monkeypatch.setitem(zeroshot.CLASS_DESCRIPTIONS, name, d)
-    encoder, base, prepare = model
+    encoder, base, prepare = t2_encoder
     small = synthetic_task("gamma", ["cat", "dog"], n=100, seed=3)  # 10 validation examples
     logs = []
     with pytest.raises(ValueError, match=re.escape("task 'gamma': the validation split has 10 examples, "
@@ -105,9 +71,9 @@ def test_too_small_split_fails_before_fine_tuning(model, monkeypatch, tmp_path):
         suite.build_suite(CONFIG, logs.append, encoder=encoder, base=base, prepare=prepare, loader=NAMED.__getitem__)
 
 
-def test_heads_are_frozen_and_shared(built, model):
-    s, logs = built
-    encoder, base, prepare = model
+def test_heads_are_frozen_and_shared(t2_suite, t2_encoder):
+    s, logs = t2_suite
+    encoder, base, prepare = t2_encoder
     for name in CONFIG.tasks:
         want = zeroshot.zero_shot_head(encoder, base, prepare, s.tasks[name], CONFIG.head_scale)
         for k in ("kernel", "bias", "scale"):
@@ -122,9 +88,9 @@ def test_heads_are_frozen_and_shared(built, model):
     assert ref["base"]["id"] == {t: s.id_accuracy(s.base, t) for t in CONFIG.tasks}
 
 
-def test_frozen_head_enters_the_cache_key(built, model):
-    s, _ = built
-    encoder, base, prepare = model
+def test_frozen_head_enters_the_cache_key(t2_suite, t2_encoder):
+    s, _ = t2_suite
+    encoder, base, prepare = t2_encoder
     task, inputs = s.tasks["alpha"], s.inputs["alpha"]
     fp = finetune.params_fingerprint(base)
     _, _, again = finetune.load_or_train(encoder, base, fp, task, inputs, CONFIG.recipe, lambda m: None,
@@ -150,8 +116,8 @@ def test_judge_and_check_name_the_failed_criterion():
         criteria.judge({"base_normalized": 60.0, "expert_gain": 12.5})
 
 
-def test_measure_and_require(built, tmp_path):
-    s, _ = built
+def test_measure_and_require(t2_suite, tmp_path):
+    s, _ = t2_suite
     out = criteria.measure(s, scales=(0.3, 1.0), log=lambda m: None)
     ref = s.reference_rows(probe_id=False)
     values = {r["criterion"]: r["value"] for r in out["criteria"]}
@@ -230,10 +196,10 @@ def test_ci_fields_counts_seeds_and_subsets():
         stats.ci_fields([{"subset": ("a",), "acc": 1.0}], "acc")
 
 
-def test_study_chooses_on_validation_and_pairs_folds(built, monkeypatch):
+def test_study_chooses_on_validation_and_pairs_folds(t2_suite, monkeypatch):
     from experiments import study_t2
 
-    s, _ = built
+    s, _ = t2_suite
     monkeypatch.setattr(study_t2, "TIES_GRID", {"density": (0.2, 0.5), "scale": (1.0,)})
     monkeypatch.setattr(study_t2, "SUBSET_SIZE", 2)
     monkeypatch.setattr(study_t2, "SUBSETS", 2)

@@ -14,16 +14,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jmerge
-from helpers import BF16, RULE, assert_trees_equal, bert_like_models
+from helpers import (BF16, RULE, STREAM_NAMES, all_gathers, assert_trees_equal, bert_like_models, drop_mask, stream_shape,
+                     streamed, ties_with_sharded_trim)
 from jmerge import lwptv, shard, stages, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
 from jmerge.lwptv import scores as lscores
 from jmerge.methods import registry
 from jmerge.thresholds import host as thost, mesh as tmesh, xla
-from test_lwptv import _drop_mask  # noqa: F401  (fixtures and helpers shared with the
-from test_shard import _all_gathers, _ties_with_sharded_trim, models, placed  # noqa: F401  source files)
-from test_streaming import NAMES, _shape, ckpts, _streamed  # noqa: F401
 
 # ---------------------------------------------------------------------------- host vs jitted (from test_methods_ta)
 @pytest.mark.parametrize("hp", [{}, {"trim": "tensor"}, {"density": (0.05, 0.5, 1.0)}, {"trim": "tensor", "density": 1e-3}])
@@ -112,22 +110,22 @@ def test_sharded_thresholds_batched_and_in_jit(big_task_vector, mesh8):
         tmesh.kth_largest_magnitude(leaves_s, 0, mesh8)
 
 @pytest.mark.parametrize("scope, density", [("global", 0.2), ("tensor", (0.1, 1.0)), ("global", (1e-5, 0.3))])
-def test_sharded_magnitude_trim_equals_stages(models, placed, mesh8, scope, density):
-    base, experts = models
-    base_s, experts_s = placed
+def test_sharded_magnitude_trim_equals_stages(shard_models, shard_models_placed, mesh8, scope, density):
+    base, experts = shard_models
+    base_s, experts_s = shard_models_placed
     ref = stages.magnitude_trim(density, scope)(jtree.task_vectors(base, experts))
     trim = tmesh.magnitude_trim(density, mesh8, RULE, scope)
     out = jax.jit(lambda b, es: trim(jtree.task_vectors(b, es)))(base_s, experts_s)
     assert_trees_equal(out, ref)
 
-def test_ties_with_sharded_trim_equals_ties(models, placed, mesh8):
-    base, experts = models
-    ties = _ties_with_sharded_trim(mesh8)
-    out = ties(*placed)
+def test_ties_with_sharded_trim_equals_ties(shard_models, shard_models_placed, mesh8):
+    base, experts = shard_models
+    ties = ties_with_sharded_trim(mesh8)
+    out = ties(*shard_models_placed)
     assert_trees_equal(out, jmerge.merge(base, experts, "ties"))
     assert out["proj"]["kernel"].sharding.spec == P(None, "model")
-    text = ties.lower(*placed).compile().as_text()
-    assert _all_gathers(text) == []
+    text = ties.lower(*shard_models_placed).compile().as_text()
+    assert all_gathers(text) == []
     # one bisection loop for both tasks: one psum of a (2, 2) count vector per step
     assert len(re.findall(r"u32\[2,2\]\S* all-reduce", text)) == 1
 
@@ -137,41 +135,41 @@ def test_ties_with_sharded_trim_equals_ties(models, placed, mesh8):
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
     ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
 ])
-def test_merge_finds_thresholds_by_collectives_on_a_mesh(models, placed, mesh8, monkeypatch, name, hp):
+def test_merge_finds_thresholds_by_collectives_on_a_mesh(shard_models, shard_models_placed, mesh8, monkeypatch, name, hp):
     """jmerge.merge on sharded inputs: the trim thresholds come from the mesh backend (the
     gathering XLA search never runs), the merge itself moves nothing, and the
     result equals the single-device merge bit for bit."""
-    base, experts = models
+    base, experts = shard_models
     ref = jmerge.merge(base, experts, name, **hp)
     calls = []
     real = tmesh.kth_largest_magnitudes
     monkeypatch.setattr(tmesh, "kth_largest_magnitudes", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(xla, "kth_largest_magnitudes", lambda *a, **k: pytest.fail("gathering search ran"))
-    out = jmerge.merge(*placed, name, **hp)
+    out = jmerge.merge(*shard_models_placed, name, **hp)
     assert_trees_equal(out, ref)
     assert calls == [1] and out["proj"]["kernel"].sharding.spec == P(None, "model")
     m = jmerge.get(name)
     resolved = m.resolve(2, hp)
-    answers = thresholds.solve(m.sparsifier(resolved).query, placed[1], placed[0])
+    answers = thresholds.solve(m.sparsifier(resolved).query, shard_models_placed[1], shard_models_placed[0])
     first = answers[0]  # task 0's: [a magnitude], [a pytree], or [lower, upper] pytrees
     if name != "ties" or hp.get("trim") == "tensor":  # per-tensor thresholds: pytrees shaped like the model
         assert jax.tree.structure(first[0]) == jax.tree.structure(base)
     merge = registry._jitted(m, registry.static_names(m, resolved))
-    assert _all_gathers(merge.lower(*placed, None, answers, **resolved).compile().as_text()) == []
+    assert all_gathers(merge.lower(*shard_models_placed, None, answers, **resolved).compile().as_text()) == []
 
 
 # ---------------------------------------------------------------------------- streamed vs in memory (from test_streaming)
 
 
 @pytest.mark.parametrize("density", [0.2, (0.05, 0.5, 0.9)])
-def test_global_ties_equals_in_memory(ckpts, density):
-    _, base, experts, paths = ckpts
-    got = _streamed(paths, "ties", density=density, weights=(1.0, 0.5, 2.0))  # trim="global" is the default
+def test_global_ties_equals_in_memory(stream_ckpts, density):
+    _, base, experts, paths = stream_ckpts
+    got = streamed(paths, "ties", density=density, weights=(1.0, 0.5, 2.0))  # trim="global" is the default
     ref = jmerge.merge(base, experts, "ties", density=density, weights=(1.0, 0.5, 2.0))
-    for n in NAMES:
+    for n in STREAM_NAMES:
         np.testing.assert_array_equal(got[n], np.asarray(ref[n]), err_msg=n)
-    tensor_trim = _streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
-    assert any(not np.array_equal(got[n], tensor_trim[n]) for n in NAMES)  # the scopes really differ
+    tensor_trim = streamed(paths, "ties", density=density, trim="tensor", weights=(1.0, 0.5, 2.0))
+    assert any(not np.array_equal(got[n], tensor_trim[n]) for n in STREAM_NAMES)  # the scopes really differ
 
 def _global_thresholds(base, experts, density, **options):
     """Per task, the streamed global TIES threshold (``thresholds.solve`` on checkpoints)."""
@@ -180,27 +178,27 @@ def _global_thresholds(base, experts, density, **options):
     return np.asarray([a[0] for a in found], np.float32)
 
 
-def test_global_thresholds_are_exact(ckpts):
-    _, base, experts, paths = ckpts
-    n_total = sum(np.prod(_shape(n)) for n in NAMES)
+def test_global_thresholds_are_exact(stream_ckpts):
+    _, base, experts, paths = stream_ckpts
+    n_total = sum(np.prod(stream_shape(n)) for n in STREAM_NAMES)
     densities = [1e-4, 0.37, 1.0]  # k = 0, a middle k, k = N
     th = _global_thresholds(paths[0], paths[1:], densities)
     assert th[0] == np.inf and th[2] == 0.0
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
+    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in STREAM_NAMES]) for e in experts]
     k = int(0.37 * n_total)
     assert th[1] == float(xla.kth_largest_magnitude([tv[1]], k)) == np.sort(np.abs(tv[1]))[::-1][k - 1]
 
 @pytest.mark.parametrize("sample", [7, 64, 1 << 20])  # bracketed by a tiny, small, whole sample
-def test_global_thresholds_from_a_sampled_bracket(ckpts, sample):
-    _, base, experts, paths = ckpts
-    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in NAMES]) for e in experts]
+def test_global_thresholds_from_a_sampled_bracket(stream_ckpts, sample):
+    _, base, experts, paths = stream_ckpts
+    tv = [np.concatenate([(e[n] - base[n]).ravel() for n in STREAM_NAMES]) for e in experts]
     densities = [0.01, 0.5, 0.99]
     th = _global_thresholds(paths[0], paths[1:], densities, sample=sample)
     for t, d in enumerate(densities):
         assert th[t] == np.sort(np.abs(tv[t]))[::-1][int(d * tv[t].size) - 1]
 
-def test_a_missed_bracket_is_widened_and_the_pass_repeated(ckpts, monkeypatch):
-    _, base, experts, paths = ckpts
+def test_a_missed_bracket_is_widened_and_the_pass_repeated(stream_ckpts, monkeypatch):
+    _, base, experts, paths = stream_ckpts
     calls = []
     real = thost.bracket
 
@@ -210,7 +208,7 @@ def test_a_missed_bracket_is_widened_and_the_pass_repeated(ckpts, monkeypatch):
 
     monkeypatch.setattr(thost, "bracket", first_misses)
     th = _global_thresholds(paths[0], paths[1:2], 0.3)
-    tv = np.concatenate([(experts[0][n] - base[n]).ravel() for n in NAMES])
+    tv = np.concatenate([(experts[0][n] - base[n]).ravel() for n in STREAM_NAMES])
     assert calls == [5.0, 20.0]
     assert th[0] == np.sort(np.abs(tv))[::-1][int(0.3 * tv.size) - 1]
 
@@ -251,7 +249,7 @@ class TestLwPTV:  # its own `models` (BERT-like), not the mesh tests' ones
         """With ``lwptv=``, jmerge.merge finds the TIES thresholds of the pruned task vectors on
         the host (numpy, CPU inputs); the result equals the jitted search inside the merge."""
         base, experts = models
-        mask = _drop_mask(grouping)
+        mask = drop_mask(grouping)
         calls = []
         real = thost.solve
         monkeypatch.setattr(thost, "solve", lambda *a, **k: calls.append(1) or real(*a, **k))
