@@ -206,7 +206,9 @@ def test_donate_base_gives_the_same_merge():
 def test_ties_tie_break_first_keeps_exactly_k_per_tensor_like_numpy():
     """mergekit's rule: exactly max(1, int(d n)) entries per tensor, tied ones first in row-major order."""
     rng = np.random.default_rng(4)
-    base = {"w": jnp.zeros((12, 10), jnp.float32), "b": jnp.zeros(7, jnp.float32)}
+    # "wide": a last axis past the 2**14 row width, so the tie count runs over rows of another width
+    base = {"w": jnp.zeros((12, 10), jnp.float32), "b": jnp.zeros(7, jnp.float32),
+            "conv": jnp.zeros((3, 4, 5, 2), jnp.float32), "wide": jnp.zeros((2, 16390), jnp.float32)}
     experts = [{p: jnp.asarray(rng.integers(-3, 4, x.shape), jnp.float32) for p, x in base.items()} for _ in range(2)]
 
     def first_k(tv, density):
