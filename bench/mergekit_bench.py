@@ -136,13 +136,14 @@ raise SystemExit("no tensor was read")
 """
 
 
-def startup_seconds(argv: list[str], runs: int = 5) -> float:
-    """Median wall seconds from ``perf_counter`` in the parent to the child's report (or its exit)."""
+def startup_seconds(argv: list[str], runs: int = 5, env: dict[str, str] | None = None) -> float:
+    """Median wall seconds from ``perf_counter`` in the parent to the child's report (or its exit);
+    the child's environment is ``env`` (default: this process's)."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        env = {**os.environ, "JMERGE_BENCH_T0": repr(t0)}
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout.strip()
+        child_env = {**(os.environ if env is None else env), "JMERGE_BENCH_T0": repr(t0)}
+        out = subprocess.run(argv, capture_output=True, text=True, env=child_env, check=True).stdout.strip()
         times.append(float(out.splitlines()[-1]) if out else time.perf_counter() - t0)  # the probe prints last
     return statistics.median(times)
 
