@@ -12,6 +12,7 @@ suffix (``lwptv.md``); other suites' markdown, plots and raw files get ``_<suite
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -79,6 +80,27 @@ def write_json(stem: str, rows, *, directory: str | os.PathLike = RESULTS_DIR, o
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(list(rows), indent=1) + "\n", overwrite)
     return path
+
+
+def load_folds(stem: str) -> list[dict]:
+    """The per-fold rows stored in ``RESULTS_DIR/<stem>.json``, or [] before the first."""
+    path = RESULTS_DIR / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save_folds(stem: str, new: Sequence[dict], key) -> None:
+    """Adds ``new`` folds to ``RESULTS_DIR/<stem>.json`` as soon as they exist, replacing stored
+    folds with the same ``key(fold)``; runs in parallel add to one file, so the file is re-read
+    and rewritten under an exclusive ``flock`` of the results directory."""
+    done = {key(f) for f in new}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RESULTS_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        write_json(stem, [f for f in load_folds(stem) if key(f) not in done] + list(new), directory=RESULTS_DIR,
+                   overwrite=True)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -150,14 +149,9 @@ def _fold(s, method: str, names, seed: int, flat, seconds: float, **extra) -> di
     return row
 
 
-def _load_folds() -> list[dict]:
-    path = results.RESULTS_DIR / f"{FOLDS}.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def _save(row: dict) -> None:
-    key = lambda f: (f["method"], tuple(f["subset"]), f["seed"])  # noqa: E731
-    results.write_json(FOLDS, [f for f in _load_folds() if key(f) != key(row)] + [row], overwrite=True)
+def _key(f: dict) -> tuple:
+    """A fold's identity: method, subset, seed."""
+    return f["method"], tuple(f["subset"]), f["seed"]
 
 
 def _gate(args) -> tuple[dict, bool]:
@@ -169,7 +163,7 @@ def _gate(args) -> tuple[dict, bool]:
 def run(args) -> None:
     stored, _ = _gate(args)
     s = suite_l.build(train=False)
-    done = {(f["method"], tuple(f["subset"]), f["seed"]) for f in _load_folds()}
+    done = {_key(f) for f in results.load_folds(FOLDS)}
     hp = {"task_arithmetic": {"scale": stored["ta_best_scale"]}, "ties": {}}
     plan = [(n, method, names) for n in sorted(set(args.counts) | set(args.learned_counts), reverse=True)
             for method in args.methods if n in (args.learned_counts if method in LEARNED else args.counts)
@@ -180,14 +174,15 @@ def run(args) -> None:
         t0 = time.perf_counter()
         if method in DATA_FREE:
             flat = jax.block_until_ready(jmerge.merge(s.base, [s.expert(t) for t in names], method, **hp[method]))
-            _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, setting=hp[method]))
+            fold = _fold(s, method, names, 0, flat, time.perf_counter() - t0, setting=hp[method])
         else:
             res = learned(s, method, names)
             flat = jax.block_until_ready(res.params)
-            _save(_fold(s, method, names, 0, flat, time.perf_counter() - t0, steps=STEPS,
-                        samples_per_task=SAMPLES, batch_per_task=BATCH, granularity=res.granularity,
-                        losses=np.asarray(res.losses, np.float64).round(5).tolist(),
-                        coefficients=np.asarray(res.coefficients, np.float64).round(4).tolist()))
+            fold = _fold(s, method, names, 0, flat, time.perf_counter() - t0, steps=STEPS,
+                         samples_per_task=SAMPLES, batch_per_task=BATCH, granularity=res.granularity,
+                         losses=np.asarray(res.losses, np.float64).round(5).tolist(),
+                         coefficients=np.asarray(res.coefficients, np.float64).round(4).tolist())
+        results.save_folds(FOLDS, [fold], key=_key)
         del flat
 
 
@@ -235,7 +230,7 @@ def aggregate(folds: Sequence[dict], expert_acc: dict[str, float]) -> list[dict]
 
 
 def report(args) -> list[dict]:
-    folds = _load_folds()
+    folds = results.load_folds(FOLDS)
     if not folds:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_l run` first")
     stored, passed = _gate(args)

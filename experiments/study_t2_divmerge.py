@@ -33,9 +33,7 @@ Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -167,25 +165,6 @@ def _key(f: dict) -> tuple:
     return f["method"], f.get("steps"), tuple(f["subset"]), f["seed"]
 
 
-def _save(new: list[dict]) -> None:
-    """Adds ``new`` folds to the fold file as soon as they exist, replacing earlier folds of the
-    same method, step count, subset and seed; runs in parallel add to one file, so the file is
-    re-read and rewritten under an exclusive ``flock`` of the results directory."""
-    done = {_key(f) for f in new}
-    fd = os.open(results.RESULTS_DIR, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        results.write_json(FOLDS, [f for f in _load_folds() if _key(f) not in done] + new,
-                           directory=results.RESULTS_DIR, overwrite=True)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _load_folds() -> list[dict]:
-    path = results.RESULTS_DIR / f"{FOLDS}.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def run(args) -> None:
     from experiments import suite_t
     from experiments.suite import build_suite
@@ -197,7 +176,7 @@ def run(args) -> None:
     s = build_suite(suite_t.V2, log=_log)
     pools = Pools(s)
     plan = [(n, names) for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
-    stored = set() if args.redo else {_key(f) for f in _load_folds()}
+    stored = set() if args.redo else {_key(f) for f in results.load_folds(FOLDS)}
     for method in args.methods:
         if method in DATA_FREE:
             hp = settings.get(method, SVD_SETTING)  # TA and TIES: chosen on validation; TSV-M, Iso-CTS
@@ -206,8 +185,9 @@ def run(args) -> None:
                     continue
                 t0 = time.perf_counter()
                 params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
-                _save([_fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
-                             coverage=coverage.of(method, s.base, hp, len(names)).fraction)])
+                fold = _fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
+                             coverage=coverage.of(method, s.base, hp, len(names)).fraction)
+                results.save_folds(FOLDS, [fold], key=_key)
             continue
         base_method, level = method.rsplit("_", 1)
         steps = getattr(args, f"{base_method}_steps")
@@ -218,11 +198,12 @@ def run(args) -> None:
                 t0 = time.perf_counter()
                 res = _learned(s, pools, base_method, GRANULARITY[level], names, seed, steps)
                 params = jax.block_until_ready(res.params)
-                _save([_fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
+                fold = _fold(s, method, names, seed, params, time.perf_counter() - t0, steps=steps,
                              samples_per_task=SAMPLES, granularity=res.granularity, final_loss=float(res.losses[-1]),
                              losses=np.asarray(res.losses, np.float64).round(5).tolist(),
                              coefficients=np.asarray(res.coefficients, np.float64).round(5).tolist(),
-                             coverage=coverage.of("task_arithmetic", s.base, None).fraction)])
+                             coverage=coverage.of("task_arithmetic", s.base, None).fraction)
+                results.save_folds(FOLDS, [fold], key=_key)
 
 
 METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
@@ -260,7 +241,7 @@ def aggregate(folds: Sequence[dict]) -> list[dict]:
 
 
 def report(args) -> list[dict]:
-    folds = _load_folds()
+    folds = results.load_folds(FOLDS)
     if not folds:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_t2_divmerge run` first")
     rows = aggregate(folds)

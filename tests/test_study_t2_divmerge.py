@@ -100,8 +100,9 @@ def test_aggregate_keeps_step_counts_apart():
 def test_save_replaces_only_the_same_method_steps_subset_and_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(st.results, "RESULTS_DIR", tmp_path)
     first = [_fold("supervised_layer", ("a", "b"), 0, 80.0, 48), _fold("supervised_layer", ("a", "b"), 1, 81.0, 48)]
-    st._save(first)
-    st._save([_fold("supervised_layer", ("a", "b"), 0, 90.0, 384)])  # another step count: kept apart
-    st._save([_fold("supervised_layer", ("a", "b"), 1, 85.0, 48)])  # same key: replaces
+    save = lambda new: st.results.save_folds(st.FOLDS, new, key=st._key)  # noqa: E731
+    save(first)
+    save([_fold("supervised_layer", ("a", "b"), 0, 90.0, 384)])  # another step count: kept apart
+    save([_fold("supervised_layer", ("a", "b"), 1, 85.0, 48)])  # same key: replaces
     got = sorted((f["steps"], f["seed"], f["normalized_acc"]) for f in json.loads((tmp_path / f"{st.FOLDS}.json").read_text()))
     assert got == [(48, 0, 80.0), (48, 1, 85.0), (384, 0, 90.0)]
