@@ -30,7 +30,7 @@ from experiments import results
 TA_SCALES = (0.2, 0.3, 0.4, 0.6, 1.0)
 # (name, comparison, threshold, what is measured)
 CRITERIA = (
-    ("base_normalized", "<=", 65.0, "base with the shared heads, normalized accuracy %"),
+    ("base_normalized", "<=", 65.0, "the base model (Suite T v2: with the shared heads), normalized accuracy %"),
     ("expert_gain", ">=", 10.0, "experts minus base, mean accuracy points"),
     ("ta_normalized", "<=", 85.0, "task arithmetic at the full task count (best scale), normalized %"),
 )
@@ -98,10 +98,10 @@ def require(path: str | Path = results.RESULTS_DIR / f"{STEM}.json", exploratory
     return stored
 
 
-def _table(rows: Sequence[dict]):
+def _table(rows: Sequence[dict], suite: str):
     from rich.table import Table
 
-    table = Table(title="Suite T v2 entry criteria (validation)")
+    table = Table(title=f"Suite {suite} entry criteria (validation)")
     for col in ("criterion", "rule", "value", "passed"):
         table.add_column(col)
     for r in rows:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = measure(build_suite(suite_t.V2))
     out["command"] = "python -m experiments.criteria"
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    Console().print(_table(out["criteria"]))
+    Console().print(_table(out["criteria"], out["suite"]))
     results.write_json(STEM, [out], overwrite=args.overwrite)
     check(out["criteria"], out["suite"])
     return out

@@ -155,7 +155,7 @@ def demo(save: bool = False, overwrite: bool = False) -> dict[str, dict]:
     s = build_suite(CONFIG, log=_log)
     entry = criteria.measure(s, "validation", scales=(chosen["task_arithmetic"]["scale"],), log=_log)
     console = Console(record=True)
-    console.print(criteria._table(entry["criteria"]))
+    console.print(criteria._table(entry["criteria"], CONFIG.name))
     try:
         criteria.check(entry["criteria"], CONFIG.name)
     except criteria.EntryCriteriaError as e:
