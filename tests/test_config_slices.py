@@ -155,7 +155,7 @@ SLICE = "  - sources:\n      - model: {m}\n        layer_range: [{lo}, {hi}]\n"
      "give exactly one of `models` and `slices`"),
     ("slices:\n" + SLICE.format(m="a", lo=0, hi=2) + "      - model: base\n        layer_range: [0, 2]\n"
      "base_model: base\nmerge_method: magmax\n",
-     "slices, gradients and filters apply to mergekit's methods, not 'magmax'"),
+     "slices apply to mergekit's methods, not 'magmax'"),
     ("models:\n  - model: a\n    parameters: {weight: [0, 0.1, 0.2, 0.3, 0.4]}\nbase_model: base\n"
      "merge_method: task_arithmetic\n",
      "`models[a].parameters.weight`: a gradient of 5 values cannot be spread over 4 layers"),
@@ -166,7 +166,7 @@ SLICE = "  - sources:\n      - model: {m}\n        layer_range: [{lo}, {hi}]\n"
      "`parameters.lambda`: expected a value, a gradient (list of values) or a list of {filter, value} entries, got []"),
     ("models:\n  - model: a\nbase_model: base\nmerge_method: task_arithmetic\nparameters: {lambda: [0.5, 1]}\n"
      "jmerge: {lwptv: {layers: llama}}\n",
-     "`jmerge.lwptv` needs whole models; it does not combine with slices, gradients or filters"),
+     "`jmerge.lwptv` needs whole models; it does not combine with gradients and filters"),
 ])
 def test_bad_slices_and_settings_are_refused_before_any_tensor_is_read(root, text, message):
     with pytest.raises(config.ConfigError, match="^" + re.escape(message) + "$"):

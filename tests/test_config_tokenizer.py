@@ -96,6 +96,8 @@ def with_added(root, name, token):
      "`tokenizer.pad_to_multiple_of` (mergekit's new-token embeddings) is not supported"),
     (None, MODELS + "tokenizer_source: base\ntokenizer: {source: base}\n",
      "give one of `tokenizer_source` and `tokenizer` (mergekit refuses both)"),
+    (lambda r: with_added(r, "e1", added("<x>", True)), MODELS + "tokenizer_source: union\njmerge: {lwptv: {layers: llama}}\n",
+     "`jmerge.lwptv` needs whole models; it does not combine with tokenizer_source's embedding-row remapping"),
 ])
 def test_conflicting_vocabularies_and_unsupported_keys_are_refused(root, setup, text, message):
     if setup:

@@ -232,19 +232,19 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     base_given = cfg.base_model is not None or (cfg.slices is not None and cfg.slices[0].base_model is not None)
     extra_files, vocab = _tokenizer_files(cfg, plans[0].base if base_given else None, plans[0].base,
                                           list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
-    per_tensor = (cfg.slices is not None or vocab is not None
-                  or any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans)))
+    varies = any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans))
+    used = [label for label, on in (("slices", cfg.slices is not None), ("gradients and filters", varies),
+                                    ("tokenizer_source's embedding-row remapping", vocab is not None)) if on]
+    per_tensor = bool(used)
     if per_tensor:
-        remap = "" if vocab is None else " (nor with tokenizer_source's row remapping)"
+        used = " and ".join(used)  # what makes this a per-tensor plan, named in every refusal below
         if mk is None:
-            raise ConfigError(f"slices, gradients and filters{'' if vocab is None else ' (and tokenizer_source row remapping)'} "
-                              f"apply to mergekit's methods, not {name!r}")
+            raise ConfigError(f"{used} apply to mergekit's methods, not {name!r}")
         for what, given in (("jmerge.lwptv", opts.lwptv), ("jmerge.learn", opts.learn)):
             if given is not None:
-                raise ConfigError(f"`{what}` needs whole models; it does not combine with slices, gradients or filters{remap}")
+                raise ConfigError(f"`{what}` needs whole models; it does not combine with {used}")
         if opts.trim == "global":
-            raise ConfigError("`jmerge.trim: global` ranks over the whole model; it does not combine with slices, "
-                              f"gradients or filters{remap}")
+            raise ConfigError(f"`jmerge.trim: global` ranks over the whole model; it does not combine with {used}")
     if cfg.slices is not None:
         _check_ranges(plans)
     elif per_tensor:  # a `models:` config with gradients or filters: one slice of every layer
