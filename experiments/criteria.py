@@ -30,7 +30,7 @@ from experiments import results
 TA_SCALES = (0.2, 0.3, 0.4, 0.6, 1.0)
 # (name, comparison, threshold, what is measured)
 CRITERIA = (
-    ("base_normalized", "<=", 65.0, "the base model (Suite T v2: with the shared heads), normalized accuracy %"),
+    ("base_normalized", "<=", 65.0, "the base model (with the suite's shared heads, where it has them), normalized accuracy %"),
     ("expert_gain", ">=", 10.0, "experts minus base, mean accuracy points"),
     ("ta_normalized", "<=", 85.0, "task arithmetic at the full task count (best scale), normalized %"),
 )

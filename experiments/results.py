@@ -74,9 +74,15 @@ def _write_atomic(path: Path, text: str, overwrite: bool) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
-def write_json(stem: str, rows, *, directory: str | os.PathLike = RESULTS_DIR, overwrite: bool = False) -> Path:
-    """Writes ``<directory>/<stem>.json`` atomically; returns its path."""
-    path = Path(directory) / f"{stem}.json"
+def _directory(directory: str | os.PathLike | None) -> Path:
+    """``directory``, or :data:`RESULTS_DIR` as it is at call time (tests point it elsewhere)."""
+    return Path(RESULTS_DIR if directory is None else directory)
+
+
+def write_json(stem: str, rows, *, directory: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Writes ``<directory>/<stem>.json`` atomically (``directory`` None: :data:`RESULTS_DIR`, read
+    at call time); returns its path."""
+    path = _directory(directory) / f"{stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(list(rows), indent=1) + "\n", overwrite)
     return path
@@ -97,8 +103,7 @@ def save_folds(stem: str, new: Sequence[dict], key) -> None:
     fd = os.open(RESULTS_DIR, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        write_json(stem, [f for f in load_folds(stem) if key(f) not in done] + list(new), directory=RESULTS_DIR,
-                   overwrite=True)
+        write_json(stem, [f for f in load_folds(stem) if key(f) not in done] + list(new), overwrite=True)
     finally:
         os.close(fd)  # releases the lock
 
@@ -109,10 +114,10 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def write_rows(stem: str, rows: Sequence[dict], *, suite: str, columns: Sequence[str], title: str, command: str,
-               notes: str = "", directory: str | os.PathLike = RESULTS_DIR, overwrite: bool = False) -> tuple[Path, Path]:
+               notes: str = "", directory: str | os.PathLike | None = None, overwrite: bool = False) -> tuple[Path, Path]:
     """Merges ``rows`` (all of ``suite``) into ``<directory>/<stem>.json`` and writes their
     table to ``<suite_stem>.md``; returns both paths."""
-    directory = Path(directory)
+    directory = _directory(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unknown = sorted({c for c in columns} - {k for r in rows for k in r})
     if rows and unknown:

@@ -197,6 +197,16 @@ def test_write_rows_json_and_markdown(tmp_path):
         write_rows("t", rows, suite="V", columns=cols, title="T", command="c", directory=tmp_path)
 
 
+
+def test_results_default_directory_is_read_at_call_time(tmp_path, monkeypatch):
+    from experiments import results
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert results.write_json("s", [{"a": 1}]) == tmp_path / "s.json"
+    rows = [{"suite": "T", "normalized_acc": 1.0}]
+    j, m = results.write_rows("r", rows, suite="T", columns=["normalized_acc"], title="T", command="c")
+    assert (j.parent, m.parent) == (tmp_path, tmp_path)
+    assert json.loads((tmp_path / "s.json").read_text()) == [{"a": 1}]
+
 @pytest.fixture
 def study_suite(built, monkeypatch):
     """The studies run on the tiny built suite instead of Suite T."""
