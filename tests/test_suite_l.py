@@ -4,6 +4,8 @@ against separate unpadded forwards, exact match, and the bad task definitions.""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,21 @@ def test_study_rows_from_example_values():
     assert by["ties"]["ci_over"] == "examples" and by["ties"]["ci_low"] <= by["ties"]["normalized_acc"] <= by["ties"]["ci_high"]
     diff = by["divmerge_layer - ties"]
     assert diff["normalized_acc"] == pytest.approx(ours["normalized_acc"] - fold["normalized_acc"])
+
+
+def test_study_plan_samples_subsets_per_count_and_runs_the_full_set_first():
+    from types import SimpleNamespace
+
+    from experiments import study_l
+
+    names = ("a", "b", "c", "d", "e", "f")
+    pairs = study_l.subsets(names, 2, 3)
+    assert len(pairs) == len(set(pairs)) == 3 and pairs == study_l.subsets(names, 2, 3)  # seeded, distinct
+    assert study_l.subsets(names, 2, 3, seed=1) != pairs  # the seed draws them
+    assert study_l.subsets(names, 5, 6) == list(itertools.combinations(names, 5))  # all when few enough
+    args = SimpleNamespace(counts=[2, 6], learned_counts=None, subsets=2, methods=["ties", "divmerge_layer"])
+    got = study_l.plan(names, args)
+    assert got[:2] == [(6, "ties", names), (6, "divmerge_layer", names)]
+    assert [f for f in got[2:]] == [(2, "ties", s) for s in study_l.subsets(names, 2, 2)]
+    with pytest.raises(ValueError, match="^task count 7 is outside 2..6 "):
+        study_l.plan(names, SimpleNamespace(**{**vars(args), "counts": [7]}))
