@@ -143,49 +143,30 @@ def magnitude_trim(density: float | Sequence[float], scope: str = "global", tie_
         per_task(density, len(tvs))  # one density or one per task
         if not first:
             return _kept(tvs, [a[0] for a in answers])
-        return [_kept_first(tv, a[0], lambda n, t=t: count(t, n)) for t, (tv, a) in enumerate(zip(tvs, answers))]
+        return [_kept_first(tv, kth, cut) for tv, (kth, cut) in zip(tvs, answers)]
 
-    return Sparsifier(thresholds.Query(scope, lambda t, n: (count(t, n),)), apply)
+    return Sparsifier(thresholds.Query(scope, lambda t, n: (count(t, n),), positions=first), apply)
 
 
-def _kept_first(tv: PyTree, lower, count: Callable[[int], int]) -> PyTree:
-    """Per leaf, ``tau`` on exactly ``count(size)`` entries: those above the leaf's threshold
-    ``lower`` (its k-th largest ``|tau|``), then the tied ones in row-major order."""
+def _kept_first(tv: PyTree, lower, cut) -> PyTree:
+    """Per leaf, ``tau`` where ``|tau| > lower``, or ``|tau| == lower`` at a row-major index at most
+    ``cut`` (:func:`jmerge.thresholds.last_tied_kept`), else 0: one elementwise pass, compared
+    as float32 bit patterns."""
     leaves, treedef = jax.tree.flatten(tv)
     out = []
-    for x, lo in zip(leaves, _per_leaf(tv, lower)):
-        mag, lo = jnp.abs(x.astype(jnp.float32)), jnp.asarray(lo, jnp.float32)
-        out.append(jnp.where(_first_k(mag, lo, count(x.size)), x, 0.0))
+    for x, lo, last in zip(leaves, _per_leaf(tv, lower), jax.tree.leaves(cut)):
+        b, lb = thresholds.bits(jnp.abs(x.astype(jnp.float32))), thresholds.bits(lo)
+        out.append(jnp.where((b > lb) | ((b == lb) & (_row_major_index(x.shape) <= last)), x, 0.0))
     return jax.tree.unflatten(treedef, out)
 
 
-def _first_k(mag: jax.Array, lo: jax.Array, k: int) -> jax.Array:
-    """``mag > lo``, plus the first ``k - #(mag > lo)`` entries equal to ``lo`` in row-major order.
-
-    Differences of float32 weights are quantized, so ties at the k-th value are common, and a
-    cumulative count over every entry is slow on XLA:CPU. So the entries are cut into rows
-    (the last axis, or a width dividing the size when that axis is 2**15 or wider), one pass counts each row's entries above and
-    tied (the halves of one int32 sum), the row where the kept ties run out is found from the
-    running tie count, and only that row is counted entry by entry; the mask is then one
-    elementwise pass: above, or tied at or before that position."""
-    n, last = mag.size, (mag.shape[-1] if mag.ndim else 1)
-    width = last if last <= _ROW else next(c for c in range(_ROW, 0, -1) if n % c == 0)
-    rows = mag.reshape(-1, width)
-    code = jnp.sum(jnp.where(rows > lo, 1, jnp.where(rows == lo, 1 << 16, 0)), axis=1)
-    tied_per_row = code >> 16
-    room = k - jnp.sum(code & 0xFFFF)
-    through = jnp.cumsum(tied_per_row)
-    last_row = jnp.argmax(through >= room)
-    within = jnp.cumsum(rows[last_row] == lo) + (through[last_row] - tied_per_row[last_row])
-    last_col = jnp.argmax(within >= room)
-    row = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 1)
-    in_order = (row < last_row) | ((row == last_row) & (col <= last_col))
-    kept_ties = jnp.where(through[-1] <= room, True, in_order & (room > 0))
-    return ((rows > lo) | ((rows == lo) & kept_ties)).reshape(mag.shape)
-
-
-_ROW = 1 << 14  # widest row _first_k counts in: its counts must fit 16 bits
+def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
+    """Each entry's index in the flattened array (int32), from iotas: no reshape."""
+    index, stride = jnp.zeros(shape, jnp.int32), 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return index
 
 
 def dare(density: float | Sequence[float], rescale: bool = True) -> Sparsifier:

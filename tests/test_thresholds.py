@@ -24,7 +24,8 @@ from jmerge.methods import registry
 from jmerge.thresholds import host as thost, mesh as tmesh, xla
 
 # ---------------------------------------------------------------------------- host vs jitted (from test_methods_ta)
-@pytest.mark.parametrize("hp", [{}, {"trim": "tensor"}, {"density": (0.05, 0.5, 1.0)}, {"trim": "tensor", "density": 1e-3}])
+@pytest.mark.parametrize("hp", [{}, {"trim": "tensor"}, {"density": (0.05, 0.5, 1.0)}, {"trim": "tensor", "density": 1e-3},
+                                {"trim": "tensor", "tie_break": "first"}, {"trim": "tensor", "tie_break": "first", "density": 0.6}])
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
 def test_ties_host_thresholds_equal_the_jitted_search(hp, dtype, monkeypatch):
     """jmerge.merge on CPU finds TIES thresholds with numpy's introselect; the result equals
@@ -49,6 +50,43 @@ def test_ties_host_thresholds_equal_the_jitted_search(hp, dtype, monkeypatch):
     jitted = jax.jit(lambda b, es, **h: m.fn(b, jtree.task_vectors(b, es), **static, **h))(base, experts, **resolved)
     assert calls  # the host path ran
     assert_trees_equal(host, jitted)
+
+
+def _reference_first_k(x, k):
+    """The first-k rule by a stable numpy sort: the kept mask and the row-major index of the
+    last tied entry kept (-1 for none, the size for k >= size)."""
+    mags = np.abs(np.asarray(x, np.float32)).ravel()
+    order = np.argsort(-mags, kind="stable")  # ties in row-major order
+    mask = np.zeros(mags.size, bool)
+    mask[order[:k]] = True
+    if k <= 0 or k >= mags.size:
+        return mask.reshape(np.shape(x)), -1 if k <= 0 else mags.size
+    kept = order[:k]
+    return mask.reshape(np.shape(x)), int(kept[mags[kept] == mags[order[k - 1]]].max())
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 500, 2999, 3000, 3001, 5999, 6000])
+def test_tie_positions_host_and_xla_equal_a_stable_sort(k):
+    """The first-k rule's cut (jmerge.thresholds.last_tied_kept) from the host scan and the XLA
+    row counts, traced and not, on a tensor of mostly tied magnitudes and a subnormal row."""
+    r = np.random.default_rng(0)
+    x = np.round(r.standard_normal((40, 150)) * 2).astype(np.float32) / 4
+    x[3] = np.float32(1e-40)
+    query = thresholds.Query("tensor", lambda t, n: (k,), positions=True)
+    (kth, host_cut), = thresholds.solve(query, [{"w": x}])
+    (_, xla_cut), = thresholds.solve(query, [{"w": jnp.asarray(x)}], using="xla")
+    traced = jax.jit(lambda v: thresholds.solve(query, [{"w": v}])[0][1])(jnp.asarray(x))
+    mask, cut = _reference_first_k(x, k)
+    assert int(host_cut["w"]) == int(xla_cut["w"]) == int(traced["w"]) == cut
+    np.testing.assert_array_equal(stages._kept_first({"w": x}, kth, host_cut)["w"], np.where(mask, x, 0.0))
+
+
+def test_tie_positions_need_tensor_scope_and_one_rank():
+    x = [{"w": np.ones((4, 4), np.float32)}]
+    with pytest.raises(ValueError, match="^tie positions are answered per tensor of in-memory arrays, not scope 'global'"):
+        thresholds.solve(thresholds.Query("global", lambda t, n: (3,), positions=True), x)
+    with pytest.raises(ValueError, match="^tie positions answer one rank per tensor; the query asks 2$"):
+        thresholds.solve(thresholds.Query("tensor", lambda t, n: (3, 5), positions=True), x)
 
 
 # ---------------------------------------------------------------------------- mesh vs one device (from test_shard)
@@ -132,6 +170,7 @@ def test_ties_with_sharded_trim_equals_ties(shard_models, shard_models_placed, m
 @pytest.mark.parametrize("name, hp", [
     ("ties", {}),
     ("ties", {"trim": "tensor", "density": (0.1, 0.5), "weights": (1.0, 0.5)}),
+    ("ties", {"trim": "tensor", "tie_break": "first", "density": 0.3}),
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
     ("breadcrumbs_ties", {"density": (0.3, 0.8), "gamma": 0.05}),
 ])

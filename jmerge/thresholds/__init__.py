@@ -14,6 +14,12 @@ with the backend the inputs call for, chosen here and nowhere else:
 * :class:`jmerge.io.safetensors_io.Checkpoint` inputs, global scope: :mod:`.streamed`, a
   sampling pass and a counting pass over the files.
 
+A query may also ask, per tensor, where keeping exactly ``k`` entries stops among the ties at
+the k-th value (``Query.positions``, TIES's ``tie_break="first"``): a scan of the host's numpy
+arrays, or row counts in XLA for the other backends (:func:`last_tied_kept`), so the trim
+itself is one elementwise pass: the cumulative counts, which XLA:CPU compiles slowly, stay
+out of the merge's programs (one per tensor shape).
+
 Every backend returns the same float32 value, bit for bit (tests/test_thresholds.py), and
 the rules they share are written once below: the rank (:func:`keep_count`), the trivial
 answers (:func:`trivial_threshold`), the sample bracket (:func:`bracket_positions`),
@@ -42,10 +48,14 @@ class Query(NamedTuple):
         leaf) or explicit units, a tuple of tuples of leaf indices (e.g. LwPTV's layers).
       ranks: ``ranks(task, n) -> (k_1, ...)``, the ranks asked of a unit of ``n`` entries
         of task ``task``; answer ``j`` is the ``k_j``-th largest ``|tau|`` of the unit.
+      positions: also answer where keeping exactly ``k`` entries stops among the ties
+        (:func:`last_tied_kept`): tensor scope and one rank only; the answers of a task are
+        then ``[kth, positions]``, two pytrees of per-tensor scalars.
     """
 
     scope: Any
     ranks: Ranks
+    positions: bool = False
 
 
 def keep_count(density: float, size: int, at_least_one: bool = False) -> int:
@@ -53,6 +63,27 @@ def keep_count(density: float, size: int, at_least_one: bool = False) -> int:
     ``max(1, int(density * size))`` for ``0 < density < 1`` (mergekit 0.1.5's ``sparsify.magnitude``)."""
     k = int(density * size)
     return max(1, k) if at_least_one and 0 < density < 1 and size > 0 else k
+
+
+def last_tied_kept(k: int, n: int, above: int, tied_positions) -> int:
+    """The first-k rule's cut: keeping exactly ``k`` of ``n`` entries, those above the k-th
+    largest ``|tau|`` (``above`` of them) then the ones equal to it in row-major order
+    (``tied_positions``: ascending, all of them or at least the first ``k - above``), the
+    row-major index of the last tied entry kept: -1 if none, ``n`` if fewer than ``k - above``
+    are tied. An entry is kept iff ``|tau| > kth``, or ``|tau| == kth`` and its index is at most
+    the cut (:func:`jmerge.stages.magnitude_trim`)."""
+    room = k - above
+    if room <= 0:
+        return -1
+    return n if len(tied_positions) < room else int(tied_positions[room - 1])
+
+
+def one_rank(query: Query, task: int, n: int) -> int:
+    """The one rank a ``positions`` query asks of a tensor of ``n`` entries of ``task``."""
+    ranks = tuple(query.ranks(task, n))
+    if len(ranks) != 1:
+        raise ValueError(f"tie positions answer one rank per tensor; the query asks {len(ranks)}")
+    return ranks[0]
 
 
 def trivial_threshold(k: int, n: int) -> float | None:
@@ -204,12 +235,23 @@ def solve(query: Query, experts: Sequence, base=None, *, mesh=None, spec=None, u
 
     experts = list(experts)
     name = backend(experts, base, mesh) if using == "auto" else using
+    if query.positions and (query.scope != "tensor" or name == "streamed"):
+        raise ValueError(f"tie positions are answered per tensor of in-memory arrays, not scope {query.scope!r} "
+                         f"with the {name} backend")
+    if query.positions:  # before any search
+        for t, e in enumerate(experts):
+            one_rank(query, t, int(np.prod(np.shape(jax.tree.leaves(e)[0]))))
     if name == "streamed":
         return streamed.solve(query, experts, base, **options)
     if name == "mesh":
-        return mesh_backend.solve(query, experts, base, mesh=mesh, spec=spec)
-    if name == "host":
-        return host.solve(query, experts, base)
-    if name == "xla":
-        return xla.solve(query, experts, base)
-    raise ValueError(f"unknown threshold backend {name!r} (backends: auto, host, mesh, streamed, xla)")
+        out = mesh_backend.solve(query, experts, base, mesh=mesh, spec=spec)
+    elif name == "host":
+        out = host.solve(query, experts, base)
+    elif name == "xla":
+        out = xla.solve(query, experts, base)
+    else:
+        raise ValueError(f"unknown threshold backend {name!r} (backends: auto, host, mesh, streamed, xla)")
+    if not query.positions:
+        return out
+    located = host.positions if name == "host" else xla.positions  # the mesh's arrays: XLA, sharded
+    return [[kth, located(query, t, kth, experts[t], base)] for t, (kth,) in enumerate(out)]  # one rank: checked

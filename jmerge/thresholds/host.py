@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jmerge import validate
-from jmerge.thresholds import Query, answers, bracket_positions, plan
+from jmerge.thresholds import Query, answers, bracket_positions, last_tied_kept, one_rank, plan
 
 # numpy's ufuncs and partition release the GIL: the searches run on parallel threads
 THREADS = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="jmerge-select")
@@ -99,3 +99,39 @@ def kth_in_bracket(inside: list[np.ndarray], above: int, k: int) -> float | None
     if not 0 < j <= kept.size:
         return None
     return kth_largest(kept, j)
+
+
+_SCAN = 1 << 18  # entries per step of the scan for tied positions
+
+
+def tied_cut(base: np.ndarray | None, expert: np.ndarray, kth: float, k: int) -> int:
+    """:func:`jmerge.thresholds.last_tied_kept` of one tensor's ``|expert - base|``: a counting
+    pass, then a scan for the tied entries that stops once enough are found. Compared as
+    float32 bit patterns, as :func:`jmerge.thresholds.keep`."""
+    n = int(np.size(expert))
+    if k <= 0 or k >= n:
+        return -1 if k <= 0 else n
+    mags = np.empty(n, np.float32)
+    if base is None:
+        mags[...] = np.reshape(expert, -1)
+    else:
+        np.subtract(np.reshape(expert, -1), np.reshape(base, -1), out=mags, dtype=np.float32)
+    np.abs(mags, out=mags)
+    b, lb = mags.view(np.int32), np.float32(kth).view(np.int32)
+    above = int(np.count_nonzero(b > lb))
+    tied, start = [], 0
+    while start < n and sum(map(len, tied)) < k - above:
+        tied.append(start + np.flatnonzero(b[start : start + _SCAN] == lb))
+        start += _SCAN
+    return last_tied_kept(k, n, above, np.concatenate(tied) if tied else np.zeros(0, np.int64))
+
+
+def positions(query: Query, task: int, kth, expert, base=None):
+    """The ``positions`` answer of ``task`` (``query.positions``): per tensor, :func:`tied_cut`
+    at its k-th largest ``kth``; one job per thread."""
+    es = [np.asarray(x) for x in jax.tree.leaves(expert)]
+    bs = [None] * len(es) if base is None else [np.asarray(x) for x in jax.tree.leaves(base)]
+    ks = [one_rank(query, task, x.size) for x in es]
+    cuts = THREADS.map(lambda job: tied_cut(*job), zip(bs, es, map(float, jax.tree.leaves(kth)), ks))
+    return jax.tree.unflatten(jax.tree.structure(expert), [np.int32(c) for c in cuts])
+

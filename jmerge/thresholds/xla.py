@@ -20,7 +20,8 @@ import numpy as np
 
 from jmerge._util import register_cache
 from jmerge import tree as jtree
-from jmerge.thresholds import Job, Query, answers, bisect_bits, bits as _bits, bracket_positions, plan, strided_starts
+from jmerge.thresholds import (Job, Query, answers, bisect_bits, bits as _bits, bracket_positions, one_rank, plan,
+                               strided_starts)
 
 _SORT_MAX = 1 << 14  # groups this small are sorted outright
 _CHUNK = 1 << 23  # float32 sums of 0/1 values are exact below 2**24 terms
@@ -276,3 +277,55 @@ def solve(query: Query, experts: Sequence, base=None) -> list[list]:
             found = _jitted(tuple(jobs), base is not None)(base, list(experts))
         values.update(zip(where, found))
     return answers(query, values, units, n_ranks, jax.tree.structure(experts[0]))
+
+
+_ROW = 1 << 14  # widest row tied_cut counts in: its counts must fit 16 bits
+
+
+def tied_cut(x: jax.Array, kth: jax.Array, k: int) -> jax.Array:
+    """:func:`jmerge.thresholds.last_tied_kept` of ``|x|`` in XLA (int32).
+
+    A cumulative count over every entry is slow on XLA:CPU, so the entries are cut into rows
+    (the last axis, or a width dividing the size when that axis is 2**15 or wider), one pass
+    counts each row's entries above and tied (the halves of one int32 sum), the row where the
+    kept ties run out is found from the running tie count, and only that row is counted entry
+    by entry."""
+    n = x.size
+    if k <= 0 or k >= n:
+        return jnp.int32(-1 if k <= 0 else n)
+    last = x.shape[-1] if x.ndim else 1
+    width = last if last <= _ROW else next(c for c in range(_ROW, 0, -1) if n % c == 0)
+    rows, lb = _bits(jnp.abs(x.astype(jnp.float32))).reshape(-1, width), _bits(kth)
+    code = jnp.sum(jnp.where(rows > lb, 1, jnp.where(rows == lb, 1 << 16, 0)), axis=1)
+    tied_per_row = code >> 16
+    room = k - jnp.sum(code & 0xFFFF)
+    through = jnp.cumsum(tied_per_row)
+    last_row = jnp.argmax(through >= room)
+    within = jnp.cumsum(rows[last_row] == lb) + (through[last_row] - tied_per_row[last_row])
+    cut = last_row * width + jnp.argmax(within >= room)
+    return jnp.where(room <= 0, -1, jnp.where(through[-1] < room, n, cut)).astype(jnp.int32)
+
+
+def _tied_cuts(base, expert, kths, ks):
+    es = jax.tree.leaves(expert)
+    tvs = es if base is None else [e.astype(jnp.float32) - b.astype(jnp.float32) for e, b in zip(es, jax.tree.leaves(base))]
+    return [tied_cut(tv, kth, k) for tv, kth, k in zip(tvs, kths, ks)]
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_cuts(ks: tuple[int, ...]):
+    return jax.jit(functools.partial(_tied_cuts, ks=ks))
+
+
+register_cache(_jitted_cuts.cache_clear)
+
+
+def positions(query: Query, task: int, kth, expert, base=None):
+    """The ``positions`` answer of ``task`` (``query.positions``): per tensor, :func:`tied_cut`
+    at its k-th largest ``kth``; traced inputs stay in the caller's trace, concrete ones
+    (a mesh's sharded arrays, accelerator arrays) run one cached ``jit``."""
+    ks = tuple(one_rank(query, task, int(np.prod(x.shape))) for x in jax.tree.leaves(expert))
+    kths = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(kth)]
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((base, expert, kths)))
+    cuts = _tied_cuts(base, expert, kths, ks) if traced else _jitted_cuts(ks)(base, expert, kths)
+    return jax.tree.unflatten(jax.tree.structure(expert), list(cuts))
