@@ -105,21 +105,30 @@ def make_models(root: Path, experts: int, seed: int = 0) -> list[Path]:
 
 
 def compare(mergekit_out: Path, jmerge_out: Path, tol: float = 1e-6) -> dict:
-    """Max |difference| over all entries, the number of entries differing by more than ``tol``
-    and the max |difference| over the others. mergekit 0.1.5 (transformers 5) writes GPT-2's
+    """Max |difference| over all entries, the number of entries differing by more than ``tol``,
+    the max |difference| over the others, and the entries whose bits differ (``bits``; every
+    entry of a tensor stored in different dtypes). mergekit 0.1.5 (transformers 5) writes GPT-2's
     names with a ``transformer.`` prefix; jmerge keeps the input names (with or without it)."""
     cm, cj = st.open_checkpoint(mergekit_out), st.open_checkpoint(jmerge_out)
     names = {n.removeprefix("transformer."): n for n in cm.tensors}
     jnames = {n.removeprefix("transformer."): n for n in cj.tensors}
     common = [n for n in jnames if n in names]
-    worst, rest, differing = 0.0, 0.0, 0
+    worst, rest, differing, bits = 0.0, 0.0, 0, 0
     for n in common:
-        d = np.abs(cm.read(names[n]).astype(np.float32) - cj.read(jnames[n]).astype(np.float32))
+        a, b = cm.read(names[n]), cj.read(jnames[n])
+        d = np.abs(a.astype(np.float32) - b.astype(np.float32))
         worst = max(worst, float(d.max()))
         differing += int(np.count_nonzero(d > tol))
         rest = max(rest, float(np.max(np.where(d > tol, 0.0, d))))
-    return {"max": worst, "differing": differing, "rest": rest, "tensors": len(common),
+        same = a.dtype == b.dtype and a.shape == b.shape
+        bits += int(np.count_nonzero(_raw(a) != _raw(b))) if same else a.size
+    return {"max": worst, "differing": differing, "rest": rest, "bits": bits, "tensors": len(common),
             "only": sorted(set(names) ^ set(jnames))}
+
+
+def _raw(x: np.ndarray) -> np.ndarray:
+    """The entries' bit patterns as unsigned integers of their width."""
+    return np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}")
 
 
 # Runs `jmerge run` in this process and exits at its first tensor read: start-up as a user meets it.

@@ -165,14 +165,14 @@ def run_cases(venv: Path, cases) -> list[dict]:
 def _line(row: dict) -> str:
     if "max" not in row:
         outcome = "; ".join(f"{t} failed: {row[t]}" for t in ("mergekit", "jmerge") if row[t] != "ok")
-        return f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['compute']} | - | - | - | {outcome} |"
+        return f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['compute']} | - | - | - | - | {outcome} |"
     (mk_layers, mk_dtype), (jm_layers, jm_dtype) = row["config"]
     cfg = "same" if (mk_layers, mk_dtype) == (jm_layers, jm_dtype) else \
         f"mergekit {mk_layers} layers {mk_dtype}, jmerge {jm_layers} {jm_dtype}"
     only = f"; {len(row['only'])} names in one output only" if row["only"] else ""
     note = (row["warnings"] + only).strip("; ")
     return (f"| {row['case']} | {row['arch']} | {row['dtype']} | {row['compute']} | {row['max']:.2e} | {row['differing']} "
-            f"| {cfg} | "
+            f"| {row['bits']} | {cfg} | "
             f"{'random masks; ' if row['kind'] == 'random' else ''}{note} |")
 
 
@@ -188,6 +188,7 @@ def main(argv=None) -> int:
         "rounded to `dtype` first, as mergekit loads them). Entries per model: Llama 56736, Mistral 50592, Qwen2 "
         "50976, GPT-2 79360.",
         ["case", "architecture", "dtype", "jmerge compute_dtype", "max abs difference", "entries differing by > 1e-6",
+         "entries whose bits differ",
          "config.json (layers, dtype)", "notes (jmerge's ConfigWarnings)"],
         map(_line, rows))
     return 0

@@ -12,7 +12,9 @@ A merge is a chain ``sparsify -> elect sign -> combine -> apply``:
 * :func:`jmerge.tree.apply` adds the result to the base.
 
 Every function is pure and jit-traceable; hyper-parameters that fix array sizes (densities)
-are Python numbers. A sparsifier is a ``(query, apply)`` pair (:class:`Sparsifier`): the
+are Python numbers. Under :func:`jmerge.tree.rounding` (mergekit's arithmetic in its ``dtype``)
+the weights, products, sums, votes and quotients below are each rounded to that dtype, in
+mergekit's order (``generalized_task_arithmetic.py``, ``sparsify.py``). A sparsifier is a ``(query, apply)`` pair (:class:`Sparsifier`): the
 thresholds it needs, exact k-th largest magnitudes, are answered by
 :func:`jmerge.thresholds.solve` with the backend the inputs call for.
 """
@@ -27,6 +29,7 @@ import numpy as np
 
 from jmerge import thresholds
 from jmerge import tree as jtree
+from jmerge.thresholds import torch_order
 from jmerge.tree import PyTree
 
 
@@ -124,28 +127,51 @@ def magnitude_trim(density: float | Sequence[float], scope: str = "global", tie_
     value or one per task. ``tie_break`` settles entries tied with the k-th largest:
     ``"all"`` keeps them all (``|tau_t| >= kth_t``; jmerge's rule, which needs no order);
     ``"first"`` keeps exactly ``k = max(1, int(d n))``, the tied entries first in row-major
-    order, as mergekit 0.1.5 (its ``torch.argsort`` breaks ties in an unspecified order, so
-    which tied entries survive can still differ; how many cannot). ``"first"`` needs
-    ``scope="tensor"``.
+    order; ``"torch"`` keeps the same ``k``, the tied entries that mergekit 0.1.5's
+    ``torch.argsort`` on CPU puts first (:mod:`jmerge.thresholds.torch_order`, a host replay
+    of its sort: mergekit's trim exactly, at the cost of a host pass per tensor). ``"first"``
+    and ``"torch"`` need ``scope="tensor"``.
     """
     if scope not in ("global", "tensor"):
         raise ValueError(f"trim scope must be 'global' or 'tensor', got {scope!r}")
-    if tie_break not in ("all", "first"):
-        raise ValueError(f"tie_break must be 'all' or 'first', got {tie_break!r}")
-    if tie_break == "first" and scope != "tensor":
-        raise ValueError("tie_break='first' ranks within each tensor: it needs scope 'tensor'")
-    first = tie_break == "first"
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {', '.join(map(repr, TIE_BREAKS))}, got {tie_break!r}")
+    if tie_break != "all" and scope != "tensor":
+        raise ValueError(f"tie_break={tie_break!r} ranks within each tensor: it needs scope 'tensor'")
+    exact = tie_break != "all"
 
     def count(t: int, n: int) -> int:
-        return thresholds.keep_count(_at(density, t), n, at_least_one=first)
+        return thresholds.keep_count(_at(density, t), n, at_least_one=exact)
 
     def apply(tvs, answers, key=None):
         per_task(density, len(tvs))  # one density or one per task
-        if not first:
+        if tie_break == "torch":
+            return [_torch_kept(tv, lambda n, t=t: (0, count(t, n)), descending=True) for t, tv in enumerate(tvs)]
+        if not exact:
             return _kept(tvs, [a[0] for a in answers])
         return [_kept_first(tv, kth, cut) for tv, (kth, cut) in zip(tvs, answers)]
 
-    return Sparsifier(thresholds.Query(scope, lambda t, n: (count(t, n),), positions=first), apply)
+    query = None if tie_break == "torch" else thresholds.Query(scope, lambda t, n: (count(t, n),),
+                                                               positions=tie_break == "first")
+    return Sparsifier(query, apply)
+
+
+TIE_BREAKS = ("all", "first", "torch")  # magnitude_trim's rules for entries tied at the k-th largest
+
+
+def _torch_kept(tv: PyTree, bounds: Callable[[int], tuple[int, int]], descending: bool) -> PyTree:
+    """Per leaf of ``n`` entries, ``tau`` where torch's CPU sort of ``|tau|`` puts it at positions
+    ``bounds(n) = (start, stop)`` (:func:`jmerge.thresholds.torch_order.kept`), else 0."""
+
+    def leaf(x):
+        start, stop = bounds(x.size)
+        if start <= 0 and stop >= x.size:
+            return x
+        if start >= stop:
+            return jnp.zeros_like(x)
+        return jnp.where(torch_order.kept_in_jit(jnp.abs(x), start, stop, descending), x, 0.0)
+
+    return jax.tree.map(leaf, tv)
 
 
 def _kept_first(tv: PyTree, lower, cut) -> PyTree:
@@ -188,11 +214,16 @@ def dare(density: float | Sequence[float], rescale: bool = True) -> Sparsifier:
     return Sparsifier(None, apply)
 
 
-def breadcrumbs(density: float | Sequence[float], gamma: float = 0.01) -> Sparsifier:
+def breadcrumbs(density: float | Sequence[float], gamma: float = 0.01, tie_break: str = "all") -> Sparsifier:
     """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv 2312.06795), per tensor, mergekit's
     parametrisation: drop the ``gamma`` fraction of largest ``|tau|`` (outliers) and enough of
     the smallest that a ``density`` fraction survives: keep ``kth(n_keep + n_top) <= |tau| <
-    kth(n_top)``, ``n_keep = int(d n)``, ``n_top = min(int(gamma n), n - n_keep)``."""
+    kth(n_top)``, ``n_keep = int(d n)``, ``n_top = min(int(gamma n), n - n_keep)``.
+    ``tie_break="torch"`` keeps exactly ``n_keep``: the entries at ascending positions
+    ``[n - n_keep - n_top, n - n_top)`` of torch's CPU sort, ties as it orders them (mergekit's
+    ``magnitude_outliers``; :mod:`jmerge.thresholds.torch_order`)."""
+    if tie_break not in ("all", "torch"):
+        raise ValueError(f"breadcrumbs tie_break must be 'all' or 'torch', got {tie_break!r}")
 
     def ranks(t, n):
         n_keep = thresholds.keep_count(_at(density, t), n)
@@ -201,9 +232,12 @@ def breadcrumbs(density: float | Sequence[float], gamma: float = 0.01) -> Sparsi
 
     def apply(tvs, answers, key=None):
         per_task(density, len(tvs))
+        if tie_break == "torch":
+            return [_torch_kept(tv, lambda n, t=t: tuple(n - k for k in ranks(t, n)), descending=False)
+                    for t, tv in enumerate(tvs)]
         return _kept(tvs, [a[0] for a in answers], [a[1] for a in answers])
 
-    return Sparsifier(thresholds.Query("tensor", ranks), apply)
+    return Sparsifier(None if tie_break == "torch" else thresholds.Query("tensor", ranks), apply)
 
 
 def della(density: float | Sequence[float], epsilon: float = 0.15, rescale: bool = True) -> Sparsifier:
@@ -237,11 +271,12 @@ def l1_rescale(original: Sequence[PyTree], sparse: Sequence[PyTree], eps: float 
     """mergekit's ``rescale`` (``sparsify.rescaled_masked_tensor``, L1 norm): each sparsified
     tensor times ``|tau|_1 / |sparse(tau)|_1``, per tensor, unchanged where either norm is
     below ``eps``."""
+    r = jtree.rounded
 
     def leaf(x, kept):
-        before, after = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(kept))
+        before, after = r(jnp.sum(jnp.abs(x))), r(jnp.sum(jnp.abs(kept)))
         ok = (before >= eps) & (after >= eps)
-        return kept * jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
+        return jnp.where(ok, r(kept * r(before / jnp.where(ok, after, 1.0))), kept)
 
     return [jax.tree.map(leaf, tv, kept) for tv, kept in zip(original, sparse)]
 
@@ -267,7 +302,7 @@ def elect_sign(tvs: Sequence[PyTree], method: str = "sum") -> PyTree:
     if method not in ("sum", "count"):
         raise ValueError(f"sign election must be 'sum' or 'count', got {method!r}")
     f = (lambda x: x) if method == "sum" else jnp.sign
-    return jax.tree.map(lambda *ts: jnp.where(sum(f(t) for t in ts) >= 0, 1.0, -1.0), *tvs)
+    return jax.tree.map(lambda *ts: jnp.where(jtree.rounded(sum(f(t) for t in ts)) >= 0, 1.0, -1.0), *tvs)
 
 
 def agreement_masks(tvs: Sequence[PyTree], sign: PyTree) -> list[PyTree]:
@@ -276,6 +311,20 @@ def agreement_masks(tvs: Sequence[PyTree], sign: PyTree) -> list[PyTree]:
 
 
 # ---------------------------------------------------------------------------- combiners
+def _weight_vector(weights, k: int) -> jax.Array:
+    """The K weights as float32 (ones when None), rounded as mergekit's weight tensor in ``dtype``."""
+    return jtree.rounded(jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32))
+
+
+def weighted(tvs: Sequence[PyTree], weights: Sequence[float] | jax.Array | None = None) -> list[PyTree]:
+    """``w_t tau_t`` per task (mergekit's ``deltas * weights``, before its sign election);
+    ``weights`` None: the task vectors themselves."""
+    if weights is None:
+        return list(tvs)
+    w = _weight_vector(weights, len(tvs))
+    return [jax.tree.map(lambda x, i=i: jtree.rounded(w[i] * x), tv) for i, tv in enumerate(tvs)]
+
+
 def combine(
     tvs: Sequence[PyTree],
     weights: Sequence[float] | jax.Array | None = None,
@@ -286,27 +335,29 @@ def combine(
     """``sum_t w_t m_t tau_t``, divided by ``sum_t w_t m_t`` entrywise when ``normalize``.
 
     With ``masks`` from :func:`agreement_masks` this is TIES' disjoint mean (``normalize``,
-    the paper) or disjoint sum; without masks and with ``normalize`` it is the weighted mean.
-    Entries where the divisor is 0 stay 0.
+    the paper) or disjoint sum; without masks and with ``normalize`` it is the weighted mean
+    (a weight sum below 1e-8 in magnitude divides by 1, as mergekit). Entries where the
+    divisor is 0 stay 0. The sums run over the tasks in order from 0 (mergekit's
+    ``sum(dim=0)`` on CPU; under :func:`jmerge.tree.rounding` rounded once each).
     """
     k = len(tvs)
-    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-
-    if masks is None:
-        if not normalize:
-            return jax.tree.map(lambda *ts: sum(w[i] * ts[i] for i in range(k)), *tvs)
-        return jax.tree.map(lambda *ts: sum(w[i] * ts[i] for i in range(k)) / jnp.sum(w), *tvs)
+    w = _weight_vector(weights, k)
+    r = jtree.rounded
 
     def leaf(*args):
         ts, ms = args[:k], args[k:]
-        total = sum(w[i] * jnp.where(ms[i], ts[i], 0.0) for i in range(k))
+        terms = [r(w[i] * r(ts[i])) for i in range(k)]
+        total = r(sum(terms if not ms else [jnp.where(m, x, 0.0) for m, x in zip(ms, terms)]))
         if not normalize:
             return total
-        div = sum(w[i] * ms[i].astype(jnp.float32) for i in range(k))
+        if not ms:
+            div = r(sum(w[i] for i in range(k)))
+            return r(total / jnp.where(jnp.abs(div) < 1e-8, 1.0, div))
+        div = r(sum(w[i] * ms[i].astype(jnp.float32) for i in range(k)))
         nonzero = jnp.abs(div) > 1e-8
-        return jnp.where(nonzero, total / jnp.where(nonzero, div, 1.0), 0.0)
+        return jnp.where(nonzero, r(total / jnp.where(nonzero, div, 1.0)), 0.0)
 
-    return jax.tree.map(leaf, *tvs, *masks)
+    return jax.tree.map(leaf, *tvs, *(masks or ()))
 
 
 def magnitude_max(tvs: Sequence[PyTree]) -> PyTree:

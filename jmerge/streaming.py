@@ -97,7 +97,8 @@ def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray], out: np.dtype 
     (exact for bf16/f16 inputs), so the merge is rounded once, to the output dtype (a bf16 merge
     written as float32 keeps its float32 result); else unchanged. ``compute`` (mergekit's
     ``dtype`` under ``jmerge: {compute_dtype: model}``) instead rounds every tensor to it first,
-    as mergekit loads its inputs, and the merge returns that dtype."""
+    as mergekit loads its inputs, and the merge computes in it as mergekit does
+    (``jmerge.merge(..., compute_dtype=)``) and returns that dtype."""
     if compute is not None:
         return base.astype(compute), [x.astype(compute) for x in experts]
     if any(x.dtype != base.dtype for x in experts) or (out is not None and out != base.dtype):
@@ -216,6 +217,7 @@ def stream_jobs(
                 key=None if key is None else {leaf: jtree.keys_like(key, {job.name: b})[job.name]},
                 check_finite=False,
                 answers=answers,
+                compute_dtype=compute,
                 **hp,
             )[leaf]
 
@@ -271,9 +273,10 @@ def merge_in_memory(
     """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
     cast = _np_dtype(out_dtype)
-    b, es = read_floats(base, experts, cast, _np_dtype(compute_dtype))
+    compute = _np_dtype(compute_dtype)
+    b, es = read_floats(base, experts, cast, compute)
     extra = {} if lwptv is None else {"lwptv": lwptv}
-    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, **extra, **hp)
+    merged = registry.merge(b, es, method, key=key, check_finite=check_finite, compute_dtype=compute, **extra, **hp)
     del es
     for name, info in base.tensors.items():
         yield name, (np.asarray(merged[name]).astype(cast or info.dtype, copy=False) if info.is_float else base.read(name))

@@ -10,19 +10,54 @@ Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and
 in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
 exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
 base dtype; ``apply_tasks`` is task arithmetic with one coefficient per task and layer, the one
-kernel behind ``task_arithmetic``, learned coefficients and their checkpoint writer.
+kernel behind learned coefficients and their checkpoint writer.
+
+Low-precision arithmetic (mergekit's ``dtype``): inside :func:`rounding` (``jmerge.merge(...,
+compute_dtype="bfloat16")`` enters it for the methods mergekit computes in ``dtype``), every
+step that calls :func:`rounded` rounds its float32 result to that dtype, as torch rounds each
+bf16/fp16 operation on CPU (computed in float32, rounded to nearest even); outside it
+:func:`rounded` is the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 
 PyTree = Any
 ACCUM_DTYPE = jnp.float32
+_ROUND_TO: list = [None]  # the dtype :func:`rounded` rounds to (at trace time), None: float32 arithmetic
+
+
+@contextlib.contextmanager
+def rounding(dtype) -> Iterator[None]:
+    """Within the block, :func:`rounded` rounds to ``dtype`` (e.g. ``"bfloat16"``; None or
+    float32: no rounding). Read when a function is traced, so a jitted function must be cached
+    per dtype (:func:`jmerge.methods.registry.merge` does)."""
+    dt = None if dtype is None or jnp.dtype(dtype) == ACCUM_DTYPE else jnp.dtype(dtype)
+    prev, _ROUND_TO[0] = _ROUND_TO[0], dt
+    try:
+        yield
+    finally:
+        _ROUND_TO[0] = prev
+
+
+def rounding_dtype():
+    """The dtype :func:`rounded` rounds to now, or None (float32 arithmetic)."""
+    return _ROUND_TO[0]
+
+
+def rounded(tree: PyTree) -> PyTree:
+    """Every float leaf rounded to the :func:`rounding` dtype and back to float32 (round to
+    nearest even, subnormals kept: an ``astype`` pair, which XLA keeps); unchanged outside it."""
+    dt = _ROUND_TO[0]
+    if dt is None:
+        return tree
+    return jax.tree.map(lambda x: jnp.asarray(x, ACCUM_DTYPE).astype(dt).astype(ACCUM_DTYPE), tree)
 
 
 def _key_name(key) -> str:
@@ -84,8 +119,9 @@ def task_vectors(base: PyTree, experts: Sequence[PyTree]) -> list[PyTree]:
 
 
 def apply(base: PyTree, tv: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
-    """``theta_0 + scale * tau``, accumulated in float32, cast once to each base leaf's dtype."""
-    return jax.tree.map(lambda b, t: (b.astype(ACCUM_DTYPE) + scale * t).astype(b.dtype), base, tv)
+    """``theta_0 + scale * tau``, accumulated in float32, cast once to each base leaf's dtype
+    (:func:`rounding`: ``scale * tau`` and the sum each rounded, as mergekit's ``base + lambda * mixed``)."""
+    return jax.tree.map(lambda b, t: rounded(b.astype(ACCUM_DTYPE) + rounded(scale * t)).astype(b.dtype), base, tv)
 
 
 def apply_tasks(base: PyTree, tvs: Sequence[PyTree], coefficients, leaf_layer: Sequence[int] | None = None) -> PyTree:

@@ -178,35 +178,57 @@ def consensus(base, experts, k=2, tall_lambda=0.6, scale=0.3):
     return apply(base, {p: np.where(keep[p], total[p], 0.0) for p in base}, scale)
 
 
-def mergekit_gta(base, experts, weights, densities, *, lam=1.0, normalize, consensus, sparsify):
+def rounder(dtype=None):
+    """``x`` rounded to ``dtype`` and back to float32 (torch's rounding of each bf16/fp16 step
+    on CPU: computed in float32, rounded to nearest even); None: float32, unchanged."""
+    if dtype is None:
+        return lambda x: np.asarray(x, F32)
+    return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
+
+
+def in_order(xs):
+    """``((0 + x_0) + x_1) + ...`` in float32: torch's CPU ``sum(dim=0)`` over a stacked axis."""
+    total = np.zeros_like(xs[0], F32)
+    for x in xs:
+        total = total + x
+    return total
+
+
+def mergekit_gta(base, experts, weights, densities, *, lam=1.0, normalize, consensus, sparsify, dtype=None):
     """mergekit's generalized task arithmetic for one tensor (TIES when ``consensus`` and
     ``sparsify``), as in mergekit's ``merge_methods/generalized_task_arithmetic.py`` and
     ``sparsify.magnitude``: per expert keep the ``int(d n)`` largest ``|delta|`` (argsort; ties by
     position), ``w_t delta_t``, sum-elected sign (a zero sum elects +1, zero entries agree with
     neither), ``base + lam * sum_t w_t m_t delta_t / sum_t w_t m_t`` (a zero divisor counts as 1;
     without consensus the divisor is ``sum_t w_t``, 1 if under 1e-8). Unlike :func:`ties` (Yadav
-    et al., 2023, arXiv:2306.01708), entries tied with the k-th largest are not all kept."""
+    et al., 2023, arXiv:2306.01708), entries tied with the k-th largest are not all kept.
+
+    ``dtype`` (e.g. ``ml_dtypes.bfloat16``): mergekit's arithmetic in its ``dtype``: the inputs,
+    task vectors, weights, products, sums, quotient, ``lam * mixed`` and the final sum each
+    rounded to it (:func:`rounder`), sums over the experts in order (:func:`in_order`)."""
+    r = rounder(dtype)
+    base = r(base)
     deltas = []
     for e, d in zip(experts, densities):
-        delta = e - base
+        delta = r(r(e) - base)
         if sparsify and d < 1:
             k = int(d * delta.size)
             mask = np.zeros(delta.size, np.float32)
             mask[np.argsort(-np.abs(delta).ravel(), kind="stable")[:k]] = 1
             delta = delta * mask.reshape(delta.shape)
         deltas.append(delta)
-    deltas = np.stack(deltas)
-    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
-    wd = deltas * w
+    w = r(np.asarray(weights, np.float32)).reshape((-1,) + (1,) * base.ndim)
+    wd = [r(delta * w[i]) for i, delta in enumerate(deltas)]
     if consensus:
-        majority = np.where(wd.sum(0) >= 0, 1.0, -1.0)
-        mask = np.sign(wd) == majority
-        mixed = (wd * mask).sum(0)
-        divisor = (w * mask).sum(0)
+        majority = np.where(r(in_order(wd)) >= 0, 1.0, -1.0)
+        mask = [np.sign(x) == majority for x in wd]
+        mixed = r(in_order([x * m for x, m in zip(wd, mask)]))
+        divisor = r(in_order([w[i] * m for i, m in enumerate(mask)]))
         divisor[divisor == 0] = 1
     else:
-        mixed = wd.sum(0)
-        divisor = w.sum(0) if abs(w.sum()) >= 1e-8 else 1.0
+        mixed = r(in_order(wd))
+        total = r(in_order(list(w)))
+        divisor = np.where(np.abs(total) >= 1e-8, total, 1.0).astype(F32)
     if normalize:
-        mixed = mixed / divisor
-    return base + lam * mixed
+        mixed = r(mixed / divisor)
+    return r(base + r(mixed * F32(lam)))

@@ -43,10 +43,12 @@ def models(*names, **params):
 @pytest.mark.parametrize("method, text, hparams, experts", [
     ("della_linear", models("e0", "e1", e0="{weight: 1.0, density: 0.5}", e1="{weight: 0.5, density: 0.5}")
      + "base_model: base\nparameters: {epsilon: 0.1}\n",
-     {"weights": (1.0, 0.5), "scale": 1.0, "density": 0.5, "epsilon": 0.1, "rescale": True}, ("e0", "e1")),
+     {"weights": (1.0, 0.5), "scale": 1.0, "density": 0.5, "epsilon": 0.1, "rescale": True, "normalize": False},
+     ("e0", "e1")),
     ("della_linear", models("e0", "e1", e0="{weight: 1.0, density: 0.5}", e1="{weight: 3.0, density: 0.4}")
      + "base_model: base\nparameters: {normalize: true, rescale: false, lambda: 0.5}\n",
-     {"weights": (0.25, 0.75), "scale": 0.5, "density": (0.5, 0.4), "epsilon": 0.15, "rescale": False}, ("e0", "e1")),
+     {"weights": (1.0, 3.0), "scale": 0.5, "density": (0.5, 0.4), "epsilon": 0.15, "rescale": False, "normalize": True},
+     ("e0", "e1")),
     ("sce", models("e0", "e1", "e2") + "base_model: base\nparameters: {select_topk: 0.3, int8_mask: true}\n",
      {"select_topk": 0.3}, ("e0", "e1", "e2")),
     ("nearswap", models("e0") + "base_model: base\nparameters: {t: 0.001}\n", {"t": 0.001}, ("e0",)),

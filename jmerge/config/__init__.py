@@ -18,7 +18,7 @@ closest known name) and resolved to a :class:`MergePlan` before any tensor is re
       parameters: {sign: count}  # any jmerge hyper-parameter of the method, passed as is
       lwptv: {layers: gpt2, score: trim_survival, rule: keep_ratio, value: 0.8}  # LwPTV (in memory)
       # method: iso_cts        # run this jmerge method instead, global parameters passed as is
-      # compute_dtype: model   # round the inputs to `dtype` first, as mergekit (default float32)
+      # compute_dtype: model   # mergekit's arithmetic in `dtype`, bit for bit (default float32)
       # in_memory: false       # load whole models instead of streaming
       # check_finite: true     # refuse NaN/inf inputs
       # learn:                 # DivMerge / AdaMerging coefficients for causal LMs (merge_method

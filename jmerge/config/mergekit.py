@@ -11,21 +11,19 @@ mergekit           jmerge              mapping
 =================  ==================  ==========================================================
 linear             average             weight -> weights; normalize (true; false: sum_t w_t theta_t)
 task_arithmetic    task_arithmetic     lambda (1.0) -> scale; weight -> weights; normalize
-                                       (default false) divides the weights by their sum
+                                       (default false) divides the sum by the weights' sum
 ties               ties                trim="tensor" (mergekit ranks per tensor), tie_break="first"
                                        (exactly max(1, int(d n)) kept per tensor), sign="sum";
                                        density (1.0), normalize (true), lambda -> scale,
                                        rescale (false; true: each trimmed tensor to its L1 norm)
-dare_linear        dare_linear         density (1.0), rescale (true), lambda; normalize (false)
-                                       divides the weights by their sum
+dare_linear        dare_linear         density (1.0), rescale (true), lambda, normalize (false)
 dare_ties          dare_ties           density (1.0), rescale (true), normalize (false), lambda
-breadcrumbs        breadcrumbs         density (1.0), gamma (0.01), lambda; normalize (false)
-                                       divides the weights by their sum
+breadcrumbs        breadcrumbs         density (1.0), gamma (0.01), lambda, normalize (false)
 breadcrumbs_ties   breadcrumbs_ties    density (1.0), gamma (0.01), normalize (false), lambda
 della              della               density (< 1 needed), epsilon (0.15), rescale (true),
                                        normalize (true), lambda
 della_linear       della_linear        density (< 1 needed), epsilon (0.15), rescale (true, L1 norm),
-                                       lambda; normalize (false) divides the weights by their sum
+                                       lambda, normalize (false)
 slerp              slerp               t; experts = [base_model, the other model]
 multislerp         multislerp          weight -> weights (normalised); with base_model on task
                                        vectors, without it on whole weights (space)
@@ -140,12 +138,7 @@ def map_mergekit(name: str, method: registry.Method, cfg: MergeConfig, experts: 
         missing = [m.model for m, w in zip(experts, model_values("weight")) if w is None]
         if missing:
             raise ConfigError(f"merge_method {name!r} needs a `weight` for every model; missing for {', '.join(missing)}")
-        weights = [float(w) for w in model_values("weight")]
-        if "normalize" in mk.global_params and "normalize" not in jm:
-            if glob["normalize"]:  # mergekit divides the mixed delta by the summed weights
-                total = sum(weights)
-                weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights
-        hp["weights"] = tuple(weights)
+        hp["weights"] = tuple(float(w) for w in model_values("weight"))
     if "normalize" in mk.global_params and "normalize" in jm:
         hp["normalize"] = bool(glob["normalize"])
     if "lambda" in mk.global_params:

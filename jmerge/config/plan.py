@@ -37,7 +37,7 @@ class MergePlan:
     config_text: str
     source_method: str
     config: MergeConfig
-    compute_dtype: str | None  # inputs rounded to it first (mergekit's `dtype`, jmerge.compute_dtype: model)
+    compute_dtype: str | None  # mergekit's arithmetic in it (its `dtype`, jmerge.compute_dtype: model)
     extra_files: dict[str, str]  # tokenizer files written over the base's (tokenizer_source, chat_template)
     vocab: tokenizer.Vocab | None  # embedding rows remapped onto the output vocabulary (tokenizer_source)
     slices: tuple["SlicePlan", ...] | None  # a per-tensor plan (slices, gradients, filters): jmerge.config.slices
@@ -192,6 +192,8 @@ def _hparams(name: str, method: str, cfg: MergeConfig, specs: list[ModelSpec], n
     opts = cfg.jmerge
     mapped = table().get(name) if opts.method is None else None
     hp = map_mergekit(name, mapped, cfg, specs) if mapped else _map_native(method, cfg, specs)
+    if mapped and opts.compute_dtype == "model" and "tie_break" in registry.get(method).defaults:
+        hp["tie_break"] = "torch"  # mergekit's trim exactly: ties kept in torch's sort order
     for key, value in opts.parameters.items():
         hp[key] = scalar(value, f"jmerge.parameters.{key}")
     if opts.trim is not None:
@@ -200,7 +202,7 @@ def _hparams(name: str, method: str, cfg: MergeConfig, specs: list[ModelSpec], n
         if opts.trim not in ("global", "tensor"):
             raise ConfigError(f"`jmerge.trim` must be 'global' or 'tensor', got {opts.trim!r}")
         hp["trim"] = opts.trim
-        if opts.trim == "global" and hp.get("tie_break") == "first":
+        if opts.trim == "global" and hp.get("tie_break") in ("first", "torch"):
             hp["tie_break"] = "all"  # mergekit's exactly-k rule counts per tensor; the paper's global trim keeps ties
     if opts.learn is not None and method in STATISTICS:
         hp[STATISTICS[method]] = MEASURED  # measured on the prompts by `jmerge run`

@@ -45,22 +45,25 @@ def _della_linear_check(num_experts, hp):
 @register("della_linear", static=("density", "epsilon", "rescale", "rescale_norm"), needs_key=True,
           check=_della_linear_check, reference="Deep et al., 2024, arXiv 2406.11617", per_model=("weights", "density"),
           mergekit=Mergekit("della_linear", {**MERGEKIT_GTA, "rescale": True},
-                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")}))
+                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")},
+                            in_dtype=True))
 def della_linear(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, weights=None, rescale=True,
-                 rescale_norm="l1"):
+                 rescale_norm="l1", normalize=False):
     """Linear DELLA (Deep et al., arXiv 2406.11617; mergekit ``della_linear``): MagPrune, then
     ``theta_0 + lambda sum_t w_t MagPrune(tau_t)`` with no sign election.
 
     MagPrune keeps entry i with probability ``p_i = (d - eps) + 2 eps r_i`` (``r_i`` its
     magnitude rank in [0, 1] along the last axis, :func:`jmerge.stages.della`). ``rescale``
     with ``rescale_norm="l1"`` (mergekit) multiplies each pruned tensor back to its L1 norm;
-    ``"keep_probability"`` (the paper) divides each survivor by ``p_i``.
+    ``"keep_probability"`` (the paper) divides each survivor by ``p_i``. ``normalize`` divides
+    the sum by ``sum_t w_t`` (mergekit's ``normalize``).
     """
+    tvs = jtree.rounded(tvs)  # mergekit's task vectors in `dtype` (jmerge.tree.rounding)
     by_probability = rescale and rescale_norm == "keep_probability"
     kept = stages.della(density, epsilon, by_probability)(tvs, key)
     if rescale and rescale_norm == "l1":
         kept = stages.l1_rescale(tvs, kept)
-    return jtree.apply(base, stages.combine(kept, weights), scale)
+    return jtree.apply(base, stages.combine(kept, weights, normalize=normalize), scale)
 
 
 # ----------------------------------------------------------------------------- sce

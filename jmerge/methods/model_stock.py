@@ -3,7 +3,7 @@
 Per tensor: ``cos`` is the mean over pairs ``i < j`` of ``<tau_i, tau_j> / max(|tau_i||tau_j|, 1e-6)``
 (each clipped to [-1, 1]; the paper uses one angle, mergekit and FusionBench average the
 pairwise ones), ``t = k cos / ((k-1) cos + 1)`` and ``theta = theta_0 + t mean_i(tau_i)``,
-i.e. ``t w_avg + (1 - t) w_0``. With ``filter_wise=True`` the cosines run over the last
+computed as ``t w_avg + (1 - t) w_0`` (mergekit's order). With ``filter_wise=True`` the cosines run over the last
 axis, one ``t`` per index of all the others, as mergekit 0.1.5's ``filter_wise`` (``dim=-1``):
 one per output row of a torch (out, in) matrix, one per (out, in, kh) of a 4-D conv
 weight; 0-D and 1-D tensors keep one ``t``. (For a Flax kernel (in, out) that is one per input row.)
@@ -36,30 +36,45 @@ def _mean_pairwise_cosine(ts, rows: bool):
     All inner products come from one Gram contraction of the stacked task vectors (K(K-1)/2
     separate reductions per tensor compiled several times slower for the same memory); the
     contraction runs over the tensor's own axes, with no reshape, so sharded axes stay sharded.
+    Under :func:`jmerge.tree.rounding` mergekit rounds each product ``tau_i tau_j`` before its
+    sum, which a contraction cannot, so there the pairs are reduced one by one, each step rounded.
     """
     k = len(ts)
+    i, j = np.triu_indices(k, 1)
+    if jtree.rounding_dtype() is not None:  # mergekit in `dtype`: norm, (a*b).sum, their quotient, the mean
+        r, axis = jtree.rounded, -1 if rows else None
+        norms = [r(jnp.sqrt(jnp.sum(x * x, axis=axis))) for x in ts]
+        cos = [jnp.clip(r(r(jnp.sum(r(ts[a] * ts[b]), axis=axis)) / r(jnp.maximum(r(norms[a] * norms[b]), 1e-6))),
+                        -1.0, 1.0) for a, b in zip(i, j)]
+        return r(sum(cos) / len(cos))
     stacked = jnp.stack(ts)  # (K, *shape)
     spec = "i...r,j...r->...ij" if rows else "i...,j...->ij"
     gram = jnp.einsum(spec, stacked, stacked, precision=jax.lax.Precision.HIGHEST)  # (*lead, K, K)
     norms = jnp.sqrt(jnp.diagonal(gram, axis1=-2, axis2=-1))
     cos = jnp.clip(gram / jnp.maximum(norms[..., :, None] * norms[..., None, :], 1e-6), -1.0, 1.0)
-    i, j = np.triu_indices(k, 1)
     return jnp.mean(cos[..., i, j], axis=-1)
 
 
 @register("model_stock", static=("filter_wise",), check=_check, reference="Jang et al., 2024, arXiv 2403.19522",
-          mergekit=Mergekit("model_stock", {"filter_wise": False}, passed={"filter_wise": "filter_wise"}))
+          mergekit=Mergekit("model_stock", {"filter_wise": False}, passed={"filter_wise": "filter_wise"}, in_dtype=True))
 def model_stock(base, tvs, *, key=None, filter_wise=False):
-    """Model Stock: ``theta_0 + t mean(tau)`` with ``t = k cos / ((k-1) cos + 1)`` per tensor (or per row)."""
+    """Model Stock: ``t w_avg + (1 - t) w_0`` with ``t = k cos / ((k-1) cos + 1)`` per tensor (or
+    per row), ``w_avg`` the experts' mean weights, in mergekit's order of operations."""
     k = len(tvs)
+    r = jtree.rounded
 
-    def leaf(_, ts):
-        rows = filter_wise and ts[0].ndim >= 2
-        cos = _mean_pairwise_cosine(ts, rows)
-        den = (k - 1) * cos + 1.0
+    def leaf(b, *ts):
+        w0 = b.astype(jtree.ACCUM_DTYPE)
+        rows = filter_wise and b.ndim >= 2
+        cos = _mean_pairwise_cosine([r(x) for x in ts], rows)  # mergekit's offsets `w_t - w_0`, in `dtype`
+        den = r(1.0 + r((k - 1) * cos))
         singular = jnp.abs(den) < 1e-6
-        t = jnp.where(singular, 0.0, k * cos / jnp.where(singular, 1.0, den))
+        t = jnp.where(singular, 0.0, r(r(k * cos) / jnp.where(singular, 1.0, den)))
         t = t[..., None] if rows else t
-        return t * (sum(ts[1:], ts[0]) / k)
+        ws = [r(w0 + x) for x in ts]  # the experts' weights w_t = w_0 + tau_t
+        total = ws[0]  # mergekit's sum(ws), in order
+        for w in ws[1:]:
+            total = r(total + w)
+        return r(r(t * r(total / k)) + r(r(1.0 - t) * w0)).astype(b.dtype)
 
-    return jtree.apply(base, jtree.map_tasks(leaf, tvs))
+    return jax.tree.map(leaf, base, *tvs)

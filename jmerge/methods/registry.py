@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from jmerge import coverage
 from jmerge._util import did_you_mean, register_cache
@@ -46,7 +47,11 @@ class Mergekit:
     * ``required``: global parameters without a default; ``models``: how many models besides
       the base it takes, if fixed;
     * ``only``: parameters jmerge supports at one value; ``below``: per-model values that
-      must stay under a bound, with the reason.
+      must stay under a bound, with the reason;
+    * ``in_dtype``: mergekit computes the method in its ``dtype`` (task vectors, products,
+      sums and quotients each rounded to it), so :func:`merge` with ``compute_dtype`` rounds
+      the same steps (:func:`jmerge.tree.rounding`); otherwise mergekit computes in float32
+      from inputs rounded to ``dtype``, and so does :func:`merge`.
     """
 
     name: str
@@ -60,6 +65,7 @@ class Mergekit:
     models: int | None = None
     only: dict[str, Any] = field(default_factory=dict)
     below: dict[str, tuple[float, str]] = field(default_factory=dict)
+    in_dtype: bool = False
 
     def __post_init__(self):
         if self.base not in ("required", "optional", "none", "refused"):
@@ -122,6 +128,7 @@ def _sparsified(fn: Callable, sparsify: Callable) -> Callable:
     solved before ``jit``) or, without them, a search on the task vectors themselves."""
 
     def run(base, tvs, *, key=None, answers=None, **hparams):
+        tvs = jtree.rounded(tvs)  # mergekit sparsifies its task vectors in `dtype` (jmerge.tree.rounding)
         return fn(base, sparsify(hparams)(tvs, key, answers=answers), key=key, **hparams)
 
     run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
@@ -211,19 +218,22 @@ def static_names(method: Method, hparams: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in hparams.items() if k in method.static or isinstance(v, (str, bool))))
 
 
-def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False, pre=None, post=None) -> Callable:
+def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = False, pre=None, post=None,
+            rounding=None) -> Callable:
     """The jitted merge ``(base, experts, key, answers, extra, **hp)``: task vectors, ``pre(tvs,
-    extra)``, the method, ``post(merged, base, extra)`` (LwPTV's prune and keep_base)."""
-    cache_key = (method.name, method.fn, static_names, donate_base, pre, post)
+    extra)``, the method, ``post(merged, base, extra)`` (LwPTV's prune and keep_base); traced
+    under :func:`jmerge.tree.rounding` of ``rounding`` (None: float32 arithmetic)."""
+    cache_key = (method.name, method.fn, static_names, donate_base, pre, post, rounding)
     if cache_key not in _JITTED:
 
         def run(base, experts, key, answers=None, extra=None, **hp):
-            tvs = jtree.task_vectors(base, experts)
-            if pre is not None:
-                tvs = pre(tvs, extra)
-            solved = {} if method.sparsify is None else {"answers": answers}
-            out = method.fn(base, tvs, key=key, **solved, **hp)
-            return out if post is None else post(out, base, extra)
+            with jtree.rounding(rounding):
+                tvs = jtree.task_vectors(base, experts)
+                if pre is not None:
+                    tvs = pre(tvs, extra)
+                solved = {} if method.sparsify is None else {"answers": jtree.rounded(answers)}
+                out = method.fn(base, tvs, key=key, **solved, **hp)
+                return out if post is None else post(out, base, extra)
 
         _JITTED[cache_key] = jax.jit(run, static_argnames=static_names, donate_argnums=(0,) if donate_base else ())
     return _JITTED[cache_key]
@@ -258,6 +268,7 @@ def merge(
     lwptv=None,
     donate_base: bool = False,
     answers=None,
+    compute_dtype=None,
     **hparams,
 ) -> PyTree:
     """Merges fine-tuned ``experts`` of ``base`` into one pytree shaped like ``base``.
@@ -276,6 +287,12 @@ def merge(
         reading the inputs (bench/merge_bench.py).
       answers: the method's thresholds when already known (``jmerge.thresholds.solve`` of its
         sparsifier's query: a streamed merge finds global ones over the checkpoints first).
+      compute_dtype: mergekit's low-precision arithmetic (e.g. ``"bfloat16"``, its ``dtype``):
+        every input is cast to it first, and a method mergekit computes in that dtype
+        (``Mergekit.in_dtype``: the task-arithmetic family, Model Stock) rounds each step as
+        torch does on CPU (:func:`jmerge.tree.rounding`); the others compute in float32 from
+        the cast inputs, as mergekit does. The output is in ``compute_dtype``. None: jmerge's
+        float32 arithmetic on the inputs as given.
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
     All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
@@ -290,6 +307,13 @@ def merge(
     m = get(method)
     validate.check_models(base, experts, check_finite=False)  # structure, shapes, dtypes
     hp = m.resolve(len(experts), hparams)
+    rounding = None
+    if compute_dtype is not None:
+        compute_dtype = jnp.dtype(compute_dtype)
+        if not jnp.issubdtype(compute_dtype, jnp.floating):
+            raise validate.MergeInputError(f"compute_dtype must be a float dtype, got {compute_dtype}")
+        base, experts = jax.tree.map(lambda x: x.astype(compute_dtype), (base, list(experts)))
+        rounding = compute_dtype if m.mergekit is not None and m.mergekit.in_dtype else None
     if m.needs_key and key is None:
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:
@@ -309,5 +333,5 @@ def merge(
         answers = thresholds.solve(sparsifier.query, measured, base)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
-    out = _jitted(m, static, donate_base, pre, post)(base, experts, key, answers, extra, **hp)
+    out = _jitted(m, static, donate_base, pre, post, rounding)(base, experts, key, answers, extra, **hp)
     return _placed_like(out, shardings)

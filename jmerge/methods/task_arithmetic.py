@@ -53,24 +53,19 @@ def _ties_check(num_experts, hp):
     _check(num_experts, hp)
     if hp["trim"] not in ("global", "tensor"):
         raise validate.MergeInputError(f"trim must be 'global' or 'tensor', got {hp['trim']!r}")
-    if hp["tie_break"] not in ("all", "first"):
-        raise validate.MergeInputError(f"tie_break must be 'all' or 'first', got {hp['tie_break']!r}")
-    if hp["tie_break"] == "first" and hp["trim"] != "tensor":
-        raise validate.MergeInputError("tie_break='first' (mergekit's exactly k per tensor) needs trim='tensor'")
+    if hp["tie_break"] not in stages.TIE_BREAKS:
+        raise validate.MergeInputError(f"tie_break must be one of {', '.join(map(repr, stages.TIE_BREAKS))}, "
+                                       f"got {hp['tie_break']!r}")
+    if hp["tie_break"] != "all" and hp["trim"] != "tensor":
+        raise validate.MergeInputError(f"tie_break={hp['tie_break']!r} (mergekit's exactly k per tensor) needs trim='tensor'")
 
 
 _PER_MODEL = ("weights", "density")  # one value per expert in a YAML model's parameters
 
 
-def _weighted(tvs, weights):
-    if weights is None:
-        return list(tvs)
-    return [jtree.scale(tv, w) for tv, w in zip(tvs, weights)]
-
-
 def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
     """Shared tail of the TIES-style methods: weight, elect, disjoint combine, apply."""
-    weighted = _weighted(tvs, weights)
+    weighted = stages.weighted(tvs, weights)
     gamma = stages.elect_sign(weighted, sign)
     masks = stages.agreement_masks(weighted, gamma)
     merged = stages.combine(tvs, weights, masks=masks, normalize=normalize)
@@ -82,21 +77,30 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
           mergekit=Mergekit("linear", {"normalize": True}, {"weight": 1.0}, base="none"))
 def average(base, tvs, *, key=None, weights=None, normalize=True):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup);
-    ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``."""
-    if normalize:
-        return jtree.apply(base, stages.combine(tvs, weights, normalize=True))
-    total = len(tvs) if weights is None else sum(weights[i] for i in range(len(tvs)))  # sum_t w_t theta_t =
-    mixed = stages.combine(tvs, weights)  # (sum_t w_t) theta_0 + sum_t w_t tau_t
-    return jax.tree.map(lambda b, t: (total * b.astype(jtree.ACCUM_DTYPE) + t).astype(b.dtype), base, mixed)
+    ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``.
+
+    As mergekit's ``linear`` kernel: float32, accumulated from 0 over the models in order
+    (``result.addcmul_(theta_t, w_t)``, a fused multiply-add, which XLA:CPU emits for
+    ``total + w_t theta_t`` too), divided once by the weights summed in order."""
+    k = len(tvs)
+    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+
+    def leaf(b, *ts):
+        b32 = b.astype(jtree.ACCUM_DTYPE)
+        total = jnp.zeros_like(b32)
+        for i in range(k):
+            total = total + w[i] * (b32 + ts[i])  # theta_t = theta_0 + tau_t
+        return (total / sum(w[i] for i in range(k)) if normalize else total).astype(b.dtype)
+
+    return jax.tree.map(leaf, base, *tvs)
 
 
 @register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089",
-          mergekit=Mergekit("task_arithmetic", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0}))
-def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None):
-    """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3
-    (:func:`jmerge.tree.apply_tasks` with coefficients ``lambda w_t``)."""
-    w = jnp.ones((len(tvs),), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    return jtree.apply_tasks(base, tvs, scale * w)
+          mergekit=Mergekit("task_arithmetic", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0}, in_dtype=True))
+def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None, normalize=False):
+    """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3.
+    ``normalize`` divides the sum by ``sum_t w_t`` (mergekit's ``normalize``)."""
+    return jtree.apply(base, stages.combine(tvs, weights, normalize=normalize), scale)
 
 
 def _trim(hp):
@@ -109,7 +113,7 @@ def _trim(hp):
 
 @register("ties", static=("density", "trim", "tie_break", "sign", "normalize", "rescale"), check=_ties_check, sparsify=_trim,
           reference="Yadav et al., 2023, arXiv 2306.01708", per_model=_PER_MODEL,
-          mergekit=Mergekit("ties", {**MERGEKIT_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, fixed={"trim": "tensor", "tie_break": "first", "sign": "sum"}))
+          mergekit=Mergekit("ties", {**MERGEKIT_GTA, "normalize": True}, {"weight": 1.0, "density": 1.0}, fixed={"trim": "tensor", "tie_break": "first", "sign": "sum"}, in_dtype=True))
 def ties(
     base, tvs, *, key=None, density=0.2, scale=1.0, trim="global", tie_break="all", sign="sum", weights=None,
     normalize=True, rescale=False,
@@ -119,7 +123,8 @@ def ties(
     The trim's exact thresholds come from :func:`jmerge.thresholds.solve` (on a mesh by
     collectives, on the host CPU by numpy, inside ``jit`` by the XLA search). ``tie_break``
     settles entries tied with the k-th largest (:func:`jmerge.stages.magnitude_trim`): ``"all"``
-    keeps them all, ``"first"`` exactly ``max(1, int(d n))`` per tensor (mergekit). ``rescale``
+    keeps them all, ``"first"`` exactly ``max(1, int(d n))`` per tensor (mergekit's count),
+    ``"torch"`` those mergekit's ``torch.argsort`` keeps (mergekit's trim exactly). ``rescale``
     multiplies each trimmed tensor back to its L1 norm before the election (mergekit's
     ``rescale: true``, :func:`jmerge.stages.l1_rescale`).
     """
@@ -132,15 +137,16 @@ def _dare(hp):
 
 @register("dare_linear", static=("density", "rescale"), needs_key=True, check=_check, sparsify=_dare,
           reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL,
-          mergekit=Mergekit("dare_linear", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}))
-def dare_linear(base, tvs, *, key=None, density=0.5, scale=1.0, weights=None, rescale=True):
-    """DARE + task arithmetic (Yu et al., 2024): drop with rate ``1 - density``, rescale, weighted sum."""
-    return jtree.apply(base, stages.combine(tvs, weights), scale)
+          mergekit=Mergekit("dare_linear", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}, in_dtype=True))
+def dare_linear(base, tvs, *, key=None, density=0.5, scale=1.0, weights=None, rescale=True, normalize=False):
+    """DARE + task arithmetic (Yu et al., 2024): drop with rate ``1 - density``, rescale, weighted sum
+    (divided by ``sum_t w_t`` when ``normalize``)."""
+    return jtree.apply(base, stages.combine(tvs, weights, normalize=normalize), scale)
 
 
 @register("dare_ties", static=("density", "rescale", "sign", "normalize"), needs_key=True, check=_check, sparsify=_dare,
           reference="Yu et al., 2024, arXiv 2311.03099", per_model=_PER_MODEL,
-          mergekit=Mergekit("dare_ties", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}, fixed={"sign": "sum"}))
+          mergekit=Mergekit("dare_ties", {**MERGEKIT_GTA, "rescale": True}, {"weight": 1.0, "density": 1.0}, fixed={"sign": "sum"}, in_dtype=True))
 def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DARE + TIES: random drop and rescale instead of the magnitude trim, then elect and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
@@ -149,25 +155,29 @@ def dare_ties(base, tvs, *, key=None, density=0.5, scale=1.0, sign="sum", weight
 def _breadcrumbs_check(num_experts, hp):
     _check(num_experts, hp)
     validate.check_fraction("gamma", hp["gamma"], low_open=False)
+    if hp["tie_break"] not in ("all", "torch"):
+        raise validate.MergeInputError(f"breadcrumbs tie_break must be 'all' or 'torch', got {hp['tie_break']!r}")
 
 
 def _crumbs(hp):
-    return stages.breadcrumbs(hp["density"], hp["gamma"])
+    return stages.breadcrumbs(hp["density"], hp["gamma"], hp["tie_break"])
 
 
-@register("breadcrumbs", static=("density", "gamma"), check=_breadcrumbs_check, sparsify=_crumbs,
+@register("breadcrumbs", static=("density", "gamma", "tie_break", "normalize"), check=_breadcrumbs_check, sparsify=_crumbs,
           reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL,
-          mergekit=Mergekit("breadcrumbs", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01}))
-def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None):
-    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum."""
-    return jtree.apply(base, stages.combine(tvs, weights), scale)
+          mergekit=Mergekit("breadcrumbs", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01}, in_dtype=True))
+def breadcrumbs(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, weights=None, tie_break="all", normalize=False):
+    """Model Breadcrumbs (Davari & Belilovsky, 2024): drop per-tensor outliers and small entries, weighted sum
+    (divided by ``sum_t w_t`` when ``normalize``); ``tie_break`` as :func:`jmerge.stages.breadcrumbs`."""
+    return jtree.apply(base, stages.combine(tvs, weights, normalize=normalize), scale)
 
 
-@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize"), check=_breadcrumbs_check, sparsify=_crumbs,
-          reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL,
+@register("breadcrumbs_ties", static=("density", "gamma", "sign", "normalize", "tie_break"), check=_breadcrumbs_check,
+          sparsify=_crumbs, reference="Davari & Belilovsky, 2024, arXiv 2312.06795", per_model=_PER_MODEL,
           mergekit=Mergekit("breadcrumbs_ties", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0, "gamma": 0.01},
-                            fixed={"sign": "sum"}))
-def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True):
+                            fixed={"sign": "sum"}, in_dtype=True))
+def breadcrumbs_ties(base, tvs, *, key=None, density=0.9, gamma=0.01, scale=1.0, sign="sum", weights=None, normalize=True,
+                     tie_break="all"):
     """Breadcrumbs sparsification followed by TIES sign election and disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
 
@@ -189,7 +199,8 @@ def _magprune(hp):
 @register("della", static=("density", "epsilon", "rescale", "sign", "normalize"), needs_key=True, check=_della_check,
           sparsify=_magprune, reference="Deep et al., 2024, arXiv 2406.11617", per_model=_PER_MODEL,
           mergekit=Mergekit("della", {**MERGEKIT_GTA, "normalize": True, "rescale": True},
-                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, fixed={"sign": "sum"}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")}))
+                            {"weight": 1.0, "density": 1.0, "epsilon": 0.15}, fixed={"sign": "sum"}, below={"density": (1.0, "with density 1 it prunes nothing; use ties or dare_ties")},
+                            in_dtype=True))
 def della(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, sign="sum", weights=None, rescale=True, normalize=True):
     """DELLA (Deep et al., 2024): magnitude-ranked stochastic drop, sign election, disjoint mean."""
     return _elect_and_combine(base, tvs, weights, sign, normalize, scale)
