@@ -5,7 +5,7 @@ Breadcrumbs ``torch.sort(|tau|).indices[n_bot:n_bot + n_keep]`` (``mergekit/spar
 Entries tied at a cut (frequent in bfloat16, with 256 values per octave) are then kept in the
 order torch's unstable CPU sort leaves them: libstdc++'s ``std::sort`` (introsort) on (value,
 index) pairs, which torch 2.13 runs for float tensors (checked against it entry by entry,
-tests/test_thresholds_torch_order.py). :func:`kept` replays that algorithm with numpy:
+tests/test_compute_dtype.py). :func:`kept` replays that algorithm with numpy:
 
 * the partition phase (``__introsort_loop``): median-of-three pivot moved to the front,
   Hoare's unguarded partition (vectorised: the i-th left stop swaps with the i-th right stop
