@@ -10,7 +10,7 @@ Task vectors (Ilharco et al., 2023): ``tau_t = theta_t - theta_0``, computed and
 in float32 whatever the checkpoint dtype (the difference of two bf16 numbers is
 exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to the
 base dtype; ``apply_tasks`` is task arithmetic with one coefficient per task and layer, the one
-kernel behind learned coefficients and their checkpoint writer.
+kernel behind ``task_arithmetic``, learned coefficients and their checkpoint writer.
 
 Low-precision arithmetic (mergekit's ``dtype``): inside :func:`rounding` (``jmerge.merge(...,
 compute_dtype="bfloat16")`` enters it for the methods mergekit computes in ``dtype``), every
@@ -57,7 +57,19 @@ def rounded(tree: PyTree) -> PyTree:
     dt = _ROUND_TO[0]
     if dt is None:
         return tree
-    return jax.tree.map(lambda x: jnp.asarray(x, ACCUM_DTYPE).astype(dt).astype(ACCUM_DTYPE), tree)
+    def leaf(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return jnp.asarray(x, ACCUM_DTYPE).astype(dt).astype(ACCUM_DTYPE)
+
+    return jax.tree.map(leaf, tree)
+
+
+def rounded_task_vectors(base: PyTree, experts: Sequence[PyTree], dtype) -> list[PyTree]:
+    """``tau_t = theta_t - theta_0`` in float32, each entry rounded to ``dtype`` (as inside
+    :func:`rounding`), computed outside ``jit``: what a sparsifier's thresholds are measured on."""
+    return [jax.tree.map(lambda e, b: (jnp.asarray(e, ACCUM_DTYPE) - jnp.asarray(b, ACCUM_DTYPE)).astype(dtype)
+                         .astype(ACCUM_DTYPE), e, base) for e in experts]
 
 
 def _key_name(key) -> str:

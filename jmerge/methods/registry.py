@@ -231,7 +231,7 @@ def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = F
                 tvs = jtree.task_vectors(base, experts)
                 if pre is not None:
                     tvs = pre(tvs, extra)
-                solved = {} if method.sparsify is None else {"answers": jtree.rounded(answers)}
+                solved = {} if method.sparsify is None else {"answers": answers}
                 out = method.fn(base, tvs, key=key, **solved, **hp)
                 return out if post is None else post(out, base, extra)
 
@@ -330,7 +330,10 @@ def merge(
             hp = {**hp, "task_mask": leaf_tasks}
     sparsifier = m.sparsifier(hp)
     if answers is None and sparsifier is not None and sparsifier.query is not None:
-        answers = thresholds.solve(sparsifier.query, measured, base)
+        against = base
+        if rounding is not None:  # measured on the task vectors the method sees: rounded (ties and all)
+            measured, against = jtree.rounded_task_vectors(base, measured, rounding), None
+        answers = thresholds.solve(sparsifier.query, measured, against)
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
     out = _jitted(m, static, donate_base, pre, post, rounding)(base, experts, key, answers, extra, **hp)

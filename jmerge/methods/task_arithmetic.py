@@ -99,8 +99,18 @@ def average(base, tvs, *, key=None, weights=None, normalize=True):
           mergekit=Mergekit("task_arithmetic", MERGEKIT_GTA, {"weight": 1.0, "density": 1.0}, in_dtype=True))
 def task_arithmetic(base, tvs, *, key=None, scale=0.3, weights=None, normalize=False):
     """Task arithmetic (Ilharco et al., 2023): ``theta = theta_0 + lambda sum_t w_t tau_t``; lambda 0.3.
-    ``normalize`` divides the sum by ``sum_t w_t`` (mergekit's ``normalize``)."""
-    return jtree.apply(base, stages.combine(tvs, weights, normalize=normalize), scale)
+    ``normalize`` divides the sum by ``sum_t w_t`` (mergekit's ``normalize``).
+
+    In float32 this is :func:`jmerge.tree.apply_tasks` with ``Gamma_t = lambda w_t`` (``/ sum_t w_t``),
+    the kernel of learned coefficients; under :func:`jmerge.tree.rounding` mergekit's steps in
+    its ``dtype``: ``base + lambda * (sum_t w_t tau_t [/ sum_t w_t])``, each rounded."""
+    if jtree.rounding_dtype() is not None:
+        return jtree.apply(base, stages.combine(tvs, weights, normalize=normalize), scale)
+    w = jnp.ones((len(tvs),), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if normalize:
+        total = jnp.sum(w)
+        w = w / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)  # mergekit leaves a ~0 weight sum undivided
+    return jtree.apply_tasks(base, tvs, scale * w)
 
 
 def _trim(hp):
