@@ -15,12 +15,15 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from jmerge.io import gguf as jgguf
 from jmerge.io import safetensors_io as st
 from jmerge.learn import llama
 
-PROMPTS = Path(__file__).parent / "prompts"
+HERE = Path(__file__).parent
+# the prompt files divmerge.yml learns from, one per merged expert
+PROMPTS = [HERE / f for f in yaml.safe_load((HERE / "divmerge.yml").read_text())["jmerge"]["learn"]["prompts"]]
 
 
 def answers(tensors: dict, cfg: llama.LlamaConfig, tok, rows: list[dict], max_new_tokens: int = 8) -> list[str]:
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
 
     cfg = llama.LlamaConfig.from_hf(args.merged)
     tok = AutoTokenizer.from_pretrained(args.merged)
-    rows = [json.loads(f.read_text(encoding="utf-8").splitlines()[0]) for f in sorted(PROMPTS.glob("*.jsonl"))]
+    rows = [json.loads(f.read_text(encoding="utf-8").splitlines()[0]) for f in PROMPTS]
     tensors = st.load(args.merged)
     gamma = json.loads((args.merged / "coefficients.json").read_text())["coefficients"]
     print(f"{args.merged}: {len(tensors)} tensors, Γ {np.asarray(gamma).shape}, rope_theta {cfg.rope_theta}, "

@@ -1,4 +1,4 @@
-"""Writes this example's prompt files: for each of Suite L's four tasks, 32 unlabelled texts of
+"""Writes this example's prompt files: for each of Suite L's tasks, 32 unlabelled texts of
 its training split (experiments.data, offline; seeded, balanced over the classes), each a ``{"system": instruction, "text": text}``
 line, so ``chat_template: true`` renders them as the experts saw them in training
 (experiments.suite_l: system turn = the task's instruction, user turn = the text).
