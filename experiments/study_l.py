@@ -325,9 +325,9 @@ def main(argv: Sequence[str] | None = None):
     e = sub.add_parser("entry")
     e.add_argument("--overwrite", action="store_true")
     r = sub.add_parser("run")
-    r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     rep = sub.add_parser("report")
     for p in (r, rep):
+        p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
         p.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
         p.add_argument("--learned-counts", nargs="+", type=int, default=None, help="default: the full task count")
         p.add_argument("--subsets", type=int, default=SUBSETS, help="subsets per task count (seeded sample)")
