@@ -119,11 +119,13 @@ def tied_cut(base: np.ndarray | None, expert: np.ndarray, kth: float, k: int) ->
     np.abs(mags, out=mags)
     b, lb = mags.view(np.int32), np.float32(kth).view(np.int32)
     above = int(np.count_nonzero(b > lb))
-    tied, start = [], 0
-    while start < n and sum(map(len, tied)) < k - above:
+    tied, found = [np.zeros(0, np.int64)], 0
+    for start in range(0, n, _SCAN):
+        if found >= k - above:
+            break
         tied.append(start + np.flatnonzero(b[start : start + _SCAN] == lb))
-        start += _SCAN
-    return last_tied_kept(k, n, above, np.concatenate(tied) if tied else np.zeros(0, np.int64))
+        found += tied[-1].size
+    return last_tied_kept(k, n, above, np.concatenate(tied))
 
 
 def positions(query: Query, task: int, kth, expert, base=None):
