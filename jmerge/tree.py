@@ -22,6 +22,7 @@ bf16/fp16 operation on CPU (computed in float32, rounded to nearest even); outsi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,7 +31,9 @@ import jax.numpy as jnp
 
 PyTree = Any
 ACCUM_DTYPE = jnp.float32
-_ROUND_TO: list = [None]  # the dtype :func:`rounded` rounds to (at trace time), None: float32 arithmetic
+# the dtype :func:`rounded` rounds to (read at trace time), None: float32 arithmetic; a ContextVar, so
+# a merge traced in one thread does not see another thread's setting
+_ROUND_TO: contextvars.ContextVar = contextvars.ContextVar("jmerge_round_to", default=None)
 
 
 @contextlib.contextmanager
@@ -39,22 +42,22 @@ def rounding(dtype) -> Iterator[None]:
     float32: no rounding). Read when a function is traced, so a jitted function must be cached
     per dtype (:func:`jmerge.methods.registry.merge` does)."""
     dt = None if dtype is None or jnp.dtype(dtype) == ACCUM_DTYPE else jnp.dtype(dtype)
-    prev, _ROUND_TO[0] = _ROUND_TO[0], dt
+    token = _ROUND_TO.set(dt)
     try:
         yield
     finally:
-        _ROUND_TO[0] = prev
+        _ROUND_TO.reset(token)
 
 
 def rounding_dtype():
     """The dtype :func:`rounded` rounds to now, or None (float32 arithmetic)."""
-    return _ROUND_TO[0]
+    return _ROUND_TO.get()
 
 
 def rounded(tree: PyTree) -> PyTree:
     """Every float leaf rounded to the :func:`rounding` dtype and back to float32 (round to
     nearest even, subnormals kept: an ``astype`` pair, which XLA keeps); unchanged outside it."""
-    dt = _ROUND_TO[0]
+    dt = _ROUND_TO.get()
     if dt is None:
         return tree
     def leaf(x):
@@ -68,8 +71,8 @@ def rounded(tree: PyTree) -> PyTree:
 def rounded_task_vectors(base: PyTree, experts: Sequence[PyTree], dtype) -> list[PyTree]:
     """``tau_t = theta_t - theta_0`` in float32, each entry rounded to ``dtype`` (as inside
     :func:`rounding`), computed outside ``jit``: what a sparsifier's thresholds are measured on."""
-    return [jax.tree.map(lambda e, b: (jnp.asarray(e, ACCUM_DTYPE) - jnp.asarray(b, ACCUM_DTYPE)).astype(dtype)
-                         .astype(ACCUM_DTYPE), e, base) for e in experts]
+    with rounding(dtype):
+        return [rounded(tv) for tv in task_vectors(base, experts)]
 
 
 def _key_name(key) -> str:

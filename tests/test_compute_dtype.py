@@ -89,3 +89,33 @@ def test_torch_order_is_torchs_cpu_sort(tmp_path, seed, n, k):
     top, mid = np.load(tmp_path / "m.npy")
     np.testing.assert_array_equal(torch_order.kept(x, 0, k, descending=True), top)
     np.testing.assert_array_equal(torch_order.kept(x, start, stop, descending=False), mid)
+
+
+def test_rounding_is_per_thread_and_restored():
+    """`jmerge.tree.rounding` is a context variable: another thread sees float32 while one rounds,
+    and the setting is restored on leaving the block, even by an exception."""
+    import threading
+
+    from jmerge import tree
+
+    x = {"w": np.float32([1.0 + 2.0 ** -10])}  # not representable in bfloat16 (8 bits of mantissa)
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def rounds():
+        with tree.rounding("bfloat16"):
+            seen["inner"] = float(tree.rounded(x)["w"][0])
+            inside.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=rounds)
+    worker.start()
+    inside.wait(5)
+    seen["other"] = float(tree.rounded(x)["w"][0])
+    release.set()
+    worker.join()
+    assert seen == {"inner": 1.0, "other": 1.0 + 2.0 ** -10}
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with tree.rounding("float16"):
+            raise RuntimeError("inside the block")
+    assert tree.rounding_dtype() is None

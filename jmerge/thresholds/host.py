@@ -35,11 +35,10 @@ def kth_largest(values: np.ndarray, k: int) -> float:
     return float(flat[i])
 
 
-def magnitude_threshold(base: Sequence[np.ndarray] | None, expert: Sequence[np.ndarray], k: int) -> float:
-    """The k-th largest ``|expert - base|`` (``|expert|`` when ``base`` is None) jointly over
-    the arrays: one float32 temporary of all their entries, partitioned in place."""
-    n = sum(int(np.size(e)) for e in expert)
-    mags = np.empty(n, np.float32)
+def magnitudes(base: Sequence[np.ndarray] | None, expert: Sequence[np.ndarray]) -> np.ndarray:
+    """``|expert - base|`` (``|expert|`` when ``base`` is None) of all the arrays' entries, in
+    order, as one new float32 vector (a temporary the caller may reorder)."""
+    mags = np.empty(sum(int(np.size(e)) for e in expert), np.float32)
     offset = 0
     for i, e in enumerate(expert):
         part = mags[offset : offset + np.size(e)]
@@ -48,8 +47,13 @@ def magnitude_threshold(base: Sequence[np.ndarray] | None, expert: Sequence[np.n
         else:
             np.subtract(np.reshape(e, -1), np.reshape(base[i], -1), out=part, dtype=np.float32)
         offset += np.size(e)
-    np.abs(mags, out=mags)
-    return kth_largest(mags, k)
+    return np.abs(mags, out=mags)
+
+
+def magnitude_threshold(base: Sequence[np.ndarray] | None, expert: Sequence[np.ndarray], k: int) -> float:
+    """The k-th largest ``|expert - base|`` (``|expert|`` when ``base`` is None) jointly over
+    the arrays: one float32 temporary of all their entries, partitioned in place."""
+    return kth_largest(magnitudes(base, expert), k)
 
 
 def on_host_cpu(tree) -> bool:
@@ -111,12 +115,7 @@ def tied_cut(base: np.ndarray | None, expert: np.ndarray, kth: float, k: int) ->
     n = int(np.size(expert))
     if k <= 0 or k >= n:
         return -1 if k <= 0 else n
-    mags = np.empty(n, np.float32)
-    if base is None:
-        mags[...] = np.reshape(expert, -1)
-    else:
-        np.subtract(np.reshape(expert, -1), np.reshape(base, -1), out=mags, dtype=np.float32)
-    np.abs(mags, out=mags)
+    mags = magnitudes(None if base is None else [base], [expert])
     b, lb = mags.view(np.int32), np.float32(kth).view(np.int32)
     above = int(np.count_nonzero(b > lb))
     tied, found = [np.zeros(0, np.int64)], 0
