@@ -21,6 +21,7 @@ import numpy as np
 
 from bench.streaming_bench import run_child
 from jmerge.io import gguf as gg
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 from bench import write_report
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         # from its parent's RSS at fork, so a large parent would inflate the children's peaks.
         hf = Path(tmp) / "hf"
         wall, cpu, rss = _convert(src, hf)
-        rows.append(("GGUF Q4_1 -> HF f32", st.dir_size(hf), wall, cpu, rss))
+        rows.append(("GGUF Q4_1 -> HF f32", hf_dir.dir_size(hf), wall, cpu, rss))
         outs = {}
         for q in args.quants.split(","):
             outs[q] = Path(tmp) / f"m-{q}.gguf"

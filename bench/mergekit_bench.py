@@ -38,6 +38,7 @@ import numpy as np
 
 from bench import write_report
 from bench.streaming_bench import run_child
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
 RESULTS = Path(__file__).parent / "results" / "mergekit_bench.md"
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         dirs = make_models(root, args.experts)
-        input_bytes = sum(st.dir_size(d) for d in dirs)
+        input_bytes = sum(hf_dir.dir_size(d) for d in dirs)
         print(f"wrote {input_bytes / 1e9:.2f} GB (GPT-2 124M x {len(dirs)}, float32) in {time.perf_counter() - t0:.0f} s")
         rows = side_by_side(mergekit_yaml, root, dirs, CONFIGS, args.repeats)
         cfg = root / "config.yaml"

@@ -28,6 +28,7 @@ import numpy as np
 from bench import write_report
 from bench.mergekit_bench import CONFIGS, VENV, ensure_mergekit, protocol, side_by_side, table_rows
 from jmerge.io import gguf as jgguf
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
 RESULTS = Path(__file__).parent / "results" / "mergekit_llm_bench.md"
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         jgguf.to_hf(smollm2_gguf(), root / "base")
         experts = args.experts or perturbed_experts(root / "base", root, 4, args.noise)
         dirs = [root / "base", *experts]
-        input_bytes = sum(st.dir_size(d) for d in dirs)
+        input_bytes = sum(hf_dir.dir_size(d) for d in dirs)
         entries = sum(int(np.prod(t.shape)) for t in st.open_checkpoint(root / "base").tensors.values())
         print(f"prepared {input_bytes / 1e9:.2f} GB (SmolLM2-135M x {len(dirs)}, float32) in {time.perf_counter() - t0:.0f} s")
         rows = side_by_side(mergekit_yaml, root, dirs, CONFIGS, args.repeats)

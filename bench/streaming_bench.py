@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jmerge.io import safetensors_io as st
 from bench import write_report
+from jmerge.io import hf_dir
+from jmerge.io import safetensors_io as st
 
 RESULTS = Path(__file__).parent / "results" / "streaming_bench.md"
 
@@ -49,7 +50,7 @@ def make_models(root: Path, tensors: int, side: int, experts: int, seed: int = 0
             w.write(n, base + r.standard_normal(shapes[n], dtype=np.float32) * np.float32(0.01))
     for w in writers:
         w.close()
-    return sum(st.dir_size(d) for d in dirs)
+    return sum(hf_dir.dir_size(d) for d in dirs)
 
 
 def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "jmerge.cli", "run", str(cfg), str(out), "--force", "--no-progress"]
             cmd += ["--in-memory"] if in_memory else []
             seconds, rss, status = run_child(cmd)
-            size = st.dir_size(out) if out.exists() else 0
+            size = hf_dir.dir_size(out) if out.exists() else 0
             mode = "in memory" if in_memory else "streamed"
             rows.append((name, mode, seconds, rss, size, status))
             print(f"{name:32s} {mode:10s} {seconds:7.1f} s  peak RSS {rss / 2**20:8.0f} MiB  output {size / 1e9:.2f} GB  exit {status}")

@@ -44,6 +44,7 @@ import optax
 from experiments import data
 from jmerge._util import atomic_write
 from jmerge.cache import cache_root
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 from jmerge.learn import llama
 
@@ -435,9 +436,9 @@ def build(config: Config = FULL, train: bool = True, log=_log, tasks: Sequence[s
                 m = evaluate_task(params, cfg, task, split, config.eval_batch, suite.eos)
                 metrics[split] = {k: m[k] for k in ("rank_acc", "em_acc")}
             metrics["cost"]["total_seconds"] = time.perf_counter() - t0
-            with st.atomic_dir(folder, force=folder.exists()) as tmp:
+            with hf_dir.atomic_dir(folder, force=folder.exists()) as tmp:
                 st.save_safetensors(tmp, unstack(params, cfg), metadata={"format": "pt"})
-                st.copy_model_files(bdir, tmp)
+                hf_dir.copy_model_files(bdir, tmp)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
             del params
         suite.expert_dirs[name] = folder

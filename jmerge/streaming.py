@@ -42,9 +42,10 @@ import numpy as np
 
 from jmerge import coverage, thresholds
 from jmerge import tree as jtree
-from jmerge.thresholds import streamed
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
+from jmerge.thresholds import streamed
 from jmerge.validate import MergeInputError
 
 
@@ -397,9 +398,9 @@ def write_dir(
 ) -> StreamResult:
     """Writes ``(name, array)`` pairs as the HF directory ``out`` (shards by ``plan``), with the
     base's ``config.json`` and tokenizer files, ``card`` as README.md and ``extra_files``;
-    atomically (see :func:`jmerge.io.safetensors_io.atomic_dir`)."""
+    atomically (see :func:`jmerge.io.hf_dir.atomic_dir`)."""
     start = time.perf_counter() if start is None else start
-    with st.atomic_dir(out, force=force, protect=[base.path, *protect]) as tmp:
+    with hf_dir.atomic_dir(out, force=force, protect=[base.path, *protect]) as tmp:
         writer = st.ShardWriter(tmp, plan)
         try:
             for name, array in tensors:
@@ -411,10 +412,10 @@ def write_dir(
             writer.abort()
             raise
         if base.path.is_dir():
-            st.copy_model_files(base.path, tmp)
+            hf_dir.copy_model_files(base.path, tmp)
         if card is not None:
             (tmp / "README.md").write_text(card)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     out = Path(out)
-    return StreamResult(out, tuple(p.name for p in files), sum(map(len, plan.members)), st.dir_size(out), time.perf_counter() - start)
+    return StreamResult(out, tuple(p.name for p in files), sum(map(len, plan.members)), hf_dir.dir_size(out), time.perf_counter() - start)

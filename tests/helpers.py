@@ -426,3 +426,8 @@ def data_statistics(method: str, base, num_experts: int, seed: int = 0) -> dict:
         return {"fishers": tuple(jax.tree.map(lambda x: jnp.asarray(rng.random(np.shape(x)), jnp.float32), base)
                                  for _ in range(num_experts))}
     return {}
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Temporary or backup entries an atomic write of ``parent / name`` left behind (``.name.*``)."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from jmerge import cli
 from jmerge.io import gguf as gg
@@ -17,12 +18,13 @@ from helpers import tiny_llama, write_llama_dir
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.standard_promotion("the learn path (optax 0.2.8's adam computes decay ** count) is not strict-promotion clean")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2_divmerge"
-TASKS = ("sentiment", "language", "pos", "topic")
+# the experts the YAML names (models/<task>)
+TASKS = tuple(Path(m["model"]).name for m in yaml.safe_load((EXAMPLE / "divmerge.yml").read_text())["models"])
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """The example's YAML and prompts, with a tiny base and four experts in models/."""
+    """The example's YAML and prompts, with a tiny base and one expert per task in models/."""
     root = tmp_path_factory.mktemp("example") / "smollm2_divmerge"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("models", "*.md", "*.py"))
     base = tiny_llama(root / "models" / "base", seed=0, tied=True, rope_theta=100000.0)
@@ -51,9 +53,9 @@ def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path, cap
     saved = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
     gamma = np.asarray(saved["coefficients"])
     assert saved["method"] == "divmerge" and saved["granularity"] == "layer"
-    assert saved["layer_names"] == ["embeddings", "layer.0", "layer.1", "final_norm"] and gamma.shape == (4, 4)
+    assert saved["layer_names"] == ["embeddings", "layer.0", "layer.1", "final_norm"] and gamma.shape == (len(TASKS), 4)
     assert saved["steps_per_epoch"] == 4 and len(saved["losses"]) == 12  # 16 prompts, 4 per step, 3 epochs
-    assert np.abs(gamma - 0.25).max() > 0.005  # learning moved Γ from 1/K
+    assert np.abs(gamma - 1 / len(TASKS)).max() > 0.005  # learning moved Γ from 1/K
     merged = st.load(tmp_path / "merged")
     assert "lm_head.weight" not in merged and (tmp_path / "merged" / "tokenizer.json").is_file()
 
@@ -67,7 +69,8 @@ def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path, cap
     assert _check_output().main([str(tmp_path / "merged"), str(tmp_path / "merged.gguf")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "rope_theta 100000.0, tied head True" in lines[0]
-    assert sum(l.startswith("  HF ") for l in lines) == 4 and sum(l.startswith("  GGUF ") for l in lines) == 4
-    assert "max |GGUF - HF| over all tensors 0" in lines[5]
+    k = len(TASKS)
+    assert sum(l.startswith("  HF ") for l in lines) == k and sum(l.startswith("  GGUF ") for l in lines) == k
+    assert "max |GGUF - HF| over all tensors 0" in lines[1 + k]
     assert [l.split(" -> ")[1] for l in lines if l.startswith("  HF ")] == \
            [l.split(" -> ")[1] for l in lines if l.startswith("  GGUF ")]

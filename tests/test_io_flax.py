@@ -8,7 +8,7 @@ import pytest
 import jmerge
 from helpers import tiny_transformer
 from jmerge import tree as jtree
-from jmerge.io import flax_io
+from jmerge.io import flax_io, hf_dir
 from jmerge.io import safetensors_io as st
 
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,7 @@ def test_merge_transformers_flax_params_and_save_back(tmp_path):
 def test_convert_refuses_existing_output_and_casts(tmp_path):
     flax_io.write_msgpack(tmp_path / "flax_model.msgpack", {"dense": {"kernel": np.ones((2, 3), np.float32)}})
     (tmp_path / "out").mkdir()
-    with pytest.raises(st.OutputError, match="already exists"):
+    with pytest.raises(hf_dir.OutputError, match="already exists"):
         flax_io.convert(tmp_path / "flax_model.msgpack", tmp_path / "out")
     flax_io.convert(tmp_path / "flax_model.msgpack", tmp_path / "out", force=True, dtype="bfloat16")
     ck = st.open_checkpoint(tmp_path / "out")

@@ -8,7 +8,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jmerge
-from jmerge.io import orbax_io
+from jmerge.io import hf_dir, orbax_io
 from jmerge.io import safetensors_io as st
 
 
@@ -58,7 +58,7 @@ def test_learned_coefficients(tmp_path):
 def test_existing_and_missing_checkpoints(tmp_path):
     tree = {"a": jnp.ones(3)}
     orbax_io.save(tmp_path / "c", tree)
-    with pytest.raises(st.OutputError, match="already exists"):
+    with pytest.raises(hf_dir.OutputError, match="already exists"):
         orbax_io.save(tmp_path / "c", {"a": jnp.zeros(3)})
     orbax_io.save(tmp_path / "c", {"a": jnp.zeros(3)}, force=True)
     np.testing.assert_array_equal(orbax_io.restore(tmp_path / "c")["a"], np.zeros(3))

@@ -1,15 +1,17 @@
-"""Safetensors / HF directory I/O: round trips, header-only inspection, bad files, atomic output."""
+"""Safetensors I/O: round trips, header-only inspection, bad files; a full disk while writing shards."""
 
 import errno
 import json
-import re
 
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
+
+from helpers import leftovers
 
 
 def _tensors(seed=0):
@@ -155,34 +157,6 @@ def test_parse_size():
             st.parse_size(bad)
 
 
-def _leftovers(parent, name):
-    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
-
-
-def test_atomic_dir_refuses_existing_and_replaces_with_force(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(st.OutputError, match="already exists"):
-        with st.atomic_dir(out):
-            pass
-    assert (out / "old.txt").read_text() == "old"
-    with st.atomic_dir(out, force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-        assert (out / "old.txt").exists()  # the old output stays until the new one is complete
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
-    assert _leftovers(tmp_path, "out") == []
-
-
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with st.atomic_dir(out) as tmp:
-            (tmp / "half.safetensors").write_bytes(b"x")
-            raise RuntimeError("interrupted")
-    assert not out.exists() and _leftovers(tmp_path, "out") == []
-
-
 @pytest.mark.parametrize("where, fail_at", [("write", 2), ("_write_bytes", 0), ("_write_bytes", 3)])
 def test_disk_full_is_reported_and_cleaned_up(tmp_path, monkeypatch, where, fail_at):
     """A full disk in the caller's thread (``write``) or on the writer's I/O thread
@@ -198,10 +172,10 @@ def test_disk_full_is_reported_and_cleaned_up(tmp_path, monkeypatch, where, fail
 
     monkeypatch.setattr(st.ShardWriter, where, failing)
     out = tmp_path / "out"
-    with pytest.raises(st.OutputError, match="disk full"):
-        with st.atomic_dir(out) as tmp:
+    with pytest.raises(hf_dir.OutputError, match="disk full"):
+        with hf_dir.atomic_dir(out) as tmp:
             st.save_safetensors(tmp, _tensors(), shard_size=64)
-    assert not out.exists() and _leftovers(tmp_path, "out") == []
+    assert not out.exists() and leftovers(tmp_path, "out") == []
 
 
 def test_tensor_data_starts_64_byte_aligned(tmp_path):
@@ -211,48 +185,3 @@ def test_tensor_data_starts_64_byte_aligned(tmp_path):
         ck = st.open_checkpoint(tmp_path / name)
         assert ck.tensors[name].data_start % 64 == 0
         np.testing.assert_array_equal(ck.read(name), np.ones(3, np.float32))
-
-
-def test_unwritable_parent(tmp_path):
-    """A parent path the OS refuses (here through a regular file, which root cannot write into
-    either; permission errors: test_permission_denied_is_reported)."""
-    (tmp_path / "file").write_text("x")
-    parent = tmp_path / "file" / "sub"
-    with pytest.raises(st.OutputError, match=re.escape(f"error writing {parent}: [Errno 20] Not a directory: '{parent}'")):
-        with st.atomic_dir(parent / "out"):
-            pass
-    assert (tmp_path / "file").read_text() == "x"
-
-
-def test_output_may_not_be_an_input(tmp_path):
-    (tmp_path / "base").mkdir()
-    for out in (tmp_path / "base", tmp_path / "base" / "sub", tmp_path):
-        with pytest.raises(st.OutputError, match="input"):
-            with st.atomic_dir(out, force=True, protect=[tmp_path / "base"]):
-                pass
-    assert (tmp_path / "base").is_dir()
-
-
-def test_copy_model_files_and_card(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (src / f).write_text("{}")
-    (src / "model.safetensors").write_bytes(b"w")
-    (src / "README.md").write_text("upstream card")
-    (tmp_path / "dst").mkdir()
-    copied = st.copy_model_files(src, tmp_path / "dst")
-    assert sorted(copied) == ["config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
-    card = st.model_card(method="ties", base="b", experts=["e1", "e2"], config_text="merge_method: ties\n", version="9.9")
-    assert "```yaml\nmerge_method: ties\n```" in card and "9.9" in card and "- `e2`" in card
-
-
-def test_permission_denied_is_reported(tmp_path, monkeypatch):
-    def denied(*a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(st.tempfile, "mkdtemp", denied)
-    with pytest.raises(st.OutputError, match="cannot write to .*Permission denied"):
-        with st.atomic_dir(tmp_path / "out"):
-            pass
-    assert not (tmp_path / "out").exists()

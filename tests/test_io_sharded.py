@@ -13,7 +13,8 @@ import jmerge
 from helpers import RULE, random_models
 from jmerge import shard, streaming
 from jmerge.io import orbax_io, sharded
-from jmerge.io.safetensors_io import CheckpointError, OutputError
+from jmerge.io.hf_dir import OutputError
+from jmerge.io.safetensors_io import CheckpointError
 
 SHAPES = {"w": (16, 24), "u": (6, 32), "b": (5,)}
 

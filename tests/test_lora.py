@@ -10,7 +10,7 @@ import pytest
 from jmerge import lora
 from jmerge.io import peft
 from jmerge.io.peft import AdapterError
-from jmerge.io.safetensors_io import OutputError
+from jmerge.io.hf_dir import OutputError
 from jmerge.validate import MergeInputError
 
 D, F = 8, 12  # hidden, intermediate

@@ -9,6 +9,7 @@ import jmerge
 from helpers import BUFFERS, STREAM_NAMES, stream_models, streamed, write_checkpoint
 from jmerge import streaming
 from jmerge import tree as jtree
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
 
@@ -119,7 +120,7 @@ def test_merge_to_dir_writes_a_sharded_hf_dir(stream_ckpts, tmp_path):
     out = st.load(tmp_path / "out")
     for n in STREAM_NAMES:
         np.testing.assert_allclose(out[n], np.asarray(ref[n]), atol=1e-6)
-    assert res.tensors == len(STREAM_NAMES) + 1 and res.bytes_written == st.dir_size(tmp_path / "out")
+    assert res.tensors == len(STREAM_NAMES) + 1 and res.bytes_written == hf_dir.dir_size(tmp_path / "out")
 
 
 def test_bad_inputs(stream_ckpts, tmp_path):

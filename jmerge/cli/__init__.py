@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``jmerge`` command; returns the exit status."""
-    from jmerge.io.safetensors_io import OutputError
+    from jmerge.io.hf_dir import OutputError
     from jmerge.validate import MergeInputError
 
     args = _parser().parse_args(argv)

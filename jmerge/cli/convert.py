@@ -42,7 +42,7 @@ def add_parser(sub, fmt) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from jmerge.io import flax_io
-    from jmerge.io import safetensors_io as st
+    from jmerge.io import hf_dir
 
     start = time.perf_counter()
     if args.src.suffix.lower() == ".gguf" or args.dst.suffix.lower() == ".gguf":
@@ -56,6 +56,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     console(stdout=True).print(
         f"converted {info['tensors']} tensors {info['from']} -> {info['to']} into {args.dst} "
         f"(model_type {info['model_type']}; copied {', '.join(info['copied']) or 'no other files'}) "
-        f"in {time.perf_counter() - start:.2f} s, {human(st.dir_size(args.dst))}"
+        f"in {time.perf_counter() - start:.2f} s, {human(hf_dir.dir_size(args.dst))}"
     )
     return 0

@@ -40,6 +40,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from jmerge import similarity
+    from jmerge.io import hf_dir
     from jmerge.io import safetensors_io as st
 
     out = console(stdout=True)
@@ -49,7 +50,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         st.check_compatible(base, e, f"expert {i} ({e.path})")
     names = [_short(e.path) for e in experts]
     if args.png is not None and args.png.exists() and not args.force:
-        raise st.OutputError(f"{args.png} exists; pass --force to overwrite it")
+        raise hf_dir.OutputError(f"{args.png} exists; pass --force to overwrite it")
     with progress(False) as bar:
         task = bar.add_task("task vectors", total=len(base.tensors))
         norms, gram = similarity.task_vector_stats(base, experts, lambda phase, name: bar.update(task, advance=1))

@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import jax
 
     from jmerge import __version__, config, coverage, streaming
+    from jmerge.io import hf_dir
     from jmerge.io import safetensors_io as st
     from jmerge.methods import registry
 
@@ -74,17 +75,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     in_memory = plan.in_memory or args.in_memory
     seed = plan.seed if args.seed is None else args.seed
     key = jax.random.key(seed) if registry.get(plan.method).needs_key else None
-    if (args.out.exists() or args.out.is_symlink()) and not args.force:
-        raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
+    hf_dir.refuse_existing(args.out, args.force, "pass --force")
     st.parse_size(args.shard_size)
     if plan.slices is not None:
         _run_slices(args, plan, out_dtype, key, seed)
-        _summary(args.out, start, sum(st.dir_size(p) for p in {plan.base, *plan.experts}))
+        _summary(args.out, start, sum(hf_dir.dir_size(p) for p in {plan.base, *plan.experts}))
         return 0
     inputs = streaming.open_inputs(plan.base, plan.experts, plan.method, key=key, in_memory=in_memory, **plan.hparams)
     base, experts, hp = inputs
     cov = coverage.of_checkpoint(plan.method, base, hp, len(experts))
-    card = st.model_card(
+    card = hf_dir.model_card(
         method=plan.method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
         base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,
         extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype) + cov.markdown(),
@@ -131,11 +131,11 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
     """A per-tensor plan (mergekit ``slices``, gradients, filters): :func:`jmerge.config.slices.jobs`, streamed."""
     from jmerge import __version__, streaming
     from jmerge.config import slices
-    from jmerge.io import safetensors_io as st
+    from jmerge.io import hf_dir
 
     jobs, layers = slices.jobs(plan)
     base = jobs[0].base[0]
-    card = st.model_card(
+    card = hf_dir.model_card(
         method=plan.source_method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
         base=str(plan.base), experts=[str(e) for e in dict.fromkeys(p for sp in plan.slices for p in sp.experts)],
         config_text=plan.config_text, version=__version__,
@@ -207,13 +207,13 @@ def _hparams_text(hp: dict, seed: int | None, out_dtype: str | None) -> str:
 def _summary(out: Path, start: float, input_bytes: int) -> None:
     from rich.table import Table
 
-    from jmerge.io import safetensors_io as st
+    from jmerge.io import hf_dir
 
     table = Table(title="jmerge run", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("output", str(out))
-    table.add_row("output size", human(st.dir_size(out)))
+    table.add_row("output size", human(hf_dir.dir_size(out)))
     table.add_row("inputs", human(input_bytes))
     table.add_row("time", f"{time.perf_counter() - start:.2f} s")
     table.add_row("peak RSS", human(peak_rss_bytes()))

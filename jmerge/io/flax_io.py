@@ -44,6 +44,7 @@ from flax import serialization
 
 from jmerge._util import atomic_write
 from jmerge import tree as jtree
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
 FLAX_NAME = "flax_model.msgpack"
@@ -231,7 +232,7 @@ def convert(
     src_dir = src if src.is_dir() else src.parent
     mtype = model_type or st.read_model_type(src_dir)
     cast = st.numpy_dtype(dtype) if dtype else None
-    with st.atomic_dir(dst, force=force, protect=[src]) as tmp:
+    with hf_dir.atomic_dir(dst, force=force, protect=[src]) as tmp:
         tensors = flax_to_torch(read_msgpack(src)) if fmt == "flax" else st.open_checkpoint(src).load()
         if cast is not None:
             tensors = {k: v.astype(cast) if st.is_float_array(v) else v for k, v in tensors.items()}
@@ -239,5 +240,5 @@ def convert(
             st.save_safetensors(tmp, tensors, shard_size=shard_size)
         else:
             write_msgpack(tmp / FLAX_NAME, torch_to_flax(tensors, model_type=mtype))
-        copied = st.copy_model_files(src_dir, tmp) if src.is_dir() else []
+        copied = hf_dir.copy_model_files(src_dir, tmp) if src.is_dir() else []
     return {"from": fmt, "to": to, "tensors": len(tensors), "copied": copied, "model_type": mtype}

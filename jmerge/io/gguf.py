@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import gguf
 import numpy as np
 
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
 log = logging.getLogger(__name__)
@@ -474,8 +475,7 @@ def write_gguf(
     qtype = QUANTS.get(quant.lower())
     if qtype is None:
         raise GGUFError(f"unsupported GGUF output type {quant!r}; choose one of {', '.join(QUANTS)}")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise st.OutputError(f"output {out} already exists; pass --force (force=True) to replace it")
+    hf_dir.refuse_existing(out, force)
     shapes = {n: tuple(s) for n, s in shapes.items() if not (tied and n == "lm_head.weight")}
     hp = _hp_from_metadata(metadata)
     planned = _plan(shapes, hp, qtype, str(out))
@@ -527,8 +527,8 @@ def write_gguf(
     except BaseException as e:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, st.OutputError):
-            raise st.OutputError(st._describe_os_error(e, out) + "; nothing was written") from e
+        if isinstance(e, OSError) and not isinstance(e, hf_dir.OutputError):
+            raise hf_dir.OutputError(hf_dir.describe_os_error(e, out) + "; nothing was written") from e
         raise
     return {"tensors": len(planned), "types": counts,
             "fallback_f16": sum(1 for p in planned if p.qtype == Q.F16 and qtype != Q.F16)}
@@ -587,8 +587,7 @@ def run_to_gguf(args, run) -> int:
 
     from jmerge import __version__, config
 
-    if (args.out.exists() or args.out.is_symlink()) and not args.force:
-        raise st.OutputError(f"output {args.out} already exists; pass --force to replace it")
+    hf_dir.refuse_existing(args.out, args.force, "pass --force")
     plan = config.plan_from_yaml(args.config)
     if (args.quant or "f32").lower() not in QUANTS:
         raise GGUFError(f"unsupported GGUF output type {args.quant!r}; choose one of {', '.join(QUANTS)}")

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jmerge import tree as jtree
+from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
 PYTREE_DIR = "pytree"
@@ -33,7 +34,7 @@ ShardingSpec = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.shar
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None, force: bool = False) -> Path:
     """Saves a pytree of arrays (sharded or not) and optional JSON ``metadata`` to ``path``."""
     path = Path(path)
-    with st.atomic_dir(path, force=force) as tmp:
+    with hf_dir.atomic_dir(path, force=force) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / PYTREE_DIR, tree)
         ckptr.wait_until_finished()

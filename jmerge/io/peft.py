@@ -30,7 +30,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from jmerge.io.safetensors_io import Checkpoint, CheckpointError, TensorInfo, atomic_dir, read_header, save_safetensors
+from jmerge.io.hf_dir import atomic_dir
+from jmerge.io.safetensors_io import Checkpoint, CheckpointError, TensorInfo, read_header, save_safetensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from safetensors import SafetensorError, safe_open
 
-from jmerge.io import orbax_io
+from jmerge.io import hf_dir, orbax_io
 from jmerge.io import safetensors_io as st
 from jmerge.shard import Rule, spec_for
 
@@ -88,8 +88,7 @@ def save_sharded(path: str | os.PathLike, tree, *, metadata: dict | None = None,
     ``jmerge.io.orbax_io.restore(path, jmerge.shard.abstract_for(like, mesh))``.
     """
     path = Path(path).absolute()
-    if (path.exists() or path.is_symlink()) and not force:
-        raise st.OutputError(f"output {path} already exists; pass force=True to replace it")
+    hf_dir.refuse_existing(path, force, "pass force=True")
     token = int(multihost_utils.broadcast_one_to_all(np.int32(random.getrandbits(31))))
     tmp = path.with_name(f".{path.name}.tmp-{token:08x}")
     lead = jax.process_index() == 0
