@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import gguf
 import numpy as np
 
+from jmerge._util import atomic_write
 from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
 
@@ -489,47 +490,46 @@ def write_gguf(
     for p in planned:
         nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype)))
         writer.add_tensor_info(p.gguf, p.shape, np.dtype(np.float32), nbytes, raw_dtype=p.qtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
     counts: dict[str, int] = {}
+
+    def write(tmp: str) -> None:
+        try:
+            writer.write_header_to_file(Path(tmp))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            by_name = {p.hf: p for p in planned}
+            done, embed = 0, None
+            for name, array in tensors:
+                if tied and name == "lm_head.weight":
+                    if embed is not None and not np.array_equal(np.asarray(array, np.float32), embed):
+                        raise GGUFError(f"{out}: lm_head.weight differs from model.embed_tokens.weight but the model "
+                                        f"is tied (tie_word_embeddings); GGUF stores one of them")
+                    continue
+                p = by_name.get(name)
+                if p is None or done >= len(planned) or p is not planned[done]:
+                    expected = repr(planned[done].hf) if done < len(planned) else "no more tensors"
+                    raise GGUFError(f"{out}: tensor {name!r} arrives out of order (expected {expected})")
+                if tuple(array.shape) != p.shape:
+                    raise GGUFError(f"{out}: tensor {name!r} has shape {list(array.shape)}, the plan says {list(p.shape)}")
+                w = np.asarray(array, np.float32)
+                if name == "model.embed_tokens.weight" and tied:
+                    embed = w
+                heads = _qk_heads(name, hp)
+                w = np.ascontiguousarray(permute_qk(w, heads) if heads else w)
+                writer.write_tensor_data(gguf.quants.quantize(w, p.qtype))
+                counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+                done += 1
+            if done != len(planned):
+                raise GGUFError(f"{out}: {len(planned) - done} tensor(s) were never given, first {planned[done].hf!r}")
+        finally:
+            writer.close()
+
     try:
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        by_name = {p.hf: p for p in planned}
-        done, embed = 0, None
-        for name, array in tensors:
-            if tied and name == "lm_head.weight":
-                if embed is not None and not np.array_equal(np.asarray(array, np.float32), embed):
-                    raise GGUFError(f"{out}: lm_head.weight differs from model.embed_tokens.weight but the model "
-                                    f"is tied (tie_word_embeddings); GGUF stores one of them")
-                continue
-            p = by_name.get(name)
-            if p is None or done >= len(planned) or p is not planned[done]:
-                expected = repr(planned[done].hf) if done < len(planned) else "no more tensors"
-                raise GGUFError(f"{out}: tensor {name!r} arrives out of order (expected {expected})")
-            if tuple(array.shape) != p.shape:
-                raise GGUFError(f"{out}: tensor {name!r} has shape {list(array.shape)}, the plan says {list(p.shape)}")
-            w = np.asarray(array, np.float32)
-            if name == "model.embed_tokens.weight" and tied:
-                embed = w
-            heads = _qk_heads(name, hp)
-            w = np.ascontiguousarray(permute_qk(w, heads) if heads else w)
-            writer.write_tensor_data(gguf.quants.quantize(w, p.qtype))
-            counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
-            done += 1
-        if done != len(planned):
-            raise GGUFError(f"{out}: {len(planned) - done} tensor(s) were never given, first {planned[done].hf!r}")
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException as e:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, hf_dir.OutputError):
-            raise hf_dir.OutputError(hf_dir.describe_os_error(e, out) + "; nothing was written") from e
-        raise
+        atomic_write(out, write, overwrite=True)  # existence checked above, before any work
+    except OSError as e:
+        if isinstance(e, hf_dir.OutputError):
+            raise
+        raise hf_dir.OutputError(hf_dir.describe_os_error(e, out) + "; nothing was written") from e
     return {"tensors": len(planned), "types": counts,
             "fallback_f16": sum(1 for p in planned if p.qtype == Q.F16 and qtype != Q.F16)}
 

@@ -70,7 +70,7 @@ def atomic_dir(
         raise OutputError(describe_os_error(e, parent)) from None
     try:
         yield tmp
-        _commit(tmp, out)
+        replace_dir(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OutputError):
@@ -81,7 +81,9 @@ def atomic_dir(
         raise
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Renames ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed only once
+    ``tmp`` is in place (put back if the rename fails)."""
     old = None
     if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")

@@ -99,13 +99,7 @@ def save_sharded(path: str | os.PathLike, tree, *, metadata: dict | None = None,
         ckptr.close()
         if lead:
             (tmp / orbax_io.META_NAME).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True) + "\n")
-            if path.exists() or path.is_symlink():
-                old = path.with_name(f".{path.name}.old-{token:08x}")
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
+            hf_dir.replace_dir(tmp, path)
     except BaseException:
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
