@@ -280,12 +280,21 @@ def report(args) -> list[dict]:
              f"{STEPS} steps of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json` ({len(left_out)} stored "
              f"folds of subsets outside this plan left out).")
     results.write_rows(STEM, rows, suite="L", columns=["suite"] + cols, title="Suite L: normalized accuracy vs merged tasks",
-                       command="python -m experiments.study_l report", notes=notes, overwrite=True)
-    markdown(s, stored, rows, folds, notes, cols)
+                       command=report_command(args), notes=notes, overwrite=True)
+    markdown(s, stored, rows, folds, notes, cols, report_command(args))
     return rows
 
 
-def markdown(s, stored: dict, rows=(), folds=(), notes: str = "", cols=("method",)) -> Path:
+def report_command(args) -> str:
+    """The ``report`` command line that plans these folds (its options where not the defaults)."""
+    opts = [("--methods", args.methods, list(METHODS)), ("--counts", args.counts, list(COUNTS)),
+            ("--learned-counts", args.learned_counts, None), ("--subsets", args.subsets, SUBSETS)]
+    extra = "".join(f" {flag} {' '.join(map(str, v)) if isinstance(v, list) else v}" for flag, v, default in opts if v != default)
+    return "python -m experiments.study_l report" + extra
+
+
+def markdown(s, stored: dict, rows=(), folds=(), notes: str = "", cols=("method",),
+             report: str = "python -m experiments.study_l report") -> Path:
     """``suite_l.md``: the commands, the experts (recipe, cost, accuracy), the entry criteria and the study."""
     r = s.expert_metrics[s.names[0]]["recipe"]
     experts = [{"task": t, "key": s.expert_dirs[t].name[:16], "seq_len": m["cost"]["seq_len"],
@@ -299,7 +308,7 @@ def markdown(s, stored: dict, rows=(), folds=(), notes: str = "", cols=("method"
     md = "\n".join([
         "# Suite L: SmolLM2-135M-Instruct experts and the DivMerge study", "",
         "Commands (in order): `python -m experiments.suite_l train`, `python -m experiments.study_l entry`, "
-        "`python -m experiments.study_l run`, `python -m experiments.study_l report` (this file).", "",
+        f"`python -m experiments.study_l run`, `{report}` (this file).", "",
         f"## Experts\n\nRecipe: full fine-tuning of all 134.5M parameters, loss on the answer tokens only, {r}; "
         f"AdamW (optax), params and optimizer state donated. Accuracy in % on {s.config.validation_size} validation / "
         f"{s.config.test_size} test examples per task (balanced); rank = rank classification over the label words, "
