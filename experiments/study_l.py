@@ -32,7 +32,7 @@ count has several, else over the test examples, ``ci_over`` says which;
 of the same subsets, and writes ``suite_l.md``.
 
     python -m experiments.study_l entry
-    python -m experiments.study_l run [--methods ...] [--counts 2 3 4 5 6] [--learned-counts 6] [--subsets 2]
+    python -m experiments.study_l run [--methods ...] [--counts 2 3 4 5 6] [--learned-counts 6] [--subsets 2] [--seeds 0 1 2]
     python -m experiments.study_l report
 """
 
@@ -173,13 +173,15 @@ def subsets(names: Sequence[str], n: int, cap: int, seed: int = 0) -> list[tuple
     return [every[i] for i in sorted(pick)]
 
 
-def plan(names: Sequence[str], args) -> list[tuple[int, str, tuple[str, ...]]]:
-    """``(count, method, subset)`` folds in run order: every method on the full set first (the
-    budget keeps it), then the counts downwards."""
+def plan(names: Sequence[str], args) -> list[tuple[int, str, tuple[str, ...], int]]:
+    """``(count, method, subset, seed)`` folds in run order: every method on the full set first
+    (the budget keeps it), then the counts downwards; learned methods once per ``args.seeds``
+    (the seed draws their prompts and batches), data-free ones once (seed 0: deterministic)."""
     counts, learned_counts = _counts(args.counts, names), _counts(args.learned_counts, names)
-    return [(n, method, sub) for n in sorted(set(counts) | set(learned_counts), reverse=True)
+    return [(n, method, sub, seed) for n in sorted(set(counts) | set(learned_counts), reverse=True)
             for method in args.methods if n in (learned_counts if method in LEARNED else counts)
-            for sub in subsets(names, n, args.subsets)]
+            for sub in subsets(names, n, args.subsets)
+            for seed in (args.seeds if method in LEARNED else (0,))]
 
 
 def _counts(counts: Sequence[int] | None, names: Sequence[str]) -> list[int]:
@@ -196,17 +198,17 @@ def run(args) -> None:
     s = suite_l.build(train=False)
     done = {_key(f) for f in results.load_folds(FOLDS)}
     hp = {"task_arithmetic": {"scale": stored["ta_best_scale"]}, "ties": {}}
-    for n, method, names in plan(s.names, args):
-        if (method, names, 0) in done:
+    for n, method, names, seed in plan(s.names, args):
+        if (method, names, seed) in done:
             continue
         t0 = time.perf_counter()
         if method in DATA_FREE:
             flat = jax.block_until_ready(jmerge.merge(s.base, [s.expert(t) for t in names], method, **hp[method]))
             fold = _fold(s, method, names, 0, flat, time.perf_counter() - t0, setting=hp[method])
         else:
-            res = learned(s, method, names)
+            res = learned(s, method, names, seed)
             flat = jax.block_until_ready(res.params)
-            fold = _fold(s, method, names, 0, flat, time.perf_counter() - t0, steps=STEPS,
+            fold = _fold(s, method, names, seed, flat, time.perf_counter() - t0, steps=STEPS,
                          samples_per_task=SAMPLES, batch_per_task=BATCH, granularity=res.granularity,
                          losses=np.asarray(res.losses, np.float64).round(5).tolist(),
                          coefficients=np.asarray(res.coefficients, np.float64).round(4).tolist())
@@ -222,16 +224,27 @@ def example_values(fold: dict) -> dict:
             for t, cs in fold["rank_correct"].items() for i, c in enumerate(cs)}
 
 
+def seed_mean(folds: Sequence[dict]) -> dict:
+    """:func:`example_values` of ``folds`` (one method and count), each example averaged over the
+    seeds that scored it, so a paired difference compares the same examples once."""
+    per: dict = {}
+    for f in folds:
+        for k, v in example_values(f).items():
+            per.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in per.items()}
+
+
 def aggregate(folds: Sequence[dict], expert_acc: dict[str, float]) -> list[dict]:
-    """Mean rows with CIs per (method, count), then ``divmerge_layer - X`` paired over examples."""
+    """Mean rows with CIs per (method, count) (over folds, i.e. subsets x seeds, where there are
+    several), then ``divmerge_layer - X`` paired over the examples (:func:`seed_mean`)."""
     folds = [{**f, "expert_rank_acc": expert_acc} for f in folds]
     groups: dict = {}
     for f in folds:
         groups.setdefault((f["method"], f["n_tasks"]), []).append(f)
     rows, values = [], {}
     for (method, n), fs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        ex = {k: v for f in fs for k, v in example_values(f).items()}
-        values[(method, n)] = ex
+        ex = seed_mean(fs)
+        values[(method, n)] = ex, len({f["seed"] for f in fs})
         ci = stats.ci_fields(fs, "normalized_acc")
         over = "folds"
         if len(fs) == 1:
@@ -243,8 +256,8 @@ def aggregate(folds: Sequence[dict], expert_acc: dict[str, float]) -> list[dict]
                      "em_normalized": None if None in em else float(np.mean(em)),
                      "setting": fs[0].get("setting"), "steps": fs[0].get("steps"),
                      "samples_per_task": fs[0].get("samples_per_task", 0), "split": "test", "metric": "rank"})
-    for (method, n), ref in sorted(values.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        ours = values.get(("divmerge_layer", n))
+    for (method, n), (ref, ref_seeds) in sorted(values.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        ours, seeds = values.get(("divmerge_layer", n), (None, 0))
         if ours is None or method == "divmerge_layer":
             continue
         common = sorted(set(ours) & set(ref), key=str)
@@ -253,7 +266,8 @@ def aggregate(folds: Sequence[dict], expert_acc: dict[str, float]) -> list[dict]
         d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
         rows.append({"suite": "L", "method": f"divmerge_layer - {method}", "n_tasks": n, "normalized_acc": d["diff"],
                      "ci_low": d["ci_low"], "ci_high": d["ci_high"], "ci_over": "examples",
-                     "subsets": len({k[0] for k in common}), "seeds": 1, "split": "test", "metric": "rank"})
+                     "subsets": len({k[0] for k in common}), "seeds": seeds, "seeds_other": ref_seeds,
+                     "split": "test", "metric": "rank"})
     return rows
 
 
@@ -263,7 +277,8 @@ def report(args) -> list[dict]:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_l run` first")
     stored, passed = _gate(args)
     s = suite_l.build(train=False)
-    planned = {(method, names, 0) for _, method, names in plan(s.names, args)}
+    planned = {(method, names, seed) for _, method, names, seed in plan(s.names, args)}
+    missing = len(planned - {_key(f) for f in folds})
     left_out = [f for f in folds if _key(f) not in planned]
     folds = [f for f in folds if _key(f) in planned]
     expert_acc = {t: s.expert_metrics[t]["test"]["rank_acc"] for t in s.names}
@@ -277,8 +292,10 @@ def report(args) -> list[dict]:
              f"exact match of the greedy answer. TA scale {stored['ta_best_scale']} (chosen on validation at "
              f"{len(stored['tasks'])} tasks, `{ENTRY}.json`); TIES at jmerge's defaults. Subsets per count: all, or "
              f"{args.subsets} drawn with a fixed seed (`study_l.subsets`). Learned methods: {SAMPLES} prompts per task, "
-             f"{STEPS} steps of {BATCH} per task, one seed. Per-fold rows: `{FOLDS}.json` ({len(left_out)} stored "
-             f"folds of subsets outside this plan left out).")
+             f"{STEPS} steps of {BATCH} per task, seeds {args.seeds} (each draws the prompts and batches; a row's "
+             f"`seeds` counts those stored; paired differences average each example over its seeds first). "
+             f"Per-fold rows: `{FOLDS}.json` ({len(left_out)} stored folds outside this plan left out; "
+             f"{missing} planned folds not run).")
     results.write_rows(STEM, rows, suite="L", columns=["suite"] + cols, title="Suite L: normalized accuracy vs merged tasks",
                        command=report_command(args), notes=notes, overwrite=True)
     markdown(s, stored, rows, folds, notes, cols, report_command(args))
@@ -288,7 +305,8 @@ def report(args) -> list[dict]:
 def report_command(args) -> str:
     """The ``report`` command line that plans these folds (its options where not the defaults)."""
     opts = [("--methods", args.methods, list(METHODS)), ("--counts", args.counts, list(COUNTS)),
-            ("--learned-counts", args.learned_counts, None), ("--subsets", args.subsets, SUBSETS)]
+            ("--learned-counts", args.learned_counts, None), ("--subsets", args.subsets, SUBSETS),
+            ("--seeds", args.seeds, [0])]
     extra = "".join(f" {flag} {' '.join(map(str, v)) if isinstance(v, list) else v}" for flag, v, default in opts if v != default)
     return "python -m experiments.study_l report" + extra
 
@@ -340,6 +358,7 @@ def main(argv: Sequence[str] | None = None):
         p.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
         p.add_argument("--learned-counts", nargs="+", type=int, default=None, help="default: the full task count")
         p.add_argument("--subsets", type=int, default=SUBSETS, help="subsets per task count (seeded sample)")
+        p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the learned methods")
         p.add_argument("--exploratory", action="store_true",
                        help="run past failed entry criteria; every row is labelled exploratory")
     args = ap.parse_args(argv)

@@ -1,5 +1,5 @@
-"""Small helpers written once: the "did you mean" hint, atomic file writes, the registry of module caches,
-the progress bar."""
+"""Small helpers written once: the "did you mean" hint, the refusal to replace an existing output,
+atomic file writes, the registry of module caches, the progress bar."""
 
 from __future__ import annotations
 
@@ -31,13 +31,23 @@ def clear_caches() -> None:
         clear()
 
 
+class OutputError(OSError):
+    """The output cannot be written (exists, unwritable, disk full); nothing was left behind."""
+
+
+def refuse_existing(out: str | os.PathLike, force: bool, how: str = "pass --force (force=True)") -> None:
+    """Raises :class:`OutputError` if ``out`` exists (or is a dangling link) and not ``force``."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"output {out} already exists; {how} to replace it")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, overwrite: bool = False) -> Path:
     """Calls ``write(tmp_path)``, syncs and renames ``tmp_path`` to ``path``: readers see the old
     file or the whole new one, never a part. Refuses to replace an existing ``path`` unless
-    ``overwrite``. The temporary file sits beside ``path`` and keeps its suffix."""
+    ``overwrite`` (:func:`refuse_existing`). The temporary file sits beside ``path`` and keeps its suffix."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    refuse_existing(path, overwrite, "pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)

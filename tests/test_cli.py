@@ -238,7 +238,7 @@ def test_inspect_command(models, capsys):
     cos = tvs[0] @ tvs[1] / np.linalg.norm(tvs[0]) / np.linalg.norm(tvs[1])
     assert f"{cos:+.3f}" in out
     assert "LwPTV" in out and (root / "tv.png").stat().st_size > 0 and (root / "tv-lwptv.png").stat().st_size > 0
-    assert "tv.png exists; pass --force to overwrite it" in _error(capsys, "inspect", "base", "e0", "--png", "tv.png")
+    assert "output tv.png already exists; pass --force to replace it" in _error(capsys, "inspect", "base", "e0", "--png", "tv.png")
 
 
 def test_help_and_methods(capsys):

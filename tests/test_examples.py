@@ -65,6 +65,14 @@ def test_the_smollm2_divmerge_example_runs_to_hf_and_gguf(example, tmp_path, cap
     for name, x in back.items():  # F32 GGUF: the same learned merge, read back through jmerge
         np.testing.assert_array_equal(x, merged[name])
 
+    # one learning run to both formats: the HF output converted, its merge record carried along
+    assert cli.main(["convert", str(tmp_path / "merged"), str(tmp_path / "converted.gguf")]) == 0
+    conv = gg.open_gguf(tmp_path / "converted.gguf")
+    assert conv.fields["jmerge.config"] == yml.read_text()
+    assert json.loads(conv.fields["jmerge.coefficients"])["coefficients"] == saved["coefficients"]
+    for name, x in conv.items():
+        np.testing.assert_array_equal(x, merged[name])
+
     capsys.readouterr()
     assert _check_output().main([str(tmp_path / "merged"), str(tmp_path / "merged.gguf")]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -12,6 +12,7 @@ import jmerge
 from helpers import assert_trees_equal, bert_like_models, drop_mask, place
 from jmerge import lwptv
 from jmerge import tree as jtree
+from jmerge._util import OutputError
 from jmerge.lwptv import LayerMask, LwPTV
 from jmerge.validate import MergeInputError
 
@@ -331,7 +332,7 @@ def test_layer_mask_table_json_and_validation(tmp_path):
     path = m.save(tmp_path / "mask.json")
     assert json.loads(path.read_text())["mask"] == [[True, False, True], [False, False, True]]
     assert LayerMask.load(path) == m
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match=re.escape(f"output {path} already exists; pass overwrite=True to replace it")):
         m.save(path)
     m.save(path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["mask.json"]  # no temporary left behind
@@ -474,7 +475,7 @@ def test_plots_write_png_and_table(models, tmp_path):
         assert fn(*args, path, **kwargs) == path
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-        with pytest.raises(FileExistsError):
+        with pytest.raises(OutputError, match=re.escape(f"output {path} already exists; pass overwrite=True")):
             fn(*args, path, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot_mask.png", "plot_scores.png"]
     with pytest.raises(MergeInputError, match="expected"):

@@ -131,6 +131,24 @@ def test_study_rows_from_example_values():
     assert diff["normalized_acc"] == pytest.approx(ours["normalized_acc"] - fold["normalized_acc"])
 
 
+def test_study_pairs_each_example_once_averaged_over_seeds():
+    from experiments import study_l
+
+    expert = {"x": 50.0}
+    base = {"n_tasks": 1, "subset": ["x"], "em_normalized": None}
+    ties = {**base, "method": "ties", "seed": 0, "rank_correct": {"x": [0, 1]}, "normalized_acc": 100.0}
+    ours = [{**base, "method": "divmerge_layer", "seed": s, "rank_correct": {"x": c}, "normalized_acc": 100.0 * sum(c)}
+            for s, c in ((0, [1, 1]), (1, [1, 0]), (2, [0, 0]))]
+    rows = {r["method"]: r for r in study_l.aggregate([ties, *ours], expert)}
+    assert study_l.seed_mean([{**f, "expert_rank_acc": expert} for f in ours]) == {
+        (("x",), "x", 0): pytest.approx(400 / 3), (("x",), "x", 1): pytest.approx(200 / 3)}
+    assert rows["divmerge_layer"]["seeds"] == 3 and rows["divmerge_layer"]["ci_over"] == "folds"
+    assert rows["divmerge_layer"]["normalized_acc"] == pytest.approx(100.0)
+    diff = rows["divmerge_layer - ties"]
+    assert (diff["seeds"], diff["seeds_other"]) == (3, 1)
+    assert diff["normalized_acc"] == pytest.approx(0.0)  # (400/3 + 200/3) / 2 - (0 + 200) / 2
+
+
 def test_study_plan_samples_subsets_per_count_and_runs_the_full_set_first():
     from types import SimpleNamespace
 
@@ -141,9 +159,9 @@ def test_study_plan_samples_subsets_per_count_and_runs_the_full_set_first():
     assert len(pairs) == len(set(pairs)) == 3 and pairs == study_l.subsets(names, 2, 3)  # seeded, distinct
     assert study_l.subsets(names, 2, 3, seed=1) != pairs  # the seed draws them
     assert study_l.subsets(names, 5, 6) == list(itertools.combinations(names, 5))  # all when few enough
-    args = SimpleNamespace(counts=[2, 6], learned_counts=None, subsets=2, methods=["ties", "divmerge_layer"])
+    args = SimpleNamespace(counts=[2, 6], learned_counts=None, subsets=2, methods=["ties", "divmerge_layer"], seeds=[0, 3])
     got = study_l.plan(names, args)
-    assert got[:2] == [(6, "ties", names), (6, "divmerge_layer", names)]
-    assert [f for f in got[2:]] == [(2, "ties", s) for s in study_l.subsets(names, 2, 2)]
+    assert got[:3] == [(6, "ties", names, 0), (6, "divmerge_layer", names, 0), (6, "divmerge_layer", names, 3)]
+    assert [f for f in got[3:]] == [(2, "ties", s, 0) for s in study_l.subsets(names, 2, 2)]  # data-free: once
     with pytest.raises(ValueError, match="^task count 7 is outside 2..6 "):
         study_l.plan(names, SimpleNamespace(**{**vars(args), "counts": [7]}))

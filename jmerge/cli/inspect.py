@@ -49,8 +49,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for i, e in enumerate(experts):
         st.check_compatible(base, e, f"expert {i} ({e.path})")
     names = [_short(e.path) for e in experts]
-    if args.png is not None and args.png.exists() and not args.force:
-        raise hf_dir.OutputError(f"{args.png} exists; pass --force to overwrite it")
+    if args.png is not None:
+        hf_dir.refuse_existing(args.png, args.force, "pass --force")
     with progress(False) as bar:
         task = bar.add_task("task vectors", total=len(base.tensors))
         norms, gram = similarity.task_vector_stats(base, experts, lambda phase, name: bar.update(task, advance=1))

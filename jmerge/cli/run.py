@@ -89,9 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         base=str(plan.base), experts=[str(e) for e in plan.experts], config_text=plan.config_text, version=__version__,
         extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype) + cov.markdown(),
     )
-    from jmerge.io.gguf import model_files
-
-    extra = {**model_files(base), **_out_config(plan.base, out_dtype, None),  # a GGUF base: its config and tokenizer
+    extra = {**base.model_files(), **_out_config(plan.base, out_dtype, None),  # a GGUF base: its config and tokenizer
              **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(
         f"merging {len(experts)} model(s) into {args.out} with {'learned ' if plan.learn else ''}{plan.method} "

@@ -120,6 +120,10 @@ class GGUFCheckpoint(st.Checkpoint):
     def tied(self) -> bool:
         return "lm_head.weight" not in self.tensors
 
+    def model_files(self) -> dict[str, str]:
+        """The HF files built from the GGUF's metadata (:func:`hf_files`): its config and tokenizer."""
+        return hf_files(self)
+
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in HF layout (q/k un-permuted)."""
         t = self.sources.get(name)
@@ -560,7 +564,10 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "f32
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None = None, dtype: str | None = None,
             shard_size: int | str = st.DEFAULT_SHARD_SIZE, force: bool = False) -> dict[str, Any]:
-    """``jmerge convert``: ``model.gguf -> hf_dir/`` or ``hf_dir/ -> out.gguf`` (``quant``, default f32)."""
+    """``jmerge convert``: ``model.gguf -> hf_dir/`` or ``hf_dir/ -> out.gguf`` (``quant``, default f32).
+    A jmerge output directory's merge record (``jmerge_config.yml``, ``coefficients.json``) goes into
+    the GGUF as ``jmerge.config`` / ``jmerge.coefficients``, so a learned merge is written to HF
+    and GGUF from one learning run."""
     if is_gguf(src) and is_gguf(dst):
         raise GGUFError(f"{src} -> {dst}: GGUF to GGUF is not a conversion; give an HF directory on one side")
     if is_gguf(src):
@@ -571,13 +578,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None
         raise GGUFError("--dtype applies to HF output; GGUF output takes --quant")
     from jmerge import __version__
 
-    return from_hf(src, dst, quant=quant or "f32", record={"version": __version__, "source": str(src)}, force=force)
-
-
-def model_files(ckpt: st.Checkpoint) -> dict[str, str]:
-    """The HF text files an output directory of a merge with base ``ckpt`` needs: those
-    built from a GGUF base's metadata, none for an HF base (its files are copied)."""
-    return hf_files(ckpt) if isinstance(ckpt, GGUFCheckpoint) else {}
+    record = {"version": __version__, "source": str(src)}
+    for key, name in (("config", "jmerge_config.yml"), ("coefficients", "coefficients.json")):
+        if (Path(src) / name).is_file():
+            record[key] = (Path(src) / name).read_text(encoding="utf-8")
+    return from_hf(src, dst, quant=quant or "f32", record=record, force=force)
 
 
 def run_to_gguf(args, run) -> int:

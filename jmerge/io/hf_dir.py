@@ -3,9 +3,9 @@
 :func:`atomic_dir` builds an output directory in a temporary directory beside it and renames
 it into place at the end: an interrupted or failed write (disk full, permissions) leaves no
 half-written model, and an existing output is replaced only with ``force=True``, the new
-directory being complete before the old one is removed. :func:`refuse_existing` is the same
-check for single-file outputs. The HF extras of a merged model directory: the base's
-``config.json`` and tokenizer files (:func:`copy_model_files`) and a model card recording the
+directory being complete before the old one is removed. :func:`refuse_existing` (from :mod:`jmerge._util`,
+where :func:`~jmerge._util.atomic_write` uses it) is the same check for single-file outputs.
+The HF extras of a merged model directory: the base's ``config.json`` and tokenizer files (:func:`copy_model_files`) and a model card recording the
 merge (:func:`model_card`).
 """
 
@@ -20,16 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
-
-class OutputError(OSError):
-    """The output cannot be written (exists, unwritable, disk full); nothing was left behind."""
-
-
-def refuse_existing(out: str | os.PathLike, force: bool, how: str = "pass --force (force=True)") -> None:
-    """Raises :class:`OutputError` if ``out`` exists (or is a dangling link) and not ``force``."""
-    out = Path(out)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"output {out} already exists; {how} to replace it")
+from jmerge._util import OutputError as OutputError  # re-exported: the outputs' one error and check
+from jmerge._util import refuse_existing as refuse_existing
 
 
 def describe_os_error(e: OSError, where: Path) -> str:

@@ -200,6 +200,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def model_files(self) -> dict[str, str]:
+        """``{file name: text}`` of the HF text files (config, tokenizer) this checkpoint implies
+        beyond those beside it: none for safetensors (an output copies the directory's own)."""
+        return {}
+
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a copy-on-write memory map of its bytes (nothing is copied)."""
         info = self.tensors.get(name)
