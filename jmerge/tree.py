@@ -12,11 +12,12 @@ exact in float32); ``apply`` adds ``scale * tau`` in float32 and casts once to t
 base dtype; ``apply_tasks`` is task arithmetic with one coefficient per task and layer, the one
 kernel behind ``task_arithmetic``, learned coefficients and their checkpoint writer.
 
-Low-precision arithmetic (mergekit's ``dtype``): inside :func:`rounding` (``jmerge.merge(...,
-compute_dtype="bfloat16")`` enters it for the methods mergekit computes in ``dtype``), every
-step that calls :func:`rounded` rounds its float32 result to that dtype, as torch rounds each
-bf16/fp16 operation on CPU (computed in float32, rounded to nearest even); outside it
-:func:`rounded` is the identity.
+mergekit's arithmetic (``jmerge.merge(..., compute_dtype=)``): inside :func:`rounding` the methods
+follow mergekit's order of operations, and every step that calls :func:`rounded` rounds its float32
+result to the dtype mergekit computes in, as torch rounds each bf16/fp16 operation on CPU (computed
+in float32, rounded to nearest even): its ``dtype`` for the methods mergekit computes in it, float32
+(nothing to round) for the others. Outside it :func:`rounded` is the identity and the methods use
+jmerge's own float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ import jax.numpy as jnp
 
 PyTree = Any
 ACCUM_DTYPE = jnp.float32
-# the dtype :func:`rounded` rounds to (read at trace time), None: float32 arithmetic; a ContextVar, so
+# the dtype mergekit computes in (read at trace time), None: jmerge's own arithmetic; a ContextVar, so
 # a merge traced in one thread does not see another thread's setting
 _ROUND_TO: contextvars.ContextVar = contextvars.ContextVar("jmerge_round_to", default=None)
 
 
 @contextlib.contextmanager
 def rounding(dtype) -> Iterator[None]:
-    """Within the block, :func:`rounded` rounds to ``dtype`` (e.g. ``"bfloat16"``; None or
-    float32: no rounding). Read when a function is traced, so a jitted function must be cached
-    per dtype (:func:`jmerge.methods.registry.merge` does)."""
-    dt = None if dtype is None or jnp.dtype(dtype) == ACCUM_DTYPE else jnp.dtype(dtype)
-    token = _ROUND_TO.set(dt)
+    """Within the block, mergekit's arithmetic in ``dtype``: :func:`rounded` rounds to it (e.g.
+    ``"bfloat16"``; float32: nothing to round) and the methods take mergekit's order of operations
+    (:func:`rounding_dtype` is not None). None: jmerge's own arithmetic. Read when a function is
+    traced, so a jitted function must be cached per dtype (:func:`jmerge.methods.registry.merge` does)."""
+    token = _ROUND_TO.set(None if dtype is None else jnp.dtype(dtype))
     try:
         yield
     finally:
@@ -50,15 +51,16 @@ def rounding(dtype) -> Iterator[None]:
 
 
 def rounding_dtype():
-    """The dtype :func:`rounded` rounds to now, or None (float32 arithmetic)."""
+    """The dtype mergekit computes in now (:func:`rounding`), or None (jmerge's own arithmetic)."""
     return _ROUND_TO.get()
 
 
 def rounded(tree: PyTree) -> PyTree:
     """Every float leaf rounded to the :func:`rounding` dtype and back to float32 (round to
-    nearest even, subnormals kept: an ``astype`` pair, which XLA keeps); unchanged outside it."""
+    nearest even, subnormals kept: an ``astype`` pair, which XLA keeps); unchanged outside it and
+    in float32."""
     dt = _ROUND_TO.get()
-    if dt is None:
+    if dt is None or dt == ACCUM_DTYPE:
         return tree
     def leaf(x):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

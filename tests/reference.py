@@ -232,3 +232,59 @@ def mergekit_gta(base, experts, weights, densities, *, lam=1.0, normalize, conse
     if normalize:
         mixed = r(mixed / divisor)
     return r(base + r(mixed * F32(lam)))
+
+
+def fma32(x, y, z) -> np.ndarray:
+    """``x y + z`` rounded once to float32 (a fused multiply-add), elementwise: ``x y`` is exact in
+    float64 and the float64 sum's rounding error is known exactly (TwoSum), so where that sum lies on
+    a float32 halfway point the error decides the side, as a single rounding would."""
+    x, y, z = (np.asarray(v, F32).astype(np.float64) for v in (x, y, z))
+    x, y, z = np.broadcast_arrays(x, y, z)
+    s = x * y + z  # x * y exact (48 bits), one float64 rounding of the sum
+    bz = s - x * y
+    err = (x * y - (s - bz)) + (z - bz)  # s + err == x y + z exactly
+    r = s.astype(F32)
+    other = np.where(s > r, np.nextafter(r, F32(np.inf)), np.nextafter(r, F32(-np.inf)))
+    halfway = s == (r.astype(np.float64) + other) / 2
+    return np.where(halfway & (err != 0) & ((err > 0) == (other > r)), other, r).astype(F32)
+
+
+def torch_sum(x) -> F32:
+    """``x.sum()`` of a float32 vector as torch's CPU kernel sums a contiguous row with one thread
+    (aten ``SumKernel.cpp``; fewer than 512 values): under 8 values in 4 interleaved running sums
+    (``row_sum``), the leftover values added to the first, the 4 then summed in order; from 8 values,
+    vectors of 8 lanes summed that way, then the leftover values in order and the 8 lanes onto them."""
+    x = np.asarray(x, F32)
+    assert x.size < 512, "torch adds cascade levels from 64 rows of 4"
+
+    def row_sum(rows):
+        n = len(rows) // 4 * 4
+        acc = [np.zeros_like(rows[0]) for _ in range(4)]
+        for i in range(n):
+            acc[i % 4] = acc[i % 4] + rows[i]
+        for row in rows[n:]:
+            acc[0] = acc[0] + row
+        return acc[0] + acc[1] + acc[2] + acc[3]
+
+    if x.size < 8:
+        return F32(row_sum(list(x)))
+    m = x.size // 8 * 8
+    lanes = row_sum([x[i:i + 8] for i in range(0, m, 8)])
+    total = F32(0)
+    for v in list(x[m:]) + list(lanes):
+        total = F32(total + v)
+    return total
+
+
+def mergekit_linear(models, weights, *, dtype, normalize=True) -> np.ndarray:
+    """mergekit's ``linear`` kernel (``merge_methods/linear.py``) on one tensor as torch runs it on an
+    AVX2/AVX-512 CPU: the models rounded to ``dtype`` as mergekit loads them, ``result = 0`` in
+    float32, ``result.addcmul_(theta_t, w_t)`` per model, a fused multiply-add (:func:`fma32`), then
+    ``result.div_(w.sum())`` (a true division by :func:`torch_sum`), rounded to ``dtype``."""
+    w = np.asarray(weights, F32)
+    total = np.zeros(np.shape(models[0]), F32)
+    for m, wt in zip(models, w):
+        total = fma32(np.asarray(m).astype(dtype).astype(F32), wt, total)
+    if normalize:
+        total = total / torch_sum(w)
+    return total.astype(dtype)

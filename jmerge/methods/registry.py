@@ -51,7 +51,8 @@ class Mergekit:
     * ``in_dtype``: mergekit computes the method in its ``dtype`` (task vectors, products,
       sums and quotients each rounded to it), so :func:`merge` with ``compute_dtype`` rounds
       the same steps (:func:`jmerge.tree.rounding`); otherwise mergekit computes in float32
-      from inputs rounded to ``dtype``, and so does :func:`merge`.
+      from inputs rounded to ``dtype``, and so does :func:`merge`, in mergekit's order of
+      operations (:func:`jmerge.tree.rounding` of float32).
     """
 
     name: str
@@ -222,7 +223,7 @@ def _jitted(method: Method, static_names: tuple[str, ...], donate_base: bool = F
             rounding=None) -> Callable:
     """The jitted merge ``(base, experts, key, answers, extra, **hp)``: task vectors, ``pre(tvs,
     extra)``, the method, ``post(merged, base, extra)`` (LwPTV's prune and keep_base); traced
-    under :func:`jmerge.tree.rounding` of ``rounding`` (None: float32 arithmetic)."""
+    under :func:`jmerge.tree.rounding` of ``rounding`` (None: jmerge's own float32 arithmetic)."""
     cache_key = (method.name, method.fn, static_names, donate_base, pre, post, rounding)
     if cache_key not in _JITTED:
 
@@ -291,8 +292,9 @@ def merge(
         every input is cast to it first, and a method mergekit computes in that dtype
         (``Mergekit.in_dtype``: the task-arithmetic family, Model Stock) rounds each step as
         torch does on CPU (:func:`jmerge.tree.rounding`); the others compute in float32 from
-        the cast inputs, as mergekit does. The output is in ``compute_dtype``. None: jmerge's
-        float32 arithmetic on the inputs as given.
+        the cast inputs, as mergekit does, in mergekit's order of operations (``linear``'s fused
+        multiply-adds, ``slerp``'s separately rounded products). The output is in ``compute_dtype``.
+        None: jmerge's float32 arithmetic on the inputs as given.
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
     All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
@@ -313,7 +315,8 @@ def merge(
         if not jnp.issubdtype(compute_dtype, jnp.floating):
             raise validate.MergeInputError(f"compute_dtype must be a float dtype, got {compute_dtype}")
         base, experts = jax.tree.map(lambda x: x.astype(compute_dtype), (base, list(experts)))
-        rounding = compute_dtype if m.mergekit is not None and m.mergekit.in_dtype else None
+        if m.mergekit is not None:  # mergekit's arithmetic: in `dtype`, or in float32 from the cast inputs
+            rounding = compute_dtype if m.mergekit.in_dtype else jnp.dtype(jnp.float32)
     if m.needs_key and key is None:
         raise validate.MergeInputError(f"method {method!r} is stochastic: pass key=jax.random.key(seed)")
     if check_finite:

@@ -45,13 +45,22 @@ def _unit(x):
 
 
 def slerp_pair(t, a, b):
-    """SLERP from ``a`` (t=0) to ``b`` (t=1), lerp when the directions are nearly (anti)parallel."""
+    """SLERP from ``a`` (t=0) to ``b`` (t=1), lerp when the directions are nearly (anti)parallel:
+    ``s_0 a + s_1 b``. XLA:CPU fuses one of the products into the sum; under
+    :func:`jmerge.tree.rounding` both are rounded first, as mergekit's ``coef_a * x + coef_b * y``
+    (three torch ops): each is multiplied by ``sin_omega / sin_omega``, an exact 1 XLA does not
+    fold, so whichever product XLA fuses is exact. (``s_0, s_1`` still differ from mergekit's in
+    their last bits: torch's sums run in another order, and one that depends on its thread
+    count, and its ``acos`` and ``sin`` are SLEEF's; docs/mergekit.md.)"""
     dot = jnp.sum(_unit(a) * _unit(b))
     colinear = jnp.abs(dot) > DOT_THRESHOLD
     omega = jnp.arccos(jnp.where(colinear, 0.0, dot))
     sin_omega = jnp.where(colinear, 1.0, jnp.sin(omega))
     s0 = jnp.where(colinear, 1.0 - t, jnp.sin((1.0 - t) * omega) / sin_omega)
     s1 = jnp.where(colinear, t, jnp.sin(t * omega) / sin_omega)
+    if jtree.rounding_dtype() is not None:
+        one = sin_omega / sin_omega
+        return (s0 * a) * one + (s1 * b) * one
     return s0 * a + s1 * b
 
 

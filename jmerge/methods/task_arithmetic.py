@@ -77,22 +77,55 @@ def _elect_and_combine(base, tvs, weights, sign, normalize, scale):
           mergekit=Mergekit("linear", {"normalize": True}, {"weight": 1.0}, base="none"))
 def average(base, tvs, *, key=None, weights=None, normalize=True):
     """Weighted parameter average: ``theta = sum_t w_t theta_t / sum_t w_t`` (model soup);
-    ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``.
+    ``normalize=False`` (mergekit ``linear`` with ``normalize: false``) gives ``sum_t w_t theta_t``,
+    in float32, accumulated from 0 over the models in order and divided once.
 
-    As mergekit's ``linear`` kernel: float32, accumulated from 0 over the models in order
-    (``result.addcmul_(theta_t, w_t)``, a fused multiply-add, which XLA:CPU emits for
-    ``total + w_t theta_t`` too), divided once by the weights summed in order."""
+    Under :func:`jmerge.tree.rounding`, mergekit's ``linear`` kernel as torch runs it on an AVX2 or
+    AVX-512 CPU: ``result = zeros``, then per model ``result.addcmul_(theta_t, w_t)``, a fused
+    multiply-add ``fma(theta_t, w_t, result)`` (torch's default, unvectorised kernel,
+    ``ATEN_CPU_CAPABILITY=default``, rounds ``theta_t w_t`` first), then ``result.div_(sum_t w_t)``,
+    a true division by the weights summed in torch's order (:func:`_torch_sum`). XLA:CPU fuses
+    ``total + w_t theta_t`` likewise, provided its simplifier neither drops the ``0 +`` (it then fuses
+    the first product into the second: ``fma(w_0, theta_0, w_1 theta_1)``) nor turns the division
+    into a product with the reciprocal: an optimization barrier hides the zeros and the divisor."""
     k = len(tvs)
     w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    mergekit = jtree.rounding_dtype() is not None
 
     def leaf(b, *ts):
         b32 = b.astype(jtree.ACCUM_DTYPE)
         total = jnp.zeros_like(b32)
+        if mergekit:
+            total = jax.lax.optimization_barrier(total)
         for i in range(k):
             total = total + w[i] * (b32 + ts[i])  # theta_t = theta_0 + tau_t
-        return (total / sum(w[i] for i in range(k)) if normalize else total).astype(b.dtype)
+        if not normalize:
+            return total.astype(b.dtype)
+        if mergekit:
+            return (total / jax.lax.optimization_barrier(jnp.full(total.shape, _torch_sum(w)))).astype(b.dtype)
+        return (total / sum(w[i] for i in range(k))).astype(b.dtype)
 
     return jax.tree.map(leaf, base, *tvs)
+
+
+def _torch_sum(x):
+    """``x.sum()`` of a 1-D float32 array in the order of torch's CPU sum over a contiguous row
+    (aten ``SumKernel.cpp``, one thread, 8 lanes: fewer than 512 values): fewer than 8 values in 4
+    interleaved running sums, the ones left over added to the first, then the 4 summed in order;
+    from 8 values, lanes of 8 summed that way, then ``((0 + leftover values in order) + lane 0) + ...
+    + lane 7``. mergekit sums ``linear``'s weights so (in order for up to 4 models)."""
+    def row_sum(v):  # torch's row_sum with its 4 accumulators (no cascade levels below 64 rows)
+        n = len(v) // 4 * 4
+        acc = [sum(v[j:n:4], 0.0) for j in range(4)]
+        acc[0] = sum(v[n:], acc[0])
+        return sum(acc[1:], acc[0])
+
+    k = x.shape[0]
+    if k < 8:
+        return row_sum([x[i] for i in range(k)])
+    m = k // 8 * 8
+    lanes = row_sum([x[i:i + 8] for i in range(0, m, 8)])
+    return sum((lanes[j] for j in range(8)), sum((x[i] for i in range(m, k)), 0.0))
 
 
 @register("task_arithmetic", check=_check, reference="Ilharco et al., 2023, arXiv 2212.04089",
