@@ -157,6 +157,11 @@ def test_linear_sums_its_weights_in_torchs_order(n):
     assert task_arithmetic._torch_sum(jnp.asarray(x)) == ref.torch_sum(x)
 
 
+def test_torch_order_sum_refuses_the_sizes_it_does_not_replay():
+    with pytest.raises(ValueError, match=r"for fewer than 512 models, got 512$"):
+        task_arithmetic._torch_sum(jnp.zeros(512, jnp.float32))
+
+
 @pytest.mark.parametrize("weights", LINEAR_WEIGHTS)
 def test_linear_is_mergekits_fused_multiply_adds_bit_for_bit(weights):
     """``linear`` (jmerge's ``average``) under ``compute_dtype``: ``result = 0``, one fused multiply-add

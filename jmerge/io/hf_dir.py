@@ -3,10 +3,10 @@
 :func:`atomic_dir` builds an output directory in a temporary directory beside it and renames
 it into place at the end: an interrupted or failed write (disk full, permissions) leaves no
 half-written model, and an existing output is replaced only with ``force=True``, the new
-directory being complete before the old one is removed. :func:`refuse_existing` (from :mod:`jmerge._util`,
-where :func:`~jmerge._util.atomic_write` uses it) is the same check for single-file outputs.
-The HF extras of a merged model directory: the base's ``config.json`` and tokenizer files (:func:`copy_model_files`) and a model card recording the
-merge (:func:`model_card`).
+directory being complete before the old one is removed. :func:`refuse_existing` (from
+:mod:`jmerge._util`, where :func:`~jmerge._util.atomic_write` uses it) is the same check for
+single-file outputs. The HF extras of a merged model directory: the base's ``config.json`` and
+tokenizer files (:func:`copy_model_files`) and a model card recording the merge (:func:`model_card`).
 """
 
 from __future__ import annotations

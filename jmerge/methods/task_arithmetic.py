@@ -121,6 +121,8 @@ def _torch_sum(x):
         return sum(acc[1:], acc[0])
 
     k = x.shape[0]
+    if k >= 512:  # torch's cascade levels start there; not replayed
+        raise ValueError(f"compute_dtype: model replays torch's sum of linear's weights for fewer than 512 models, got {k}")
     if k < 8:
         return row_sum([x[i] for i in range(k)])
     m = k // 8 * 8
