@@ -21,13 +21,15 @@ Variants of each base method, at ``k`` kept layers of the ``L = 7`` of ``jmerge_
   (:func:`random_mask`).
 
 ``validate`` (validation split only): the base and every method plain; the OOD entry criterion
-(:func:`ood_entry`: TA must move held-out accuracy away from the base by more than the paired
-95 % CI's width, else the OOD metric cannot show anything and the study stops, its measured
-values stored; the other methods' spreads are stored as diagnostics); TA with LwPTV at
-every ``k`` of :data:`TOP_K`, and the ``k`` with the best OOD among those losing at most
-:data:`ID_TOLERANCE` ID points (:func:`experiments.study_lwptv.choose`), for every method
-(:data:`SELECT_ON`). ``test`` then reads the
-test split once: base, plain, and the three masked variants at the chosen ``k``. ``report``:
+of each method (:func:`ood_entry`: the method must move held-out accuracy away from the base by
+more than the paired 95 % CI's width, else OOD cannot show what LwPTV recovers for it); for each
+method that passes, LwPTV at every ``k`` of :data:`TOP_K` and the ``k`` with the best OOD among
+those losing at most :data:`ID_TOLERANCE` ID points (:func:`experiments.study_lwptv.choose`),
+chosen on that method's own folds. A method that fails its criterion gets no choice and is not
+tested; if none passes, the study stops. (Protocol v2: v1 gated every method on task
+arithmetic's spread and chose one ``k`` on TA's folds; it stopped at that gate on validation,
+TA moving held-out accuracy by +0.03 points, before the test split was read.) ``test`` then
+reads the test split once: base, plain, and the three masked variants at the chosen ``k``. ``report``:
 rows with percentile-bootstrap 95 % CIs over folds and paired differences over subsets
 (:mod:`experiments.stats`; random seeds averaged first), per method and averaged over methods.
 
@@ -68,10 +70,6 @@ TOP_K = (4, 5, 6)  # layers kept per task, of 7, tried on validation
 SCORE = "trim_survival"  # the library default; v1 found relative_update gave the same masks
 RANDOM_SEEDS = (0, 1, 2)
 ID_TOLERANCE = 0.5  # ID points LwPTV may lose on validation (the target's bound)
-# LwPTV's k is chosen on TA's validation folds and serves every method (each merge costs about 50 s
-# of scoring on the shared CPU, so a per-method grid did not fit the session); the mask itself does
-# not depend on the method (the score reads the task vectors only).
-SELECT_ON = "task_arithmetic"
 # Base methods beyond TA and TIES (whose settings study_t2 chose on validation), at their published
 # defaults; DARE's drop is seeded; Iso-CTS averages the 30522 x 384 embedding table (its SVD took
 # minutes per merge here) and factorises every other matrix.
@@ -237,20 +235,17 @@ def _mean_row(folds: Sequence[dict], **fields) -> dict:
             "id_ci_low": idm["ci_low"], "id_ci_high": idm["ci_high"]}
 
 
-def entry_message(entry: dict) -> str:
-    """The stop message of a failed OOD entry criterion, with the measured values."""
-    return (f"suite T2 fails entry criterion ood_spread: {SELECT_ON} - base on held-out tasks "
+def entry_message(method: str, entry: dict) -> str:
+    """The message of ``method``'s failed OOD entry criterion, with the measured values."""
+    return (f"suite T2 fails entry criterion ood_spread for {method}: {method} - base on held-out tasks "
             f"{entry['minus_base']:+.2f} points (95 % CI [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}], width "
             f"{entry['ci_width']:.2f}); the difference must exceed the CI width in size")
 
 
 def validate(st: Study, methods: Sequence[str] = METHODS) -> dict:
-    """Validation only: the base and each of ``methods`` (with :data:`SELECT_ON`) plain, the OOD
-    entry criterion of each (the gate is :data:`SELECT_ON`'s); if it passes, :data:`SELECT_ON` with
-    LwPTV at every ``k`` of :data:`TOP_K`, and the chosen ``k`` for ``methods``. A failed gate
-    returns no choice."""
-    if SELECT_ON not in methods:
-        raise ValueError(f"validate needs {SELECT_ON} among the methods (its folds choose k), got {list(methods)}")
+    """Validation only: the base and each of ``methods`` plain and its OOD entry criterion; for
+    each method that passes, LwPTV at every ``k`` of :data:`TOP_K` and the ``k`` chosen on its own
+    folds. Methods that fail get no choice (``chosen`` empty when none passes)."""
     base = st.base_folds("validation")
     per_subset = lambda fs: {tuple(f["subset"]): f["ood_acc"] for f in fs}
     plain = {m: [st.fold("validation", m, "plain", None, 0, n) for n in st.subsets] for m in methods}
@@ -258,21 +253,22 @@ def validate(st: Study, methods: Sequence[str] = METHODS) -> dict:
     rows = [_mean_row(base, method="base", variant="base", top_k=None)]
     rows += [_mean_row(fs, method=m, variant="plain", top_k=None) for m, fs in plain.items()]
     out = {"split": "validation", "score": SCORE, "top_k_grid": list(TOP_K), "id_tolerance": ID_TOLERANCE,
-           "subset_size": SUBSET_SIZE, "chosen_on": SELECT_ON, "ood_entry": entries[SELECT_ON],
-           "ood_entry_by_method": entries, "chosen": {}, "rows": rows}
+           "subset_size": SUBSET_SIZE, "gate": "per method", "ood_entry_by_method": entries, "chosen": {},
+           "rows": rows}
     for m, e in entries.items():
         _log(f"OOD entry criterion, {m}: {e['minus_base']:+.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}] "
              f"{'passed' if e['passed'] else 'FAILED'}")
-    if not out["ood_entry"]["passed"]:
-        return out
-    tried = [_mean_row([st.fold("validation", SELECT_ON, "lwptv", k, 0, n) for n in st.subsets],
-                       method=SELECT_ON, variant="lwptv", top_k=k) for k in TOP_K]
-    plain_row = rows[1 + list(methods).index(SELECT_ON)]
-    best = choose(plain_row, tried, ID_TOLERANCE)
-    _log(f"chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
-         f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
-    out.update(within_tolerance=best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE, rows=rows + tried,
-               chosen={m: {"top_k": best["top_k"], "setting": st.settings[m]} for m in methods})
+    for i, m in enumerate(methods):
+        if not entries[m]["passed"]:
+            continue
+        tried = [_mean_row([st.fold("validation", m, "lwptv", k, 0, n) for n in st.subsets],
+                           method=m, variant="lwptv", top_k=k) for k in TOP_K]
+        plain_row, best = rows[1 + i], choose(rows[1 + i], tried, ID_TOLERANCE)
+        _log(f"{m}: chosen k={best['top_k']} (validation ID {best['id_acc']:.2f} vs {plain_row['id_acc']:.2f}, "
+             f"OOD {best['ood_acc']:.2f} vs {plain_row['ood_acc']:.2f})")
+        out["rows"] += tried
+        out["chosen"][m] = {"top_k": best["top_k"], "setting": st.settings[m],
+                            "within_tolerance": best["id_acc"] >= plain_row["id_acc"] - ID_TOLERANCE}
     return out
 
 
@@ -378,7 +374,8 @@ def report(methods: Sequence[str], overwrite: bool, partial: bool = False) -> li
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. {SUBSETS} seeded "
              f"{SUBSET_SIZE}-task subsets (seed {SUBSET_SEED}); ID = accuracy on the merged tasks, OOD = accuracy "
              f"on the 4 held-out tasks, both through the shared frozen zero-shot heads (points). LwPTV: score {SCORE}, "
-             f"top-k of the 7 layers chosen on {SELECT_ON}'s validation folds ({VALIDATION}.json). Controls at the same k: "
+             f"top-k of the 7 layers chosen per method on its own validation folds ({VALIDATION}.json), for the "
+             f"methods that pass their OOD entry criterion there. Controls at the same k: "
              f"first_layers (every task drops the first 7-k layers), random (per-task uniform masks, seeds "
              f"{list(RANDOM_SEEDS)}). ci_low/ci_high: 95 % percentile-bootstrap CI of the OOD figure, id_ci_*: of "
              f"the ID figure (over folds; for `lwptv - X` rows paired over subsets, random seeds averaged first). "
@@ -428,7 +425,7 @@ def main(argv: Sequence[str] | None = None):
     ap.add_argument("--k", type=int, default=4, help="explore: LwPTV's and the controls' kept layers (fixed)")
     ap.add_argument("--seeds", nargs="+", type=int, default=list(RANDOM_SEEDS), help="explore: the random masks' seeds")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="these methods (validate: their plain folds and OOD spreads; k is chosen on TA's)")
+                    help="these methods (validate: their plain folds, OOD spreads and, where it passes, k)")
     ap.add_argument("--overwrite", action="store_true", help="replace the stored validation choice / T2 rows")
     ap.add_argument("--partial", action="store_true", help="report: each method on the subsets it completed")
     args = ap.parse_args(argv)
@@ -441,9 +438,11 @@ def main(argv: Sequence[str] | None = None):
         stored = _load(VALIDATION)
         if not stored:
             raise SystemExit(f"no {VALIDATION}.json: run `python -m experiments.study_t2_lwptv validate` first")
-        if not stored[0]["ood_entry"]["passed"]:
-            raise criteria.EntryCriteriaError(entry_message(stored[0]["ood_entry"]) + ": the test split stays unread")
-        chosen = stored[0]["chosen"]
+        chosen, entries = stored[0]["chosen"], stored[0]["ood_entry_by_method"]
+        failed = [m for m in args.methods if m in entries and not entries[m]["passed"]]
+        if failed:
+            raise criteria.EntryCriteriaError("; ".join(entry_message(m, entries[m]) for m in failed)
+                                              + ": the test split stays unread for them")
         missing = [m for m in args.methods if m not in chosen]
         if missing:
             raise SystemExit(f"no validation choice for {missing}: run `validate --methods {' '.join(missing)}` first")
@@ -461,8 +460,8 @@ def main(argv: Sequence[str] | None = None):
         out = {**validate(st, args.methods),
                "command": f"python -m experiments.study_t2_lwptv validate --methods {' '.join(args.methods)}"}
         results.write_json(VALIDATION, [out], overwrite=args.overwrite)
-        if not out["ood_entry"]["passed"]:
-            raise criteria.EntryCriteriaError(entry_message(out["ood_entry"]))
+        if not out["chosen"]:
+            raise criteria.EntryCriteriaError("; ".join(entry_message(m, e) for m, e in out["ood_entry_by_method"].items()))
         return out
     test(st, chosen, args.methods)
     return report(args.methods, True)

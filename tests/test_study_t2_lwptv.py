@@ -184,23 +184,27 @@ def test_complete_needs_every_variant_and_seed():
     assert st.complete(folds, "ties") == {("a", "b")} and st.complete(folds, "task_arithmetic") == set()
 
 
-def test_validate_stops_at_a_failed_gate_and_chooses_on_validation_only(study, monkeypatch):
+def test_validate_gates_each_method_and_chooses_its_k_on_its_own_validation_folds(study, monkeypatch):
     seen = []
     real = study.s.evaluate
     monkeypatch.setattr(study.s, "evaluate", lambda p, split, **k: seen.append(split) or real(p, split, **k))
     monkeypatch.setattr(st, "TOP_K", (1, 2))
-    with pytest.raises(ValueError, match=re.escape("validate needs task_arithmetic among the methods (its folds "
-                                                   "choose k), got ['ties']")):
-        st.validate(study, ["ties"])
     fake = {"minus_base": 0.0, "ci_low": -1.0, "ci_high": 1.0, "ci_width": 2.0}
     monkeypatch.setattr(st, "ood_entry", lambda b, m: {**fake, "passed": False})
-    out = st.validate(study, ["task_arithmetic"])
+    out = st.validate(study, ["task_arithmetic", "ties"])
     assert out["chosen"] == {} and not any(f["variant"] == "lwptv" for f in study.folds)
-    assert st.entry_message(out["ood_entry"]).startswith("suite T2 fails entry criterion ood_spread: task_arithmetic")
-    monkeypatch.setattr(st, "ood_entry", lambda b, m: {**fake, "passed": True})
-    out = st.validate(study, ["task_arithmetic"])
+    assert st.entry_message("ties", out["ood_entry_by_method"]["ties"]) == (
+        "suite T2 fails entry criterion ood_spread for ties: ties - base on held-out tasks +0.00 points "
+        "(95 % CI [-1.00, 1.00], width 2.00); the difference must exceed the CI width in size")
+    # only ties passes: it alone gets LwPTV folds and a k, chosen on its own rows
+    passes = iter([False, True])  # entries are computed in the order of the methods
+    monkeypatch.setattr(st, "ood_entry", lambda b, m: {**fake, "passed": next(passes)})
+    out = st.validate(study, ["task_arithmetic", "ties"])
+    assert set(out["chosen"]) == {"ties"}
+    assert {f["method"] for f in study.folds if f["variant"] == "lwptv"} == {"ties"}
     lw = {r["top_k"]: r for r in out["rows"] if r["variant"] == "lwptv"}
-    plain = next(r for r in out["rows"] if r["variant"] == "plain")
-    assert set(lw) == {1, 2} and out["chosen"]["task_arithmetic"]["top_k"] == st.choose(plain, list(lw.values()),
-                                                                                       st.ID_TOLERANCE)["top_k"]
+    plain = next(r for r in out["rows"] if r["variant"] == "plain" and r["method"] == "ties")
+    best = st.choose(plain, list(lw.values()), st.ID_TOLERANCE)
+    assert set(lw) == {1, 2} and out["chosen"]["ties"]["top_k"] == best["top_k"]
+    assert out["chosen"]["ties"]["within_tolerance"] == (best["id_acc"] >= plain["id_acc"] - st.ID_TOLERANCE)
     assert set(seen) == {"validation"}
