@@ -1,11 +1,13 @@
 """Out-of-core merging: stream tensors from safetensors checkpoints, write the output shard by shard.
 
-Every method that works tensor by tensor (``Method.streamable``: all registered ones today;
-global TIES gets its thresholds from streamed passes first) is run by calling :func:`jmerge.merge` on one-tensor
-pytrees, so a streamed merge computes what the in-memory merge computes. Per tensor we read
-the base and the K experts (each through a scoped ``safe_open``), merge, and write the result
-straight to its place in the output shard; peak memory is a few copies of one tensor times
-K + 1, not the model size.
+Every method that works tensor by tensor (``Method.streamable``: all registered ones except
+the data-driven ``regmean`` and ``fisher``, which need every input at once and are merged in
+memory; global TIES gets its thresholds from streamed passes first) is run by calling
+:func:`jmerge.merge` on one-tensor pytrees, so a streamed merge computes what the in-memory
+merge computes. Per tensor we read the base and the K experts (each a copy-on-write memory
+map from :meth:`jmerge.io.Checkpoint.read`, dropped once the tensor is merged), merge, and
+write the result straight to its place in the output shard; peak memory is a few copies of
+one tensor times K + 1, not the model size.
 
 Thresholds (TIES, Breadcrumbs): a method whose sparsifier ranks per tensor (TIES with
 ``trim="tensor"``, mergekit's scope; Breadcrumbs) finds them in each one-tensor call

@@ -115,9 +115,9 @@ def main(process_id: int, num_processes: int, port: int, ckpt_dir: str, out_dir:
     reads = []
     read_block = sharded._read_block
 
-    def logged(info, index):
-        reads.append([info.name, [[s.start, s.stop] for s in index]])
-        return read_block(info, index)
+    def logged(ckpt, name, index):
+        reads.append([name, [[s.start, s.stop] for s in index]])
+        return read_block(ckpt, name, index)
 
     sharded._read_block = logged
     streaming.merge_to_orbax(

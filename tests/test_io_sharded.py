@@ -14,6 +14,7 @@ from helpers import RULE, random_models
 from jmerge import shard, streaming
 from jmerge.io import orbax_io, sharded
 from jmerge.io.hf_dir import OutputError
+from jmerge.io import safetensors_io as st
 from jmerge.io.safetensors_io import CheckpointError
 
 SHAPES = {"w": (16, 24), "u": (6, 32), "b": (5,)}
@@ -58,11 +59,22 @@ def test_read_sharded_reads_each_block_once(tmp_path, monkeypatch):
     save_file({"w": np.ones((8, 4), np.float32), "r": np.ones((3,), np.float32)}, str(tmp_path / "m.safetensors"))
     reads = []
     real = sharded._read_block
-    monkeypatch.setattr(sharded, "_read_block", lambda info, index: reads.append((info.name, index)) or real(info, index))
+    monkeypatch.setattr(sharded, "_read_block", lambda ckpt, name, index: reads.append((name, index)) or real(ckpt, name, index))
     mesh = shard.make_mesh(data=2, model=4)  # "w" rows over model, replicated over data
     sharded.read_sharded(tmp_path / "m.safetensors", mesh, RULE)
     assert sorted(i[0].start for n, i in reads if n == "w") == [0, 2, 4, 6]
     assert [n for n, _ in reads].count("r") == 1
+
+
+def test_read_sharded_reads_through_the_checkpoint_reader(tmp_path, monkeypatch, mesh8):
+    """One safetensors reader: every block is a slice of ``Checkpoint.read``'s array."""
+    save_file({"w": _model(0)["w"]}, str(tmp_path / "m.safetensors"))
+    calls = []
+    real = st.Checkpoint.read
+    monkeypatch.setattr(st.Checkpoint, "read", lambda self, name: calls.append(name) or real(self, name))
+    x = sharded.read_sharded(tmp_path / "m.safetensors", mesh8, RULE)["w"]
+    np.testing.assert_array_equal(np.asarray(x), _model(0)["w"])
+    assert calls and set(calls) == {"w"}
 
 
 def test_read_sharded_bfloat16_and_errors(tmp_path, mesh8):

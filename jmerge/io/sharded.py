@@ -2,13 +2,17 @@
 
 :func:`read_sharded` places every tensor of a safetensors checkpoint (one file, or HF shards
 with an index) on a mesh with the sharding rule of :mod:`jmerge.shard`, reading from disk
-only the blocks this process's devices hold (``safe_open(...).get_slice(name)[index]``
-inside ``jax.make_array_from_callback``; a handle per read, so no mmap pages stay
-resident). No process ever holds a whole tensor it does not own, and a host's memory never
-holds more than one block. :func:`save_sharded` writes a sharded pytree with orbax, every
-process writing its own blocks, atomically, in the layout :mod:`jmerge.io.orbax_io`
-restores. :func:`merge_to_orbax` chains them: headers checked first, base and experts read
-sharded, one jitted merge, sharded save.
+only the blocks this process's devices hold: each block is sliced from the checkpoint's one
+reader, :meth:`jmerge.io.Checkpoint.read` (a copy-on-write memory map of the tensor's
+bytes), and copied out inside ``jax.make_array_from_callback``; the map is dropped with the
+slice, so only the pages the block touches are read and none stay mapped. No process ever
+holds a whole tensor it does not own, and a host's memory never holds more than one block.
+(Checkpoints that compute tensors on read, GGUF dequantization or a LoRA applied on read, go
+through the same reader and compute the whole tensor for each block.)
+:func:`save_sharded` writes a sharded pytree with orbax, every process writing its own
+blocks, atomically, in the layout :mod:`jmerge.io.orbax_io` restores.
+:func:`jmerge.streaming.merge_to_orbax` chains them: headers checked first, base and experts
+read sharded, one jitted merge, sharded save.
 
 Memory per device for a model of P parameters, K experts, N devices: about
 ``(K + 1) P b / N`` for the inputs (b bytes per stored parameter) plus the merge's float32
@@ -29,33 +33,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from safetensors import SafetensorError, safe_open
 
 from jmerge.io import hf_dir, orbax_io
 from jmerge.io import safetensors_io as st
 from jmerge.shard import Rule, spec_for
 
 
-def _read_block(info: st.TensorInfo, index: tuple) -> np.ndarray:
-    try:
-        with safe_open(str(info.file), framework="numpy") as f:
-            return f.get_slice(info.name)[index]
-    except (SafetensorError, OSError) as e:
-        raise st.CheckpointError(f"{info.file}: cannot read tensor {info.name!r} block {index}: {e}") from None
+def _read_block(ckpt: st.Checkpoint, name: str, index: tuple) -> np.ndarray:
+    """Block ``index`` of tensor ``name``, copied out of the checkpoint's memory map."""
+    return np.array(ckpt.read(name)[index])
 
 
-def read_tensor_sharded(info: st.TensorInfo, sharding: NamedSharding) -> jax.Array:
-    """One tensor as a global array with ``sharding``; reads only this process's blocks,
-    each distinct block once (devices holding the same replica share the read)."""
+def read_tensor_sharded(ckpt: st.Checkpoint, name: str, sharding: NamedSharding) -> jax.Array:
+    """Tensor ``name`` of ``ckpt`` as a global array with ``sharding``; reads only this
+    process's blocks, each distinct block once (devices holding the same replica share the read)."""
     blocks: dict[tuple, np.ndarray] = {}
 
     def block(index):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in blocks:
-            blocks[key] = _read_block(info, tuple(index))
+            blocks[key] = _read_block(ckpt, name, tuple(index))
         return blocks[key]
 
-    return jax.make_array_from_callback(info.shape, sharding, block)
+    return jax.make_array_from_callback(ckpt.tensors[name].shape, sharding, block)
 
 
 def read_sharded(
@@ -73,8 +73,7 @@ def read_sharded(
         raise st.CheckpointError(f"{ckpt.path}: no tensor(s) named {unknown[:5]}")
     out = {}
     for name in names:
-        info = ckpt.tensors[name]
-        out[name] = read_tensor_sharded(info, NamedSharding(mesh, rule(name, info.shape, mesh)))
+        out[name] = read_tensor_sharded(ckpt, name, NamedSharding(mesh, rule(name, ckpt.tensors[name].shape, mesh)))
     return out
 
 
