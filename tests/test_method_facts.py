@@ -1,6 +1,9 @@
 """A method owns its facts: registering one is all it takes for `jmerge methods` to list it,
 the YAML config to map its per-model and global parameters, and `jmerge run` to stream it."""
 
+import inspect
+import re
+
 import numpy as np
 import pytest
 
@@ -77,16 +80,69 @@ def test_facts_name_real_hyper_parameters():
 
 
 def test_clear_caches_empties_every_module_cache():
+    import jax
+    import optax
+    from jax.sharding import Mesh, PartitionSpec
+
+    from jmerge import _util
+    from jmerge.learn import engine, targets
     from jmerge.lwptv import scores
-    from jmerge.thresholds import xla
+    from jmerge.thresholds import mesh, xla
+
+    caches = {  # the module-level caches and how many entries each holds
+        "registry._JITTED": (registry._JITTED.clear, lambda: len(registry._JITTED)),
+        "lwptv.scores._JITTED": (scores._JITTED.clear, lambda: len(scores._JITTED)),
+        "learn.targets._MEMORY": (targets._MEMORY.clear, lambda: len(targets._MEMORY)),
+        "learn.engine._compiled": (engine._compiled.cache_clear, lambda: engine._compiled.cache_info().currsize),
+        "thresholds.xla._jitted": (xla._jitted.cache_clear, lambda: xla._jitted.cache_info().currsize),
+        "thresholds.xla._jitted_cuts": (xla._jitted_cuts.cache_clear, lambda: xla._jitted_cuts.cache_info().currsize),
+        "thresholds.mesh._bisection": (mesh._bisection.cache_clear, lambda: mesh._bisection.cache_info().currsize),
+    }
+    registered = [clear for clear, _ in caches.values()]
+    assert len(_util._CACHE_CLEARS) == len(registered) and set(_util._CACHE_CLEARS) == set(registered)
 
     base = {"w": np.ones((3, 4), np.float32)}
     experts = [{"w": np.full((3, 4), 2.0, np.float32)}, {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}]
     jmerge.merge(base, experts, "ties")
     xla.solve(stages.magnitude_trim(0.5).query, experts, base)
-    assert registry._JITTED and xla._jitted.cache_info().currsize
+    xla._jitted_cuts((1,))
+    mesh._bisection(Mesh(np.array(jax.devices()[:1]), ("x",)), (PartitionSpec(),), (1,))
+    engine._compiled((lambda params, inputs: inputs,), None, "kl", optax.sgd(0.1), None)
+    scores._JITTED["test"] = None  # filled by hand: what is cached does not matter here
+    targets._MEMORY["test"] = {}
+    assert {name: size() for name, (_, size) in caches.items() if not size()} == {}
     jmerge.clear_caches()
-    assert not registry._JITTED and xla._jitted.cache_info().currsize == 0 and not scores._JITTED
+    assert {name: size() for name, (_, size) in caches.items() if size()} == {}
+
+
+_SECTION = re.compile(r"^(Args|Returns|References|Warning|Note|Raises):$")
+
+
+def _sections(doc: str) -> dict[str, list[str]]:
+    """A Google-style docstring's sections: header -> its indented lines (blank ones dropped)."""
+    out, current = {}, None
+    for line in inspect.cleandoc(doc).splitlines():
+        if _SECTION.match(line):
+            current = out.setdefault(line[:-1], [])
+        elif line and not line[0].isspace():
+            current = None  # unindented text closes a section
+        elif current is not None and line.strip():
+            current.append(line)
+    return out
+
+
+@pytest.mark.parametrize("name", jmerge.available())
+def test_every_method_documents_its_arguments_result_and_references(name):
+    fn = jmerge.get(name).fn  # TIES & co. are wrapped by their sparsifier: the signature follows __wrapped__
+    sections = _sections(fn.__doc__ or "")
+    assert {"Args", "Returns", "References"} <= set(sections), f"{name}: sections {sorted(sections)}"
+    args = sections["Args"]
+    indent = min(len(line) - len(line.lstrip()) for line in args)
+    entries = [line.strip() for line in args if len(line) - len(line.lstrip()) == indent]
+    documented = [m.group(1) if (m := re.match(r"(\w+): \S", e)) else e for e in entries]
+    assert documented == list(inspect.signature(fn).parameters), f"{name}: Args: in the signature's order"
+    refs = " ".join(sections["References"])
+    assert re.search(r"\d{4}\.\d{4,5}", refs) or "no paper" in refs, f"{name}: References: {refs}"
 
 
 def test_a_method_declaring_a_mergekit_name_is_mapped_by_its_facts_alone(tmp_path, capsys, monkeypatch):

@@ -96,7 +96,27 @@ def _regmean_covers(path, shape, hp, num_experts):
 @register("regmean", check=_regmean_check, per_model=(), covers=_regmean_covers, streamable=False,
           reference="Jin et al., 2023, arXiv 2212.09849")
 def regmean(base, tvs, *, key=None, grams=None, alpha=0.95):
-    """RegMean (Jin et al., 2023): per linear weight ``(Σ G̃_t)⁻¹ Σ G̃_t W_t``, the rest averaged."""
+    """RegMean: each linear weight merged by its inputs' Gram matrices, the rest averaged.
+
+    On task vectors, ``τ* = (Σ_t G̃_t)⁻¹ Σ_t G̃_t τ_t`` and ``θ = θ0 + τ*``, with
+    ``G̃_t = α G_t + (1 - α) diag(G_t)`` and ``G_t = X_tᵀX_t / n_t`` the Gram of the weight's
+    inputs on task t. Parameters without a Gram (biases, norms, embeddings) get the experts' mean.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t.
+      key: unused (RegMean is a closed form).
+      grams: one :class:`Grams` per expert (``jmerge.learn.gram_matrices``); required.
+      alpha: α, the share of the off-diagonal Gram entries kept; 0.95 (FusionBench's
+        ``reduce_non_diagonal_ratio``).
+
+    Returns:
+      The merged parameters, with the base's structure, shapes and dtypes.
+
+    References:
+      Jin et al., 2023, "Dataless knowledge fusion by merging weights of language models",
+      ICLR 2023, arXiv 2212.09849.
+    """
     axes = dict(grams[0].axes)
 
     def leaf(path, b, *ts):
@@ -130,7 +150,30 @@ def _fisher_check(num_experts, hp):
 @register("fisher", static=("normalize",), check=_fisher_check, streamable=False,
           reference="Matena & Raffel, 2022, arXiv 2111.09832")
 def fisher(base, tvs, *, key=None, fishers=None, weights=None, normalize=True, min_fisher=1e-6):
-    """Fisher merging (Matena & Raffel, 2022): the Fisher-weighted mean of the experts, elementwise."""
+    """Fisher merging: the elementwise Fisher-weighted mean of the experts.
+
+    ``θ* = Σ_t c_t (F_t + ε) θ_t / Σ_t c_t (F_t + ε)``, computed on task vectors as
+    ``θ0 + Σ_t c_t (F_t + ε) τ_t / Σ_t c_t (F_t + ε)``; with ``normalize`` each ``c_t`` is also
+    multiplied by ``(1/(‖F_t‖ + ε)) / Σ_s 1/(‖F_s‖ + ε)`` (‖·‖ the L2 norm over all parameters).
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t.
+      key: unused (Fisher merging is a closed form).
+      fishers: one diagonal Fisher pytree per expert, shaped like the base
+        (``jmerge.learn.fisher_diagonal``); required.
+      weights: c_t, one per expert; None: 1/K.
+      normalize: also weight expert t by 1/(‖F_t‖ + ε), normalised over the experts (FusionBench's
+        ``normalize_fisher_weight``, default).
+      min_fisher: ε, added to every Fisher entry; 1e-6 (FusionBench's ``minimal_fisher_weight``).
+
+    Returns:
+      The merged parameters, shaped and typed like ``base``.
+
+    References:
+      Matena & Raffel, 2022, "Merging models with Fisher-weighted averaging", NeurIPS 2022,
+      arXiv 2111.09832.
+    """
     k = len(tvs)
     for t, f in enumerate(fishers):
         if jax.tree.structure(f) != jax.tree.structure(base):

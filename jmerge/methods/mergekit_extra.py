@@ -49,14 +49,36 @@ def _della_linear_check(num_experts, hp):
                             in_dtype=True))
 def della_linear(base, tvs, *, key=None, density=0.7, epsilon=0.15, scale=1.0, weights=None, rescale=True,
                  rescale_norm="l1", normalize=False):
-    """Linear DELLA (Deep et al., arXiv 2406.11617; mergekit ``della_linear``): MagPrune, then
-    ``theta_0 + lambda sum_t w_t MagPrune(tau_t)`` with no sign election.
+    """Linear DELLA: MagPrune, then a weighted sum with no sign election (mergekit ``della_linear``).
 
-    MagPrune keeps entry i with probability ``p_i = (d - eps) + 2 eps r_i`` (``r_i`` its
-    magnitude rank in [0, 1] along the last axis, :func:`jmerge.stages.della`). ``rescale``
-    with ``rescale_norm="l1"`` (mergekit) multiplies each pruned tensor back to its L1 norm;
-    ``"keep_probability"`` (the paper) divides each survivor by ``p_i``. ``normalize`` divides
-    the sum by ``sum_t w_t`` (mergekit's ``normalize``).
+    MagPrune keeps entry i with probability ``p_i = (d - ε) + 2ε r_i`` (``r_i`` its magnitude
+    rank in [0, 1] along the last axis, :func:`jmerge.stages.della`);
+    ``θ = θ0 + λ Σ_t w_t MagPrune(τ_t)``, divided by ``Σ_t w_t`` with ``normalize``.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, before MagPrune.
+      key: a ``jax.random.key`` for the keep draws (required).
+      density: d, the mean keep probability, one value or one per expert; 0.7.
+      epsilon: ε, the spread of the keep probabilities around d; 0.15.
+      scale: λ (mergekit's ``lambda``); 1.0.
+      weights: one w_t per expert; None: all 1.
+      rescale: rescale the survivors as ``rescale_norm`` says (default); False: leave them.
+      rescale_norm: ``"l1"``: each pruned tensor back to its L1 norm (mergekit);
+        ``"keep_probability"``: each survivor divided by its p_i (the paper).
+      normalize: divide the sum by Σ_t w_t (mergekit's ``normalize``).
+
+    Returns:
+      The merged parameters, each leaf shaped and typed as the base's.
+
+    Warning:
+      The rescale differs between the paper (1/p_i) and mergekit (L1 norm; the default here).
+      mergekit ranks 3-D and larger tensors along axis 1, jmerge along the last axis (the same for
+      matrices); mergekit refuses ``d + ε >= 1``, jmerge allows ``= 1``. The random masks differ
+      from mergekit's (jax's generator, not torch's).
+
+    References:
+      Deep et al., 2024, "DELLA-Merging", arXiv 2406.11617; mergekit 0.1.5 ``della_linear``.
     """
     tvs = jtree.rounded(tvs)  # mergekit's task vectors in `dtype` (jmerge.tree.rounding)
     by_probability = rescale and rescale_norm == "keep_probability"
@@ -86,13 +108,26 @@ def _top_variance_mask(x, fraction):
 @register("sce", static=("select_topk",), check=_sce_check, reference="Wan et al., 2024 (FuseChat), arXiv 2408.07990",
           mergekit=Mergekit("sce", {"select_topk": 1.0, "int8_mask": False}, passed={"select_topk": "select_topk"}))
 def sce(base, tvs, *, key=None, select_topk=1.0):
-    """SCE (FuseChat, Wan et al., arXiv 2408.07990; mergekit ``sce``), per tensor.
+    """SCE (select, calculate, erase) of FuseChat, per tensor, as mergekit ``sce``.
 
-    Select: with ``select_topk < 1``, keep in every ``tau_t`` only the top ``select_topk``
-    fraction of the (non-zero-variance) entries by variance across experts. Calculate:
-    ``w_t = mean(tau_t^2) / sum_s mean(tau_s^2)`` (``1/K`` when that sum is below 1e-6).
-    Erase: ``m_t = 1[sign(tau_t) == sign(sum_s tau_s)]`` (TIES' mass election, ties to +).
-    ``theta = theta_0 + sum_t w_t m_t tau_t / max(sum_t w_t m_t, 1e-6)``.
+    Select: with ``select_topk < 1``, keep in every ``τ_t`` only the top ``select_topk`` fraction
+    of the (non-zero-variance) entries by variance across experts. Calculate:
+    ``w_t = mean(τ_t²) / Σ_s mean(τ_s²)`` (``1/K`` when that sum is below 1e-6). Erase:
+    ``m_t = 1[sign(τ_t) = sign(Σ_s τ_s)]`` (TIES' mass election, ties to +).
+    ``θ = θ0 + Σ_t w_t m_t τ_t / max(Σ_t w_t m_t, 1e-6)``.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, selected and weighted per tensor.
+      key: unused (SCE is deterministic).
+      select_topk: the fraction of entries kept by variance; 1.0 (mergekit's default) keeps all.
+
+    Returns:
+      The merged parameters, with the base's structure, shapes and dtypes.
+
+    References:
+      Wan et al., 2024, "FuseChat: knowledge fusion of chat models", arXiv 2408.07990; mergekit
+      0.1.5 ``sce``.
     """
 
     def leaf(_, ts):
@@ -120,10 +155,24 @@ def _nearswap_check(num_experts, hp):
 @register("nearswap", check=_nearswap_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
           mergekit=Mergekit("nearswap", {"t": None}, passed={"t": "t"}))
 def nearswap(base, tvs, *, key=None, t=None):
-    """NearSwap (alchemonaut, huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001; mergekit
-    ``nearswap``): per entry ``w = clip(t / max(|theta_1 - theta_0|, 1e-6), 0, 1)`` and
-    ``theta = theta_0 + w tau_1``: the model's value where it is within ``t`` of the base,
-    moving toward the base as they differ more."""
+    """NearSwap: the model's value where it is near the base, moving toward the base as they differ.
+
+    Per entry, ``w = clip(t / max(|θ_1 - θ0|, 1e-6), 0, 1)`` and ``θ = θ0 + w τ_1``: the
+    model's value within ``t`` of the base, beyond it a step of length ``t`` from the base.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: one float32 task vector τ_1 = θ_1 − θ0 (exactly one model).
+      key: unused (NearSwap is deterministic).
+      t: the distance below which the model's value is taken; required (mergekit has no default).
+
+    Returns:
+      The merged parameters, shaped and typed like ``base``.
+
+    References:
+      mergekit 0.1.5 ``nearswap`` (no paper; alchemonaut,
+      huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001).
+    """
     (tau,) = tvs
     return jtree.apply(base, jax.tree.map(lambda x: jnp.clip(t / jnp.maximum(jnp.abs(x), 1e-6), 0.0, 1.0) * x, tau))
 
@@ -142,14 +191,27 @@ def _quantile_lower(sorted_flat, q):
 @register("arcee_fusion", check=_arcee_fusion_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
           mergekit=Mergekit("arcee_fusion"))
 def arcee_fusion(base, tvs, *, key=None):
-    """Arcee Fusion (Arcee AI, arcee.ai blog; mergekit ``arcee_fusion``), per tensor.
+    """Arcee Fusion: the model's value at entries of outlying importance, the base's elsewhere.
 
-    Importance ``s = |tau| * KL(softmax(theta_1) || softmax(theta_0))`` with the KL taken
-    along the last axis (``+1e-8`` on both distributions) and broadcast over it; entries with
-    ``s >= median(s) + 1.5 IQR(s)`` take the model's value, the rest keep the base's. The
-    quantiles are ``sorted(s)[floor(q (n-1))]`` over all entries; mergekit estimates them from
-    a random sample of 10^6 entries when a tensor is larger (not reproducible), jmerge always
-    uses every entry.
+    Per tensor, importance ``s = |τ_1| · KL(softmax(θ_1) ‖ softmax(θ0))`` with the KL taken
+    along the last axis (``+1e-8`` on both distributions) and broadcast over it;
+    ``θ = θ0 + 1[s >= median(s) + 1.5 IQR(s)] ⊙ τ_1``, quantiles ``sorted(s)[⌊q (n-1)⌋]``.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: one float32 task vector τ_1 (exactly one model is fused into the base).
+      key: unused (jmerge's quantiles are exact).
+
+    Returns:
+      The fused parameters, with the base's structure, shapes and dtypes.
+
+    Warning:
+      mergekit estimates the quantiles of a tensor of more than 10^6 entries from a random
+      sample (not reproducible); jmerge always uses every entry. The KL terms cancel in float32,
+      so entries within ~0.3 % of the threshold can flip between torch and XLA.
+
+    References:
+      mergekit 0.1.5 ``arcee_fusion`` (no paper; Arcee AI's blog).
     """
     (tau,) = tvs
 
@@ -215,14 +277,27 @@ def _karcher_mean(xs, max_iter, tol):
           mergekit=Mergekit("karcher", {"max_iter": 10, "tol": 1e-5}, base="none", base_merged=True,
                             passed={"max_iter": "max_iter", "tol": "tol"}))
 def karcher(base, tvs, *, key=None, max_iter=10, tol=1e-5):
-    """Karcher (Riemannian) mean of the models' weights on the sphere (mergekit ``karcher``;
-    Grove & Karcher 1973), per tensor, on full weights ``theta_t = theta_0 + tau_t``.
+    """Karcher (Riemannian) mean of the models' weights on the sphere, per tensor.
 
-    With unit vectors ``u_t = theta_t / |theta_t|`` (those of norm <= ``tol`` left out) and
-    equal weights, start at the normalised mean of the ``u_t`` and repeat up to ``max_iter``
-    times: ``T = mean_t theta_t'/sin(theta_t') (u_t - cos(theta_t') u)`` over the ``u_t`` at
-    angle ``theta_t' >= tol`` from ``u``, stop when ``|T| < tol``, else
-    ``u <- normalise(cos|T| u + sin|T| T/|T|)``. Result: ``mean_t |theta_t| * u``.
+    With unit vectors ``u_t = θ_t / |θ_t|`` (``θ_t = θ0 + τ_t``; those of norm <= ``tol`` left
+    out) and equal weights, start at the normalised mean of the ``u_t`` and repeat up to
+    ``max_iter`` times: ``T = mean_t φ_t / sin(φ_t) (u_t - cos(φ_t) u)`` over the ``u_t`` at
+    angle ``φ_t >= tol`` from ``u``; stop when ``|T| < tol``, else
+    ``u ← normalise(cos|T| u + sin|T| T/|T|)``. Result: ``θ = mean_t |θ_t| · u``.
+
+    Args:
+      base: the pre-trained parameters θ0, from which the models' weights are rebuilt.
+      tvs: the models' float32 task vectors τ_t (every listed model is averaged).
+      key: unused (the iteration is deterministic).
+      max_iter: the most iterations; 10 (mergekit's).
+      tol: the norm, angle and step size below which a vector is ignored or the loop stops; 1e-5.
+
+    Returns:
+      The mean weights, each leaf in the base leaf's shape and dtype.
+
+    References:
+      Karcher, 1977, "Riemannian center of mass and mollifier smoothing" (no paper on arXiv);
+      mergekit 0.1.5 ``karcher`` (the toolkit: Goddard et al., 2024, arXiv 2403.13257).
     """
 
     def leaf(b, *ts):
@@ -257,15 +332,28 @@ def _nuslerp_pair(t, v0, v1, axis):
           mergekit=Mergekit("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": None}, base="optional",
                             passed={"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}))
 def nuslerp(base, tvs, *, key=None, weights=None, flatten=True, row_wise=False, space="weights"):
-    """NuSLERP (mergekit ``nuslerp``): SLERP of two models at ``t = w_2 / (w_1 + w_2)``
-    (0.5 when ``|w_1 + w_2| < 1e-6`` or without ``weights``), per tensor; lerp for
-    (anti)parallel pairs. (mergekit requires a ``weight`` per model; the config mapping does too.)
+    """NuSLERP: SLERP of two models at the point their weights set, per tensor or per row.
 
-    ``space="weights"`` (mergekit without ``base_model``) interpolates ``theta_1, theta_2``;
-    ``"task_vectors"`` (with ``base_model``) gives ``theta_0 + slerp(t, tau_1, tau_2)``.
-    ``flatten`` (mergekit's ``nuslerp_flatten``, default) takes one angle per tensor; else one
-    per row along the last axis, or along the first axis with ``row_wise``
-    (``nuslerp_row_wise``).
+    ``t = w_2 / (w_1 + w_2)`` (0.5 when ``|w_1 + w_2| < 1e-6`` or without ``weights``);
+    ``θ = slerp(t, θ_1, θ_2)``, or ``θ0 + slerp(t, τ_1, τ_2)`` on task vectors, with
+    directions normalised (norms floored at 1e-7) and a lerp where ``1 - cos² <= 1e-16``.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the two models' float32 task vectors τ_1, τ_2.
+      key: unused (NuSLERP is deterministic).
+      weights: (w_1, w_2); None: t = 0.5. (mergekit requires a ``weight`` per model; the YAML
+        mapping does too.)
+      flatten: one angle per tensor (mergekit's ``nuslerp_flatten``, default); False: one per row.
+      row_wise: with ``flatten=False``, rows along the first axis (``nuslerp_row_wise``); else
+        along the last.
+      space: ``"weights"`` (mergekit without ``base_model``) or ``"task_vectors"`` (with one).
+
+    Returns:
+      The interpolated parameters, with the base's structure, shapes and dtypes.
+
+    References:
+      mergekit 0.1.5 ``nuslerp`` (no paper; the toolkit: Goddard et al., 2024, arXiv 2403.13257).
     """
     w = jnp.ones((2,), F32) if weights is None else jnp.asarray(weights, F32)
     total = w[0] + w[1]
@@ -304,9 +392,25 @@ def _ram_parts(ts, epsilon):
 @register("ram", check=_ram_check, reference="Reinforced Agent Merging, arXiv 2601.13572",
           mergekit=Mergekit("ram", {"epsilon": 1e-5}, passed={"epsilon": "epsilon"}))
 def ram(base, tvs, *, key=None, epsilon=1e-5):
-    """RAM, Reinforced Agent Merging (arXiv 2601.13572; mergekit ``ram``), per entry: an entry
-    only one expert changes (``|tau_t| > epsilon``) takes that change, an entry several change
-    takes the mean of their changes: ``theta_0 + sum_t tau_t [unique] + sum_t tau_t [shared] / n``."""
+    """RAM (Reinforced Agent Merging): unique changes kept, shared ones averaged, per entry.
+
+    An entry only one expert changes (``|τ_t| > ε``) takes that change, an entry several change
+    takes the mean of their changes: ``θ = θ0 + Σ_t τ_t 1[unique] + Σ_t τ_t 1[shared] / n``,
+    ``n`` the number of experts changing the entry.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t (in the paper, of RL-trained agents).
+      key: unused (RAM is deterministic).
+      epsilon: ε, the size below which an entry counts as unchanged; 1e-5 (mergekit's).
+
+    Returns:
+      The merged parameters, shaped and typed like ``base``.
+
+    References:
+      Yuan et al., 2026, "Behavior knowledge merge in reinforced agentic models",
+      arXiv 2601.13572; mergekit 0.1.5 ``ram``.
+    """
 
     def leaf(_, ts):
         x, _changed, unique, shared, count = _ram_parts(ts, epsilon)
@@ -319,9 +423,25 @@ def ram(base, tvs, *, key=None, epsilon=1e-5):
           mergekit=Mergekit("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
                             passed={"r": "r", "alpha": "alpha", "epsilon": "epsilon"}))
 def ramplus_tl(base, tvs, *, key=None, r=0.1, alpha=0.2, epsilon=1e-5):
-    """RAM+ with tensor-local overlap ratios (arXiv 2601.13572; mergekit ``ramplus_tl``): as
-    :func:`ram`, but expert t's unique changes are scaled by ``lambda_t = 1 + r clip(rho_t, 0,
-    alpha)``, ``rho_t = #shared_t / max(#unique_t, epsilon)`` counted within the tensor."""
+    """RAM+ with tensor-local overlap ratios: RAM with each expert's unique changes boosted.
+
+    As :func:`ram`, but expert t's unique changes are scaled by ``λ_t = 1 + r clip(ρ_t, 0, α)``,
+    ``ρ_t = #shared_t / max(#unique_t, ε)`` counted within the tensor.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, compared entry by entry.
+      key: unused (RAM+ is deterministic).
+      r: the boost's strength; 0.1 (mergekit's).
+      alpha: α, the cap on the overlap ratio ρ_t; 0.2.
+      epsilon: ε, the size below which an entry counts as unchanged (and the floor of #unique_t); 1e-5.
+
+    Returns:
+      The merged parameters with the base's structure, shapes and dtypes.
+
+    References:
+      Yuan et al., 2026 (RAM), arXiv 2601.13572; mergekit 0.1.5 ``ramplus_tl`` (tensor-local RAM+).
+    """
 
     def leaf(_, ts):
         x, changed, unique, shared, count = _ram_parts(ts, epsilon)
@@ -343,7 +463,21 @@ def _passthrough_check(num_experts, hp):
 @register("passthrough", check=_passthrough_check, reference="mergekit (Goddard et al., 2024, arXiv 2403.13257)",
           per_model=("scale",), mergekit=Mergekit("passthrough", model_params={"scale": 1.0}, base="refused"))
 def passthrough(base, tvs, *, key=None, scale=1.0):
-    """Passthrough (mergekit ``passthrough``): the one model's tensor, times ``scale``:
-    ``scale theta_1``. jmerge passes that model as the base, so ``theta_1 = theta_0`` exactly."""
+    """Passthrough: the one model's tensors, times ``scale`` (frankenmerges' copy step).
+
+    ``θ = scale · θ_1``; jmerge passes that model as the base, so ``θ_1 = θ0`` exactly.
+
+    Args:
+      base: the one model θ_1, passed as the base.
+      tvs: ignored (one zero task vector: the model is the base).
+      key: unused (a copy is deterministic).
+      scale: the factor on every tensor (mergekit's per-model ``scale``); 1.0, a plain copy.
+
+    Returns:
+      ``scale · θ_1``, with the base's structure, shapes and dtypes.
+
+    References:
+      mergekit 0.1.5 ``passthrough`` (no paper; the toolkit: Goddard et al., 2024, arXiv 2403.13257).
+    """
     del tvs
     return jax.tree.map(lambda b: b * scale, base)

@@ -58,8 +58,31 @@ def _mean_pairwise_cosine(ts, rows: bool):
 @register("model_stock", static=("filter_wise",), check=_check, reference="Jang et al., 2024, arXiv 2403.19522",
           mergekit=Mergekit("model_stock", {"filter_wise": False}, passed={"filter_wise": "filter_wise"}, in_dtype=True))
 def model_stock(base, tvs, *, key=None, filter_wise=False):
-    """Model Stock: ``t w_avg + (1 - t) w_0`` with ``t = k cos / ((k-1) cos + 1)`` per tensor (or
-    per row), ``w_avg`` the experts' mean weights, in mergekit's order of operations."""
+    """Model Stock: interpolate from the base to the experts' mean by their task vectors' angle.
+
+    Per tensor, ``cos`` = the mean over pairs i < j of ``<τ_i, τ_j> / max(|τ_i||τ_j|, 1e-6)``
+    (each clipped to [-1, 1]), ``t = k cos / ((k-1) cos + 1)`` (0 where the denominator is below
+    1e-6), ``θ = t w_avg + (1 - t) θ0`` with ``w_avg = mean_t θ_t``, in mergekit's order.
+
+    Args:
+      base: the pre-trained parameters θ0 (w_0).
+      tvs: the k >= 2 experts' float32 task vectors τ_t, ideally fine-tunes of one task.
+      key: unused (Model Stock is deterministic).
+      filter_wise: one t per index of all axes but the last (cosines over the last axis, mergekit's
+        ``filter_wise``); False: one t per tensor. 0-D and 1-D tensors keep one t.
+
+    Returns:
+      The merged parameters, each leaf in the base leaf's shape and dtype.
+
+    Warning:
+      The paper uses one angle; mergekit and FusionBench (and jmerge) average the pairwise cosines.
+      ``filter_wise`` follows mergekit 0.1.5 (``dim=-1``): one t per output row of a torch
+      (out, in) matrix, but per *input* row of a Flax (in, out) kernel.
+
+    References:
+      Jang et al., 2024, "Model Stock: all we need is just a few fine-tuned models", ECCV 2024,
+      arXiv 2403.19522.
+    """
     k = len(tvs)
     r = jtree.rounded
 

@@ -12,6 +12,7 @@ run on the hyper-parameters before any heavy work, and its sparsifier
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -132,8 +133,7 @@ def _sparsified(fn: Callable, sparsify: Callable) -> Callable:
         tvs = jtree.rounded(tvs)  # mergekit sparsifies its task vectors in `dtype` (jmerge.tree.rounding)
         return fn(base, sparsify(hparams)(tvs, key, answers=answers), key=key, **hparams)
 
-    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
-    return run
+    return functools.update_wrapper(run, fn)  # fn's name, module and docstring; __wrapped__ for its signature
 
 
 def register(

@@ -76,7 +76,32 @@ def _slerp_check(num_experts, hp):
           mergekit=Mergekit("slerp", {"t": None}, fixed={"space": "weights"}, passed={"t": "t"}, base_merged=True,
                             required=("t",), models=1))
 def slerp(base, tvs, *, key=None, t=0.5, space="weights"):
-    """SLERP of two experts per tensor: on full weights (mergekit/FusionBench) or on task vectors (DivMerge)."""
+    """SLERP of two experts per tensor, on their full weights or on their task vectors.
+
+    ``space="weights"``: ``θ = sin((1-t)Ω)/sin Ω θ_1 + sin(tΩ)/sin Ω θ_2`` with ``cos Ω`` the
+    cosine of the flattened ``θ_1, θ_2``, lerp ``(1-t) θ_1 + t θ_2`` when ``|cos Ω| > 0.9995``;
+    ``"task_vectors"``: ``θ = θ0 + slerp(t, τ_1, τ_2)``.
+
+    Args:
+      base: the pre-trained parameters θ0; the experts' weights are θ_t = θ0 + τ_t.
+      tvs: the two experts' float32 task vectors τ_1, τ_2.
+      key: unused (SLERP is deterministic).
+      t: the interpolation point; 0 gives expert 1, 1 expert 2, 0.5 (default) the midpoint.
+      space: ``"weights"`` (mergekit, FusionBench) or ``"task_vectors"`` (DivMerge, App. E).
+
+    Returns:
+      The interpolated parameters, with the base's structure, shapes and dtypes.
+
+    Warning:
+      mergekit and FusionBench interpolate full weights, DivMerge task vectors (Ω their angle,
+      here per tensor). In a mergekit YAML ``t = 0`` is the ``base_model``, which jmerge then
+      passes as expert 1.
+
+    References:
+      Shoemake, 1985, "Animating rotation with quaternion curves", SIGGRAPH 1985 (no paper on
+      arXiv); mergekit (Goddard et al., 2024, arXiv 2403.13257); Touayouch et al., 2025, "DivMerge:
+      a divergence-based model merging method for multi-tasking", arXiv 2509.02108.
+    """
     tau1, tau2 = tvs
     if space == "task_vectors":
         return jtree.apply(base, jtree.map_tasks(lambda _, ts: slerp_pair(t, *ts), [tau1, tau2]))
@@ -105,10 +130,31 @@ def _multislerp_check(num_experts, hp):
           mergekit=Mergekit("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}, base="optional",
                             only={"normalize_weights": True, "eps": 1e-8}))
 def multislerp(base, tvs, *, key=None, weights=None, space="task_vectors"):
-    """Multi-SLERP (mergekit): weighted mean direction of the unit task vectors times their weighted mean norm.
+    """Multi-SLERP: the weighted mean direction of the unit task vectors, at their weighted mean norm.
 
-    ``space="weights"`` (mergekit without ``base_model``) does the same to the experts' full
-    weights ``theta_t`` instead of ``tau_t``.
+    Per tensor, ``u_t = τ_t / |τ_t|`` (0 when ``|τ_t| <= 1e-8``), ``m = Σ_t w_t u_t`` with
+    ``Σ_t w_t = 1``, ``θ = θ0 + (m / |m|) Σ_t w_t |τ_t|``; ``θ0 + Σ_t w_t τ_t`` when ``|m| <= 1e-6``.
+
+    Args:
+      base: the pre-trained parameters θ0 (zeros with ``space="weights"``).
+      tvs: the experts' float32 task vectors τ_t (at least two).
+      key: unused (Multi-SLERP is deterministic).
+      weights: one w_t >= 0 per expert, normalised to sum 1; None: equal weights.
+      space: ``"task_vectors"`` (mergekit with a ``base_model``); ``"weights"``: the experts'
+        full weights θ_t instead of τ_t (mergekit without one).
+
+    Returns:
+      The merged parameters, shaped and typed like ``base``.
+
+    Warning:
+      mergekit describes a weighted mean in the tangent space at ``m/|m|`` followed by the
+      exponential map; that tangent mean is 0, so this is the same merge. mergekit falls back to
+      the weighted sum below 1e-8 for two experts and raises for more; jmerge falls back below
+      1e-6 (float32 rounding of cancelling unit vectors) for any number.
+
+    References:
+      mergekit 0.1.5 ``multislerp`` (no paper; the toolkit: Goddard et al., 2024, "Arcee's MergeKit:
+      a toolkit for merging large language models", arXiv 2403.13257).
     """
     if space == "weights":
         tvs = [jax.tree.map(lambda b, t: b.astype(jtree.ACCUM_DTYPE) + t, base, tv) for tv in tvs]

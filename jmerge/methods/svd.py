@@ -219,7 +219,38 @@ _STATIC = ("svd_filter", "layout", "conv")
 @register("tsv", static=_STATIC, check=_check, covers=_tsv_covers, reference="Gargiulo et al., 2025, arXiv 2412.00081",
           path_params=("svd_filter",))
 def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
-    """TSV-M (Gargiulo et al., 2025): per matrix, each task's top r/T singular triplets, orthogonalised, summed."""
+    """TSV-M: per matrix, each task's top r/T singular triplets, orthogonalised, summed.
+
+    Per matrix (r = min(m, n), T tasks, k = ⌊r/T⌋): ``U = [U_1,k … U_T,k]``,
+    ``S = diag(S_1,k … S_T,k)``, ``V = [V_1,k … V_T,k]`` from each ``τ_t = U_t S_t V_tᵀ``;
+    ``Δ = U⊥ S V⊥ᵀ`` with ``X⊥ = P Qᵀ`` for ``X = P D Qᵀ`` (Procrustes); ``θ = θ0 + α Δ``.
+    Leaves without a matrix view, or left out by ``svd_filter``, get the task vectors' mean.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, merged matrix by matrix.
+      key: unused (the SVDs are deterministic).
+      scale: α; 1.0 (the paper finds that α needs no tuning).
+      svd_filter: a regex searched in each parameter path: the leaves to SVD-merge; None: all.
+      layout: ``"flax"``: matrices (in, out), kernels [..., in, out]; ``"torch"``: (out, in), [out, in, ...].
+      conv: ``"matrix"``: kernels of 3 or more dimensions merged as their im2col matrix;
+        ``"average"``: their task-vector mean, as the paper.
+      task_mask: LwPTV's tasks kept per leaf (``jmerge.merge(lwptv=...)`` passes it); None: every task.
+
+    Returns:
+      The merged parameters: the base's structure, shapes and dtypes.
+
+    Warning:
+      The paper SVDs only 2-D weights and averages the rest. With ``conv="matrix"`` jmerge also
+      merges conv kernels as the matrix of their im2col map (Flax ``[kh, kw, in, out]`` as
+      ``[kh·kw·in, out]``, torch ``[out, in, kh, kw]`` as ``[out, in·kh·kw]``), so conv nets merge
+      otherwise than in the paper. A matrix with r < T gets Δ = 0 (k = 0, as the reference
+      code). Embeddings are 2-D too; FusionBench leaves out CLIP's ``text_projection``.
+
+    References:
+      Gargiulo et al., 2025, "Task Singular Vectors: reducing task interference in model merging",
+      CVPR 2025, arXiv 2412.00081; the conv view: Miyato et al., 2018, arXiv 1802.05957.
+    """
     hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
     return jtree.apply(base, _per_matrix(tvs, hp, _tsv_matrix, task_mask), scale)
 
@@ -227,7 +258,34 @@ def tsv(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv=
 @register("iso_c", static=_STATIC, check=_check, covers=covers, reference="Marczak et al., 2025, arXiv 2502.04959",
           path_params=("svd_filter",))
 def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", conv="matrix", task_mask=None):
-    """Iso-C (Marczak et al., 2025): the summed task matrix with a flat spectrum at its mean singular value."""
+    """Iso-C: the summed task matrix with its singular values flattened to their mean.
+
+    Per matrix, ``Σ_t τ_t = U S Vᵀ`` and ``Δ = mean(S) U Vᵀ``; ``θ = θ0 + α Δ``. Leaves without
+    a matrix view, or outside ``svd_filter``, get the mean of the task vectors.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, summed per matrix.
+      key: unused (one deterministic SVD per matrix).
+      scale: α on Δ; 1.0 (FusionBench; the paper picks α on validation data).
+      svd_filter: a regex over parameter paths selecting the SVD-merged leaves; None: every one.
+      layout: ``"flax"`` (default) or ``"torch"``: how a conv kernel is viewed as a matrix (Iso-C
+        itself is transpose-invariant).
+      conv: ``"matrix"`` (default): conv kernels by their im2col matrix; ``"average"``: their mean.
+      task_mask: per leaf, which tasks enter it (LwPTV); None: all of them.
+
+    Returns:
+      The merged parameters, shaped and typed like ``base``.
+
+    Warning:
+      The paper flattens the spectrum of 2-D weights only; ``conv="matrix"`` (jmerge's default) also
+      flattens that of each conv kernel's im2col matrix, so conv nets differ from the paper's
+      merge unless ``conv="average"``.
+
+    References:
+      Marczak et al., 2025, "No task left behind: isotropic model merging with common and
+      task-specific subspaces", ICML 2025, arXiv 2502.04959.
+    """
     hp = dict(svd_filter=svd_filter, layout=layout, conv=conv)
     return jtree.apply(base, _per_matrix(tvs, hp, _iso_c_matrix, task_mask), scale)
 
@@ -237,7 +295,34 @@ def iso_c(base, tvs, *, key=None, scale=1.0, svd_filter=None, layout="flax", con
 def iso_cts(
     base, tvs, *, key=None, scale=1.0, common_space_fraction=0.8, layout="flax", svd_filter=None, conv="matrix", task_mask=None
 ):
-    """Iso-CTS (Marczak et al., 2025): common top space of the sum plus task-specific directions, flat spectrum."""
+    """Iso-CTS: the sum's top common space plus task-specific directions, with a flat spectrum.
+
+    Per matrix, ``k`` top left singular vectors ``U_k`` of ``Σ_t τ_t`` (``k ≈ r ·
+    common_space_fraction``, adjusted so ``k + sT = r``), plus each task's top ``s`` triplets of
+    ``τ_t - U_k U_kᵀ τ_t``; ``Δ = mean(kept singular values) U*⊥ V*⊥ᵀ``, ``θ = θ0 + α Δ``.
+
+    Args:
+      base: the pre-trained parameters θ0.
+      tvs: the experts' float32 task vectors τ_t, one matrix per leaf.
+      key: unused (Iso-CTS is deterministic).
+      scale: α applied to Δ; 1.0.
+      common_space_fraction: the share of the rank r given to the common space; 0.8 (the official code's).
+      layout: ``"flax"``: 2-D leaves are kernels (in, out), the output space is on the right;
+        ``"torch"``: (out, in). The common space is the *output* space.
+      svd_filter: the regex choosing which paths go through the SVD rule; None: any with a matrix view.
+      conv: ``"matrix"``: conv kernels viewed as im2col matrices; ``"average"``: averaged instead.
+      task_mask: LwPTV's per-leaf tuple of kept tasks; None: all tasks enter every leaf.
+
+    Returns:
+      The merged parameters with the base's structure, shapes and dtypes.
+
+    Warning:
+      As :func:`iso_c`: the paper merges 2-D weights only, jmerge's default ``conv="matrix"`` also
+      the im2col matrices of conv kernels. A wrong ``layout`` projects on the input space.
+
+    References:
+      Marczak et al., 2025, ICML 2025, arXiv 2502.04959 (Iso-CTS, with Iso-C).
+    """
     if layout == "torch":
         merge_matrix = lambda ts: _iso_cts_matrix(ts, common_space_fraction)  # noqa: E731
     else:
