@@ -10,6 +10,7 @@ import pytest
 
 from jmerge import cli, config
 from jmerge.config import settings, slices
+from jmerge.config.hf_modules import WHOLE
 from jmerge.io import safetensors_io as st
 
 LAYERS = 4
@@ -152,7 +153,7 @@ SLICE = "  - sources:\n      - model: {m}\n        layer_range: [{lo}, {hi}]\n"
     ("slices:\n" + SLICE.format(m="a", lo=0, hi=2) + "merge_method: ties\nbase_model: base\n",
      "slices[0]: base_model 'base' is not among its sources"),
     ("slices:\n" + SLICE.format(m="a", lo=0, hi=2) + "models:\n  - model: a\nmerge_method: passthrough\n",
-     "give exactly one of `models` and `slices`"),
+     "give exactly one of `models`, `slices` and `modules`"),
     ("slices:\n" + SLICE.format(m="a", lo=0, hi=2) + "      - model: base\n        layer_range: [0, 2]\n"
      "base_model: base\nmerge_method: magmax\n",
      "slices apply to mergekit's methods, not 'magmax'"),
@@ -186,7 +187,7 @@ def test_a_filter_matching_no_tensor_warns_naming_it(root):
                                  "          value: 0\n        - value: 1\nmerge_method: passthrough\n")
     with pytest.warns(config.ConfigWarning, match="^" + re.escape("filter 'o_proj' matches no tensor of the output") + "$"):
         jobs, layers = slices.jobs(plan)
-    assert [(p.name, i) for p, i in layers] == [("a", i) for i in range(LAYERS)]
+    assert [(p.name, i) for p, i in layers[WHOLE]] == [("a", i) for i in range(LAYERS)]
     assert len(jobs) == len(OUTER) + LAYERS * len(PARTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

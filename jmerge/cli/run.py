@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_config(base: Path, out_dtype: str | None, layers: list | None, vocab_size: int | None = None) -> dict[str, str]:
+def _out_config(base: Path, out_dtype: str | None, layers: dict | None, vocab_size: int | None = None) -> dict[str, str]:
     """``{"config.json": text}`` with the output's dtype, layer count and vocabulary size, when the base directory has one."""
     from jmerge.config.hf_layers import out_config
 
@@ -132,20 +132,21 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
     from jmerge.io import hf_dir
 
     jobs, layers = slices.jobs(plan)
+    count = sum(map(len, layers.values()))
     base = jobs[0].base[0]
     card = hf_dir.model_card(
         method=plan.source_method if plan.method == plan.source_method else f"{plan.source_method} (jmerge {plan.method})",
         base=str(plan.base), experts=[str(e) for e in dict.fromkeys(p for sp in plan.slices for p in sp.experts)],
         config_text=plan.config_text, version=__version__,
         extra=_hparams_text(plan.hparams, seed if key is not None else None, out_dtype)
-        + f"Per-tensor plan: {len(plan.slices)} slice(s), {len(layers)} output layers, {len(jobs)} tensors; the "
+        + f"Per-tensor plan: {len(plan.slices)} slice(s), {count} output layers, {len(jobs)} tensors; the "
         "hyper-parameters above are those at t = 0.\n\n",
     )
-    extra = {**_out_config(plan.base, out_dtype, layers if plan.config.slices is not None else None,
+    extra = {**_out_config(plan.base, out_dtype, _sliced(plan.config, layers),
                            None if plan.vocab is None else plan.vocab.size),
              **plan.extra_files, "jmerge_config.yml": plan.config_text}
     console(stdout=True).print(f"merging {len(plan.slices)} slice(s) into {args.out} with {plan.method} "
-                               f"(streamed; {len(jobs)} tensors, {len(layers)} layers)")
+                               f"(streamed; {len(jobs)} tensors, {count} layers)")
     tensors = {j.name: j.info for j in jobs}
     with progress(args.no_progress) as bar:
         task = bar.add_task("merge", total=len(jobs))
@@ -155,6 +156,13 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
         streaming.write_dir(args.out, base, stream, streaming.output_plan(tensors, out_dtype, args.shard_size),
                             protect=[p for sp in plan.slices for p in sp.experts], force=args.force, card=card,
                             extra_files=extra)
+
+
+def _sliced(cfg, layers: dict) -> dict | None:
+    """The output layers of the modules given as ``slices`` (mergekit sets those modules' layer counts alone)."""
+    sliced = {m: taken for m, taken in layers.items()
+              if (cfg.slices if cfg.modules is None else cfg.modules[m.name].slices) is not None}
+    return sliced or None
 
 
 def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtype) -> None:

@@ -32,8 +32,9 @@ misspelt ``densty``). The ``base_model`` may also be listed among ``models`` (un
 spelling of its path); it is then not merged as an expert, except for ``linear`` and
 ``karcher``, which average every listed model (``karcher`` the base_model too).
 
-mergekit's ``slices`` (``sources`` with ``layer_range``), parameter gradients and ``filter``
-conditionals (:mod:`.settings`) give a per-tensor plan (:mod:`.slices`);
+mergekit's ``slices`` (``sources`` with ``layer_range``), ``modules`` (each module of a
+multimodal checkpoint, :mod:`.hf_modules`, with its own ``models`` or ``slices``), parameter
+gradients and ``filter`` conditionals (:mod:`.settings`) give a per-tensor plan (:mod:`.slices`);
 ``tokenizer_source``/``tokenizer``/``chat_template``: :mod:`.tokenizer`.
 
 Any other registered jmerge method (``magmax``, ``consensus``, ``tsv``, ``iso_c``,
@@ -45,8 +46,8 @@ The package has one module per job: :mod:`.schema` (the YAML document and its er
 :mod:`.mergekit` (mapping mergekit's methods from the facts each
 :class:`~jmerge.methods.registry.Method` declares in its ``mergekit``; the mapping table), :mod:`.plan`
 (resolving a config to a :class:`MergePlan`), :mod:`.settings` (gradients and filters),
-:mod:`.hf_layers` (a checkpoint's layer stack; the output config.json), :mod:`.slices` (per-tensor
-jobs) and :mod:`.tokenizer`.
+:mod:`.hf_layers` (a checkpoint's layer stack; the output config.json), :mod:`.hf_modules` (the modules
+of multimodal architectures), :mod:`.slices` (per-tensor jobs) and :mod:`.tokenizer`.
 """
 
 from jmerge.config.mergekit import ConfigWarning

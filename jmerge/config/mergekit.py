@@ -51,9 +51,9 @@ Known differences from mergekit, where semantics cannot match exactly:
   current mergekit rescales each sparsified tensor to its original L1 norm. Random masks
   differ in any case (different generators).
 * ``int8_mask`` (a mergekit memory option) is accepted and has no effect.
-* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling), ``modules`` and
-  ``tokenizer.tokens`` are rejected with an error saying so (``tokenizer_source``: :mod:`.tokenizer`). ``slices``, gradients and ``filter``
-  conditionals: :mod:`jmerge.config.slices`.
+* ``rescale: true`` for ``breadcrumbs`` (mergekit's L1 rescaling) and ``tokenizer.tokens`` are
+  rejected with an error saying so (``tokenizer_source``: :mod:`.tokenizer`). ``slices``, ``modules``,
+  gradients and ``filter`` conditionals: :mod:`jmerge.config.slices`.
 * ``model+lora`` references (any model, or ``base_model``): the model with the PEFT adapter's
   ``ΔW`` added on read (:func:`jmerge.lora.open_with_lora`), where mergekit writes a merged copy
   to its LoRA cache first; the sum is cast to the model's dtype as mergekit stores it.

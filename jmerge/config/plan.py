@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from jmerge.config import settings, tokenizer
-from jmerge.config.hf_layers import layers_of
+from jmerge.config.hf_layers import architecture, layers_of
+from jmerge.config.hf_modules import MODULES, WHOLE, Module, modules_of
 from jmerge.config.mergekit import map_mergekit, table
 from jmerge.config.schema import (
-    ConfigError, LearnOptions, MergeConfig, ModelSpec, check_dtype, closest, load_config, per_model, scalar,
+    ConfigError, LearnOptions, MergeConfig, ModelSpec, ModuleSpec, check_dtype, closest, load_config, per_model, scalar,
 )
 from jmerge.io import safetensors_io as st
 from jmerge.methods import registry
@@ -73,9 +74,10 @@ def _resolve_path(ref: str, where: Path, what: str) -> Path:
 
 @dataclass(frozen=True)
 class SlicePlan:
-    """One output slice (a ``models:`` config is one slice of every layer): the model the task
-    vectors start from, the merged models with their layer ranges (None: every layer), and the
-    settings that give each tensor's hyper-parameters (:func:`tensor_hparams`)."""
+    """One output slice (a ``models:`` config is one slice of every layer) of ``module`` (the whole
+    checkpoint but in a ``modules:`` config): the model the task vectors start from, the merged
+    models with their layer ranges (None: every layer), and the settings that give each tensor's
+    hyper-parameters (:func:`tensor_hparams`)."""
 
     where: str
     base: Path
@@ -83,15 +85,16 @@ class SlicePlan:
     experts: tuple[Path, ...]
     ranges: tuple[tuple[int, int] | None, ...]
     specs: tuple[ModelSpec, ...]  # the models whose per-model parameters are read (the base's are not)
-    parameters: dict[str, Any]  # the slice's settings, over the global ones
+    parameters: dict[str, Any]  # the slice's settings (over its module's), over the global ones
+    module: Module = WHOLE
 
     @property
     def length(self) -> int | None:
         return None if self.base_range is None else self.base_range[1] - self.base_range[0]
 
 
-def _slice(cfg: MergeConfig, mk, name: str, members, base_ref: str | None, where: Path, label: str,
-           parameters: dict[str, Any]) -> SlicePlan:
+def _slice(mk, name: str, members, base_ref: str | None, where: Path, label: str, parameters: dict[str, Any],
+           module: Module) -> SlicePlan:
     """The base and merged models of one slice (``members``: ``(spec, layer range or None)``),
     by the method's mergekit facts: the base_model may be listed among them (under any spelling
     of its path) and is then not merged, except where the method averages every model."""
@@ -106,7 +109,7 @@ def _slice(cfg: MergeConfig, mk, name: str, members, base_ref: str | None, where
         if mk is None:
             raise ConfigError("`base_model` is required (the pre-trained model the task vectors start from)")
     listed = [i for i, p in enumerate(paths) if base is not None and p.resolve() == base.resolve()]
-    slices = cfg.slices is not None
+    slices = members[0][1] is not None
     if slices and base is not None and not listed and (mk is None or mk.base != "none"):
         raise ConfigError(f"{label}: base_model {base_ref!r} is not among its sources")
     base_i = listed[0] if listed else (0 if base is None or slices else None)
@@ -122,47 +125,120 @@ def _slice(cfg: MergeConfig, mk, name: str, members, base_ref: str | None, where
     if mk is not None and mk.base_merged and base_ref is not None and not any(i in listed for i in kept):
         experts = [(base, base_range), *experts]  # e.g. mergekit's slerp: t=0 is the base model
     return SlicePlan(label, base if base_i is None else paths[base_i], base_range, tuple(p for p, _ in experts),
-                     tuple(r for _, r in experts), tuple(members[i][0] for i in kept), parameters)
+                     tuple(r for _, r in experts), tuple(members[i][0] for i in kept), parameters, module)
 
 
-def _groups(cfg: MergeConfig):
-    """``(label, members, base_model, slice parameters)`` per slice; a ``models:`` config is one slice."""
-    if (cfg.models is None) == (cfg.slices is None):
-        raise ConfigError("give exactly one of `models` and `slices`")
-    if cfg.models is not None:
-        if not cfg.models:
-            raise ConfigError("`models` is empty")
-        return [("models", [(m, None) for m in cfg.models], cfg.base_model, {})]
-    if not cfg.slices:
-        raise ConfigError("`slices` is empty")
+def _groups(cfg: MergeConfig, where: Path):
+    """``(label, members, base_model, slice parameters, module)`` per slice (a ``models:`` list is
+    one slice; a ``modules:`` config gives each module's), and the architecture's modules by name
+    (:func:`_known_modules`; none without ``modules:``)."""
+    if [cfg.models, cfg.slices, cfg.modules].count(None) != 2:
+        raise ConfigError("give exactly one of `models`, `slices` and `modules`")
+    if cfg.modules is None:
+        return _scope_groups(cfg, "", cfg.base_model, {}, WHOLE), {}
+    if not cfg.modules:
+        raise ConfigError("`modules` is empty")
+    known = _known_modules(cfg, where)
+    return [g for name, spec in cfg.modules.items()
+            for g in _scope_groups(spec, f"modules.{name}.", cfg.base_model, spec.parameters, known[name])], known
+
+
+def _scope_groups(scope: MergeConfig | ModuleSpec, label: str, base_ref: str | None, parameters: dict[str, Any],
+                  module: Module):
+    """:func:`_groups` of the top level or of one module (``label``: its keys' prefix, ``parameters``: its own)."""
+    if (scope.models is None) == (scope.slices is None):
+        raise ConfigError(f"give exactly one of `{label}models` and `{label}slices`")
+    if scope.models is not None:
+        if not scope.models:
+            raise ConfigError(f"`{label}models` is empty")
+        return [(f"{label}models", [(m, None) for m in scope.models], base_ref, dict(parameters), module)]
+    if not scope.slices:
+        raise ConfigError(f"`{label}slices` is empty")
     groups = []
-    for i, s in enumerate(cfg.slices):
+    for i, s in enumerate(scope.slices):
+        at = f"{label}slices[{i}]"
         if not s.sources:
-            raise ConfigError(f"slices[{i}]: `sources` is empty")
+            raise ConfigError(f"{at}: `sources` is empty")
         lengths = [hi - lo for lo, hi in (src.layer_range for src in s.sources)]
         if len(set(lengths)) > 1:
-            raise ConfigError(f"slices[{i}]: its sources' layer ranges have unequal lengths {lengths} "
+            raise ConfigError(f"{at}: its sources' layer ranges have unequal lengths {lengths} "
                               f"({', '.join(f'{src.model} {list(src.layer_range)}' for src in s.sources)})")
-        groups.append((f"slices[{i}]", [(src, tuple(src.layer_range)) for src in s.sources],
-                       s.base_model or cfg.base_model, s.parameters))
+        groups.append((at, [(src, tuple(src.layer_range)) for src in s.sources], s.base_model or base_ref,
+                       {**parameters, **s.parameters}, module))
     return groups
 
 
+def _module_refs(cfg: MergeConfig) -> list[str]:
+    """Every model a ``modules:`` config names, its base_model first."""
+    refs = [cfg.base_model] if cfg.base_model else []
+    for spec in cfg.modules.values():
+        refs += [m.model for m in spec.models or []] + [src.model for s in spec.slices or [] for src in s.sources]
+    return list(dict.fromkeys(refs))
+
+
+def _known_modules(cfg: MergeConfig, where: Path) -> dict[str, Module]:
+    """The modules of the models' architecture (config.json's ``architectures``, the same for
+    every model), each name of ``modules:`` checked against them."""
+    archs = {}
+    for ref in _module_refs(cfg):
+        archs.setdefault(architecture(_resolve_path(ref, where, "model")), ref)
+    archs.pop(None, None)
+    if len(archs) > 1:
+        raise ConfigError(f"`modules`: the models' architectures differ ({', '.join(f'{r}: {a}' for a, r in archs.items())})")
+    arch = next(iter(archs), None)
+    known = modules_of(arch)
+    for name in cfg.modules:
+        if name not in known:
+            raise ConfigError(f"modules.{name}: {_no_module(arch, name, known)}")
+    return known
+
+
+def _no_module(arch: str | None, name: str, known: dict[str, Module]) -> str:
+    if arch in MODULES:
+        return f"{arch} has no module {name!r}{closest(name, known)} (modules: {', '.join(known)})"
+    return (f"jmerge has no module map for {arch or 'models without a config.json `architectures`'}, so its one "
+            f"module is `default` (multi-module architectures: {', '.join(sorted(MODULES))})")
+
+
+def _check_modules(plans: list[SlicePlan], known: dict[str, Module]) -> None:
+    """Each listed module holds tensors of its first model, and every tensor of the first model is
+    in a listed module (mergekit 0.1.5 would leave it out of the output); headers only."""
+    listed: dict[Module, Path] = {}
+    for sp in plans:
+        listed.setdefault(sp.module, sp.base)
+    for module, path in listed.items():
+        if not any(map(module.owns, st.open_checkpoint(path).tensors)):
+            raise ConfigError(f"modules.{module.name}: no tensor of {path} starts with "
+                              f"{' or '.join(map(repr, module.prefixes))}")
+    left = sorted(n for n in st.open_checkpoint(plans[0].base).tensors if not any(m.owns(n) for m in listed))
+    unlisted = [m.name for m in known.values() if any(map(m.owns, left))]
+    if left:
+        what = f"{', '.join(unlisted)} not listed" if unlisted else f"tensors in no module ({', '.join(known)})"
+        raise ConfigError(f"modules: {what}; mergekit 0.1.5 would leave {len(left)} tensor(s) of {plans[0].base} "
+                          f"out of the output ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})")
+
+
 def _check_ranges(plans: list[SlicePlan]) -> None:
-    """Each source's layer range lies inside its model (headers only)."""
-    counts: dict[Path, int] = {}
+    """Each source's layer range lies inside its model (its module's layers; headers only)."""
+    counts: dict[tuple[Path, Module], int] = {}
     for sp in plans:
         for path, (lo, hi) in {(sp.base, sp.base_range), *zip(sp.experts, sp.ranges)}:
-            if path not in counts:
-                counts[path] = layers_of(st.open_checkpoint(path)).count
-            if not 0 <= lo < hi <= counts[path]:
+            if (path, sp.module) not in counts:
+                counts[path, sp.module] = layers_of(st.open_checkpoint(path), sp.module).count
+            if not 0 <= lo < hi <= counts[path, sp.module]:
                 raise ConfigError(f"{sp.where}: layer_range [{lo}, {hi}] of {path} is out of bounds "
-                                  f"(it has {counts[path]} layers)")
+                                  f"(it has {counts[path, sp.module]} layers)")
+
+
+def _every_layer(sp: SlicePlan) -> SlicePlan:
+    """A ``models:`` slice as one slice of every layer (of its module)."""
+    count = layers_of(st.open_checkpoint(sp.base), sp.module).count
+    return replace(sp, base_range=(0, count), ranges=((0, count),) * len(sp.experts))
 
 
 def _all_settings(cfg: MergeConfig, plans: list[SlicePlan]):
     """``(where, setting, layers it spreads over or None)`` for every parameter setting of the config."""
-    length = plans[0].length if cfg.slices is None else None
+    length = plans[0].length if cfg.models is not None else None
     for key, value in cfg.parameters.items():
         yield f"parameters.{key}", value, length
     for sp in plans:
@@ -227,15 +303,17 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
     method = mapped.name if mapped else name
     check_dtype(cfg.dtype, "dtype")
     check_dtype(cfg.out_dtype, "out_dtype")
-    plans = [_slice(cfg, mk, name, members, base_ref, where, label, params)
-             for label, members, base_ref, params in _groups(cfg)]
+    groups, known = _groups(cfg, where)
+    plans = [_slice(mk, name, members, base_ref, where, label, params, module)
+             for label, members, base_ref, params, module in groups]
     for key, value, _ in _all_settings(cfg, plans):
         settings.check(value, key, None)
     base_given = cfg.base_model is not None or (cfg.slices is not None and cfg.slices[0].base_model is not None)
     extra_files, vocab = _tokenizer_files(cfg, plans[0].base if base_given else None, plans[0].base,
                                           list(dict.fromkeys(p for s in plans for p in (s.base, *s.experts))), where)
     varies = any(settings.varies(v) for _, v, _ in _all_settings(cfg, plans))
-    used = [label for label, on in (("slices", cfg.slices is not None), ("gradients and filters", varies),
+    used = [label for label, on in (("slices", cfg.slices is not None), ("modules", cfg.modules is not None),
+                                    ("gradients and filters", varies),
                                     ("tokenizer_source's embedding-row remapping", vocab is not None)) if on]
     per_tensor = bool(used)
     if per_tensor:
@@ -247,11 +325,11 @@ def resolve(cfg: MergeConfig, config_text: str = "", where: Path | None = None) 
                 raise ConfigError(f"`{what}` needs whole models; it does not combine with {used}")
         if opts.trim == "global":
             raise ConfigError(f"`jmerge.trim: global` ranks over the whole model; it does not combine with {used}")
-    if cfg.slices is not None:
-        _check_ranges(plans)
-    elif per_tensor:  # a `models:` config with gradients or filters: one slice of every layer
-        count = layers_of(st.open_checkpoint(plans[0].base)).count
-        plans = [replace(plans[0], base_range=(0, count), ranges=((0, count),) * len(plans[0].experts))]
+    if cfg.modules is not None:
+        _check_modules(plans, known)
+    _check_ranges([sp for sp in plans if sp.base_range is not None])
+    if per_tensor:  # `models:` with gradients or filters, or in a module: one slice of every layer
+        plans = [sp if sp.base_range is not None else _every_layer(sp) for sp in plans]
     for key, value, layers in _all_settings(cfg, plans):
         settings.check(value, key, layers)
     sp = plans[0]

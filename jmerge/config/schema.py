@@ -62,6 +62,16 @@ class SliceSpec(BaseModel):
     parameters: dict[str, Any] = {}
 
 
+class ModuleSpec(BaseModel):
+    """A module merged on its own (mergekit's ``modules: {name: ...}``): its ``models`` or
+    ``slices``, and ``parameters`` over the global ones (a slice's and a model's over these)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelSpec] | None = None
+    slices: list[SliceSpec] | None = None
+    parameters: dict[str, Any] = {}
+
+
 class JmergeOptions(BaseModel):
     """jmerge's own keys (under ``jmerge:``)."""
 
@@ -92,6 +102,7 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[ModelSpec] | None = None
     slices: list[SliceSpec] | None = None
+    modules: dict[str, ModuleSpec] | None = None
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, Any] = {}
@@ -105,7 +116,6 @@ class MergeConfig(BaseModel):
 
 # mergekit top-level keys jmerge does not support, and why
 _UNSUPPORTED_TOP = {
-    "modules": "multi-module configs are not supported; list whole models under `models`",
     "name": "multi-stage configs (mergekit-multi) are not supported",
 }
 
@@ -157,6 +167,8 @@ def _pydantic_error(e: ValidationError) -> ConfigError:
 def _known_keys(parent: tuple) -> list[str]:
     if not parent:
         return list(MergeConfig.model_fields)
+    if parent[0] == "modules":  # modules.<name>, then a module's keys as the top level's
+        return list(ModuleSpec.model_fields) if len(parent) == 2 else _known_keys(parent[2:])
     if parent[:2] == ("jmerge", "learn"):
         return list(LearnOptions.model_fields)
     if parent[0] == "jmerge":

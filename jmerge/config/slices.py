@@ -6,7 +6,9 @@ gradients or filters, as mergekit 0.1.5's ``MergePlanner`` lays them out (``plan
 * tensors before the layers (embeddings) are merged from the first slice's sources, those
   after them (final norm, head) from the last slice's, at gradient position ``t = 0``;
 * layer ``j`` of a slice of ``L`` layers has ``t = j / (L - 1)`` (1 when ``L = 1``);
-* a ``models:`` config with gradients or filters is one slice of every layer.
+* a ``models:`` config with gradients or filters is one slice of every layer;
+* each module of a ``modules:`` config (:mod:`.hf_modules`) is laid out so on its own tensors,
+  its layers numbered from 0.
 
 Every tensor's hyper-parameters are resolved and checked, and every source tensor's name
 and shape, before any tensor is read. A ``filter`` that matches no output tensor gets a
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 from jmerge.config import settings, tokenizer
 from jmerge.config.hf_layers import Layers, layers_of
+from jmerge.config.hf_modules import WHOLE, Module
 from jmerge.config.mergekit import ConfigWarning
 from jmerge.config.plan import MergePlan, SlicePlan, tensor_hparams
 from jmerge.config.schema import ConfigError
@@ -33,17 +37,17 @@ class _Models:
 
     def __init__(self):
         self.ckpts: dict[Path, st.Checkpoint] = {}
-        self.stacks: dict[Path, Layers] = {}
+        self.stacks: dict[tuple[Path, Module], Layers] = {}
 
     def ckpt(self, path: Path) -> st.Checkpoint:
         if path not in self.ckpts:
             self.ckpts[path] = st.open_checkpoint(path)
         return self.ckpts[path]
 
-    def layers(self, path: Path) -> Layers:
-        if path not in self.stacks:
-            self.stacks[path] = layers_of(self.ckpt(path))
-        return self.stacks[path]
+    def layers(self, path: Path, module: Module = WHOLE) -> Layers:
+        if (path, module) not in self.stacks:
+            self.stacks[path, module] = layers_of(self.ckpt(path), module)
+        return self.stacks[path, module]
 
     def source(self, path: Path, name: str, like: st.TensorInfo | None, out: str,
                rows: int | None = None) -> tuple[st.Checkpoint, str]:
@@ -63,13 +67,11 @@ class _Models:
         return ckpt, name
 
 
-def jobs(plan: MergePlan) -> tuple[list[Job], list[tuple[Path, int]]]:
-    """``(jobs in output order, output layers)`` of a per-tensor plan; output layer ``j`` is
-    layer ``index`` of ``model`` (its slice's base) for ``layers[j] = (model, index)``."""
-    models, out = _Models(), []
+def jobs(plan: MergePlan) -> tuple[list[Job], dict[Module, list[tuple[Path, int]]]]:
+    """``(jobs in output order, output layers per module)`` of a per-tensor plan; output layer ``j``
+    of a module is layer ``index`` of ``model`` (its slice's base) for ``layers[module][j] = (model, index)``."""
+    models, out, layers = _Models(), [], {}
     cfg = plan.config
-    donor = models.layers(plan.base)
-
     vocab = plan.vocab
 
     def job(sp: SlicePlan, name: str, base_name: str, expert_names: list[str], t: float) -> Job:
@@ -87,21 +89,30 @@ def jobs(plan: MergePlan) -> tuple[list[Job], list[tuple[Path, int]]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # reported once, when the config was resolved
-        first, last = plan.slices[0], plan.slices[-1]
-        out += [job(first, n, n, [n] * len(first.experts), 0.0) for n in donor.before]
-        offset, layers = 0, []
-        for sp in plan.slices:
-            stacks = [models.layers(p) for p in (sp.base, *sp.experts)]
-            starts = [r[0] for r in (sp.base_range, *sp.ranges)]
-            for j in range(sp.length):
-                t = j / (sp.length - 1) if sp.length > 1 else 1.0
-                for part in donor.parts:
-                    names = [s.name(lo + j, part) for s, lo in zip(stacks, starts)]
-                    out.append(job(sp, donor.name(offset + j, part), names[0], names[1:], t))
-            offset += sp.length
-            layers += [(sp.base, sp.base_range[0] + j) for j in range(sp.length)]
-        out += [job(last, n, n, [n] * len(last.experts), 0.0) for n in donor.after]
+        for module, group in groupby(plan.slices, key=lambda sp: sp.module):
+            module_jobs, layers[module] = _module_jobs(list(group), module, models, job)
+            out += module_jobs
     _warn_unmatched(plan, [j.name for j in out])
+    return out, layers
+
+
+def _module_jobs(group: list[SlicePlan], module: Module, models: _Models, job) -> tuple[list[Job], list[tuple[Path, int]]]:
+    """The jobs and output layers of one module's slices (``job(slice, name, base name, expert names, t)``)."""
+    first, last = group[0], group[-1]
+    donor = models.layers(first.base, module)
+    out = [job(first, n, n, [n] * len(first.experts), 0.0) for n in donor.before]
+    offset, layers = 0, []
+    for sp in group:
+        stacks = [models.layers(p, module) for p in (sp.base, *sp.experts)]
+        starts = [r[0] for r in (sp.base_range, *sp.ranges)]
+        for j in range(sp.length):
+            t = j / (sp.length - 1) if sp.length > 1 else 1.0
+            for part in donor.parts:
+                names = [s.name(lo + j, part) for s, lo in zip(stacks, starts)]
+                out.append(job(sp, donor.name(offset + j, part), names[0], names[1:], t))
+        offset += sp.length
+        layers += [(sp.base, sp.base_range[0] + j) for j in range(sp.length)]
+    out += [job(last, n, n, [n] * len(last.experts), 0.0) for n in donor.after]
     return out, layers
 
 
