@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -44,8 +44,9 @@ import numpy as np
 
 from jmerge import coverage, thresholds
 from jmerge import tree as jtree
-from jmerge.io import hf_dir
 from jmerge.io import safetensors_io as st
+from jmerge.io.hf_dir import WriteResult as StreamResult, write_dir  # noqa: F401 (re-exported)
+from jmerge.io.safetensors_io import output_plan  # noqa: F401 (re-exported)
 from jmerge.methods import registry
 from jmerge.thresholds import streamed
 from jmerge.validate import MergeInputError
@@ -195,7 +196,7 @@ def stream_jobs(
     time (plus one of lookahead). Non-float tensors are copied from the job's base. Dtypes:
     :func:`unify_dtypes`."""
     m = registry.get(method)
-    cast, compute = _np_dtype(out_dtype), _np_dtype(compute_dtype)
+    cast, compute = st.as_dtype(out_dtype), st.as_dtype(compute_dtype)
 
     def dispatch(job: Job):
         """Reads one tensor of every model and starts its merge; JAX runs it asynchronously."""
@@ -275,20 +276,14 @@ def merge_in_memory(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """:func:`iter_merged_in_memory` on inputs already opened by :func:`open_inputs`."""
     base, experts, hp = inputs
-    cast = _np_dtype(out_dtype)
-    compute = _np_dtype(compute_dtype)
+    cast = st.as_dtype(out_dtype)
+    compute = st.as_dtype(compute_dtype)
     b, es = read_floats(base, experts, cast, compute)
     extra = {} if lwptv is None else {"lwptv": lwptv}
     merged = registry.merge(b, es, method, key=key, check_finite=check_finite, compute_dtype=compute, **extra, **hp)
     del es
     for name, info in base.tensors.items():
         yield name, (np.asarray(merged[name]).astype(cast or info.dtype, copy=False) if info.is_float else base.read(name))
-
-
-def _np_dtype(dtype: Any) -> np.dtype | None:
-    if dtype is None:
-        return None
-    return st.numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
 
 
 def merge_to_orbax(
@@ -323,25 +318,6 @@ def merge_to_orbax(
     meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
             "base": str(base.path), "experts": [str(e.path) for e in experts]}
     return sharded.save_sharded(out, merged, metadata=meta, force=force)
-
-
-@dataclass(frozen=True)
-class StreamResult:
-    """What :func:`merge_to_dir` wrote."""
-
-    out: Path
-    files: tuple[str, ...]
-    tensors: int
-    bytes_written: int
-    seconds: float
-
-
-def output_plan(tensors: Mapping[str, st.TensorInfo], out_dtype: Any = None,
-                shard_size: int | str = st.DEFAULT_SHARD_SIZE) -> st.ShardPlan:
-    """The output shards of a merge into ``tensors`` (e.g. the base's): float ones cast to ``out_dtype``."""
-    code = None if out_dtype is None else st.dtype_code(_np_dtype(out_dtype))
-    specs = [(n, t.shape, code if (code and t.is_float) else t.code) for n, t in tensors.items()]
-    return st.ShardPlan.build(specs, st.parse_size(shard_size))
 
 
 def merge_to_dir(
@@ -383,41 +359,3 @@ def merge_to_dir(
         tensors = stream_inputs(inputs, method, progress=progress, **common)
     return write_dir(out, inputs.base, tensors, plan, protect=[e.path for e in inputs.experts], force=force, card=card,
                      extra_files=extra_files, progress=progress if in_memory else None, start=start)
-
-
-def write_dir(
-    out: str | os.PathLike,
-    base: st.Checkpoint,
-    tensors: Iterator[tuple[str, np.ndarray]],
-    plan: st.ShardPlan,
-    *,
-    protect: Sequence[str | os.PathLike] = (),
-    force: bool = False,
-    card: str | None = None,
-    extra_files: Mapping[str, str] | None = None,
-    progress: Progress | None = None,
-    start: float | None = None,
-) -> StreamResult:
-    """Writes ``(name, array)`` pairs as the HF directory ``out`` (shards by ``plan``), with the
-    base's ``config.json`` and tokenizer files, ``card`` as README.md and ``extra_files``;
-    atomically (see :func:`jmerge.io.hf_dir.atomic_dir`)."""
-    start = time.perf_counter() if start is None else start
-    with hf_dir.atomic_dir(out, force=force, protect=[base.path, *protect]) as tmp:
-        writer = st.ShardWriter(tmp, plan)
-        try:
-            for name, array in tensors:
-                writer.write(name, array)
-                if progress:
-                    progress("write", name)
-            files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        if base.path.is_dir():
-            hf_dir.copy_model_files(base.path, tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
-    out = Path(out)
-    return StreamResult(out, tuple(p.name for p in files), sum(map(len, plan.members)), hf_dir.dir_size(out), time.perf_counter() - start)

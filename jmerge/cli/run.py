@@ -64,11 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jmerge.methods import registry
 
     if args.out_format == "gguf" or args.quant:
-        from jmerge.io import gguf as gguf_io
+        from jmerge.cli.run_gguf import run_to_gguf
 
         if args.out_format != "gguf":
             raise ValueError("--quant needs --out-format gguf")
-        return gguf_io.run_to_gguf(args, cmd_run)
+        return run_to_gguf(args, cmd_run)
     start = time.perf_counter()
     plan = config.plan_from_yaml(args.config)
     out_dtype = args.out_dtype or plan.out_dtype

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -321,12 +320,10 @@ def hf_files(ckpt: GGUFCheckpoint) -> dict[str, str]:
 def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
           shard_size: int | str = st.DEFAULT_SHARD_SIZE, force: bool = False) -> dict[str, Any]:
     """``model.gguf`` -> an HF Llama directory (safetensors in ``dtype``, default float32)."""
-    from jmerge import streaming
-
     ckpt = open_gguf(src)
     files = hf_files(ckpt)
-    streaming.write_dir(dst, ckpt, ckpt.items(), streaming.output_plan(ckpt.tensors, dtype, shard_size), force=force,
-                        extra_files=files)
+    hf_dir.write_dir(dst, ckpt, ckpt.items(), st.output_plan(ckpt.tensors, dtype, shard_size), force=force,
+                     extra_files=files)
     return {"tensors": len(ckpt.tensors), "from": "gguf", "to": "safetensors", "model_type": "llama",
             "copied": sorted(files)}
 
@@ -583,30 +580,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | None
         if (Path(src) / name).is_file():
             record[key] = (Path(src) / name).read_text(encoding="utf-8")
     return from_hf(src, dst, quant=quant or "f32", record=record, force=force)
-
-
-def run_to_gguf(args, run) -> int:
-    """``jmerge run ... --out-format gguf``: ``run`` merges into an HF directory beside
-    ``args.out``, then it is written as one GGUF file (base metadata kept, the config recorded)."""
-    import copy
-
-    from jmerge import __version__, config
-
-    hf_dir.refuse_existing(args.out, args.force, "pass --force")
-    plan = config.plan_from_yaml(args.config)
-    if (args.quant or "f32").lower() not in QUANTS:
-        raise GGUFError(f"unsupported GGUF output type {args.quant!r}; choose one of {', '.join(QUANTS)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.hf-", dir=args.out.parent) as tmp:
-        inner = copy.copy(args)
-        inner.out, inner.out_format, inner.quant, inner.force = Path(tmp) / "merged", "hf", None, False
-        status = run(inner)
-        if status:
-            return status
-        info = from_hf(inner.out, args.out, quant=args.quant or "f32", template=plan.base,
-                       record={"version": __version__, "config": plan.config_text, "method": plan.method,
-                               "base": str(plan.base), "models": json.dumps([str(e) for e in plan.experts])},
-                       force=args.force)
-    print(f"wrote {args.out} (GGUF {args.quant or 'f32'}: {info['tensors']} tensors, {info['types']}, "
-          f"{info['fallback_f16']} stored F16 for block size)")
-    return 0

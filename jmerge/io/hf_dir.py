@@ -7,6 +7,8 @@ directory being complete before the old one is removed. :func:`refuse_existing` 
 :mod:`jmerge._util`, where :func:`~jmerge._util.atomic_write` uses it) is the same check for
 single-file outputs. The HF extras of a merged model directory: the base's ``config.json`` and
 tokenizer files (:func:`copy_model_files`) and a model card recording the merge (:func:`model_card`).
+:func:`write_dir` writes a model, ``(name, array)`` pairs streamed into safetensors shards
+(:func:`jmerge.io.safetensors_io.output_plan`), with those extras, as one atomic directory.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from jmerge._util import OutputError as OutputError  # re-exported: the outputs' one error and check
 from jmerge._util import refuse_existing as refuse_existing
+from jmerge.io import safetensors_io as st
 
 
 def describe_os_error(e: OSError, where: Path) -> str:
@@ -142,3 +149,52 @@ def dir_size(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :func:`write_dir` (and :func:`jmerge.streaming.merge_to_dir`) wrote."""
+
+    out: Path
+    files: tuple[str, ...]
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def write_dir(
+    out: str | os.PathLike,
+    base: st.Checkpoint,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    plan: st.ShardPlan,
+    *,
+    protect: Sequence[str | os.PathLike] = (),
+    force: bool = False,
+    card: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    progress: Callable[[str, str], None] | None = None,
+    start: float | None = None,
+) -> WriteResult:
+    """Writes ``(name, array)`` pairs as the HF directory ``out`` (shards by ``plan``), with the
+    base's ``config.json`` and tokenizer files, ``card`` as README.md and ``extra_files``;
+    atomically (see :func:`atomic_dir`). ``progress("write", name)`` is called after each tensor."""
+    start = time.perf_counter() if start is None else start
+    with atomic_dir(out, force=force, protect=[base.path, *protect]) as tmp:
+        writer = st.ShardWriter(tmp, plan)
+        try:
+            for name, array in tensors:
+                writer.write(name, array)
+                if progress:
+                    progress("write", name)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if base.path.is_dir():
+            copy_model_files(base.path, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    out = Path(out)
+    return WriteResult(out, tuple(p.name for p in files), sum(map(len, plan.members)), dir_size(out), time.perf_counter() - start)

@@ -87,6 +87,13 @@ def numpy_dtype(name: str) -> np.dtype:
     raise ValueError(f"unsupported dtype {name!r}; use float32, float16 or bfloat16")
 
 
+def as_dtype(dtype: Any) -> np.dtype | None:
+    """A dtype argument (None, a name like ``"bfloat16"``, or a numpy/ml_dtypes dtype) as a numpy dtype."""
+    if dtype is None:
+        return None
+    return numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+
+
 def is_float_array(x: np.ndarray) -> bool:
     """True for float16/32/64 and bfloat16 arrays."""
     return _CODES.get(np.dtype(x.dtype)) in FLOAT_CODES
@@ -406,6 +413,14 @@ class ShardPlan:
     @property
     def total_bytes(self) -> int:
         return sum(math.prod(s) * _DTYPES[c].itemsize for shard in self.members for _, s, c in shard)
+
+
+def output_plan(tensors: Mapping[str, TensorInfo], out_dtype: Any = None,
+                shard_size: int | str = DEFAULT_SHARD_SIZE) -> ShardPlan:
+    """The output shards of a model with ``tensors`` (e.g. a merge's base): float ones cast to ``out_dtype``."""
+    code = None if out_dtype is None else dtype_code(as_dtype(out_dtype))
+    specs = [(n, t.shape, code if (code and t.is_float) else t.code) for n, t in tensors.items()]
+    return ShardPlan.build(specs, parse_size(shard_size))
 
 
 class ShardWriter:
