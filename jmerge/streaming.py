@@ -28,7 +28,8 @@ Details that differ from an in-memory merge of the same dicts:
 * Non-float tensors (e.g. int64 ``position_ids`` buffers) are copied from the base.
 * Experts may store another float dtype than the base: that tensor is then merged in
   float32 (exact for bf16/f16 inputs) and cast to the output dtype (``out_dtype``, default
-  the base tensor's dtype).
+  the base tensor's dtype). One rule (:func:`unified_dtype`) for the streamed, in-memory and
+  sharded (:func:`merge_to_orbax`) merges.
 """
 
 from __future__ import annotations
@@ -94,20 +95,32 @@ def open_inputs(
     return Inputs(base, experts, hp)
 
 
+def unified_dtype(base: np.dtype, experts: Sequence[np.dtype], out: np.dtype | None = None,
+                  compute: np.dtype | None = None) -> np.dtype | None:
+    """The one mixed-dtype rule, on the stored dtypes of one tensor: the dtype every model's
+    tensor is taken in, or None to take them as stored. When an expert stores another float
+    dtype than the base, or the output dtype ``out`` is not the base's, float32 (exact for
+    bf16/f16 inputs), so the merge is rounded once, to the output dtype (a bf16 merge written
+    as float32 keeps its float32 result). ``compute`` (mergekit's ``dtype`` under
+    ``jmerge: {compute_dtype: model}``) instead rounds every tensor to it first, as mergekit
+    loads its inputs, and the merge computes in it as mergekit does
+    (``jmerge.merge(..., compute_dtype=)``) and returns that dtype. Headers suffice, so a
+    merge knows each tensor's dtype before reading it (:func:`merge_to_orbax` casts blocks as
+    it reads them)."""
+    if compute is not None:
+        return np.dtype(compute)
+    if any(d != base for d in experts) or (out is not None and out != base):
+        return np.dtype(np.float32)
+    return None
+
+
 def unify_dtypes(base: np.ndarray, experts: Sequence[np.ndarray], out: np.dtype | None = None,
                  compute: np.dtype | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The one mixed-dtype rule: when an expert stores another float dtype than the base, or
-    the output dtype ``out`` is not the base's, that tensor of every model is taken in float32
-    (exact for bf16/f16 inputs), so the merge is rounded once, to the output dtype (a bf16 merge
-    written as float32 keeps its float32 result); else unchanged. ``compute`` (mergekit's
-    ``dtype`` under ``jmerge: {compute_dtype: model}``) instead rounds every tensor to it first,
-    as mergekit loads its inputs, and the merge computes in it as mergekit does
-    (``jmerge.merge(..., compute_dtype=)``) and returns that dtype."""
-    if compute is not None:
-        return base.astype(compute), [x.astype(compute) for x in experts]
-    if any(x.dtype != base.dtype for x in experts) or (out is not None and out != base.dtype):
-        return base.astype(np.float32), [x.astype(np.float32) for x in experts]
-    return base, list(experts)
+    """One tensor of every model in the dtype :func:`unified_dtype` gives (unchanged if None)."""
+    dtype = unified_dtype(base.dtype, [x.dtype for x in experts], out, compute)
+    if dtype is None:
+        return base, list(experts)
+    return base.astype(dtype), [x.astype(dtype) for x in experts]
 
 
 def global_answers(base: st.Checkpoint, experts: Sequence[st.Checkpoint], method: str, hp: dict[str, Any],
@@ -295,6 +308,7 @@ def merge_to_orbax(
     mesh,
     rule=None,
     key: jax.Array | None = None,
+    out_dtype: Any = None,
     force: bool = False,
     **hparams,
 ) -> Path:
@@ -303,17 +317,24 @@ def merge_to_orbax(
 
     Inputs are opened and checked by :func:`open_inputs` (headers, method, hyper-parameters,
     key) before any tensor is read. Float tensors are merged; other tensors (integer
-    buffers) are copied from the base. Returns ``out``.
+    buffers) are copied from the base. Dtypes follow :func:`merge_to_dir`'s rule
+    (:func:`unified_dtype`, decided from the headers; blocks are cast as they are read), and
+    each merged tensor is stored in ``out_dtype`` (default: the base tensor's). Returns ``out``.
     """
     from jmerge.io import sharded
     from jmerge.shard import spec_for
 
     base, experts, _ = open_inputs(base, experts, method, key=key, in_memory=True, **hparams)
     rule = rule or spec_for
+    cast = st.as_dtype(out_dtype)
     floats = [n for n, info in base.tensors.items() if info.is_float]
-    base_tree = sharded.read_sharded(base, mesh, rule)
-    expert_trees = [sharded.read_sharded(e, mesh, rule, names=floats) for e in experts]
+    dtypes = {n: unified_dtype(base.tensors[n].dtype, [e.tensors[n].dtype for e in experts], cast) for n in floats}
+    dtypes = {n: d for n, d in dtypes.items() if d is not None}
+    base_tree = sharded.read_sharded(base, mesh, rule, dtypes=dtypes)
+    expert_trees = [sharded.read_sharded(e, mesh, rule, names=floats, dtypes=dtypes) for e in experts]
     merged = registry.merge({n: base_tree[n] for n in floats}, expert_trees, method, key=key, **hparams)
+    stored = {n: cast or info.dtype for n, info in base.tensors.items()}
+    merged = {n: (x if x.dtype == stored[n] else x.astype(stored[n])) for n, x in merged.items()}
     merged = {n: merged.get(n, base_tree[n]) for n in base.names}
     meta = {"method": method, "hparams": {k: repr(v) for k, v in hparams.items()},
             "base": str(base.path), "experts": [str(e.path) for e in experts]}

@@ -105,6 +105,23 @@ def test_merge_to_orbax_equals_in_memory_merge(checkpoints, mesh8, tmp_path):
     assert orbax_io.metadata(out)["method"] == "task_arithmetic"
 
 
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+def test_merge_to_orbax_unifies_dtypes_as_merge_to_dir(tmp_path, mesh8, out_dtype):
+    """A bfloat16 and a float32 expert: one dtype rule (``streaming.unified_dtype``), so no
+    refusal and merge_to_dir's tensors and dtypes, with or without ``out_dtype``."""
+    base = _save_hf_sharded(tmp_path / "base", _model(0))
+    experts = [_save_hf_sharded(tmp_path / "e0", _model(1, ml_dtypes.bfloat16)), _save_hf_sharded(tmp_path / "e1", _model(2))]
+    out = streaming.merge_to_orbax(base, experts, tmp_path / "orbax", "ties", mesh=mesh8, rule=RULE, density=0.5,
+                                   out_dtype=out_dtype)
+    ref = st.load(streaming.merge_to_dir(tmp_path / "hf", base, experts, "ties", density=0.5, out_dtype=out_dtype).out)
+    restored = orbax_io.restore(out)
+    assert sorted(restored) == sorted(ref)
+    for name, x in ref.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), x, err_msg=name)
+    for name in SHAPES:  # ("ids" is int32 in JAX without x64)
+        assert restored[name].dtype == ref[name].dtype == st.as_dtype(out_dtype or "float32"), name
+
+
 def test_merge_to_orbax_checks_before_reading(checkpoints, mesh8, tmp_path, monkeypatch):
     base, experts = checkpoints
     bad = _model(3)

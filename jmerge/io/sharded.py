@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -40,31 +40,34 @@ from jmerge.shard import Rule, spec_for
 
 
 def _read_block(ckpt: st.Checkpoint, name: str, index: tuple) -> np.ndarray:
-    """Block ``index`` of tensor ``name``, copied out of the checkpoint's memory map."""
-    return np.array(ckpt.read(name)[index])
+    """Block ``index`` of tensor ``name``: a view of the checkpoint's memory map."""
+    return ckpt.read(name)[index]
 
 
-def read_tensor_sharded(ckpt: st.Checkpoint, name: str, sharding: NamedSharding) -> jax.Array:
-    """Tensor ``name`` of ``ckpt`` as a global array with ``sharding``; reads only this
-    process's blocks, each distinct block once (devices holding the same replica share the read)."""
+def read_tensor_sharded(ckpt: st.Checkpoint, name: str, sharding: NamedSharding, dtype: Any = None) -> jax.Array:
+    """Tensor ``name`` of ``ckpt`` as a global array with ``sharding`` (in ``dtype``, default as
+    stored); reads only this process's blocks, each distinct block once (devices holding the
+    same replica share the read)."""
     blocks: dict[tuple, np.ndarray] = {}
 
     def block(index):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in blocks:
-            blocks[key] = _read_block(ckpt, name, tuple(index))
+            blocks[key] = np.array(_read_block(ckpt, name, tuple(index)), dtype=dtype)  # copied out: the map is dropped
         return blocks[key]
 
     return jax.make_array_from_callback(ckpt.tensors[name].shape, sharding, block)
 
 
 def read_sharded(
-    checkpoint: str | os.PathLike | st.Checkpoint, mesh: Mesh, rule: Rule = spec_for, *, names: Sequence[str] | None = None
+    checkpoint: str | os.PathLike | st.Checkpoint, mesh: Mesh, rule: Rule = spec_for, *, names: Sequence[str] | None = None,
+    dtypes: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """A safetensors checkpoint as a flat ``{name: global array}`` dict placed by ``rule``.
 
     ``checkpoint`` is a path (file, ``*.index.json`` or HF directory) or an opened
-    :class:`jmerge.io.Checkpoint`; ``names`` restricts the tensors read (default all).
+    :class:`jmerge.io.Checkpoint`; ``names`` restricts the tensors read (default all);
+    ``dtypes`` maps names to the dtype their blocks are cast to as they are read (others stay as stored).
     """
     ckpt = checkpoint if isinstance(checkpoint, st.Checkpoint) else st.open_checkpoint(checkpoint)
     names = ckpt.names if names is None else list(names)
@@ -73,7 +76,8 @@ def read_sharded(
         raise st.CheckpointError(f"{ckpt.path}: no tensor(s) named {unknown[:5]}")
     out = {}
     for name in names:
-        out[name] = read_tensor_sharded(ckpt, name, NamedSharding(mesh, rule(name, ckpt.tensors[name].shape, mesh)))
+        sharding = NamedSharding(mesh, rule(name, ckpt.tensors[name].shape, mesh))
+        out[name] = read_tensor_sharded(ckpt, name, sharding, (dtypes or {}).get(name))
     return out
 
 
