@@ -2,6 +2,8 @@
 random transformers Flax GPT-2 saved as PyTorch-layout safetensors, then the merge written."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,15 +81,23 @@ def test_learn_block_bad_input_is_named(gpt2_learn_dirs):
         path.write_text(text)
         return config.plan_from_yaml(path)
 
-    with pytest.raises(config.ConfigError, match="one per model"):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "`jmerge.learn.prompts` lists 1 files for 2 models (one per model, in the order of `models`)")):
         plan(prompts=["p1.jsonl"])
-    with pytest.raises(config.ConfigError, match="must be task_arithmetic"):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "`jmerge.learn` learns task-arithmetic coefficients, so merge_method must be task_arithmetic (or regmean / "
+            "fisher, whose data the prompts are), not 'ties' with learn.method 'divmerge'")):
         plan(prompts=["p1.jsonl", "p2.jsonl"], merge_method="ties")
-    with pytest.raises(config.ConfigError, match="epoch"):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "invalid merge config:\n  unknown key `jmerge.learn.epoch`; did you mean 'epochs'? (known: batch_per_task, "
+            "chat_template, epochs, granularity, init, layers, learning_rate, max_new_tokens, method, prompt_tokens, "
+            "prompts, samples, seed)")):
         plan(prompts=["p1.jsonl", "p2.jsonl"], epoch=3)
-    with pytest.raises(config.ConfigError, match="missing.jsonl"):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            f"jmerge.learn.prompts 'missing.jsonl' not found (looked in {Path.cwd()} and {gpt2_learn_dirs}); ")):
         plan(prompts=["p1.jsonl", "missing.jsonl"])
-    with pytest.raises(config.ConfigError, match="granularity"):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "invalid merge config:\n  `jmerge.learn.granularity`: Input should be 'task', 'layer' or 'tensor' (got 'block')")):
         plan(prompts=["p1.jsonl", "p2.jsonl"], granularity="block")
 
 
