@@ -66,6 +66,18 @@ def stream_ckpts(tmp_path_factory):
     return root, base, experts, paths
 
 
+@pytest.fixture
+def header_reads(monkeypatch):
+    """The safetensors files whose header is read while the test runs, in order (one entry per read)."""
+    from pathlib import Path
+
+    from jmerge.io import safetensors_io as st
+
+    reads, real = [], st.read_header
+    monkeypatch.setattr(st, "read_header", lambda path: reads.append(Path(path)) or real(path))
+    return reads
+
+
 @pytest.fixture(scope="module")
 def gpt2_learn_dirs(tmp_path_factory):
     """The learn CLI tests' root: tiny GPT-2 PT directories ``base``, ``moved`` (an expert that moved),

@@ -47,6 +47,12 @@ def test_regmean_run_is_the_library_merge(gpt2_learn_dirs, tmp_path):
         np.testing.assert_allclose(got[name], x, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_data_merge_reads_each_header_once(gpt2_learn_dirs, tmp_path, header_reads):
+    """The statistics are measured on the checkpoints ``open_inputs`` opened: one header read per input."""
+    assert cli.main(["run", str(_config(gpt2_learn_dirs, "fisher")), str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert sorted(header_reads) == [gpt2_learn_dirs / m / "model.safetensors" for m in ("base", "moved", "same")]
+
+
 def test_fisher_run_writes_a_weighted_mean(gpt2_learn_dirs, tmp_path):
     root = gpt2_learn_dirs
     out = tmp_path / "merged"

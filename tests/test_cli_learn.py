@@ -49,6 +49,14 @@ def test_one_expert_coefficient_climbs_to_the_expert(gpt2_learn_dirs, tmp_path):
     assert saved["coefficients"][0] > 0.6 and losses[-per_epoch:].mean() < 0.5 * losses[:per_epoch].mean()
 
 
+def test_run_learns_from_the_checkpoints_it_opened(gpt2_learn_dirs, tmp_path, header_reads):
+    """One pipeline: the learn path takes the checkpoints ``open_inputs`` opened, so each input's
+    header is read once per ``jmerge run``."""
+    cfg = _config(gpt2_learn_dirs, models=("moved",), epochs=1)
+    assert cli.main(["run", str(cfg), str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert sorted(header_reads) == [gpt2_learn_dirs / m / "model.safetensors" for m in ("base", "moved")]
+
+
 def test_run_learns_layer_level_adamerging(gpt2_learn_dirs, tmp_path):
     """AdaMerging with one Γ per task and layer (the gpt2 preset): the entropy falls and Γ of the
     expert that moved leaves its init (0.3) in every layer, by different amounts; Γ of the expert

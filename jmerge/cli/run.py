@@ -179,7 +179,7 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
         from jmerge.learn import causal_lm_data
 
         console(stdout=True).print(f"measuring {opts.method} statistics of {len(experts)} model(s) on {opts.samples} prompts each")
-        merged = causal_lm_data.merged_tensors(plan.base, plan.experts, opts, plan.method,
+        merged = causal_lm_data.merged_tensors(base, experts, opts, plan.method,
                                                {k: v for k, v in plan.hparams.items() if k not in ("grams", "fishers")})
         tensors = ((n, merged[n].astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype) if info.is_float
                     else base.read(n)) for n, info in base.tensors.items())
@@ -188,7 +188,7 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
         return
     console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "
                                f"{len(experts)} model(s) on {opts.samples} prompts each")
-    result, per_tensor = causal_lm.learn(plan.base, plan.experts, opts, progress=not args.no_progress)
+    result, per_tensor = causal_lm.learn(base, experts, opts, progress=not args.no_progress)
     coefficients = {"method": opts.method, "granularity": opts.granularity, "layer_names": result.layer_names,
                     "models": [str(e) for e in plan.experts], "coefficients": np.asarray(result.coefficients).tolist(),
                     "steps_per_epoch": result.steps_per_epoch, "losses": np.asarray(result.losses).tolist()}

@@ -162,14 +162,15 @@ def llama_apply(cfg: llama.LlamaConfig) -> Callable:
 @dataclass(frozen=True)
 class CausalLM:
     """How the learn path runs a base's architecture: ``apply(params, tokens) -> logits``,
-    ``load(path) -> (params, {checkpoint tensor name: params path})``, its context length
+    ``load(checkpoint) -> (params, {checkpoint tensor name: params path})`` (a path or an
+    opened :class:`jmerge.io.Checkpoint`), its context length
     (``None``: unbounded), EOS id, model type, and ``tag`` (its ``config.json`` text, which
     keys the expert-target cache: ``apply`` closes over a config the cache cannot see), and
     ``unload(params, names) -> {checkpoint tensor name: array}``, the inverse of ``load`` (the
     checkpoint's layout: Flax kernels transposed back where the checkpoint stores them so)."""
 
     apply: Callable
-    load: Callable[[Path], tuple[Any, dict[str, str]]]
+    load: Callable[[Path | st.Checkpoint], tuple[Any, dict[str, str]]]
     context: int | None
     eos: int
     model_type: str | None
@@ -213,11 +214,22 @@ def open_model(base_dir: Path) -> CausalLM:
     return _transformers_flax(base_dir, text)
 
 
-def _llama_params(path: Path, cfg: llama.LlamaConfig) -> tuple[dict, dict[str, str]]:
-    tensors = {n: np.asarray(a, np.float32) for n, a in st.load(path).items()}
+def model_path(model: Path | st.Checkpoint) -> Path:
+    """Where a model given as a path or an opened checkpoint is."""
+    return model.path if isinstance(model, st.Checkpoint) else Path(model)
+
+
+def _float32_tensors(model: Path | st.Checkpoint) -> dict[str, np.ndarray]:
+    """Every tensor of ``model`` (a path, or a checkpoint already opened: no header is read again) in float32."""
+    ckpt = model if isinstance(model, st.Checkpoint) else st.open_checkpoint(model)
+    return {n: np.asarray(a, np.float32) for n, a in ckpt.items()}
+
+
+def _llama_params(model: Path | st.Checkpoint, cfg: llama.LlamaConfig) -> tuple[dict, dict[str, str]]:
+    tensors = _float32_tensors(model)
     missing = [n for n in llama.param_names(cfg) if n not in tensors]
     if missing:
-        raise MergeInputError(f"{path}: learn: tensor {missing[0]!r} of the Llama in config.json is missing "
+        raise MergeInputError(f"{model_path(model)}: learn: tensor {missing[0]!r} of the Llama in config.json is missing "
                               f"({len(missing)} missing)")
     return tensors, {n: n for n in tensors}
 
@@ -245,19 +257,24 @@ def _torch_tensors(params, names: dict[str, str], like) -> dict[str, np.ndarray]
             for n, p in names.items()}
 
 
-def _flax_params(path: Path, like) -> tuple[dict, dict[str, str]]:
-    """Flax params of the checkpoint at ``path`` and the Flax path of every PyTorch tensor name."""
-    tensors = {n: np.asarray(a, np.float32) for n, a in st.load(path).items()}
+def _flax_params(model: Path | st.Checkpoint, like) -> tuple[dict, dict[str, str]]:
+    """Flax params of the checkpoint ``model`` and the Flax path of every PyTorch tensor name."""
+    tensors = _float32_tensors(model)
     rules = flax_io.NamingRules.make(like=like)
     names = {n: rules.flax_name(n, a.ndim)[0] for n, a in tensors.items()}
     return flax_io.torch_to_flax(tensors, like=like), names
 
 
-def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *, progress: bool = True):
-    """Learns Γ; returns ``(LearnResult, coefficient per task for every PyTorch tensor name)``."""
-    if len(options.prompts) != len(expert_dirs):
-        raise MergeInputError(f"learn: {len(options.prompts)} prompt files for {len(expert_dirs)} models")
-    if any(str(p).lower().endswith(".gguf") for p in (base_dir, *expert_dirs)):
+def learn(base: Path | st.Checkpoint, experts: Sequence[Path | st.Checkpoint], options: LearnOptions, *,
+          progress: bool = True):
+    """Learns Γ; returns ``(LearnResult, coefficient per task for every PyTorch tensor name)``.
+
+    The models are HF directories, given as paths or as checkpoints already opened (``jmerge
+    run`` passes those of :func:`jmerge.streaming.open_inputs`, so no header is read twice)."""
+    if len(options.prompts) != len(experts):
+        raise MergeInputError(f"learn: {len(options.prompts)} prompt files for {len(experts)} models")
+    base_dir = model_path(base)
+    if any(str(model_path(p)).lower().endswith(".gguf") for p in (base, *experts)):
         raise MergeInputError("learn: convert GGUF models to HF directories first (`jmerge convert model.gguf dir/`)")
     prompt_sets = [read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
     lm = open_model(base_dir)
@@ -265,9 +282,9 @@ def learn(base_dir: Path, expert_dirs: Sequence[Path], options: LearnOptions, *,
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
     for p, f in zip(prompts, options.prompts):
         _check_context(lm.context, p, options.max_new_tokens, f)
-    base, names = lm.load(base_dir)
+    base, names = lm.load(base)
     base = jax.device_put(base)  # one copy: the engine would otherwise keep the host arrays and a device copy
-    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
+    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in experts]
     layers = _grouping(base, options, lm.model_type)
     common = dict(granularity=options.granularity, layers=layers, optimizer=optax.adam(options.learning_rate),
                   epochs=options.epochs, batch_per_task=options.batch_per_task, key=options.seed, progress=progress,

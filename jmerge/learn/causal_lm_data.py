@@ -20,20 +20,23 @@ import numpy as np
 
 from jmerge import tree as jtree
 from jmerge.learn import causal_lm
+from jmerge.io.safetensors_io import Checkpoint
 from jmerge.learn.statistics import fisher_diagonal, gram_matrices
 from jmerge.methods.registry import merge_task_vectors
 from jmerge.validate import MergeInputError
 
 
-def merged_tensors(base_dir: Path, expert_dirs: Sequence[Path], options, method: str,
+def merged_tensors(base: Path | Checkpoint, experts: Sequence[Path | Checkpoint], options, method: str,
                    hparams: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``{PyTorch name: merged float32 tensor}`` of ``method`` ("regmean" or "fisher")."""
+    """``{PyTorch name: merged float32 tensor}`` of ``method`` ("regmean" or "fisher"); the models
+    are paths or checkpoints already opened, as in :func:`jmerge.learn.causal_lm.learn`."""
     if method not in ("regmean", "fisher"):
         raise MergeInputError(f"causal-LM data merges are regmean and fisher, not {method!r}")
+    base_dir = causal_lm.model_path(base)
     prompt_sets = [causal_lm.read_prompts(p, base_dir, options.chat_template) for p in options.prompts]
     lm = causal_lm.open_model(base_dir)
-    base, names = lm.load(base_dir)
-    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in expert_dirs]
+    base, names = lm.load(base)
+    tvs = [jtree.task_vector(base, lm.load(e)[0]) for e in experts]
     apply = lm.apply
     prompts = [causal_lm.prompt_array(ps, options.samples, options.prompt_tokens, options.seed + t, f)
                for t, (ps, f) in enumerate(zip(prompt_sets, options.prompts))]
