@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from jmerge import tree as jtree
-from jmerge.learn import causal_lm
 from jmerge.io.safetensors_io import Checkpoint
+from jmerge.learn import causal_lm
 from jmerge.learn.statistics import fisher_diagonal, gram_matrices
 from jmerge.methods.registry import merge_task_vectors
 from jmerge.validate import MergeInputError
