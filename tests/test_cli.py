@@ -151,7 +151,7 @@ def test_bad_configs_name_the_problem(models, capsys):
         (TIES_YAML.replace("lambda: 0.9", "lamda: 0.9"), "no parameter 'lamda'; did you mean 'lambda'?"),
         (TIES_YAML + "merge_methd: x\n", "unknown key `merge_methd`; did you mean 'merge_method'?"),
         (TIES_YAML + "jmerge: {trimm: global}\n", "unknown key `jmerge.trimm`; did you mean 'trim'?"),
-        (TIES_YAML + "slices: []\n", "give exactly one of `models` and `slices`"),
+        (TIES_YAML + "slices: []\n", "give exactly one of `models`, `slices` and `modules`"),
         (TIES_YAML.replace("model: e1", "model: missing-model"), "model 'missing-model' not found"),
         (TIES_YAML.replace("density: 0.3}", "density: [0.1, 0.5, 0.9]}"),
          "`models[e0].parameters.density`: a gradient of 3 values cannot be spread over 2 layers"),
