@@ -10,7 +10,8 @@ the SVD rule; :func:`jmerge.coverage.of` counts them and :func:`jmerge.merge` lo
 fraction (and warns when under half the parameters). Embedding tables are 2-D too: exclude
 them with e.g. ``svd_filter=r"^(?!.*embed)"`` (FusionBench's TSV-M also leaves out CLIP's
 ``text_projection``). The result is ``theta_0 + scale * Delta`` on every leaf.
-SVDs run in float32 (``jnp.linalg.svd(full_matrices=False)``), one per matrix, unrolled
+SVDs run in float32 (``jnp.linalg.svd(full_matrices=False)``, recomputed by the QR-based
+algorithm where divide and conquer returns NaN: :func:`_svd`), one per matrix, unrolled
 in Python since the matrices differ in shape. Orthogonalisation is Procrustes: the
 nearest matrix with orthonormal columns (rows) to ``X = P D Q^T`` is ``P Q^T``.
 
@@ -103,8 +104,20 @@ def _iso_cts_check(num_experts, hp):
 _mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
-def _svd(x):
+def _gesdd(x):
+    """Thin SVD by LAPACK's divide and conquer on CPU (``jnp.linalg.svd``'s default algorithm)."""
     return jnp.linalg.svd(x, full_matrices=False)
+
+
+def _svd(x):
+    """Thin SVD ``x = U S V^T`` that does not return NaN where LAPACK's divide and conquer (sgesdd)
+    fails to converge: on an ill-conditioned float32 matrix it silently gives NaN (seen on Iso-CTS's
+    stacked bases of a MiniLM attention kernel, condition number about 3e3, on Suite T v2), so a
+    non-finite result is recomputed by the QR-based algorithm (gesvd), which converged there."""
+    u, s, vt = _gesdd(x)
+    finite = jnp.isfinite(u).all() & jnp.isfinite(s).all() & jnp.isfinite(vt).all()
+    qr = lambda: tuple(jax.lax.linalg.svd(x, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR))  # noqa: E731
+    return jax.lax.cond(finite, lambda: (u, s, vt), qr)
 
 
 def _orthogonalise(x):
