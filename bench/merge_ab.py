@@ -3,9 +3,9 @@
 Run it alternately from each checkout on a quiet machine (``PYTHONPATH=<checkout>`` makes that
 checkout's ``jmerge`` and ``bench`` the ones imported), e.g.::
 
-    git worktree add /tmp/old <rev>
+    OLD=$(mktemp -d) && git worktree add "$OLD" <rev>
     for i in 1 2; do PYTHONPATH=$PWD .venv/bin/python -m bench.merge_ab
-                     (cd /tmp/old && PYTHONPATH=/tmp/old $OLDPWD/.venv/bin/python -m bench.merge_ab); done
+                     (cd "$OLD" && PYTHONPATH="$OLD" "$OLDPWD/.venv/bin/python" -m bench.merge_ab); done
 """
 
 import statistics
