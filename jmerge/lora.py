@@ -44,6 +44,7 @@ from jmerge import stages
 from jmerge.io import peft
 from jmerge.io import safetensors_io as st
 from jmerge.io.peft import Adapter, AdapterError
+from jmerge.methods.svd import thin_svd
 from jmerge.validate import MergeInputError
 
 logger = logging.getLogger("jmerge.lora")
@@ -285,7 +286,7 @@ def extract_lora(
         if np.shape(base[name]) != np.shape(finetuned[name]):
             raise MergeInputError(f"tensor {name!r}: base {np.shape(base[name])}, fine-tuned {np.shape(finetuned[name])}")
     pattern = re.compile(exclude) if exclude else None
-    svd = jax.jit(lambda x: jnp.linalg.svd(x, full_matrices=False))
+    svd = jax.jit(thin_svd)  # a non-converging float32 SVD is recomputed, not returned as NaN
     raw, ranks, kept, skipped = {}, {}, {}, []
     for name in base:
         tau = np.asarray(finetuned[name], np.float32) - np.asarray(base[name], np.float32)

@@ -46,8 +46,8 @@ import numpy as np
 from jmerge import coverage, thresholds
 from jmerge import tree as jtree
 from jmerge.io import safetensors_io as st
-from jmerge.io.hf_dir import WriteResult as StreamResult, write_dir  # noqa: F401 (re-exported)
-from jmerge.io.safetensors_io import output_plan  # noqa: F401 (re-exported)
+from jmerge.io.hf_dir import WriteResult, write_dir
+from jmerge.io.safetensors_io import output_plan
 from jmerge.methods import registry
 from jmerge.thresholds import streamed
 from jmerge.validate import MergeInputError
@@ -359,7 +359,7 @@ def merge_to_dir(
     progress: Progress | None = None,
     compute_dtype: Any = None,
     **hparams,
-) -> StreamResult:
+) -> WriteResult:
     """Merges into an HF directory ``out``: sharded safetensors + index, the base's
     ``config.json`` and tokenizer files, ``card`` as README.md, ``extra_files`` as given.
 

@@ -130,6 +130,7 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
     from jmerge import __version__, streaming
     from jmerge.config import slices
     from jmerge.io import hf_dir
+    from jmerge.io import safetensors_io as st
 
     jobs, layers = slices.jobs(plan)
     count = sum(map(len, layers.values()))
@@ -153,8 +154,8 @@ def _run_slices(args, plan, out_dtype, key, seed) -> None:
         stream = streaming.stream_jobs(jobs, plan.method, plan.hparams, key=key, out_dtype=out_dtype,
                                        check_finite=plan.check_finite, compute_dtype=plan.compute_dtype,
                                        progress=lambda phase, name: bar.update(task, advance=1, description=phase))
-        streaming.write_dir(args.out, base, stream, streaming.output_plan(tensors, out_dtype, args.shard_size),
-                            protect=[p for sp in plan.slices for p in sp.experts], force=args.force, card=card,
+        hf_dir.write_dir(args.out, base, stream, st.output_plan(tensors, out_dtype, args.shard_size),
+                         protect=[p for sp in plan.slices for p in sp.experts], force=args.force, card=card,
                             extra_files=extra)
 
 
@@ -170,7 +171,7 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
     θ0 + Σ_t Γ_t τ_t with them, recorded in the card and in ``coefficients.json``."""
     import json
 
-    from jmerge import streaming
+    from jmerge.io import hf_dir
     from jmerge.io import safetensors_io as st
     from jmerge.learn import causal_lm
 
@@ -183,8 +184,8 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
                                                {k: v for k, v in plan.hparams.items() if k not in ("grams", "fishers")})
         tensors = ((n, merged[n].astype(st.numpy_dtype(out_dtype) if out_dtype else info.dtype) if info.is_float
                     else base.read(n)) for n, info in base.tensors.items())
-        streaming.write_dir(args.out, base, tensors, streaming.output_plan(base.tensors, out_dtype, args.shard_size),
-                            protect=[e.path for e in experts], force=args.force, card=card, extra_files=extra)
+        hf_dir.write_dir(args.out, base, tensors, st.output_plan(base.tensors, out_dtype, args.shard_size),
+                         protect=[e.path for e in experts], force=args.force, card=card, extra_files=extra)
         return
     console(stdout=True).print(f"learning {opts.granularity}-level {opts.method} coefficients for "
                                f"{len(experts)} model(s) on {opts.samples} prompts each")
@@ -195,9 +196,9 @@ def _learn_and_write(args, plan, base, experts, card: str, extra: dict, out_dtyp
     text = json.dumps(coefficients, indent=1)
     card = card.replace("## Configuration", f"## Learned coefficients\n\n```json\n{text}\n```\n\n## Configuration", 1)
     tensors = causal_lm.merged_tensors(base, experts, per_tensor, out_dtype)
-    streaming.write_dir(args.out, base, tensors, streaming.output_plan(base.tensors, out_dtype, args.shard_size),
-                        protect=[e.path for e in experts], force=args.force, card=card,
-                        extra_files={**extra, "coefficients.json": text + "\n"})
+    hf_dir.write_dir(args.out, base, tensors, st.output_plan(base.tensors, out_dtype, args.shard_size),
+                     protect=[e.path for e in experts], force=args.force, card=card,
+                     extra_files={**extra, "coefficients.json": text + "\n"})
     console(stdout=True).print(f"coefficients: {np.round(np.asarray(result.coefficients), 4).tolist()}")
 
 

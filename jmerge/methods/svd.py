@@ -11,7 +11,7 @@ fraction (and warns when under half the parameters). Embedding tables are 2-D to
 them with e.g. ``svd_filter=r"^(?!.*embed)"`` (FusionBench's TSV-M also leaves out CLIP's
 ``text_projection``). The result is ``theta_0 + scale * Delta`` on every leaf.
 SVDs run in float32 (``jnp.linalg.svd(full_matrices=False)``, recomputed by the QR-based
-algorithm where divide and conquer returns NaN: :func:`_svd`), one per matrix, unrolled
+algorithm where divide and conquer returns NaN: :func:`thin_svd`), one per matrix, unrolled
 in Python since the matrices differ in shape. Orthogonalisation is Procrustes: the
 nearest matrix with orthonormal columns (rows) to ``X = P D Q^T`` is ``P Q^T``.
 
@@ -109,7 +109,7 @@ def _gesdd(x):
     return jnp.linalg.svd(x, full_matrices=False)
 
 
-def _svd(x):
+def thin_svd(x):
     """Thin SVD ``x = U S V^T`` that does not return NaN where LAPACK's divide and conquer (sgesdd)
     fails to converge: on an ill-conditioned float32 matrix it silently gives NaN (seen on Iso-CTS's
     stacked bases of a MiniLM attention kernel, condition number about 3e3, on Suite T v2), so a
@@ -122,7 +122,7 @@ def _svd(x):
 
 def _orthogonalise(x):
     """Procrustes: ``P Q^T`` for ``x = P D Q^T``, the nearest matrix with orthonormal columns (or rows)."""
-    p, _, qt = _svd(x)
+    p, _, qt = thin_svd(x)
     return _mm(p, qt)
 
 
@@ -184,7 +184,7 @@ def _task_svds(ts, k):
     on jaxlib 0.10.2 (40 of them on a 2-core machine; gdb showed every pool thread blocked
     in ``ParallelBatchMap``'s counter).
     """
-    us, ss, vts = zip(*(_svd(x) for x in ts))
+    us, ss, vts = zip(*(thin_svd(x) for x in ts))
     return (
         jnp.concatenate([u[:, :k] for u in us], axis=1),
         jnp.concatenate([s[:k] for s in ss]),
@@ -201,7 +201,7 @@ def _tsv_matrix(ts):
 
 
 def _iso_c_matrix(ts):
-    u, s, vt = _svd(sum(ts[1:], ts[0]))
+    u, s, vt = thin_svd(sum(ts[1:], ts[0]))
     return jnp.mean(s) * _mm(u, vt)
 
 
@@ -215,7 +215,7 @@ def iso_cts_sizes(r: int, num_tasks: int, fraction: float) -> tuple[int, int]:
 def _iso_cts_matrix(ts, fraction):
     """Iso-CTS on matrices in torch layout (out, in): the common space is the left singular space."""
     k, s = iso_cts_sizes(min(ts[0].shape), len(ts), fraction)
-    u, sv, vt = _svd(sum(ts[1:], ts[0]))
+    u, sv, vt = thin_svd(sum(ts[1:], ts[0]))
     us, svs, vts = [u[:, :k]], [sv[:k]], [vt[:k]]
     if s > 0:
         residuals = [x - _mm(us[0], _mm(us[0].T, x)) for x in ts]  # tau_t - U_k U_k^T tau_t
