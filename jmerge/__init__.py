@@ -5,7 +5,7 @@ import importlib
 from jmerge import coverage, layers, stages, tree, validate
 from jmerge._util import clear_caches
 from jmerge.tree import apply, task_vector, task_vectors
-from jmerge.validate import MergeInputError
+from jmerge.validate import MergeInputError, MergeOutputError
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "MergeInputError",
+    "MergeOutputError",
     "apply",
     "coverage",
     "available",

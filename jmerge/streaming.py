@@ -50,7 +50,7 @@ from jmerge.io.hf_dir import WriteResult, write_dir
 from jmerge.io.safetensors_io import output_plan
 from jmerge.methods import registry
 from jmerge.thresholds import streamed
-from jmerge.validate import MergeInputError
+from jmerge.validate import MergeInputError, MergeOutputError
 
 
 LEAF = "tensor"
@@ -142,11 +142,23 @@ def passes(method: str, hp: dict[str, Any]) -> int:
     return 1 + (streamed.PASSES if query is not None and query.scope == "global" else 0)
 
 
-def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
+def _all_finite(x: np.ndarray) -> bool:
     # A float32 sum is finite unless an entry is NaN/inf (or the sum overflows, which the exact
     # check then settles): one fused read, half the time of isfinite(x).all().
-    if not (np.isfinite(np.sum(x, dtype=np.float32)) or np.isfinite(x).all()):
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow or inf - inf is the answer, not news
+        return bool(np.isfinite(np.sum(x, dtype=np.float32)) or np.isfinite(x).all())
+
+
+def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
+    if not _all_finite(x):
         raise MergeInputError(f"{ckpt.path}: tensor {name!r} holds NaN or infinite values")
+
+
+def _check_output_finite(method: str, name: str, x: np.ndarray) -> None:
+    """The streamed counterpart of :func:`jmerge.validate.check_output_finite`, on ``x``, the
+    merged tensor ``name`` (its inputs were checked finite)."""
+    if not _all_finite(x):
+        raise MergeOutputError(f"{method} produced NaN or infinite values in tensor {name!r} from finite inputs")
 
 
 def iter_merged(
@@ -246,7 +258,12 @@ def stream_jobs(
         if pending is not None:
             pjob, result = pending
             info = pjob.info
-            yield pjob.name, np.asarray(result).astype(cast or info.dtype, copy=False) if info.is_float else result
+            if info.is_float:  # waits for this tensor's merge only: the next one is already dispatched
+                result = np.asarray(result)
+                if check_finite:
+                    _check_output_finite(method, pjob.name, result)
+                result = result.astype(cast or info.dtype, copy=False)
+            yield pjob.name, result
             if progress:
                 progress("merge", pjob.name)
         pending = current

@@ -1,4 +1,5 @@
-"""Input checks run before any heavy work, naming the offending parameter path."""
+"""Input checks run before any heavy work, naming the offending parameter path; and the check
+that a merge did not turn finite inputs into NaN or infinities (:class:`MergeOutputError`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from jmerge import tree as jtree
 
 class MergeInputError(ValueError):
     """Raised for inputs a merge cannot use (structure, shape, dtype, values, hyper-parameters)."""
+
+
+class MergeOutputError(FloatingPointError):
+    """Raised when a merge of finite inputs produced NaN or infinite values (e.g. an SVD that
+    did not converge), naming the method and the parameter, instead of returning them."""
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
@@ -67,12 +73,21 @@ def _finite_flags(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0.0)), tree)
 
 
-def check_finite_tree(tree: Any, name: str) -> None:
-    """Raises naming the first parameter of ``tree`` holding a NaN or an infinity."""
+def check_finite_tree(tree: Any, name: str, *, error: type[Exception] = MergeInputError,
+                      message: str = "{name}: parameter {path!r} holds NaN or infinite values") -> None:
+    """Raises ``error(message)`` naming the first parameter of ``tree`` holding a NaN or an
+    infinity (``message`` is formatted with ``name`` and the parameter's ``path``)."""
     flags = jax.device_get(_finite_flags(tree))
     for path, ok in jtree.flatten(flags).items():
         if not bool(ok):
-            raise MergeInputError(f"{name}: parameter {path!r} holds NaN or infinite values")
+            raise error(message.format(name=name, path=path))
+
+
+def check_output_finite(tree: Any, method: str) -> None:
+    """Raises :class:`MergeOutputError` naming ``method`` and the first parameter of its merged
+    ``tree`` holding a NaN or an infinity (run on finite inputs, so the method produced it)."""
+    check_finite_tree(tree, method, error=MergeOutputError,
+                      message="{name} produced NaN or infinite values in parameter {path!r} from finite inputs")
 
 
 def concrete(value: Any) -> bool:

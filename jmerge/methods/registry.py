@@ -279,7 +279,10 @@ def merge(
       experts: fine-tuned parameters with the base's structure, shapes and dtypes.
       method: a name from :func:`available`.
       key: ``jax.random.key`` for stochastic methods (DARE, DELLA).
-      check_finite: refuse inputs holding NaN or infinities (one extra read of the inputs).
+      check_finite: refuse inputs holding NaN or infinities (one extra read of the inputs),
+        and raise :class:`jmerge.MergeOutputError` (naming the method and the parameter) if
+        the merge of those finite inputs holds NaN or infinities (one read of the output),
+        e.g. where an SVD did not converge. False returns whatever the method computed.
       lwptv: layer-wise pruning of the task vectors before the method, a
         ``jmerge.lwptv.LwPTV`` config or an explicit ``jmerge.lwptv.LayerMask``; layers no
         task keeps hold the base weights exactly (see :mod:`jmerge.lwptv`).
@@ -297,7 +300,7 @@ def merge(
         None: jmerge's float32 arithmetic on the inputs as given.
       **hparams: the method's hyper-parameters; see ``jmerge.methods.get(name).defaults``.
 
-    All checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
+    All input checks (structure, shapes, dtypes, hyper-parameters, key, finiteness) run before the
     merge is compiled, and errors name the offending parameter or hyper-parameter. Then the
     fraction of parameters the method's own rule merges is logged, with a ``CoverageWarning``
     under half (:mod:`jmerge.coverage`).
@@ -340,4 +343,6 @@ def merge(
     static = static_names(m, hp)
     shardings = [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(base)]
     out = _jitted(m, static, donate_base, pre, post, rounding)(base, experts, key, answers, extra, **hp)
+    if check_finite and validate.concrete(out):  # traced under jit: nothing to check yet
+        validate.check_output_finite(out, method)
     return _placed_like(out, shardings)

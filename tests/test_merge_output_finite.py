@@ -1,0 +1,129 @@
+"""No silent degradation: a merge whose method turns finite inputs into NaN or infinities raises
+``MergeOutputError`` naming the method and the parameter (in memory) or tensor (streamed);
+``check_finite=False`` opts out and returns what the method computed."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmerge
+from helpers import write_checkpoints
+from jmerge import streaming
+from jmerge.methods import svd
+from jmerge.validate import MergeOutputError
+
+# A bias (merged as the task-vector mean, finite) before a matrix (merged by SVD): the error
+# must name the matrix, not the first parameter.
+SHAPES = {"a": {"bias": (16,), "w": (6, 4)}}
+FLAT_SHAPES = {"bias": (16,), "l0.w": (6, 4)}
+
+
+def _models(shapes, k=2, seed=0, big=False):
+    """Standard normal entries, or with ``big`` entries in [3e37, 6e37): finite, and so is their
+    merge by task arithmetic, but a float32 sum of one tensor overflows."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda s: 3e37 * (1 + rng.random(s))) if big else rng.standard_normal  # noqa: E731
+    make = lambda: jax.tree.map(lambda s: draw(s).astype(np.float32), shapes,  # noqa: E731
+                                is_leaf=lambda s: isinstance(s, tuple))
+    return make(), [make() for _ in range(k)]
+
+
+@pytest.fixture
+def failing_svd(monkeypatch):
+    """Both LAPACK algorithms of ``svd.thin_svd`` fail (return NaN), as sgesdd does where it does
+    not converge; compiled merges are dropped before and after so the patch is traced."""
+    calls = []
+
+    def nan_svd(x, *args, **kwargs):
+        calls.append(x.shape)
+        u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+        return jnp.full_like(u, jnp.nan), jnp.full_like(s, jnp.nan), jnp.full_like(vt, jnp.nan)
+
+    jmerge.clear_caches()
+    monkeypatch.setattr(svd, "_gesdd", nan_svd)  # divide and conquer
+    monkeypatch.setattr(jax.lax.linalg, "svd", nan_svd)  # thin_svd's QR-algorithm fallback
+    yield calls
+    jmerge.clear_caches()
+
+
+def _write(tmp_path, base, experts):
+    return write_checkpoints(tmp_path, base, experts)
+
+
+# ---------------------------------------------------------------------------- in memory
+def test_in_memory_merge_that_produces_nan_from_finite_inputs_raises(failing_svd):
+    base, experts = _models(SHAPES)
+    message = "iso_c produced NaN or infinite values in parameter 'a/w' from finite inputs"
+    with pytest.raises(MergeOutputError, match=re.escape(message) + "$"):
+        jmerge.merge(base, experts, "iso_c")
+    assert len(failing_svd) >= 2, "both SVD algorithms must have been tried"
+
+
+def test_in_memory_check_finite_false_returns_the_nan(failing_svd):
+    base, experts = _models(SHAPES)
+    out = jmerge.merge(base, experts, "iso_c", check_finite=False)
+    assert np.isnan(np.asarray(out["a"]["w"])).all()
+    assert np.isfinite(np.asarray(out["a"]["bias"])).all()
+
+
+def test_in_memory_finite_merge_passes():
+    # Outputs near float32's maximum: finite, though a plain float32 sum of them overflows.
+    base, experts = _models(SHAPES, big=True)
+    out = jmerge.merge(base, experts, "task_arithmetic", scale=1.0)
+    ref = jmerge.merge(base, experts, "task_arithmetic", scale=1.0, check_finite=False)
+    jax.tree.map(np.testing.assert_array_equal, out, ref)
+    for x in jax.tree.leaves(out):
+        assert np.isfinite(np.asarray(x)).all()
+        with np.errstate(over="ignore"):
+            assert not np.isfinite(np.sum(np.asarray(x), dtype=np.float32)), "the sum must overflow for this test"
+
+
+def test_output_error_is_exported():
+    assert jmerge.MergeOutputError is MergeOutputError
+    assert "MergeOutputError" in jmerge.__all__
+
+
+# ---------------------------------------------------------------------------- streamed
+def test_streamed_merge_that_produces_nan_from_finite_inputs_raises(tmp_path, failing_svd):
+    base, experts = _models(FLAT_SHAPES)
+    paths = _write(tmp_path, base, experts)
+    message = "iso_c produced NaN or infinite values in tensor 'l0.w' from finite inputs"
+    merged = streaming.iter_merged(paths[0], paths[1:], "iso_c")
+    name, bias = next(merged)  # tensors before the failing one are yielded
+    assert name == "bias" and np.isfinite(bias).all()
+    with pytest.raises(MergeOutputError, match=re.escape(message) + "$"):
+        next(merged)
+
+
+def test_streamed_merge_to_dir_raises_and_writes_nothing(tmp_path, failing_svd):
+    base, experts = _models(FLAT_SHAPES)
+    paths = _write(tmp_path / "in", base, experts)
+    out = tmp_path / "out"
+    message = "iso_c produced NaN or infinite values in tensor 'l0.w' from finite inputs"
+    with pytest.raises(MergeOutputError, match=re.escape(message) + "$"):
+        streaming.merge_to_dir(out, paths[0], paths[1:], "iso_c")
+    assert not out.exists()
+
+
+def test_streamed_check_finite_false_returns_the_nan(tmp_path, failing_svd):
+    base, experts = _models(FLAT_SHAPES)
+    paths = _write(tmp_path, base, experts)
+    got = dict(streaming.iter_merged(paths[0], paths[1:], "iso_c", check_finite=False))
+    assert np.isnan(got["l0.w"]).all()
+    assert np.isfinite(got["bias"]).all()
+
+
+def test_streamed_finite_merge_passes(tmp_path):
+    # Outputs near float32's maximum: the check's float32 sum overflows, its exact pass settles it.
+    base, experts = _models(FLAT_SHAPES, big=True)
+    paths = _write(tmp_path, base, experts)
+    got = dict(streaming.iter_merged(paths[0], paths[1:], "task_arithmetic", scale=1.0))
+    ref = jmerge.merge(base, experts, "task_arithmetic", scale=1.0)
+    for name in FLAT_SHAPES:
+        assert np.isfinite(got[name]).all()
+        with np.errstate(over="ignore"):
+            assert not np.isfinite(np.sum(got[name], dtype=np.float32)), "the sum must overflow for this test"
+        np.testing.assert_allclose(got[name], np.asarray(ref[name]), rtol=1e-6, err_msg=name)
