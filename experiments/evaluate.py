@@ -51,10 +51,19 @@ def head_logits(head: dict, emb):
     return emb @ head["kernel"] + head["bias"]
 
 
+def percent(correct) -> float:
+    """Accuracy in percent of per-example correctness."""
+    return float(100.0 * np.mean(correct))
+
+
+def head_correct(head: dict, emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example correctness (bool ``[N]``) of the linear head's argmax on embeddings."""
+    return np.asarray(head_logits(head, jnp.asarray(emb))).argmax(-1) == np.asarray(labels)
+
+
 def head_accuracy(head: dict, emb: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy in percent of the linear head on embeddings."""
-    pred = np.asarray(head_logits(head, jnp.asarray(emb))).argmax(-1)
-    return float(100.0 * (pred == labels).mean())
+    return percent(head_correct(head, emb, labels))
 
 
 def fit_linear_head(emb: np.ndarray, labels: np.ndarray, num_classes: int, *, c: float = 1.0) -> dict:
@@ -76,8 +85,15 @@ def fit_linear_head(emb: np.ndarray, labels: np.ndarray, num_classes: int, *, c:
     return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
 
 
+def probe_correct(train_emb: np.ndarray, train_labels: np.ndarray, eval_emb: np.ndarray, eval_labels: np.ndarray,
+                  *, c: float = 1.0) -> np.ndarray:
+    """Per-example correctness (bool ``[N]``) on ``eval_emb`` of a linear probe (:func:`fit_linear_head`) fit on
+    ``train_emb``."""
+    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
+    return head_correct(fit_linear_head(train_emb, train_labels, num_classes, c=c), eval_emb, eval_labels)
+
+
 def probe_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, eval_emb: np.ndarray, eval_labels: np.ndarray,
                    *, c: float = 1.0) -> float:
     """Accuracy in percent of a linear probe (:func:`fit_linear_head`) fit on ``train_emb``, scored on ``eval_emb``."""
-    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
-    return head_accuracy(fit_linear_head(train_emb, train_labels, num_classes, c=c), eval_emb, eval_labels)
+    return percent(probe_correct(train_emb, train_labels, eval_emb, eval_labels, c=c))

@@ -16,9 +16,9 @@ Variants of each base method, at ``k`` kept layers of the ``L = 7`` of ``jmerge_
 
 - ``plain``: the method alone;
 - ``lwptv``: LwPTV's own mask (score :data:`SCORE`, rule ``top_k``, ``k``);
-- ``first_layers``: control (a), every task drops the first ``L - k`` layers (:func:`first_layers_mask`);
+- ``first_layers``: control (a), every task drops the first ``L - k`` layers;
 - ``random``: control (b), each task keeps ``k`` layers drawn uniformly, seeds :data:`RANDOM_SEEDS`
-  (:func:`random_mask`).
+(the masks and the masked merge: :mod:`experiments.lwptv_controls`, shared with Suite V's study).
 
 ``validate`` (validation split only): the base and every method plain; the OOD entry criterion
 of each method (:func:`ood_entry`: the method must move held-out accuracy away from the base by
@@ -53,29 +53,27 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
-import jmerge
 from experiments import criteria, results, stats
+from experiments import lwptv_controls as controls
+from experiments.lwptv_controls import (ID_TOLERANCE, RANDOM_SEEDS, VARIANTS, control_mask, distinct_masks, runs,
+                                        verdict)
 from experiments.study_divmerge import subsets
 from experiments.study_lwptv import choose
 from experiments.study_t2_divmerge import chosen_settings
 from experiments.suite_t import ISO_SVD_FILTER
 from jmerge import coverage
-from jmerge.lwptv import LayerMask, LwPTV, group, inspect
+from jmerge.lwptv import LwPTV, group, inspect
 
 SUBSET_SIZE, SUBSETS, SUBSET_SEED = 4, 5, 0
 TOP_K = (4, 5, 6)  # layers kept per task, of 7, tried on validation
 SCORE = "trim_survival"  # the library default; v1 found relative_update gave the same masks
-RANDOM_SEEDS = (0, 1, 2)
-ID_TOLERANCE = 0.5  # ID points LwPTV may lose on validation (the target's bound)
 # Base methods beyond TA and TIES (whose settings study_t2 chose on validation), at their published
 # defaults; DARE's drop is seeded; Iso-CTS averages the 30522 x 384 embedding table (its SVD took
 # minutes per merge here) and factorises every other matrix.
 OTHER_METHODS = {"dare_ties": {"key": 0}, "consensus": {}, "iso_cts": {"svd_filter": ISO_SVD_FILTER}}
 METHODS = ("task_arithmetic", "ties", *OTHER_METHODS)
-VARIANTS = ("plain", "lwptv", "first_layers", "random")
 STEM = "lwptv"
 FOLDS = "lwptv_t2_folds"
 VALIDATION = "lwptv_t2_validation"
@@ -99,37 +97,6 @@ def split_scores(acc: dict[str, float], merged: Sequence[str]) -> dict:
             "held_out": held}
 
 
-def _check_k(k: int, num_layers: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= num_layers:
-        raise ValueError(f"kept layers k={k!r} must be an integer in [0, {num_layers}]")
-
-
-def first_layers_mask(num_tasks: int, num_layers: int, k: int) -> np.ndarray:
-    """Control (a): ``(K, L)`` mask in which every task drops the first ``L - k`` layers."""
-    _check_k(k, num_layers)
-    mask = np.ones((num_tasks, num_layers), bool)
-    mask[:, : num_layers - k] = False
-    return mask
-
-
-def random_mask(num_tasks: int, num_layers: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Control (b): ``(K, L)`` mask in which each task keeps ``k`` layers drawn uniformly."""
-    _check_k(k, num_layers)
-    mask = np.zeros((num_tasks, num_layers), bool)
-    for t in range(num_tasks):
-        mask[t, rng.choice(num_layers, k, replace=False)] = True
-    return mask
-
-
-def distinct_masks(masks: Sequence[np.ndarray]) -> dict:
-    """How varied the ``(K, L)`` masks of a run are: ``task_masks`` (task rows over all folds),
-    ``distinct`` (distinct rows among them), ``uniform_folds`` (folds whose tasks all share one
-    row: a per-task mask that is not per task)."""
-    rows = [tuple(map(bool, r)) for m in masks for r in np.asarray(m, bool)]
-    return {"task_masks": len(rows), "distinct": len(set(rows)),
-            "uniform_folds": sum(len({tuple(r) for r in np.asarray(m, bool)}) == 1 for m in masks)}
-
-
 def ood_entry(base: dict, merged: dict) -> dict:
     """The OOD metric's entry criterion from per-subset OOD of the base and of a merge (TA for
     the gate): the paired difference ``merge - base`` must exceed its 95 % CI's width in size."""
@@ -151,12 +118,6 @@ class Study:
         self.settings = {**chosen_settings(), **OTHER_METHODS}
         self.folds = _load(FOLDS, directory)
 
-    def _hp(self, method: str) -> dict:
-        hp = dict(self.settings[method])
-        if "key" in hp:
-            hp["key"] = jax.random.key(hp["key"])
-        return hp
-
     def mask(self, method: str, variant: str, k: int, seed: int, names: tuple[str, ...]) -> np.ndarray | None:
         """The ``(K, L)`` mask of ``variant`` on the subset ``names`` (None for ``plain``)."""
         L = self.grouping.num_layers
@@ -166,10 +127,8 @@ class Study:
             _, m = inspect(self.s.base, self.s.experts_for(names),
                            LwPTV(layers=self.s.config.layers, score=SCORE, rule="top_k", value=k, task_names=names))
             return m.mask
-        if variant == "first_layers":
-            return first_layers_mask(len(names), L, k)
-        if variant == "random":
-            return random_mask(len(names), L, k, np.random.default_rng([seed, *map(self.s.names.index, names)]))
+        if variant in controls.CONTROLS:
+            return control_mask(variant, len(names), L, k, seed, [self.s.names.index(n) for n in names])
         raise ValueError(f"unknown variant {variant!r} (variants: {', '.join(VARIANTS)})")
 
     def base_folds(self, split: str) -> list[dict]:
@@ -193,10 +152,8 @@ class Study:
                 return f
         t0 = time.perf_counter()
         mask = self.mask(method, variant, k, seed, names)
-        hp = self._hp(method)
-        if mask is not None:
-            hp["lwptv"] = LayerMask(mask, self.grouping.names, names, self.s.config.layers)
-        merged = jax.block_until_ready(jmerge.merge(self.s.base, self.s.experts_for(names), method, **hp))
+        merged = controls.merge(self.s.base, self.s.experts_for(names), method, self.settings[method], mask,
+                                self.grouping.names, names, self.s.config.layers)
         t1 = time.perf_counter()
         res = self.s.evaluate(merged, split, tasks=self.s.names, probes=())
         sc = split_scores(res["id"], names)
@@ -278,11 +235,8 @@ def test(st: Study, chosen: dict, methods: Sequence[str]) -> None:
     for method in methods:
         k = chosen[method]["top_k"]
         for names in st.subsets:
-            st.fold("test", method, "plain", None, 0, names)
-            st.fold("test", method, "lwptv", k, 0, names)
-            st.fold("test", method, "first_layers", k, 0, names)
-            for seed in RANDOM_SEEDS:
-                st.fold("test", method, "random", k, seed, names)
+            for variant, seed in runs():
+                st.fold("test", method, variant, None if variant == "plain" else k, seed, names)
 
 
 def _by_subset(folds: Sequence[dict], metric: str) -> dict[tuple, float]:
@@ -335,25 +289,9 @@ def aggregate(folds: Sequence[dict], methods: Sequence[str], split: str = "test"
              **r} for r in rows]
 
 
-def verdict(rows: Sequence[dict]) -> dict:
-    """The targets on the mean-over-methods rows: OOD gain >= 3 at ID loss <= 0.5 against
-    ``plain``; against each control, an OOD difference whose CI is above 0 at ID loss <= 0.5."""
-    mean = {r["variant"]: r for r in rows if r["method"].startswith("mean of")}
-    out = {"gain": mean["lwptv - plain"]["ood_acc"] >= 3 and mean["lwptv - plain"]["id_acc"] >= -ID_TOLERANCE}
-    for c in ("first_layers", "random"):
-        r = mean[f"lwptv - {c}"]
-        out[f"beats_{c}"] = r["ci_low"] is not None and r["ci_low"] > 0 and r["id_acc"] >= -ID_TOLERANCE
-    return out
-
-
 def complete(folds: Sequence[dict], method: str) -> set[tuple]:
     """The subsets on which ``method`` has every variant (and every random seed)."""
-    want = {(v, s) for v in VARIANTS for s in (RANDOM_SEEDS if v == "random" else (0,))}
-    have: dict = {}
-    for f in folds:
-        if f["method"] == method:
-            have.setdefault(tuple(f["subset"]), set()).add((f["variant"], f["seed"]))
-    return {k for k, v in have.items() if want <= v}
+    return controls.complete(folds, method, lambda f: tuple(f["subset"]))
 
 
 def report(methods: Sequence[str], overwrite: bool, partial: bool = False) -> list[dict]:
@@ -400,9 +338,8 @@ def explore(st: Study, methods: Sequence[str], k: int, seeds: Sequence[int] = RA
     st.base_folds("validation")
     for m in methods:
         for names in st.subsets:
-            for variant, draws in (("plain", (0,)), ("lwptv", (0,)), ("first_layers", (0,)), ("random", seeds)):
-                for seed in draws:
-                    st.fold("validation", m, variant, None if variant == "plain" else k, seed, names)
+            for variant, seed in runs(seeds):
+                st.fold("validation", m, variant, None if variant == "plain" else k, seed, names)
     subs = set(st.subsets)
     folds = [f for f in st.folds if f["split"] == "validation" and tuple(f["subset"]) in subs
              and f["top_k"] in (None, k) and f["method"] in ("base", *methods)

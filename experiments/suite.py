@@ -40,7 +40,7 @@ import numpy as np
 
 import jmerge
 from experiments import encoders, zeroshot
-from experiments.evaluate import embed, head_accuracy, head_logits, probe_accuracy
+from experiments.evaluate import embed, head_correct, head_logits, percent, probe_correct
 from experiments.finetune import Recipe, load_or_train, params_fingerprint
 from experiments import data
 
@@ -130,28 +130,41 @@ class Suite:
         pool = self.pool(task, n, split, seed)
         return pool.batch(np.arange(n))
 
-    def id_accuracy(self, params, task: str, split: str = "validation") -> float:
+    def id_correct(self, params, task: str, split: str = "validation") -> np.ndarray:
+        """Per-example correctness (bool, in split order) of ``task``'s head on the encoder ``params``."""
         t = self.inputs[task][split]
-        return head_accuracy(self.heads[task], embed(self.encoder, params, t), t.labels)
+        return head_correct(self.heads[task], embed(self.encoder, params, t), t.labels)
+
+    def id_accuracy(self, params, task: str, split: str = "validation") -> float:
+        return percent(self.id_correct(params, task, split))
+
+    def probe_correct(self, params, task: str, split: str = "validation") -> np.ndarray:
+        """Per-example correctness (bool, in split order) of :meth:`probe`'s linear probe."""
+        tr, ev = self.inputs[task]["probe"], self.inputs[task][split]
+        return probe_correct(embed(self.encoder, params, tr), tr.labels, embed(self.encoder, params, ev), ev.labels)
 
     def probe(self, params, task: str, split: str = "validation") -> float:
         """Linear-probe accuracy of ``task`` on frozen features of the encoder ``params``."""
-        tr, ev = self.inputs[task]["probe"], self.inputs[task][split]
-        return probe_accuracy(embed(self.encoder, params, tr), tr.labels, embed(self.encoder, params, ev), ev.labels)
+        return percent(self.probe_correct(params, task, split))
 
     def evaluate(self, params, split: str = "validation", tasks: Sequence[str] | None = None,
-                 probes: Sequence[str] | None = None) -> dict:
+                 probes: Sequence[str] | None = None, per_example: bool = False) -> dict:
         """ID accuracy (own expert head) on ``tasks`` (default: all ID tasks), normalized by the
-        expert's accuracy, and probe accuracy on ``probes`` (default: the OOD tasks)."""
+        expert's accuracy, and probe accuracy on ``probes`` (default: the OOD tasks). With
+        ``per_example``, also the correctness arrays the accuracies are the means of:
+        ``id_correct`` and ``ood_correct`` (task -> bool array in split order)."""
         if split not in ("validation", "test"):
             raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         tasks = self.names if tasks is None else tuple(tasks)
         probes = self.config.ood_tasks if probes is None else tuple(probes)
-        id_acc = {t: self.id_accuracy(params, t, split) for t in tasks}
+        id_ok = {t: self.id_correct(params, t, split) for t in tasks}
+        ood_ok = {t: self.probe_correct(params, t, split) for t in probes}
+        id_acc = {t: percent(c) for t, c in id_ok.items()}
         norm = {t: 100.0 * a / self.expert_metrics[t][f"{split}_acc"] for t, a in id_acc.items()}
-        ood = {t: self.probe(params, t, split) for t in probes}
-        return {"split": split, "id": id_acc, "normalized": norm, "ood": ood, "id_acc": _mean(id_acc.values()),
-                "normalized_acc": _mean(norm.values()), "ood_acc": _mean(ood.values())}
+        ood = {t: percent(c) for t, c in ood_ok.items()}
+        out = {"split": split, "id": id_acc, "normalized": norm, "ood": ood, "id_acc": _mean(id_acc.values()),
+               "normalized_acc": _mean(norm.values()), "ood_acc": _mean(ood.values())}
+        return {**out, "id_correct": id_ok, "ood_correct": ood_ok} if per_example else out
 
     def rotation(self, merge_fn: Callable[[tuple[str, ...]], dict], k: int = 1, split: str = "validation",
                  ood_tasks: bool = True) -> dict:

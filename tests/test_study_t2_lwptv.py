@@ -1,7 +1,7 @@
-"""The Suite T v2 LwPTV study's pieces: the score-free control masks keep the requested layers,
-the distinct-mask count, the OOD definition (held-out tasks through the shared zero-shot heads,
-against numpy) and the masked merges' identities on the tiny random BERT suite of
-test_suite_t2, the OOD entry criterion, and the aggregation's paired differences."""
+"""The Suite T v2 LwPTV study's pieces (its control masks are tested in test_lwptv_controls.py): the
+OOD definition (held-out tasks through the shared zero-shot heads, against numpy) and the masked
+merges' identities on the tiny random BERT suite of test_suite_t2, the OOD entry criterion, and the
+aggregation's paired differences."""
 
 import json
 import re
@@ -14,37 +14,6 @@ from experiments import stats, study_t2_lwptv as st
 from experiments.evaluate import embed
 
 pytestmark = pytest.mark.standard_promotion("optax 0.2.8's adam computes decay ** count (float ** int32): the t2_suite fixture fine-tunes experts")
-
-
-def test_first_layers_mask_drops_the_first_layers_of_every_task():
-    m = st.first_layers_mask(3, 7, 5)
-    assert m.shape == (3, 7) and m.dtype == bool
-    np.testing.assert_array_equal(m, np.tile([False, False, True, True, True, True, True], (3, 1)))
-    assert st.first_layers_mask(2, 7, 7).all() and not st.first_layers_mask(2, 7, 0).any()
-
-
-def test_random_mask_keeps_k_layers_per_task_and_varies():
-    draws = [st.random_mask(4, 7, 4, np.random.default_rng(seed)) for seed in range(20)]
-    for m in draws:
-        assert m.shape == (4, 7) and (m.sum(axis=1) == 4).all()
-    np.testing.assert_array_equal(draws[3], st.random_mask(4, 7, 4, np.random.default_rng(3)))
-    assert len({m.tobytes() for m in draws}) == 20
-    # Uniform over layers: each layer is kept with probability k / L = 4/7 (80 task rows).
-    np.testing.assert_allclose(np.mean([m.mean(axis=0) for m in draws], axis=0), 4 / 7, atol=0.15)
-
-
-@pytest.mark.parametrize("k", [8, -1, 2.5, True])
-def test_control_masks_reject_bad_k(k):
-    for fn in (lambda: st.first_layers_mask(2, 7, k), lambda: st.random_mask(2, 7, k, np.random.default_rng(0))):
-        with pytest.raises(ValueError, match=re.escape(f"kept layers k={k!r} must be an integer in [0, 7]")):
-            fn()
-
-
-def test_distinct_masks_counts_rows_and_uniform_folds():
-    a = np.array([[1, 0, 1], [1, 0, 1]], bool)  # uniform fold
-    b = np.array([[1, 0, 1], [0, 1, 1]], bool)
-    assert st.distinct_masks([a, b]) == {"task_masks": 4, "distinct": 2, "uniform_folds": 1}
-    assert st.distinct_masks([a, a]) == {"task_masks": 4, "distinct": 1, "uniform_folds": 2}
 
 
 def test_split_scores_and_errors():

@@ -146,15 +146,32 @@ def _reference_ci(x, resamples, level, seed):
     means = []
     for _ in range(resamples):
         means.append(np.mean([x[i] for i in rng.integers(0, len(x), size=len(x))]))
+    return _percentile_ci(means, level)
+
+
+def _percentile_ci(means, level):
+    """The (alpha/2, 1 - alpha/2) percentiles of ``means``, numpy's default (linear) rule by hand."""
     means = np.sort(means)
     alpha = (1 - level) / 2
 
-    def pct(q):  # numpy's default (linear) percentile, by hand
+    def pct(q):
         pos = q * (len(means) - 1)
         lo = int(np.floor(pos))
         return means[lo] + (pos - lo) * (means[min(lo + 1, len(means) - 1)] - means[lo])
 
     return pct(alpha), pct(1 - alpha)
+
+
+def _reference_example_ci(a, b, shared, resamples, level, seed):
+    """Plain-numpy loop: per draw group (sorted by str), one resample of its examples at a time;
+    each resample's statistic is the mean over strata of the mean paired difference."""
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for g in sorted({shared[s] for s in a}, key=str):
+        n = len(a[next(s for s in a if shared[s] == g)])
+        draws[g] = [rng.integers(0, n, size=n) for _ in range(resamples)]
+    means = [np.mean([np.mean([a[s][i] - b[s][i] for i in draws[shared[s]][r]]) for s in a]) for r in range(resamples)]
+    return _percentile_ci(means, level)
 
 
 def test_bootstrap_ci_matches_numpy_reference_and_scipy():
@@ -184,6 +201,43 @@ def test_paired_difference_cancels_shared_fold_effects():
     assert 0.5 < d["ci_low"] < 1.0 < d["ci_high"] < 1.5  # unpaired, the CI would span about +-8
     with pytest.raises(ValueError, match=re.escape("paired folds differ: [\"(('a', 'c'), 2)\"] are in only one")):
         stats.paired_difference(a, {f: v for f, v in b.items() if f != (("a", "c"), 2)})
+
+
+def test_paired_example_bootstrap_matches_numpy_reference():
+    rng = np.random.default_rng(2)
+    # two tasks' examples scored in two folds each (0/1 correctness), plus a third task in one fold
+    n = {"t1": 20, "t2": 15, "t3": 12}
+    strata = [("f1", "t1"), ("f2", "t1"), ("f1", "t2"), ("f3", "t2"), ("f2", "t3")]
+    a = {s: (rng.random(n[s[1]]) < 0.7).astype(float) for s in strata}
+    b = {s: (rng.random(n[s[1]]) < 0.6).astype(float) for s in strata}
+    shared = {s: s[1] for s in strata}
+    got = stats.paired_example_bootstrap(a, b, shared=shared, resamples=400, seed=4)
+    assert got["diff"] == pytest.approx(np.mean([np.mean(a[s] - b[s]) for s in strata]))
+    assert (got["strata"], got["examples"]) == (5, 20 + 20 + 15 + 15 + 12)
+    np.testing.assert_allclose((got["ci_low"], got["ci_high"]), _reference_example_ci(a, b, shared, 400, 0.95, 4),
+                               rtol=1e-12)
+    alone = stats.paired_example_bootstrap(a, b, resamples=400, seed=4)  # every stratum its own draw
+    np.testing.assert_allclose((alone["ci_low"], alone["ci_high"]),
+                               _reference_example_ci(a, b, {s: s for s in strata}, 400, 0.95, 4), rtol=1e-12)
+    # Paired: a shift common to both variants cancels; a constant difference has a zero-width CI.
+    c = stats.paired_example_bootstrap({s: v + 5 for s, v in a.items()}, {s: v + 5 for s, v in b.items()},
+                                       shared=shared, resamples=400, seed=4)
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((got["ci_low"], got["ci_high"]))
+    const = stats.paired_example_bootstrap({s: b[s] + 1 for s in strata}, b, shared=shared, resamples=50)
+    assert (const["diff"], const["ci_low"], const["ci_high"]) == pytest.approx((1.0, 1.0, 1.0))
+    # Folds that score the same examples with the same differences are one stratum when they share a draw.
+    d = {("f1", "t1"): a[("f1", "t1")], ("f2", "t1"): a[("f1", "t1")]}
+    zero = {s: np.zeros(20) for s in d}
+    twice = stats.paired_example_bootstrap(d, zero, shared={s: "t1" for s in d}, resamples=400, seed=1)
+    once = stats.paired_example_bootstrap({("f1", "t1"): d[("f1", "t1")]}, {("f1", "t1"): np.zeros(20)},
+                                          resamples=400, seed=1)
+    assert (twice["ci_low"], twice["ci_high"]) == pytest.approx((once["ci_low"], once["ci_high"]))
+    with pytest.raises(ValueError, match=re.escape("paired strata differ: [\"('f2', 't3')\"] are in only one")):
+        stats.paired_example_bootstrap(a, {s: v for s, v in b.items() if s != ("f2", "t3")})
+    with pytest.raises(ValueError, match="draw group 't1' holds strata of different sizes \\[12, 20\\]"):
+        stats.paired_example_bootstrap(a, b, shared={**shared, ("f2", "t3"): "t1"})
+    with pytest.raises(ValueError, match=re.escape("stratum ('f1', 't1'): a and b must be equally long")):
+        stats.paired_example_bootstrap(a, {**b, ("f1", "t1"): np.zeros(3)})
 
 
 def test_ci_fields_counts_seeds_and_subsets():
