@@ -26,8 +26,10 @@ differences of ``divmerge_layer`` against every other method (per subset, learne
 averaged over seeds first; :func:`experiments.stats.paired_difference`) and the table
 ``divmerge_tasks_t2.{md,png}``.
 
-Run: ``python -m experiments.study_t2_divmerge run --methods ...`` then
-``python -m experiments.study_t2_divmerge report``.
+The step count :data:`STEPS` is chosen on validation by ``steps`` (:data:`STEP_GRID`, the
+full task set, seed 0; ``divmerge_steps.json`` and ``divmerge_steps_t2.md``, with each fit's per-epoch loss).
+
+Run: ``python -m experiments.study_t2_divmerge steps``, ``run --methods ...``, then ``report``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ COUNTS = (2, 4, 8)
 SUBSETS, SUBSET_SEED = 5, 0
 SEEDS = (0, 1, 2)
 SAMPLES = 64  # pool inputs per task
-STEPS = 48  # DivMerge and the supervised bound: optimizer steps, fixed whatever SAMPLES is
+STEPS = 400  # DivMerge and the supervised bound: optimizer steps, fixed whatever SAMPLES is (chosen by `steps`)
+STEP_GRID = (48, 400)  # `steps`: 3 epochs of the pool; the paper's layer-level count (4 epochs x 400 / 4, App. D.2)
+STEPS_STEM = "divmerge_steps"
 BATCH = 4  # DivMerge: inputs per task per step (arXiv 2509.02108 App. D.2)
 ADA_BATCH, ADA_STEPS = 16, 500  # AdaMerging's official schedule (arXiv 2310.02575 code)
 DATA_FREE = ("task_arithmetic", "ties", "tsv", "iso_cts")
@@ -165,15 +169,70 @@ def _key(f: dict) -> tuple:
     return f["method"], f.get("steps"), tuple(f["subset"]), f["seed"]
 
 
-def run(args) -> None:
+def _open_suite():
     from experiments import suite_t
     from experiments.suite import build_suite
     from jmerge.cache import enable_compilation_cache
 
     criteria.require()
-    settings = chosen_settings()
     enable_compilation_cache(min_compile_seconds=1.0)
-    s = build_suite(suite_t.V2, log=_log)
+    return build_suite(suite_t.V2, log=_log)
+
+
+def per_epoch(losses: Sequence[float], samples: int = SAMPLES, batch: int = BATCH) -> list[float]:
+    """Mean training loss of each epoch (``ceil(samples / batch)`` steps): the convergence curve."""
+    n = -(-samples // batch)
+    return [round(float(np.mean(losses[i:i + n])), 5) for i in range(0, len(losses), n)]
+
+
+def choose_steps(rows: Sequence[dict]) -> dict[str, int]:
+    """Per method, the step count of :data:`STEP_GRID` with the best validation normalized accuracy
+    (ties: the fewer steps)."""
+    best: dict[str, tuple] = {}
+    for r in rows:
+        cand = (r["normalized_acc"], -r["steps"])
+        if r["method"] not in best or cand > best[r["method"]][0]:
+            best[r["method"]] = (cand, r["steps"])
+    return {m: st for m, (_, st) in best.items()}
+
+
+def steps(args) -> dict[str, int]:
+    """Validation only: DivMerge and the supervised bound, task and layer level, on the full task set
+    (seed 0) at every step count of :data:`STEP_GRID`; stores each fit's validation normalized
+    accuracy and per-epoch loss (``STEPS_STEM``) and checks that :data:`STEPS` is the step count
+    chosen for DivMerge at both levels."""
+    s = _open_suite()
+    pools = Pools(s)
+    rows = []
+    for method in ("divmerge_layer", "divmerge_task", "supervised_layer", "supervised_task"):
+        base_method, level = method.rsplit("_", 1)
+        for n_steps in STEP_GRID:
+            t0 = time.perf_counter()
+            res = _learned(s, pools, base_method, GRANULARITY[level], s.names, 0, n_steps)
+            ev = s.evaluate(jax.block_until_ready(res.params), "validation", tasks=s.names, probes=())
+            rows.append({"suite": "T2", "split": "validation", "method": method, "n_tasks": len(s.names), "seed": 0,
+                         "steps": n_steps, "samples_per_task": SAMPLES, "normalized_acc": ev["normalized_acc"],
+                         "final_loss": float(res.losses[-1]), "loss_per_epoch": per_epoch(res.losses),
+                         "merge_seconds": time.perf_counter() - t0})
+            _log(f"  {method:18s} {n_steps:4d} steps: validation normalized {ev['normalized_acc']:6.2f}, "
+                 f"loss per epoch {rows[-1]['loss_per_epoch']}")
+    chosen = choose_steps(rows)
+    notes = (f"Validation split (200 examples per task), the {len(s.names)}-task set, seed 0, {SAMPLES} pool inputs "
+             f"per task. Chosen (best validation normalized accuracy): "
+             f"{', '.join(f'{m} {n}' for m, n in chosen.items())}. `loss_per_epoch`: mean training loss of "
+             f"each pass over the pool (in `{STEPS_STEM}.json`).")
+    results.write_rows(STEPS_STEM, rows, suite="T2", columns=["method", "steps", "normalized_acc", "final_loss", "merge_seconds"],
+                       title="Suite T v2: DivMerge and supervised-bound step counts (validation)",
+                       command="python -m experiments.study_t2_divmerge steps", notes=notes, overwrite=True)
+    wrong = {m: n for m, n in chosen.items() if m.startswith("divmerge") and n != STEPS}
+    if wrong:
+        raise SystemExit(f"validation chose {wrong}, but the study runs STEPS = {STEPS}: update STEPS")
+    return chosen
+
+
+def run(args) -> None:
+    settings = chosen_settings()
+    s = _open_suite()
     pools = Pools(s)
     plan = [(n, names) for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
     stored = set() if args.redo else {_key(f) for f in results.load_folds(FOLDS)}
@@ -278,8 +337,9 @@ def main(argv: Sequence[str] | None = None):
     r.add_argument("--adamerging-steps", type=int, default=ADA_STEPS)
     r.add_argument("--redo", action="store_true", help="recompute folds already stored (default: skip them)")
     sub.add_parser("report")
+    sub.add_parser("steps", help="choose the learned methods' step count on validation (STEP_GRID)")
     args = ap.parse_args(argv)
-    return run(args) if args.cmd == "run" else report(args)
+    return {"run": run, "report": report, "steps": steps}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,18 @@ def test_save_replaces_only_the_same_method_steps_subset_and_seed(tmp_path, monk
     save([_fold("supervised_layer", ("a", "b"), 1, 85.0, 48)])  # same key: replaces
     got = sorted((f["steps"], f["seed"], f["normalized_acc"]) for f in json.loads((tmp_path / f"{st.FOLDS}.json").read_text()))
     assert got == [(48, 0, 80.0), (48, 1, 85.0), (384, 0, 90.0)]
+
+
+def test_per_epoch_is_the_mean_loss_of_each_pass_over_the_pool():
+    losses = np.arange(40, dtype=float)
+    assert st.per_epoch(losses, samples=64, batch=4) == [7.5, 23.5, 35.5]  # 16 steps per epoch, last one partial
+    assert st.per_epoch(losses[:32], samples=30, batch=4) == [3.5, 11.5, 19.5, 27.5]  # ceil(30 / 4) = 8
+
+
+def test_choose_steps_takes_the_best_validation_accuracy_and_the_fewer_steps_on_ties():
+    rows = [{"method": "divmerge_layer", "steps": 48, "normalized_acc": 81.9},
+            {"method": "divmerge_layer", "steps": 400, "normalized_acc": 85.1},
+            {"method": "supervised_task", "steps": 48, "normalized_acc": 80.5},
+            {"method": "supervised_task", "steps": 400, "normalized_acc": 80.5}]
+    assert st.choose_steps(rows) == {"divmerge_layer": 400, "supervised_task": 48}
+    assert st.epochs_for(st.STEPS, st.SAMPLES, st.BATCH) * -(-st.SAMPLES // st.BATCH) == st.STEPS
