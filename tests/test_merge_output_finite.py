@@ -127,3 +127,20 @@ def test_streamed_finite_merge_passes(tmp_path):
         with np.errstate(over="ignore"):
             assert not np.isfinite(np.sum(got[name], dtype=np.float32)), "the sum must overflow for this test"
         np.testing.assert_allclose(got[name], np.asarray(ref[name]), rtol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_cli_reports_a_numerical_failure_with_exit_status_3_and_writes_nothing(tmp_path, failing_svd, capsys):
+    from jmerge import cli
+
+    base, experts = _models(FLAT_SHAPES)
+    _write(tmp_path, base, experts)
+    (tmp_path / "merge.yaml").write_text(
+        f"models: [{{model: {tmp_path / 'e0'}}}, {{model: {tmp_path / 'e1'}}}]\n"
+        f"base_model: {tmp_path / 'base'}\nmerge_method: iso_c\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "merge.yaml"), str(out), "--no-progress"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == ("numerical failure: iso_c produced NaN or infinite values in tensor 'l0.w' from finite inputs; "
+                   "no output was written")
+    assert not out.exists()

@@ -1,8 +1,8 @@
 """The ``jmerge`` command line: ``run`` a YAML merge, ``convert`` checkpoints, ``inspect`` task
 vectors, list ``methods``; one module per command, each with its ``add_parser`` and ``cmd_*``.
 
-``main(argv)`` returns the exit status (0 success, 2 bad input, 130 interrupted), so tests
-call it in-process.
+``main(argv)`` returns the exit status (0 success, 2 bad input, 3 a numerical failure: a merge or a
+learned fit that turned finite inputs into NaN/inf; 130 interrupted), so tests call it in-process.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         console().print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         return 2
+    except FloatingPointError as e:  # jmerge.MergeOutputError, jmerge.learn.NonFiniteLossError
+        from rich.text import Text
+
+        console().print(Text.assemble(("numerical failure: ", "bold red"), str(e), "; no output was written"),
+                        soft_wrap=True)
+        return 3
     except KeyboardInterrupt:
         console().print("interrupted: no output was written", soft_wrap=True)
         return 130
