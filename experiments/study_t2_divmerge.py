@@ -10,7 +10,7 @@ Counts :data:`COUNTS`; per count the task subsets of :func:`experiments.study_di
   "layer-wise" is one coefficient per tensor), on :data:`SAMPLES` pool inputs per task drawn
   from the train split, seeds :data:`SEEDS` (seed = pool draw and batch order):
   ``divmerge`` (JS to each expert, Adam 1e-2, 4 inputs per task per step, init 1/K) for
-  :data:`STEPS` steps whatever the pool size; ``adamerging`` (entropy, init 0.3, clip [0, 1],
+  the step count chosen on validation (``steps``) whatever the pool size; ``adamerging`` (entropy, init 0.3, clip [0, 1],
   Adam 1e-3, 16 inputs per task per step: the official schedule's batch and rate) for
   ``--adamerging-steps`` steps (the official 500 when the budget allows; the rows say what ran);
   ``supervised`` (the same Γ fit by labelled cross-entropy on the pool's own labels: the
@@ -26,8 +26,10 @@ differences of ``divmerge_layer`` against every other method (per subset, learne
 averaged over seeds first; :func:`experiments.stats.paired_difference`) and the table
 ``divmerge_tasks_t2.{md,png}``.
 
-The step count :data:`STEPS` is chosen on validation by ``steps`` (:data:`STEP_GRID`, the
-full task set, seed 0; ``divmerge_steps.json`` and ``divmerge_steps_t2.md``, with each fit's per-epoch loss).
+Each learned method's step count (DivMerge and the supervised bound, task and layer level) is
+chosen on validation by ``steps`` (:data:`STEP_GRID`, the full task set, seed 0;
+``divmerge_steps.json`` and ``divmerge_steps_t2.md``, with each fit's per-epoch loss);
+``run`` reads it from there (:func:`chosen_steps`) unless ``--divmerge-steps`` / ``--supervised-steps`` is given.
 
 Run: ``python -m experiments.study_t2_divmerge steps``, ``run --methods ...``, then ``report``.
 """
@@ -56,7 +58,6 @@ COUNTS = (2, 4, 8)
 SUBSETS, SUBSET_SEED = 5, 0
 SEEDS = (0, 1, 2)
 SAMPLES = 64  # pool inputs per task
-STEPS = 400  # DivMerge and the supervised bound: optimizer steps, fixed whatever SAMPLES is (chosen by `steps`)
 STEP_GRID = (48, 400)  # `steps`: 3 epochs of the pool; the paper's layer-level count (4 epochs x 400 / 4, App. D.2)
 STEPS_STEM = "divmerge_steps"
 BATCH = 4  # DivMerge: inputs per task per step (arXiv 2509.02108 App. D.2)
@@ -199,8 +200,7 @@ def choose_steps(rows: Sequence[dict]) -> dict[str, int]:
 def steps(args) -> dict[str, int]:
     """Validation only: DivMerge and the supervised bound, task and layer level, on the full task set
     (seed 0) at every step count of :data:`STEP_GRID`; stores each fit's validation normalized
-    accuracy and per-epoch loss (``STEPS_STEM``) and checks that :data:`STEPS` is the step count
-    chosen for DivMerge at both levels."""
+    accuracy and per-epoch loss (``STEPS_STEM``); returns the choice (:func:`choose_steps`)."""
     s = _open_suite()
     pools = Pools(s)
     rows = []
@@ -224,10 +224,17 @@ def steps(args) -> dict[str, int]:
     results.write_rows(STEPS_STEM, rows, suite="T2", columns=["method", "steps", "normalized_acc", "final_loss", "merge_seconds"],
                        title="Suite T v2: DivMerge and supervised-bound step counts (validation)",
                        command="python -m experiments.study_t2_divmerge steps", notes=notes, overwrite=True)
-    wrong = {m: n for m, n in chosen.items() if m.startswith("divmerge") and n != STEPS}
-    if wrong:
-        raise SystemExit(f"validation chose {wrong}, but the study runs STEPS = {STEPS}: update STEPS")
+    _log(f"chosen step counts: {chosen}")
     return chosen
+
+
+def chosen_steps(directory=results.RESULTS_DIR) -> dict[str, int]:
+    """The step count ``steps`` chose per learned method, from its stored validation rows."""
+    path = Path(directory) / f"{STEPS_STEM}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `python -m experiments.study_t2_divmerge steps` first "
+                                f"(it chooses the learned methods' step counts on validation)")
+    return choose_steps([r for r in json.loads(path.read_text()) if r.get("suite") == "T2"])
 
 
 def run(args) -> None:
@@ -249,7 +256,9 @@ def run(args) -> None:
                 results.save_folds(FOLDS, [fold], key=_key)
             continue
         base_method, level = method.rsplit("_", 1)
-        steps = getattr(args, f"{base_method}_steps")
+        steps = getattr(args, f"{base_method}_steps", None) or chosen_steps().get(method)
+        if steps is None:
+            raise ValueError(f"no step count for {method}: `steps` chose none; pass --{base_method}-steps")
         for seed in args.seeds:
             for n, names in plan:
                 if (method, steps, tuple(names), seed) in stored:
@@ -268,9 +277,9 @@ def run(args) -> None:
 METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
 
 
-def aggregate(folds: Sequence[dict]) -> list[dict]:
+def aggregate(folds: Sequence[dict], reference_steps: int) -> list[dict]:
     """Mean rows with CIs per (method, count, step count), then the paired differences of
-    ``divmerge_layer`` (at :data:`STEPS`) against every other row per count (module docstring)."""
+    ``divmerge_layer`` (at ``reference_steps``) against every other row per count (module docstring)."""
     rows, per_subset = [], {}
     groups: dict = {}
     for f in folds:
@@ -288,8 +297,8 @@ def aggregate(folds: Sequence[dict]) -> list[dict]:
             by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
         per_subset[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by.items()}
     for (method, n, steps), ref in sorted(per_subset.items(), key=order):
-        ours = per_subset.get(("divmerge_layer", n, STEPS))
-        if ours is None or (method, steps) == ("divmerge_layer", STEPS):
+        ours = per_subset.get(("divmerge_layer", n, reference_steps))
+        if ours is None or (method, steps) == ("divmerge_layer", reference_steps):
             continue
         common = sorted(set(ours) & set(ref))
         d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
@@ -303,7 +312,7 @@ def report(args) -> list[dict]:
     folds = results.load_folds(FOLDS)
     if not folds:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_t2_divmerge run` first")
-    rows = aggregate(folds)
+    rows = aggregate(folds, chosen_steps()["divmerge_layer"])
     ran = sorted({(f["method"], f.get("steps")) for f in folds}, key=lambda x: METHODS.index(x[0]))
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. Counts {sorted({f['n_tasks'] for f in folds})}; "
              f"per count {SUBSETS} seeded subsets (seed {SUBSET_SEED}; the one 8-task set). TA/TIES settings chosen "
@@ -332,8 +341,8 @@ def main(argv: Sequence[str] | None = None):
     r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     r.add_argument("--counts", nargs="+", type=int, default=list(COUNTS))
     r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    r.add_argument("--divmerge-steps", type=int, default=STEPS)
-    r.add_argument("--supervised-steps", type=int, default=STEPS)
+    r.add_argument("--divmerge-steps", type=int, help="default: the count `steps` chose for each level")
+    r.add_argument("--supervised-steps", type=int, help="default: the count `steps` chose for each level")
     r.add_argument("--adamerging-steps", type=int, default=ADA_STEPS)
     r.add_argument("--redo", action="store_true", help="recompute folds already stored (default: skip them)")
     sub.add_parser("report")

@@ -71,8 +71,8 @@ def test_aggregate_means_cis_and_paired_differences():
     ta = {k: float(rng.uniform(80, 90)) for k in subsets}
     dm = {(k, seed): float(rng.uniform(85, 95)) for k in subsets for seed in (0, 1, 2)}
     folds = [_fold("task_arithmetic", k, 0, v) for k, v in ta.items()]
-    folds += [_fold("divmerge_layer", k, seed, v, st.STEPS) for (k, seed), v in dm.items()]
-    rows = {r["method"]: r for r in st.aggregate(folds)}
+    folds += [_fold("divmerge_layer", k, seed, v, 400) for (k, seed), v in dm.items()]
+    rows = {r["method"]: r for r in st.aggregate(folds, 400)}
     r = rows["divmerge_layer"]
     assert r["normalized_acc"] == pytest.approx(np.mean(list(dm.values())))
     assert (r["seeds"], r["subsets"]) == (3, 3)
@@ -86,14 +86,14 @@ def test_aggregate_means_cis_and_paired_differences():
 
 def test_aggregate_keeps_step_counts_apart():
     subsets = [("a", "b"), ("a", "c")]
-    folds = [_fold("divmerge_layer", k, 0, 90.0 + i, st.STEPS) for i, k in enumerate(subsets)]
-    folds += [_fold("supervised_layer", k, 0, 80.0 + i, st.STEPS) for i, k in enumerate(subsets)]
+    folds = [_fold("divmerge_layer", k, 0, 90.0 + i, 400) for i, k in enumerate(subsets)]
+    folds += [_fold("supervised_layer", k, 0, 80.0 + i, 400) for i, k in enumerate(subsets)]
     folds += [_fold("supervised_layer", k, 0, 95.0 + 2 * i, 384) for i, k in enumerate(subsets)]
-    rows = st.aggregate(folds)
+    rows = st.aggregate(folds, 400)
     means = {r["steps"]: r["normalized_acc"] for r in rows if r["method"] == "supervised_layer"}
-    assert means == {st.STEPS: 80.5, 384: 96.0}
+    assert means == {400: 80.5, 384: 96.0}
     diffs = {r["steps"]: r["normalized_acc"] for r in rows if r["method"] == "divmerge_layer - supervised_layer"}
-    assert diffs == {st.STEPS: pytest.approx(10.0), 384: pytest.approx(-5.5)}
+    assert diffs == {400: pytest.approx(10.0), 384: pytest.approx(-5.5)}
     assert [r["method"] for r in rows].count("divmerge_layer") == 1
 
 
@@ -120,4 +120,16 @@ def test_choose_steps_takes_the_best_validation_accuracy_and_the_fewer_steps_on_
             {"method": "supervised_task", "steps": 48, "normalized_acc": 80.5},
             {"method": "supervised_task", "steps": 400, "normalized_acc": 80.5}]
     assert st.choose_steps(rows) == {"divmerge_layer": 400, "supervised_task": 48}
-    assert st.epochs_for(st.STEPS, st.SAMPLES, st.BATCH) * -(-st.SAMPLES // st.BATCH) == st.STEPS
+    for n in st.STEP_GRID:
+        assert st.epochs_for(n, st.SAMPLES, st.BATCH) * -(-st.SAMPLES // st.BATCH) == n
+
+
+def test_chosen_steps_reads_the_validation_rows_and_refuses_a_missing_file(tmp_path):
+    rows = [{"suite": "T2", "method": "divmerge_layer", "steps": n, "normalized_acc": a} for n, a in ((48, 81.9), (400, 85.1))]
+    rows.append({"suite": "V", "method": "divmerge_layer", "steps": 48, "normalized_acc": 99.0})  # another suite's row
+    (tmp_path / f"{st.STEPS_STEM}.json").write_text(json.dumps(rows))
+    assert st.chosen_steps(tmp_path) == {"divmerge_layer": 400}
+    missing = tmp_path / "none"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing / st.STEPS_STEM}.json is missing: run "
+                                                          "`python -m experiments.study_t2_divmerge steps` first")):
+        st.chosen_steps(missing)
