@@ -27,7 +27,8 @@ step arithmetic and mean rows are imported from there):
 - ``report``: ``"suite": "V"`` rows of ``divmerge_tasks.json`` (replacing the old ones): mean over
   folds with a percentile-bootstrap 95 % CI over folds (:func:`experiments.stats.ci_fields`), and
   ``divmerge_layer - X`` paired differences over subsets per count (learned methods averaged over
-  seeds first, :func:`experiments.stats.paired_difference`); table ``divmerge_tasks_v.md`` and
+  seeds first, :func:`experiments.stats.paired_difference`), both by
+  :func:`experiments.study_t2_divmerge.aggregate`; table ``divmerge_tasks_v.md`` and
   plot ``divmerge_tasks_v.png``. Only folds at this module's step counts enter (others are
   counted in the notes).
 
@@ -221,32 +222,13 @@ def planned(folds: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     return kept, [f for f in folds if f.get("steps") != steps_of(f["method"])]
 
 
-def differences(folds: Sequence[dict], reference: str = "divmerge_layer") -> list[dict]:
-    """Paired differences ``reference - X`` per count, over the subsets both ran (each method's
-    folds averaged over seeds per subset first). :func:`experiments.study_t2_divmerge.aggregate`
-    computes the same for Suite T v2 but only against its own ``STEPS`` and labels rows ``"T2"``."""
-    per_subset: dict = {}
-    for f in folds:
-        per_subset.setdefault((f["method"], f["n_tasks"]), {}).setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
-    means = {k: {sub: float(np.mean(v)) for sub, v in by.items()} for k, by in per_subset.items()}
-    rows = []
-    for (method, n), other in sorted(means.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        ours = means.get((reference, n))
-        if ours is None or method == reference:
-            continue
-        common = sorted(set(ours) & set(other))
-        d = stats.paired_difference({k: ours[k] for k in common}, {k: other[k] for k in common})
-        rows.append({"suite": SUITE, "method": f"{reference} - {method}", "n_tasks": n, "normalized_acc": d["diff"],
-                     "ci_low": d["ci_low"], "ci_high": d["ci_high"], "subsets": d["folds"], "seeds": None,
-                     "steps": steps_of(method), "split": "test"})
-    return rows
-
-
 def aggregate(folds: Sequence[dict]) -> list[dict]:
-    """Mean rows with CIs (:func:`experiments.study_t2_divmerge.aggregate`'s, relabelled suite V),
-    then :func:`differences`."""
-    means = [{**r, "suite": SUITE} for r in t2.aggregate(folds) if " - " not in r["method"]]
-    return means + differences(folds)
+    """:func:`experiments.study_t2_divmerge.aggregate` with the reference ``divmerge_layer`` at
+    :data:`STEPS`, its rows relabelled suite V: mean rows with CIs per (method, count, step count),
+    then ``divmerge_layer - X`` paired differences per count (learned methods averaged over seeds
+    per subset first). A difference with no subset in common (a partial run) is dropped."""
+    rows = [{**r, "suite": SUITE} for r in t2.aggregate(folds, STEPS)]
+    return [r for r in rows if " - " not in r["method"] or r["subsets"]]
 
 
 def report(args) -> list[dict]:

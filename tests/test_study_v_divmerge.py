@@ -116,3 +116,11 @@ def test_planned_leaves_out_folds_at_other_step_counts():
     extra = [_fold("adamerging_layer", PAIRS[0], 0, 50.0, 500), _fold("divmerge_task", PAIRS[0], 0, 50.0, 400)]
     kept, left = sv.planned(folds + extra)
     assert kept == folds and left == extra
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # t2.aggregate's empty pair
+def test_differences_skip_methods_sharing_no_subset_with_divmerge_layer():
+    folds = [_fold("divmerge_layer", PAIRS[0], 0, 90.0, sv.STEPS), _fold("task_arithmetic", PAIRS[1], 0, 80.0),
+             _fold("ties", PAIRS[0], 0, 85.0)]
+    rows = [r for r in sv.aggregate(folds) if " - " in r["method"]]
+    assert [(r["method"], r["normalized_acc"], r["subsets"]) for r in rows] == [("divmerge_layer - ties", 5.0, 1)]
