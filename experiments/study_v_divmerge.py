@@ -222,6 +222,21 @@ def planned(folds: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     return kept, [f for f in folds if f.get("steps") != steps_of(f["method"])]
 
 
+def missing(folds: Sequence[dict]) -> dict[str, int]:
+    """Per method, how many of its planned folds (every subset of :data:`COUNTS`; seeds :data:`SEEDS`
+    for the learned methods, seed 0 for the data-free ones) are not among ``folds``."""
+    from experiments.suite_v import ID_TASKS
+
+    have = {t2._key(f) for f in folds}
+    plan = [names for n in COUNTS for names in subsets(ID_TASKS, n, SUBSETS, SUBSET_SEED)]
+    out = {}
+    for m in METHODS:
+        keys = [(m, steps_of(m), tuple(names), seed) for names in plan for seed in (SEEDS if m in LEARNED else (0,))]
+        if any(k not in have for k in keys):
+            out[m] = sum(k not in have for k in keys)
+    return out
+
+
 def aggregate(folds: Sequence[dict]) -> list[dict]:
     """:func:`experiments.study_t2_divmerge.aggregate` with the reference ``divmerge_layer`` at
     :data:`STEPS`, its rows relabelled suite V: mean rows with CIs per (method, count, step count),
@@ -237,6 +252,7 @@ def report(args) -> list[dict]:
         raise FileNotFoundError(f"no folds in {results.RESULTS_DIR / (FOLDS + '.json')}: run "
                                 "`python -m experiments.study_v_divmerge run` first")
     rows = aggregate(folds)
+    gaps = missing(folds)
     settings = chosen_settings()
     counts = sorted({f["n_tasks"] for f in folds})
     notes = (f"Suite V (study config: 500 test examples per task), test split read once per merge. Counts {counts}, "
@@ -250,7 +266,9 @@ def report(args) -> list[dict]:
              f"`divmerge_layer - X`: paired differences over subsets (learned methods averaged over seeds first); "
              f"with 3 pairs the pair CIs are coarse and the 3-task difference is a single subset (no CI). "
              f"Per-fold rows: `{FOLDS}.json`"
-             + (f"; {len(left_out)} stored folds at other step counts left out." if left_out else "."))
+             + (f"; {len(left_out)} stored folds at other step counts left out." if left_out else ".")
+             + (" INCOMPLETE: planned folds not run yet: " + ", ".join(f"{m} {k}" for m, k in gaps.items()) + "."
+                if gaps else ""))
     cols = ["suite", "method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
     results.write_rows(STEM, rows, suite=SUITE, columns=cols, title="Suite V: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_v_divmerge report", notes=notes, overwrite=True)

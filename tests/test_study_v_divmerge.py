@@ -124,3 +124,9 @@ def test_differences_skip_methods_sharing_no_subset_with_divmerge_layer():
              _fold("ties", PAIRS[0], 0, 85.0)]
     rows = [r for r in sv.aggregate(folds) if " - " in r["method"]]
     assert [(r["method"], r["normalized_acc"], r["subsets"]) for r in rows] == [("divmerge_layer - ties", 5.0, 1)]
+
+
+def test_missing_counts_the_planned_folds_not_run():
+    _, _, _, folds = _synthetic(np.random.default_rng(2))
+    gaps = sv.missing(folds[:-1])  # the last adamerging_layer fold (triple, seed 2) dropped
+    assert gaps == {"ties": 4, "tsv": 4, "iso_cts": 4, "divmerge_task": 12, "adamerging_task": 12, "adamerging_layer": 1}
