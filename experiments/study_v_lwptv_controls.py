@@ -306,6 +306,10 @@ def report(methods: Sequence[str], ood_tasks: Sequence[str], command: str) -> li
              f"probe training or the validation choice). distinct_masks / task_masks: distinct per-task mask rows "
              f"among all of the variant's merges. Targets (mean over methods, ID loss <= {controls.ID_TOLERANCE}): "
              f"{v}. {reproduction(rows, results.load_folds(CHOICE_ROWS))}. Per-fold rows: `{FOLDS}.json`.")
+    left = [m for m in METHODS if m not in methods]
+    if left:
+        notes = (f"PARTIAL: {len(methods)} of the {len(METHODS)} methods ({', '.join(methods)}); not in this table: "
+                 f"{', '.join(left)}. ") + notes
     cols = ["method", "variant", "top_k", "id_acc", "id_ci_low", "id_ci_high", "ood_acc", "ci_low", "ci_high",
             "heldout_acc", "no_expert_acc", "seeds", "distinct_masks", "task_masks"]
     results.write_rows(CHOICE_ROWS, rows, suite=LABEL, columns=cols, command=command, notes=notes, overwrite=True,
@@ -323,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--report", action="store_true", help="only rewrite the rows and table from the stored folds")
     args = ap.parse_args(argv)
-    command = "python -m experiments.study_v_lwptv_controls" + (
+    command = "python -m experiments.study_v_lwptv_controls" + (" --report" if args.report else "") + (
         "" if list(args.methods) == list(METHODS) else " --methods " + " ".join(args.methods))
     if not args.report:
         chosen = chosen_settings(args.methods, results.load_folds(CHOICE_ROWS), results.load_folds(CHOICE_GRID))

@@ -159,6 +159,7 @@ def test_report_writes_its_rows_beside_suite_vs_own(synthetic_folds, tmp_path, m
     assert md.splitlines()[2] == "Command: `python -m experiments.study_v_lwptv_controls`"
     assert "| ties | lwptv - first_layers | 16 | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 |" in md
     assert "largest |difference| of the plain and lwptv ID/OOD figures from lwptv_v.md's single run: 0.00" in md
+    assert ("PARTIAL: 2 of the 5 methods (task_arithmetic, ties); not in this table: dare_ties, tsv, iso_cts." in md)
     sv.report(METHODS, OOD, "again")  # rewrites its own rows only
     assert json.loads((tmp_path / "lwptv.json").read_text())[:4] == old
 
