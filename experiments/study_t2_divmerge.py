@@ -237,6 +237,18 @@ def chosen_steps(directory=results.RESULTS_DIR) -> dict[str, int]:
     return choose_steps([r for r in json.loads(path.read_text()) if r.get("suite") == "T2"])
 
 
+def data_free_folds(s, method: str, hp: dict, plan: Sequence, stored: set, fold, stem: str) -> None:
+    """Merges each subset of ``plan`` (task names) not yet in ``stored`` with the data-free ``method``
+    at ``hp``, scores it with ``fold`` (the suite's :func:`_fold`) and saves it to ``stem`` at once."""
+    for names in plan:
+        if (method, None, tuple(names), 0) in stored:
+            continue
+        t0 = time.perf_counter()
+        params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
+        results.save_folds(stem, [fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
+                                       coverage=coverage.of(method, s.base, hp, len(names)).fraction)], key=_key)
+
+
 def run(args) -> None:
     settings = chosen_settings()
     s = _open_suite()
@@ -244,16 +256,8 @@ def run(args) -> None:
     plan = [(n, names) for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
     stored = set() if args.redo else {_key(f) for f in results.load_folds(FOLDS)}
     for method in args.methods:
-        if method in DATA_FREE:
-            hp = settings.get(method, SVD_SETTING)  # TA and TIES: chosen on validation; TSV-M, Iso-CTS
-            for n, names in plan:
-                if (method, None, tuple(names), 0) in stored:
-                    continue
-                t0 = time.perf_counter()
-                params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
-                fold = _fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
-                             coverage=coverage.of(method, s.base, hp, len(names)).fraction)
-                results.save_folds(FOLDS, [fold], key=_key)
+        if method in DATA_FREE:  # TA and TIES: chosen on validation; TSV-M, Iso-CTS: SVD_SETTING
+            data_free_folds(s, method, settings.get(method, SVD_SETTING), [names for _, names in plan], stored, _fold, FOLDS)
             continue
         base_method, level = method.rsplit("_", 1)
         steps = getattr(args, f"{base_method}_steps", None) or chosen_steps().get(method)

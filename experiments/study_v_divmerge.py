@@ -187,16 +187,8 @@ def run(args) -> None:
     plan = [names for n in args.counts for names in subsets(s.names, n, SUBSETS, SUBSET_SEED)]
     stored = set() if args.redo else {t2._key(f) for f in results.load_folds(FOLDS)}
     for method in args.methods:
-        if method in DATA_FREE:
-            hp = settings.get(method, {})  # TA and TIES: chosen on validation; TSV-M, Iso-CTS: defaults
-            for names in plan:
-                if (method, None, tuple(names), 0) in stored:
-                    continue
-                t0 = time.perf_counter()
-                params = jax.block_until_ready(jmerge.merge(s.base, s.experts_for(names), method, **hp))
-                fold = _fold(s, method, names, 0, params, time.perf_counter() - t0, setting=hp,
-                             coverage=coverage.of(method, s.base, hp, len(names)).fraction)
-                results.save_folds(FOLDS, [fold], key=t2._key)
+        if method in DATA_FREE:  # TA and TIES: chosen on validation; TSV-M, Iso-CTS: defaults
+            t2.data_free_folds(s, method, settings.get(method, {}), plan, stored, _fold, FOLDS)
             continue
         steps = steps_of(method, args)
         for names in plan:  # seeds innermost: one compilation per (method, subset)
