@@ -16,9 +16,10 @@ drawn from the tasks' training splits. "layer" level is the base's layers for Di
 (MiniLM: embeddings and 6 blocks; MobileNetV2: stem, 17 blocks, last conv), and one
 coefficient per tensor for AdaMerging (its "layer-wise").
 
-Run: ``python -m experiments.study_divmerge tasks [--suite V]`` and
+Run: ``python -m experiments.study_divmerge tasks`` and
 ``python -m experiments.study_divmerge data [--suite V]``; suite V's files end in ``_v``
-(the JSON rows of both suites share ``divmerge_{tasks,data}.json``).
+(the JSON rows of both suites share ``divmerge_{tasks,data}.json``). Suite V's tasks study is
+:mod:`experiments.study_v_divmerge`.
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=str(results.RESULTS_DIR))
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files")
     args = ap.parse_args(argv)
+    if (args.study, args.suite) == ("tasks", "V"):
+        ap.error("suite V's tasks study is `python -m experiments.study_v_divmerge` (issue 13's protocol: "
+                 "validation-chosen baselines, TSV-M and Iso-CTS, seeds and CIs); it writes divmerge_tasks_v.md")
     run, stem, key, defaults = STUDIES[args.study]
     args.methods = args.methods or defaults["methods"]
     configs = suite.configs(args.suite)

@@ -281,9 +281,10 @@ def run(args) -> None:
 METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
 
 
-def aggregate(folds: Sequence[dict], reference_steps: int) -> list[dict]:
-    """Mean rows with CIs per (method, count, step count), then the paired differences of
-    ``divmerge_layer`` (at ``reference_steps``) against every other row per count (module docstring)."""
+def aggregate(folds: Sequence[dict], reference_steps: int, suite: str = "T2") -> list[dict]:
+    """Mean rows (labelled ``suite``) with CIs per (method, count, step count), then the paired
+    differences of ``divmerge_layer`` (at ``reference_steps``) against every other row per count
+    (module docstring)."""
     rows, per_subset = [], {}
     groups: dict = {}
     for f in folds:
@@ -291,7 +292,7 @@ def aggregate(folds: Sequence[dict], reference_steps: int) -> list[dict]:
     order = lambda kv: (kv[0][1], METHODS.index(kv[0][0]), kv[0][2] or 0)  # noqa: E731
     for (method, n, steps), fs in sorted(groups.items(), key=order):
         f0 = fs[0]
-        rows.append({"suite": "T2", "method": method, "n_tasks": n,
+        rows.append({"suite": suite, "method": method, "n_tasks": n,
                      "normalized_acc": float(np.mean([f["normalized_acc"] for f in fs])),
                      **stats.ci_fields(fs, "normalized_acc"), "coverage": f0["coverage"],
                      "setting": f0.get("setting"), "steps": steps,
@@ -306,7 +307,7 @@ def aggregate(folds: Sequence[dict], reference_steps: int) -> list[dict]:
             continue
         common = sorted(set(ours) & set(ref))
         d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
-        rows.append({"suite": "T2", "method": f"divmerge_layer - {method}", "n_tasks": n,
+        rows.append({"suite": suite, "method": f"divmerge_layer - {method}", "n_tasks": n,
                      "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
                      "subsets": d["folds"], "seeds": None, "steps": steps, "split": "test"})
     return rows

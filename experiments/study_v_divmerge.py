@@ -231,10 +231,10 @@ def missing(folds: Sequence[dict]) -> dict[str, int]:
 
 def aggregate(folds: Sequence[dict]) -> list[dict]:
     """:func:`experiments.study_t2_divmerge.aggregate` with the reference ``divmerge_layer`` at
-    :data:`STEPS`, its rows relabelled suite V: mean rows with CIs per (method, count, step count),
+    :data:`STEPS`, its rows labelled suite V: mean rows with CIs per (method, count, step count),
     then ``divmerge_layer - X`` paired differences per count (learned methods averaged over seeds
     per subset first). A difference with no subset in common (a partial run) is dropped."""
-    rows = [{**r, "suite": SUITE} for r in t2.aggregate(folds, STEPS)]
+    rows = t2.aggregate(folds, STEPS, suite=SUITE)
     return [r for r in rows if " - " not in r["method"] or r["subsets"]]
 
 

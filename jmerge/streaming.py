@@ -154,11 +154,18 @@ def _check_finite(ckpt: st.Checkpoint, name: str, x: np.ndarray) -> None:
         raise MergeInputError(f"{ckpt.path}: tensor {name!r} holds NaN or infinite values")
 
 
-def _check_output_finite(method: str, name: str, x: np.ndarray) -> None:
-    """The streamed counterpart of :func:`jmerge.validate.check_output_finite`, on ``x``, the
-    merged tensor ``name`` (its inputs were checked finite)."""
-    if not _all_finite(x):
-        raise MergeOutputError(f"{method} produced NaN or infinite values in tensor {name!r} from finite inputs")
+def _stored(method: str, name: str, x: np.ndarray, dtype: np.dtype, check_finite: bool) -> np.ndarray:
+    """The merged tensor ``name`` cast to its stored ``dtype``. With ``check_finite`` (its inputs
+    were checked finite) a non-finite result raises :class:`MergeOutputError`, which says whether
+    the merge itself or the cast (a value beyond ``dtype``'s range, e.g. above 65504 in float16) made it."""
+    with np.errstate(over="ignore" if check_finite else "warn"):  # checked: the error below is the news
+        y = x.astype(dtype, copy=False)
+    if check_finite and not _all_finite(y):
+        if not _all_finite(x):
+            raise MergeOutputError(f"{method} produced NaN or infinite values in tensor {name!r} from finite inputs")
+        raise MergeOutputError(f"{method}: tensor {name!r} overflows its output dtype {np.dtype(dtype).name} "
+                               f"(largest magnitude {float(np.max(np.abs(x))):.6g})")
+    return y
 
 
 def iter_merged(
@@ -259,10 +266,7 @@ def stream_jobs(
             pjob, result = pending
             info = pjob.info
             if info.is_float:  # waits for this tensor's merge only: the next one is already dispatched
-                result = np.asarray(result)
-                if check_finite:
-                    _check_output_finite(method, pjob.name, result)
-                result = result.astype(cast or info.dtype, copy=False)
+                result = _stored(method, pjob.name, np.asarray(result), cast or info.dtype, check_finite)
             yield pjob.name, result
             if progress:
                 progress("merge", pjob.name)
@@ -313,7 +317,8 @@ def merge_in_memory(
     merged = registry.merge(b, es, method, key=key, check_finite=check_finite, compute_dtype=compute, **extra, **hp)
     del es
     for name, info in base.tensors.items():
-        yield name, (np.asarray(merged[name]).astype(cast or info.dtype, copy=False) if info.is_float else base.read(name))
+        yield name, (_stored(method, name, np.asarray(merged[name]), cast or info.dtype, check_finite)
+                     if info.is_float else base.read(name))
 
 
 def merge_to_orbax(

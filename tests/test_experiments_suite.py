@@ -233,6 +233,16 @@ def test_study_divmerge_writes_rows_per_task_count(study_suite, tmp_path):
         study_divmerge.main(argv)
 
 
+def test_study_divmerge_sends_suite_v_tasks_to_its_own_study(tmp_path, capsys):
+    from experiments import study_divmerge
+
+    with pytest.raises(SystemExit) as exit_info:
+        study_divmerge.main(["tasks", "--suite", "V", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "python -m experiments.study_v_divmerge" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_study_subsets_are_seeded_and_complete_when_few():
     from experiments.study_divmerge import subsets
 

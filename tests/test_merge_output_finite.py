@@ -1,5 +1,6 @@
 """No silent degradation: a merge whose method turns finite inputs into NaN or infinities raises
 ``MergeOutputError`` naming the method and the parameter (in memory) or tensor (streamed);
+a finite merge that its cast to ``out_dtype`` overflows raises too, naming the dtype;
 ``check_finite=False`` opts out and returns what the method computed."""
 
 import re
@@ -127,6 +128,37 @@ def test_streamed_finite_merge_passes(tmp_path):
         with np.errstate(over="ignore"):
             assert not np.isfinite(np.sum(got[name], dtype=np.float32)), "the sum must overflow for this test"
         np.testing.assert_allclose(got[name], np.asarray(ref[name]), rtol=1e-6, err_msg=name)
+
+
+def _overflowing_models():
+    """float32 models whose task-arithmetic merge (scale 1) is 1e5 in tensor 'l0.w': finite in
+    float32, beyond float16's largest value (65504); 'bias' stays small."""
+    base, experts = _models(FLAT_SHAPES)
+    base["l0.w"] = np.full(FLAT_SHAPES["l0.w"], 1e5, np.float32)
+    for e in experts:
+        e["l0.w"] = base["l0.w"].copy()
+    return base, experts
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_cast_to_an_out_dtype_that_overflows_raises_naming_the_tensor_and_dtype(tmp_path, in_memory):
+    base, experts = _overflowing_models()
+    paths = _write(tmp_path, base, experts)
+    merged = (streaming.iter_merged_in_memory if in_memory else streaming.iter_merged)(
+        paths[0], paths[1:], "task_arithmetic", scale=1.0, out_dtype="float16")
+    message = "task_arithmetic: tensor 'l0.w' overflows its output dtype float16 (largest magnitude 100000)"
+    with pytest.raises(MergeOutputError, match=re.escape(message) + "$"):
+        dict(merged)
+
+
+def test_cast_overflow_check_can_be_opted_out_of(tmp_path):
+    base, experts = _overflowing_models()
+    paths = _write(tmp_path, base, experts)
+    with pytest.warns(RuntimeWarning, match="^overflow encountered in cast$"):  # numpy's own warning is kept
+        got = dict(streaming.iter_merged(paths[0], paths[1:], "task_arithmetic", scale=1.0, out_dtype="float16",
+                                         check_finite=False))
+    assert got["l0.w"].dtype == np.float16 and np.isinf(got["l0.w"]).all()
+    assert np.isfinite(got["bias"]).all()
 
 
 # ---------------------------------------------------------------------------- command line
