@@ -284,8 +284,11 @@ METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY
 def aggregate(folds: Sequence[dict], reference_steps: int, suite: str = "T2") -> list[dict]:
     """Mean rows (labelled ``suite``) with CIs per (method, count, step count), then the paired
     differences of ``divmerge_layer`` (at ``reference_steps``) against every other row per count
-    (module docstring)."""
-    rows, per_subset = [], {}
+    (module docstring). A difference's CI is over the subsets both hold (``ci_over``:
+    ``"subsets"``); with one subset in common (the one 8-task set) it is over that subset's tasks
+    (``"tasks"``: each task's normalized accuracy, learned methods averaged over seeds first), whose
+    mean is the same difference."""
+    rows, per_subset, per_task = [], {}, {}
     groups: dict = {}
     for f in folds:
         groups.setdefault((f["method"], f["n_tasks"], f.get("steps")), []).append(f)
@@ -297,19 +300,30 @@ def aggregate(folds: Sequence[dict], reference_steps: int, suite: str = "T2") ->
                      **stats.ci_fields(fs, "normalized_acc"), "coverage": f0["coverage"],
                      "setting": f0.get("setting"), "steps": steps,
                      "samples_per_task": f0.get("samples_per_task", 0), "split": "test"})
-        by = {}
+        by, by_task = {}, {}
         for f in fs:
             by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
+            for task, acc in f.get("normalized", {}).items():
+                by_task.setdefault((tuple(f["subset"]), task), []).append(acc)
         per_subset[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by.items()}
+        per_task[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by_task.items()}
     for (method, n, steps), ref in sorted(per_subset.items(), key=order):
         ours = per_subset.get(("divmerge_layer", n, reference_steps))
         if ours is None or (method, steps) == ("divmerge_layer", reference_steps):
             continue
         common = sorted(set(ours) & set(ref))
-        d = stats.paired_difference({k: ours[k] for k in common}, {k: ref[k] for k in common})
+        if not common:  # a partial run
+            continue
+        a, b, over = {k: ours[k] for k in common}, {k: ref[k] for k in common}, "subsets"
+        if len(common) == 1:
+            a, b = ({k: v for k, v in per_task[key].items() if k[0] == common[0]}
+                    for key in (("divmerge_layer", n, reference_steps), (method, n, steps)))
+            over = "tasks" if a and set(a) == set(b) else None
+        d = stats.paired_difference(a, b) if over else {"diff": ours[common[0]] - ref[common[0]],
+                                                           "ci_low": None, "ci_high": None}
         rows.append({"suite": suite, "method": f"divmerge_layer - {method}", "n_tasks": n,
-                     "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-                     "subsets": d["folds"], "seeds": None, "steps": steps, "split": "test"})
+                     "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "ci_over": over,
+                     "subsets": len(common), "seeds": None, "steps": steps, "split": "test"})
     return rows
 
 
@@ -326,9 +340,10 @@ def report(args) -> list[dict]:
              f"Learned methods: {SAMPLES} "
              f"pool inputs per task from train, seeds = distinct values in `seeds`; steps per method: "
              f"{', '.join(f'{m} {st}' for m, st in ran if st)}. ci_low/ci_high: percentile bootstrap 95 % CI over "
-             f"folds (null with one fold). `divmerge_layer - X` rows: paired differences over subsets (learned "
-             f"methods averaged over seeds first). Per-fold rows: `{FOLDS}.json`.")
-    cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
+             f"folds (null with one fold). `divmerge_layer - X` rows: paired differences, their CI over subsets, or over "
+             f"the tasks of the one subset where only one is common (`ci_over`; learned methods averaged over seeds "
+             f"first). Per-fold rows: `{FOLDS}.json`.")
+    cols = ["method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "ci_over", "subsets", "seeds", "steps"]
     results.write_rows(STEM, rows, suite="T2", columns=["suite"] + cols, title="Suite T v2: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_t2_divmerge report", notes=notes, overwrite=True)
     means = [r for r in rows if " - " not in r["method"]]

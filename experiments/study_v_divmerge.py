@@ -233,9 +233,8 @@ def aggregate(folds: Sequence[dict]) -> list[dict]:
     """:func:`experiments.study_t2_divmerge.aggregate` with the reference ``divmerge_layer`` at
     :data:`STEPS`, its rows labelled suite V: mean rows with CIs per (method, count, step count),
     then ``divmerge_layer - X`` paired differences per count (learned methods averaged over seeds
-    per subset first). A difference with no subset in common (a partial run) is dropped."""
-    rows = t2.aggregate(folds, STEPS, suite=SUITE)
-    return [r for r in rows if " - " not in r["method"] or r["subsets"]]
+    per subset first)."""
+    return t2.aggregate(folds, STEPS, suite=SUITE)
 
 
 def report(args) -> list[dict]:
@@ -261,7 +260,7 @@ def report(args) -> list[dict]:
              + (f"; {len(left_out)} stored folds at other step counts left out." if left_out else ".")
              + (" INCOMPLETE: planned folds not run yet: " + ", ".join(f"{m} {k}" for m, k in gaps.items()) + "."
                 if gaps else ""))
-    cols = ["suite", "method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "steps"]
+    cols = ["suite", "method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "ci_over", "subsets", "seeds", "steps"]
     results.write_rows(STEM, rows, suite=SUITE, columns=cols, title="Suite V: normalized accuracy vs merged tasks",
                        command="python -m experiments.study_v_divmerge report", notes=notes, overwrite=True)
     means = [r for r in rows if " - " not in r["method"]]

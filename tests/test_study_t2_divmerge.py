@@ -84,6 +84,28 @@ def test_aggregate_means_cis_and_paired_differences():
     assert d["subsets"] == 3 and rows["task_arithmetic"]["seeds"] == 1
 
 
+def test_aggregate_difference_on_one_subset_has_its_ci_over_that_subsets_tasks():
+    subset = ("a", "b", "c")
+    tsv = {"a": 90.0, "b": 80.0, "c": 70.0}
+    dm = {0: {"a": 91.0, "b": 79.0, "c": 75.0}, 1: {"a": 93.0, "b": 79.0, "c": 73.0}}
+    folds = [{**_fold("tsv", subset, 0, float(np.mean(list(tsv.values())))), "normalized": tsv}]
+    folds += [{**_fold("divmerge_layer", subset, s, float(np.mean(list(v.values()))), 400), "normalized": v}
+              for s, v in dm.items()]
+    d = {r["method"]: r for r in st.aggregate(folds, 400)}["divmerge_layer - tsv"]
+    per_task = [np.mean([dm[s][t] for s in dm]) - tsv[t] for t in sorted(tsv)]  # 2, -1, 4
+    assert d["normalized_acc"] == pytest.approx(np.mean(per_task)) == pytest.approx(5 / 3)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx(stats.bootstrap_ci(per_task))
+    assert (d["ci_over"], d["subsets"]) == ("tasks", 1)
+
+
+def test_aggregate_difference_over_several_subsets_says_so():
+    subsets = [("a", "b"), ("a", "c")]
+    folds = [_fold("divmerge_layer", k, 0, 90.0 + i, 400) for i, k in enumerate(subsets)]
+    folds += [_fold("ties", k, 0, 85.0 - i) for i, k in enumerate(subsets)]
+    d = {r["method"]: r for r in st.aggregate(folds, 400)}["divmerge_layer - ties"]
+    assert (d["ci_over"], d["subsets"], d["normalized_acc"]) == ("subsets", 2, pytest.approx(6.0))
+
+
 def test_aggregate_keeps_step_counts_apart():
     subsets = [("a", "b"), ("a", "c")]
     folds = [_fold("divmerge_layer", k, 0, 90.0 + i, 400) for i, k in enumerate(subsets)]

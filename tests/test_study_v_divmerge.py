@@ -118,7 +118,6 @@ def test_planned_leaves_out_folds_at_other_step_counts():
     assert kept == folds and left == extra
 
 
-@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")  # t2.aggregate's empty pair
 def test_differences_skip_methods_sharing_no_subset_with_divmerge_layer():
     folds = [_fold("divmerge_layer", PAIRS[0], 0, 90.0, sv.STEPS), _fold("task_arithmetic", PAIRS[1], 0, 80.0),
              _fold("ties", PAIRS[0], 0, 85.0)]
