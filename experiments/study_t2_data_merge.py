@@ -14,9 +14,9 @@ No hyper-parameter is chosen here, so nothing is read on validation. Every merge
 on the test split of its subset's tasks (normalized accuracy = merged / expert x 100, averaged
 over the subset). Fold rows go to ``data_merge_t2_folds.json``; ``report`` writes
 ``data_merge.json`` and ``data_merge_t2.md``: per method and count the mean over folds with a percentile-bootstrap
-95 % CI (:func:`experiments.stats.ci_fields`), and paired differences over subsets (seeds
-averaged first) against task arithmetic, TIES and DivMerge (layer level), read from
-``divmerge_tasks_t2_folds.json``.
+95 % CI (:func:`experiments.stats.ci_fields`), and paired differences (seeds averaged first;
+:func:`experiments.study_t2_divmerge.paired_folds`) against task arithmetic, TIES and DivMerge
+(layer level, at its validation-chosen step count), read from ``divmerge_tasks_t2_folds.json``.
 
 Run (niced): ``nice -n 10 python -m experiments.study_t2_data_merge run --methods regmean fisher --seeds 0``,
 then ``python -m experiments.study_t2_data_merge report``.
@@ -35,7 +35,8 @@ import numpy as np
 
 from experiments import criteria, results, stats
 from experiments.study_divmerge import subsets
-from experiments.study_t2_divmerge import FOLDS as DIVMERGE_FOLDS, SAMPLES, SUBSET_SEED, SUBSETS, COUNTS, _fold
+from experiments.study_t2_divmerge import (FOLDS as DIVMERGE_FOLDS, SAMPLES, SUBSET_SEED, SUBSETS, COUNTS, _fold,
+                                          chosen_steps, paired_folds)
 from jmerge import coverage, learn
 from jmerge.methods.registry import merge_task_vectors
 
@@ -97,18 +98,12 @@ def run(args) -> None:
                              setting={"alpha": ALPHA} if method == "regmean" else {"normalize": True, "min_fisher": 1e-6})])
 
 
-def _per_subset(folds: Sequence[dict], method: str, n: int) -> dict[tuple, float]:
-    by: dict[tuple, list[float]] = {}
-    for f in folds:
-        if f["method"] == method and f["n_tasks"] == n:
-            by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
-    return {k: float(np.mean(v)) for k, v in by.items()}
-
-
-def aggregate(folds: Sequence[dict], reference_folds: Sequence[dict]) -> list[dict]:
+def aggregate(folds: Sequence[dict], reference_folds: Sequence[dict], divmerge_steps: int) -> list[dict]:
+    """Per method and count the mean row with its CI, then ``method - reference`` for each of
+    :data:`REFERENCES` (:func:`experiments.study_t2_divmerge.paired_folds`); DivMerge's folds are
+    the ones at ``divmerge_steps`` (its step count chosen on validation)."""
     rows = []
-    counts = sorted({f["n_tasks"] for f in folds})
-    for n in counts:
+    for n in sorted({f["n_tasks"] for f in folds}):
         for method in METHODS:
             fs = [f for f in folds if f["method"] == method and f["n_tasks"] == n]
             if not fs:
@@ -117,16 +112,14 @@ def aggregate(folds: Sequence[dict], reference_folds: Sequence[dict]) -> list[di
                          "normalized_acc": float(np.mean([f["normalized_acc"] for f in fs])),
                          **stats.ci_fields(fs, "normalized_acc"), "coverage": fs[0]["coverage"],
                          "samples_per_task": SAMPLES, "split": "test"})
-            ours = _per_subset(folds, method, n)
             for ref in REFERENCES:
-                theirs = _per_subset(reference_folds, ref, n)
-                common = sorted(set(ours) & set(theirs))
-                if not common:
-                    continue
-                d = stats.paired_difference({k: ours[k] for k in common}, {k: theirs[k] for k in common})
-                rows.append({"suite": "T2", "method": f"{method} - {ref}", "n_tasks": n, "normalized_acc": d["diff"],
-                             "ci_low": d["ci_low"], "ci_high": d["ci_high"], "subsets": d["folds"], "seeds": None,
-                             "split": "test"})
+                theirs = [f for f in reference_folds if f["method"] == ref and f["n_tasks"] == n
+                          and (ref != "divmerge_layer" or f.get("steps") == divmerge_steps)]
+                d = paired_folds(fs, theirs)
+                if d is not None:
+                    rows.append({"suite": "T2", "method": f"{method} - {ref}", "n_tasks": n,
+                                 "normalized_acc": d.pop("diff"), **d, "seeds": None, "split": "test",
+                                 **({"steps": divmerge_steps} if ref == "divmerge_layer" else {})})
     return rows
 
 
@@ -134,15 +127,17 @@ def report(args) -> list[dict]:
     folds = _load(FOLDS)
     if not folds:
         raise FileNotFoundError(f"no folds in {FOLDS}.json: run `python -m experiments.study_t2_data_merge run` first")
-    rows = aggregate(folds, _load(DIVMERGE_FOLDS))
+    steps = chosen_steps()["divmerge_layer"]
+    rows = aggregate(folds, _load(DIVMERGE_FOLDS), steps)
     notes = (f"Suite T v2, test split (200 examples per task), read once per merge. Counts "
              f"{sorted({f['n_tasks'] for f in folds})}; per count {SUBSETS} seeded subsets (seed {SUBSET_SEED}; the one "
              f"8-task set), as experiments.study_t2_divmerge. Statistics on {SAMPLES} train pool inputs per task, at "
              f"each task's expert with its own zero-shot head; seeds = pool draws. RegMean alpha {ALPHA}; Fisher exact, "
              f"normalized, floor 1e-6 (FusionBench defaults, not tuned). ci_low/ci_high: percentile bootstrap 95 % CI "
-             f"over folds (null with one fold). `X - Y` rows: paired differences over subsets (seeds averaged first), "
-             f"Y's folds from `{DIVMERGE_FOLDS}.json`. Per-fold rows: `{FOLDS}.json`.")
-    cols = ["suite", "method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "subsets", "seeds", "coverage"]
+             f"over folds (null with one fold). `X - Y` rows: paired differences (seeds averaged first), their CI over "
+             f"subsets, or over the tasks of the one 8-task set (`ci_over`); Y's folds from `{DIVMERGE_FOLDS}.json`, "
+             f"DivMerge layer at its validation-chosen {steps} steps. Per-fold rows: `{FOLDS}.json`.")
+    cols = ["suite", "method", "n_tasks", "normalized_acc", "ci_low", "ci_high", "ci_over", "subsets", "seeds", "coverage"]
     results.write_rows(STEM, rows, suite="T2", columns=cols, title="Suite T v2: RegMean and Fisher merging vs merged tasks",
                        command="python -m experiments.study_t2_data_merge report", notes=notes, overwrite=True)
     return rows

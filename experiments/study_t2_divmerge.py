@@ -281,15 +281,41 @@ def run(args) -> None:
 METHODS = DATA_FREE + tuple(f"{m}_{lvl}" for m in LEARNED for lvl in GRANULARITY)
 
 
+def _means(folds: Sequence[dict]) -> tuple[dict, dict]:
+    """Per subset, the mean ``normalized_acc`` of ``folds``; per (subset, task), the mean of the
+    task's normalized accuracy (``fold["normalized"]``): seeds averaged."""
+    by, by_task = {}, {}
+    for f in folds:
+        by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
+        for task, acc in f.get("normalized", {}).items():
+            by_task.setdefault((tuple(f["subset"]), task), []).append(acc)
+    return ({k: float(np.mean(v)) for k, v in by.items()}, {k: float(np.mean(v)) for k, v in by_task.items()})
+
+
+def paired_folds(ours: Sequence[dict], theirs: Sequence[dict]) -> dict | None:
+    """``ours - theirs`` in normalized accuracy, paired on the subsets both hold (learned methods'
+    seeds averaged per subset first), with a percentile-bootstrap 95 % CI over those subsets
+    (``ci_over`` ``"subsets"``); with one subset in common (the one 8-task set), over its tasks
+    (``"tasks"``, whose mean is the same difference; no CI without per-task figures). ``None``
+    when no subset is common (a partial run). Keys: ``diff``, ``ci_low``, ``ci_high``,
+    ``ci_over``, ``subsets``."""
+    (a, a_task), (b, b_task) = _means(ours), _means(theirs)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    x, y, over = {k: a[k] for k in common}, {k: b[k] for k in common}, "subsets"
+    if len(common) == 1:
+        x, y = ({k: v for k, v in t.items() if k[0] == common[0]} for t in (a_task, b_task))
+        over = "tasks" if x and set(x) == set(y) else None
+    d = stats.paired_difference(x, y) if over else {"diff": a[common[0]] - b[common[0]], "ci_low": None, "ci_high": None}
+    return {"diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "ci_over": over, "subsets": len(common)}
+
+
 def aggregate(folds: Sequence[dict], reference_steps: int, suite: str = "T2") -> list[dict]:
     """Mean rows (labelled ``suite``) with CIs per (method, count, step count), then the paired
     differences of ``divmerge_layer`` (at ``reference_steps``) against every other row per count
-    (module docstring). A difference's CI is over the subsets both hold (``ci_over``:
-    ``"subsets"``); with one subset in common (the one 8-task set) it is over that subset's tasks
-    (``"tasks"``: each task's normalized accuracy, learned methods averaged over seeds first), whose
-    mean is the same difference."""
-    rows, per_subset, per_task = [], {}, {}
-    groups: dict = {}
+    (:func:`paired_folds`; module docstring)."""
+    rows, groups = [], {}
     for f in folds:
         groups.setdefault((f["method"], f["n_tasks"], f.get("steps")), []).append(f)
     order = lambda kv: (kv[0][1], METHODS.index(kv[0][0]), kv[0][2] or 0)  # noqa: E731
@@ -300,30 +326,12 @@ def aggregate(folds: Sequence[dict], reference_steps: int, suite: str = "T2") ->
                      **stats.ci_fields(fs, "normalized_acc"), "coverage": f0["coverage"],
                      "setting": f0.get("setting"), "steps": steps,
                      "samples_per_task": f0.get("samples_per_task", 0), "split": "test"})
-        by, by_task = {}, {}
-        for f in fs:
-            by.setdefault(tuple(f["subset"]), []).append(f["normalized_acc"])
-            for task, acc in f.get("normalized", {}).items():
-                by_task.setdefault((tuple(f["subset"]), task), []).append(acc)
-        per_subset[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by.items()}
-        per_task[(method, n, steps)] = {k: float(np.mean(v)) for k, v in by_task.items()}
-    for (method, n, steps), ref in sorted(per_subset.items(), key=order):
-        ours = per_subset.get(("divmerge_layer", n, reference_steps))
-        if ours is None or (method, steps) == ("divmerge_layer", reference_steps):
-            continue
-        common = sorted(set(ours) & set(ref))
-        if not common:  # a partial run
-            continue
-        a, b, over = {k: ours[k] for k in common}, {k: ref[k] for k in common}, "subsets"
-        if len(common) == 1:
-            a, b = ({k: v for k, v in per_task[key].items() if k[0] == common[0]}
-                    for key in (("divmerge_layer", n, reference_steps), (method, n, steps)))
-            over = "tasks" if a and set(a) == set(b) else None
-        d = stats.paired_difference(a, b) if over else {"diff": ours[common[0]] - ref[common[0]],
-                                                           "ci_low": None, "ci_high": None}
-        rows.append({"suite": suite, "method": f"divmerge_layer - {method}", "n_tasks": n,
-                     "normalized_acc": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "ci_over": over,
-                     "subsets": len(common), "seeds": None, "steps": steps, "split": "test"})
+    for (method, n, steps), fs in sorted(groups.items(), key=order):
+        ours = groups.get(("divmerge_layer", n, reference_steps))
+        d = None if ours is None or (method, steps) == ("divmerge_layer", reference_steps) else paired_folds(ours, fs)
+        if d is not None:
+            rows.append({"suite": suite, "method": f"divmerge_layer - {method}", "n_tasks": n,
+                         "normalized_acc": d.pop("diff"), **d, "seeds": None, "steps": steps, "split": "test"})
     return rows
 
 
