@@ -254,8 +254,8 @@ def report(args) -> list[dict]:
              f"Adam steps (lr 1e-2, {BATCH} inputs per task per step); AdaMerging {ADA_STEPS} steps (lr 1e-3, "
              f"{ADA_BATCH} inputs per task per step, init 0.3, clip [0, 1]): REDUCED from the official 500 steps for "
              f"the CPU budget. ci_low/ci_high: percentile bootstrap 95 % CI over folds (subset x seed). "
-             f"`divmerge_layer - X`: paired differences over subsets (learned methods averaged over seeds first); "
-             f"with 3 pairs the pair CIs are coarse and the 3-task difference is a single subset (no CI). "
+             f"`divmerge_layer - X`: paired differences (learned methods averaged over seeds first), their CI over "
+             f"the 3 pairs (coarse) at 2 tasks and over the triple's 3 tasks at 3 (`ci_over`). "
              f"Per-fold rows: `{FOLDS}.json`"
              + (f"; {len(left_out)} stored folds at other step counts left out." if left_out else ".")
              + (" INCOMPLETE: planned folds not run yet: " + ", ".join(f"{m} {k}" for m, k in gaps.items()) + "."
