@@ -34,6 +34,7 @@ Details that differ from an in-memory merge of the same dicts:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -158,7 +159,7 @@ def _stored(method: str, name: str, x: np.ndarray, dtype: np.dtype, check_finite
     """The merged tensor ``name`` cast to its stored ``dtype``. With ``check_finite`` (its inputs
     were checked finite) a non-finite result raises :class:`MergeOutputError`, which says whether
     the merge itself or the cast (a value beyond ``dtype``'s range, e.g. above 65504 in float16) made it."""
-    with np.errstate(over="ignore" if check_finite else "warn"):  # checked: the error below is the news
+    with np.errstate(over="ignore") if check_finite else contextlib.nullcontext():  # checked: the error is the news
         y = x.astype(dtype, copy=False)
     if check_finite and not _all_finite(y):
         if not _all_finite(x):
@@ -317,8 +318,12 @@ def merge_in_memory(
     merged = registry.merge(b, es, method, key=key, check_finite=check_finite, compute_dtype=compute, **extra, **hp)
     del es
     for name, info in base.tensors.items():
-        yield name, (_stored(method, name, np.asarray(merged[name]), cast or info.dtype, check_finite)
-                     if info.is_float else base.read(name))
+        if not info.is_float:
+            yield name, base.read(name)
+            continue
+        x, dtype = np.asarray(merged[name]), np.dtype(cast or info.dtype)
+        # registry.merge checked the merge itself; only a cast to another dtype can add an inf
+        yield name, _stored(method, name, x, dtype, check_finite and x.dtype != dtype)
 
 
 def merge_to_orbax(
